@@ -1,0 +1,34 @@
+# The two commands the README opens with. Both set up everything on a fresh machine.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: demo test setup lint bench clean
+
+$(BIN)/modelkit: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first, pinned: here it is a local CPU wheel; a looser spec pulls a multi-GB CUDA build.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(BIN)/modelkit
+
+setup: $(BIN)/modelkit
+
+demo: setup
+	$(BIN)/python -m fixtures.demo fixtures/demo
+	-$(BIN)/modelkit scan fixtures/demo
+	$(BIN)/modelkit inspect fixtures/demo
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check modelkit tests fixtures bench
+	$(BIN)/mypy
+
+bench: setup
+	$(BIN)/python bench/bench_inspect.py
+
+clean:
+	rm -rf $(VENV) fixtures/demo build *.egg-info

@@ -1,0 +1,105 @@
+"""The one error tree of modelkit.
+
+Every error carries the file it is about, what is wrong and what to do, so the CLI can turn
+it into a single line and an exit code. Each class also derives from the stdlib exception a
+caller would expect (``ValueError`` for bad content, ``FileExistsError`` for a refused
+overwrite, ...), so code that does not know modelkit still catches them sensibly.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+class ModelkitError(Exception):
+    """Base class: ``path``, ``problem`` and ``remedy`` make the one-line message."""
+
+    default_remedy = ""
+
+    def __init__(self, path: str | os.PathLike[str] | None, problem: str, remedy: str | None = None):
+        self.path = os.fspath(path) if path is not None else None
+        self.problem = problem
+        self.remedy = self.default_remedy if remedy is None else remedy
+        super().__init__(self.message)
+
+    @property
+    def message(self) -> str:
+        head = f"{self.path}: {self.problem}" if self.path else self.problem
+        return f"{head}. {self.remedy}" if self.remedy else head
+
+    def __str__(self) -> str:
+        return self.message
+
+    def to_dict(self) -> dict[str, str | None]:
+        return {
+            "error": type(self).__name__,
+            "path": self.path,
+            "problem": self.problem,
+            "remedy": self.remedy,
+        }
+
+
+class FormatError(ModelkitError, ValueError):
+    """The file is not a valid model container (corrupt, truncated, lying header, ...)."""
+
+    default_remedy = "The file is damaged or not a model file; download it again or check its source"
+
+
+class TruncatedFileError(FormatError):
+    """The file ends before its own structure says it should."""
+
+    default_remedy = "The file is incomplete; download it again"
+
+
+class UnsupportedFormatError(FormatError):
+    """Content that modelkit recognises as not being a supported model container."""
+
+    default_remedy = (
+        "modelkit reads .safetensors, PyTorch .ckpt/.pt/.pth/.bin (zip or legacy), plain pickles of "
+        "tensors, .npy and .npz"
+    )
+
+
+class UnsafeFileError(ModelkitError, ValueError):
+    """The file asks to run code (or use a global) that the allow-list refuses."""
+
+    default_remedy = "Do not load this file; run `modelkit scan` on it for details"
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str] | None,
+        problem: str,
+        remedy: str | None = None,
+        *,
+        global_name: str | None = None,
+    ):
+        self.global_name = global_name
+        super().__init__(path, problem, remedy)
+
+
+class ResourceLimitError(FormatError):
+    """A pickle or header exceeds a safety bound (opcodes, memo, nesting, size)."""
+
+    default_remedy = "The file is built to exhaust resources or is far larger than any real model file"
+
+
+class NotAFileError(ModelkitError, IsADirectoryError):
+    """A folder (or something else) was given where a file was expected."""
+
+    default_remedy = "Pass a file, or a folder to a command that walks folders"
+
+
+class InputNotFoundError(ModelkitError, FileNotFoundError):
+    """The input path does not exist."""
+
+    default_remedy = "Check the path"
+
+
+class OutputExistsError(ModelkitError, FileExistsError):
+    """The output exists and ``--force`` was not given."""
+
+    default_remedy = "Pass --force to overwrite it, or choose another output name"
+
+
+class MissingExtraError(ModelkitError, ImportError):
+    """An optional dependency is not installed."""

@@ -1,0 +1,844 @@
+"""A bounded pickle virtual machine, shared by the safe reader and the static scanner.
+
+It decodes and executes pickle opcodes the way CPython's C unpickler does (a real stack with
+marks, a memo, FRAME as a prefetch hint, INT parsed like ``strtol(s, 0)``), but it never imports
+a module or calls a Python callable named by the file. Every global goes through a ``Policy``:
+
+* the loader's policy returns our own implementations of the few allowed callables (tensor
+  rebuilds, OrderedDict, ...) and inert placeholders, and raises for anything else;
+* the scanner's policy records a finding for every global outside the allow-list and returns a
+  ``Symbolic`` stand-in, so the walk goes on and keeps all the evidence.
+
+Resources are bounded (opcodes, stack, memo, objects, sizes), so a hostile pickle ends in a
+``PickleError`` rather than a hang or a huge allocation.
+"""
+
+from __future__ import annotations
+
+import codecs
+import struct
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+
+class PickleError(Exception):
+    """The stream is not a valid pickle, or breaks a resource bound.
+
+    Attributes:
+        offset: byte offset of the opcode that failed, relative to the stream start.
+        kind: ``"format"``, ``"truncated"`` or ``"limit"``.
+    """
+
+    def __init__(self, message: str, offset: int, kind: str = "format"):
+        super().__init__(message)
+        self.offset = offset
+        self.kind = kind
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Resource bounds for one pickle stream."""
+
+    max_ops: int = 20_000_000
+    max_stack: int = 1_000_000
+    max_marks: int = 100_000
+    max_memo: int = 2_000_000
+    max_objects: int = 20_000_000
+    max_long_bytes: int = 64 * 1024
+    max_container_items: int = 50_000_000
+
+
+class FileBytes(bytes):
+    """A ``bytes`` value that remembers where its payload sits in the file."""
+
+    offset: int
+
+
+class Symbolic:
+    """A value the VM could not (or must not) compute: the result of an unknown callable."""
+
+    __slots__ = ("desc",)
+
+    def __init__(self, desc: str):
+        self.desc = desc
+
+    def __repr__(self) -> str:
+        return f"<{self.desc}>"
+
+
+class VMCallable:
+    """Base of every callable a Policy hands to the VM (never a real Python callable)."""
+
+    qualname: str = "?"
+
+    def call(self, vm: PickleVM, args: tuple[Any, ...]) -> Any:
+        raise vm.error(f"{self.qualname} cannot be called")
+
+    def new(self, vm: PickleVM, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        # NEWOBJ / NEWOBJ_EX / OBJ / INST: instantiate a class.
+        if kwargs:
+            raise vm.error(f"{self.qualname} cannot be instantiated with keyword arguments")
+        return self.call(vm, args)
+
+
+class VMObject:
+    """Base of objects built by VMCallables that accept BUILD / APPEND / SETITEM."""
+
+    def build(self, vm: PickleVM, state: Any) -> None:
+        raise vm.error(f"BUILD is not allowed on {type(self).__name__}")
+
+
+@dataclass
+class Policy:
+    """What the VM does with globals and persistent ids.
+
+    Args:
+        find_global: (module, name, offset) -> a VMCallable, a constant, or a Symbolic.
+        persistent_load: pid -> object; ``None`` means the stream may not use persistent ids.
+        extension: EXT code -> object; ``None`` treats EXT opcodes as errors.
+    """
+
+    find_global: Callable[[str, str, int], Any]
+    persistent_load: Callable[[Any], Any] | None = None
+    extension: Callable[[int, int], Any] | None = None
+
+
+_MARK = object()
+
+
+def _strtol0(text: str) -> int | None:
+    """Parse like C ``strtol(s, &end, 0)`` requiring the whole string; ``None`` if invalid."""
+    s = text.lstrip(" \t\n\v\f\r")
+    sign = 1
+    if s[:1] in ("+", "-"):
+        sign = -1 if s[0] == "-" else 1
+        s = s[1:]
+    if s[:2].lower() == "0x":
+        base, digits = 16, s[2:]
+    elif s[:1] == "0" and len(s) > 1:
+        base, digits = 8, s[1:]
+    else:
+        base, digits = 10, s
+    if not digits or not all(c in "0123456789abcdefABCDEF"[: base if base <= 10 else 22] for c in digits):
+        return None
+    return sign * int(digits, base)
+
+
+def parse_int_line(line: str) -> int | bool:
+    """Semantics of the protocol-0 INT opcode in CPython's C unpickler."""
+    if line == "00":
+        return False
+    if line == "01":
+        return True
+    value = _strtol0(line)
+    if value is None:
+        raise ValueError(line)
+    if -(2**63) <= value < 2**63:
+        return value
+    return int(line, 0)  # on overflow CPython falls back to PyLong_FromString(s, NULL, 0)
+
+
+class PickleVM:
+    """Run one pickle stream.
+
+    Args:
+        data: the bytes to run (the stream may be followed by other data).
+        policy: what to do with globals and persistent ids.
+        base_offset: where ``data[0]`` sits in the file (for FileBytes offsets and errors).
+        limits: resource bounds.
+    """
+
+    def __init__(self, data: Any, policy: Policy, *, base_offset: int = 0, limits: Limits | None = None):
+        # ``data`` is ``bytes`` or an ``mmap``: both index to ints, slice to bytes and have find().
+        self.data = data
+        self.policy = policy
+        self.base = base_offset
+        self.limits = limits or Limits()
+        self.pos = 0
+        self.op_pos = 0
+        self.stack: list[Any] = []
+        self.marks: list[int] = []
+        self.memo: dict[int, Any] = {}
+        self.proto = 0
+        self.ops = 0
+        self.objects = 0
+        self.items = 0
+        self.globals_seen: list[tuple[str, str, int]] = []
+
+    # -- errors and raw reads -------------------------------------------------------------
+    def error(self, message: str, kind: str = "format") -> PickleError:
+        return PickleError(message, self.op_pos, kind)
+
+    def _read(self, n: int) -> bytes:
+        end = self.pos + n
+        if n < 0 or end > len(self.data):
+            raise PickleError("pickle data was truncated", self.op_pos, "truncated")
+        chunk = self.data[self.pos : end]
+        self.pos = end
+        return bytes(chunk)
+
+    def _readline(self) -> str:
+        start = self.pos
+        end = self.data.find(b"\n", start, start + (1 << 20))
+        if end < 0:
+            raise PickleError("pickle data was truncated (no end of line)", self.op_pos, "truncated")
+        self.pos = end + 1
+        return bytes(self.data[start:end]).decode("utf-8", "surrogateescape")
+
+    def _u(self, fmt: str, n: int) -> int:
+        return int(struct.unpack(fmt, self._read(n))[0])
+
+    # -- stack helpers --------------------------------------------------------------------
+    def _fence(self) -> int:
+        return self.marks[-1] if self.marks else 0
+
+    def push(self, value: Any) -> None:
+        if len(self.stack) >= self.limits.max_stack:
+            raise self.error("pickle stack exceeds the limit", "limit")
+        self.stack.append(value)
+
+    def pop(self) -> Any:
+        if len(self.stack) <= self._fence():
+            raise self.error("unpickling stack underflow")
+        return self.stack.pop()
+
+    def top(self) -> Any:
+        if len(self.stack) <= self._fence():
+            raise self.error("unpickling stack underflow")
+        return self.stack[-1]
+
+    def pop_mark(self) -> list[Any]:
+        if not self.marks:
+            raise self.error("could not find MARK")
+        mark = self.marks.pop()
+        items = self.stack[mark:]
+        del self.stack[mark:]
+        return items
+
+    def _count(self, n: int = 1) -> None:
+        self.objects += n
+        if self.objects > self.limits.max_objects:
+            raise self.error("pickle builds too many objects", "limit")
+
+    def _grow(self, n: int) -> None:
+        self.items += n
+        if self.items > self.limits.max_container_items:
+            raise self.error("pickle containers grow past the limit", "limit")
+
+    # -- globals, calls -------------------------------------------------------------------
+    def find_global(self, module: Any, name: Any) -> Any:
+        if not isinstance(module, str) or not isinstance(name, str):
+            return self.policy.find_global(repr(module), repr(name), self.op_pos)
+        self.globals_seen.append((module, name, self.op_pos))
+        return self.policy.find_global(module, name, self.op_pos)
+
+    def call(self, func: Any, args: Any) -> Any:
+        self._count()
+        if isinstance(func, Symbolic):
+            return Symbolic(f"result of {func.desc}")
+        if not isinstance(args, tuple):
+            raise self.error("REDUCE arguments must be a tuple")
+        if any(isinstance(a, Symbolic) for a in args):
+            return Symbolic(f"result of {getattr(func, 'qualname', '?')} on an unknown value")
+        if isinstance(func, VMCallable):
+            return func.call(self, args)
+        raise self.error(f"{type(func).__name__} object is not callable")
+
+    def instantiate(self, cls: Any, args: Any, kwargs: Any) -> Any:
+        self._count()
+        if isinstance(cls, Symbolic):
+            return Symbolic(f"instance of {cls.desc}")
+        if not isinstance(args, tuple) or not isinstance(kwargs, dict):
+            raise self.error("class arguments must be a tuple (and a dict)")
+        if any(isinstance(a, Symbolic) for a in args):
+            return Symbolic(f"instance of {getattr(cls, 'qualname', '?')} from an unknown value")
+        if isinstance(cls, VMCallable):
+            return cls.new(self, args, kwargs)
+        raise self.error(f"{type(cls).__name__} object is not a class")
+
+    # -- the run loop ---------------------------------------------------------------------
+    def run(self) -> Any:
+        """Execute up to STOP; returns the unpickled value. ``self.pos`` is then just past STOP."""
+        dispatch = _DISPATCH
+        data = self.data
+        n = len(data)
+        max_ops = self.limits.max_ops
+        while True:
+            if self.pos >= n:
+                self.op_pos = self.pos
+                raise PickleError("pickle data was truncated (no STOP opcode)", self.pos, "truncated")
+            self.op_pos = self.pos
+            code = data[self.pos]
+            self.pos += 1
+            self.ops += 1
+            if self.ops > max_ops:
+                raise self.error("pickle has too many opcodes", "limit")
+            handler = dispatch.get(code)
+            if handler is None:
+                raise self.error(f"unknown pickle opcode 0x{code:02x}")
+            if handler is _op_stop:
+                return self.pop()
+            handler(self)
+
+
+# -- opcode handlers (module-level functions keep dispatch cheap) ---------------------------
+
+
+def _op_stop(vm: PickleVM) -> None:  # handled in run()
+    pass
+
+
+def _op_mark(vm: PickleVM) -> None:
+    if len(vm.marks) >= vm.limits.max_marks:
+        raise vm.error("too many MARKs", "limit")
+    vm.marks.append(len(vm.stack))
+
+
+def _op_pop(vm: PickleVM) -> None:
+    if vm.marks and vm.marks[-1] == len(vm.stack):
+        vm.marks.pop()
+    else:
+        vm.pop()
+
+
+def _op_pop_mark(vm: PickleVM) -> None:
+    vm.pop_mark()
+
+
+def _op_dup(vm: PickleVM) -> None:
+    vm.push(vm.top())
+
+
+def _op_proto(vm: PickleVM) -> None:
+    proto = vm._read(1)[0]
+    if proto > 5:
+        raise vm.error(f"unsupported pickle protocol: {proto}")
+    vm.proto = proto
+
+
+def _op_frame(vm: PickleVM) -> None:
+    size = vm._u("<Q", 8)
+    if vm.pos + size > len(vm.data):
+        raise PickleError("pickle data was truncated (FRAME runs past the end)", vm.op_pos, "truncated")
+
+
+def _op_int(vm: PickleVM) -> None:
+    line = vm._readline()
+    try:
+        vm.push(parse_int_line(line))
+    except ValueError:
+        raise vm.error(f"invalid literal for INT: {line[:40]!r}") from None
+
+
+def _op_long(vm: PickleVM) -> None:
+    line = vm._readline()
+    if line.endswith("L"):
+        line = line[:-1]
+    if len(line) > vm.limits.max_long_bytes * 3:
+        raise vm.error("LONG literal too long", "limit")
+    try:
+        vm.push(int(line, 0))
+    except ValueError:
+        raise vm.error(f"invalid literal for LONG: {line[:40]!r}") from None
+
+
+def _op_binint(vm: PickleVM) -> None:
+    vm.push(vm._u("<i", 4))
+
+
+def _op_binint1(vm: PickleVM) -> None:
+    vm.push(vm._read(1)[0])
+
+
+def _op_binint2(vm: PickleVM) -> None:
+    vm.push(vm._u("<H", 2))
+
+
+def _long_bytes(vm: PickleVM, size: int) -> None:
+    if size < 0:
+        raise vm.error("LONG pickle has negative byte count")
+    if size > vm.limits.max_long_bytes:
+        raise vm.error("LONG value too large", "limit")
+    vm.push(int.from_bytes(vm._read(size), "little", signed=True))
+
+
+def _op_long1(vm: PickleVM) -> None:
+    _long_bytes(vm, vm._read(1)[0])
+
+
+def _op_long4(vm: PickleVM) -> None:
+    _long_bytes(vm, vm._u("<i", 4))
+
+
+def _op_none(vm: PickleVM) -> None:
+    vm.push(None)
+
+
+def _op_true(vm: PickleVM) -> None:
+    vm.push(True)
+
+
+def _op_false(vm: PickleVM) -> None:
+    vm.push(False)
+
+
+def _op_float(vm: PickleVM) -> None:
+    line = vm._readline()
+    try:
+        vm.push(float(line))
+    except ValueError:
+        raise vm.error(f"invalid literal for FLOAT: {line[:40]!r}") from None
+
+
+def _op_binfloat(vm: PickleVM) -> None:
+    vm.push(struct.unpack(">d", vm._read(8))[0])
+
+
+def _decode_str(vm: PickleVM, raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8", "surrogatepass")
+    except UnicodeDecodeError:
+        raise vm.error("invalid UTF-8 in a string") from None
+
+
+def _push_bytes(vm: PickleVM, size: int) -> None:
+    if size < 0:
+        raise vm.error("negative byte count")
+    start = vm.pos
+    value = FileBytes(vm._read(size))
+    value.offset = vm.base + start
+    vm.push(value)
+
+
+def _op_binbytes(vm: PickleVM) -> None:
+    _push_bytes(vm, vm._u("<I", 4))
+
+
+def _op_short_binbytes(vm: PickleVM) -> None:
+    _push_bytes(vm, vm._read(1)[0])
+
+
+def _op_binbytes8(vm: PickleVM) -> None:
+    _push_bytes(vm, vm._u("<Q", 8))
+
+
+def _op_bytearray8(vm: PickleVM) -> None:
+    vm.push(bytearray(vm._read(vm._u("<Q", 8))))
+
+
+def _op_binunicode(vm: PickleVM) -> None:
+    vm.push(_decode_str(vm, vm._read(vm._u("<I", 4))))
+
+
+def _op_short_binunicode(vm: PickleVM) -> None:
+    vm.push(_decode_str(vm, vm._read(vm._read(1)[0])))
+
+
+def _op_binunicode8(vm: PickleVM) -> None:
+    vm.push(_decode_str(vm, vm._read(vm._u("<Q", 8))))
+
+
+def _py2_string(vm: PickleVM, raw: bytes) -> Any:
+    # Python 2 str: torch and numpy loaders decode with latin1 / utf-8; we keep text.
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.decode("latin1")
+
+
+def _op_string(vm: PickleVM) -> None:
+    line = vm._readline()
+    if len(line) >= 2 and line[0] == line[-1] and line[0] in "'\"":
+        body = line[1:-1]
+    else:
+        raise vm.error("the STRING opcode argument must be quoted")
+    try:
+        raw = codecs.escape_decode(body.encode("utf-8", "surrogateescape"))[0]
+    except ValueError:
+        raise vm.error("invalid escape in STRING") from None
+    vm.push(_py2_string(vm, raw))
+
+
+def _op_binstring(vm: PickleVM) -> None:
+    size = vm._u("<i", 4)
+    if size < 0:
+        raise vm.error("BINSTRING pickle has negative byte count")
+    vm.push(_py2_string(vm, vm._read(size)))
+
+
+def _op_short_binstring(vm: PickleVM) -> None:
+    vm.push(_py2_string(vm, vm._read(vm._read(1)[0])))
+
+
+def _op_unicode(vm: PickleVM) -> None:
+    line = vm._readline()
+    try:
+        vm.push(line.encode("utf-8", "surrogateescape").decode("raw-unicode-escape"))
+    except UnicodeDecodeError:
+        raise vm.error("invalid UNICODE literal") from None
+
+
+def _op_empty_tuple(vm: PickleVM) -> None:
+    vm.push(())
+
+
+def _op_tuple(vm: PickleVM) -> None:
+    items = vm.pop_mark()
+    vm._count()
+    vm.push(tuple(items))
+
+
+def _make_tupleN(n: int) -> Callable[[PickleVM], None]:
+    def op(vm: PickleVM) -> None:
+        if len(vm.stack) - vm._fence() < n:
+            raise vm.error("unpickling stack underflow")
+        items = tuple(vm.stack[-n:])
+        del vm.stack[-n:]
+        vm._count()
+        vm.push(items)
+
+    return op
+
+
+def _op_empty_list(vm: PickleVM) -> None:
+    vm._count()
+    vm.push([])
+
+
+def _op_list(vm: PickleVM) -> None:
+    items = vm.pop_mark()
+    vm._count()
+    vm._grow(len(items))
+    vm.push(list(items))
+
+
+def _op_empty_dict(vm: PickleVM) -> None:
+    vm._count()
+    vm.push({})
+
+
+def _set_items(vm: PickleVM, target: Any, pairs: list[Any]) -> None:
+    if len(pairs) % 2:
+        raise vm.error("odd number of items for SETITEMS")
+    vm._grow(len(pairs) // 2)
+    if isinstance(target, Symbolic):
+        return
+    if not isinstance(target, dict):
+        raise vm.error(f"SETITEM on a {type(target).__name__} is not allowed")
+    try:
+        for i in range(0, len(pairs), 2):
+            target[pairs[i]] = pairs[i + 1]
+    except TypeError:
+        raise vm.error("unhashable dictionary key") from None
+
+
+def _op_dict(vm: PickleVM) -> None:
+    items = vm.pop_mark()
+    d: dict[Any, Any] = {}
+    vm._count()
+    _set_items(vm, d, items)
+    vm.push(d)
+
+
+def _op_setitem(vm: PickleVM) -> None:
+    value = vm.pop()
+    key = vm.pop()
+    _set_items(vm, vm.top(), [key, value])
+
+
+def _op_setitems(vm: PickleVM) -> None:
+    items = vm.pop_mark()
+    _set_items(vm, vm.top(), items)
+
+
+def _append(vm: PickleVM, target: Any, items: list[Any]) -> None:
+    vm._grow(len(items))
+    if isinstance(target, Symbolic):
+        return
+    if not isinstance(target, list):
+        raise vm.error(f"APPEND on a {type(target).__name__} is not allowed")
+    target.extend(items)
+
+
+def _op_append(vm: PickleVM) -> None:
+    value = vm.pop()
+    _append(vm, vm.top(), [value])
+
+
+def _op_appends(vm: PickleVM) -> None:
+    items = vm.pop_mark()
+    _append(vm, vm.top(), items)
+
+
+def _op_empty_set(vm: PickleVM) -> None:
+    vm._count()
+    vm.push(set())
+
+
+def _op_additems(vm: PickleVM) -> None:
+    items = vm.pop_mark()
+    target = vm.top()
+    vm._grow(len(items))
+    if isinstance(target, Symbolic):
+        return
+    if not isinstance(target, set):
+        raise vm.error(f"ADDITEMS on a {type(target).__name__} is not allowed")
+    try:
+        target.update(items)
+    except TypeError:
+        raise vm.error("unhashable set item") from None
+
+
+def _op_frozenset(vm: PickleVM) -> None:
+    items = vm.pop_mark()
+    vm._count()
+    try:
+        vm.push(frozenset(items))
+    except TypeError:
+        raise vm.error("unhashable set item") from None
+
+
+# memo ------------------------------------------------------------------------------------
+
+
+def _memo_put(vm: PickleVM, index: int) -> None:
+    if index < 0:
+        raise vm.error("negative PUT argument")
+    if index not in vm.memo and len(vm.memo) >= vm.limits.max_memo:
+        raise vm.error("pickle memo exceeds the limit", "limit")
+    vm.memo[index] = vm.top()
+
+
+def _memo_get(vm: PickleVM, index: int) -> None:
+    try:
+        vm.push(vm.memo[index])
+    except KeyError:
+        raise vm.error(f"memo key {index} is not defined") from None
+
+
+def _op_put(vm: PickleVM) -> None:
+    line = vm._readline()
+    try:
+        index = int(line)
+    except ValueError:
+        raise vm.error("invalid PUT argument") from None
+    _memo_put(vm, index)
+
+
+def _op_binput(vm: PickleVM) -> None:
+    _memo_put(vm, vm._read(1)[0])
+
+
+def _op_long_binput(vm: PickleVM) -> None:
+    _memo_put(vm, vm._u("<I", 4))
+
+
+def _op_memoize(vm: PickleVM) -> None:
+    _memo_put(vm, len(vm.memo))
+
+
+def _op_get(vm: PickleVM) -> None:
+    line = vm._readline()
+    try:
+        index = int(line)
+    except ValueError:
+        raise vm.error("invalid GET argument") from None
+    _memo_get(vm, index)
+
+
+def _op_binget(vm: PickleVM) -> None:
+    _memo_get(vm, vm._read(1)[0])
+
+
+def _op_long_binget(vm: PickleVM) -> None:
+    _memo_get(vm, vm._u("<I", 4))
+
+
+# globals and object construction -----------------------------------------------------------
+
+
+def _op_global(vm: PickleVM) -> None:
+    module = vm._readline()
+    name = vm._readline()
+    vm.push(vm.find_global(module, name))
+
+
+def _op_stack_global(vm: PickleVM) -> None:
+    name = vm.pop()
+    module = vm.pop()
+    if not isinstance(module, str) or not isinstance(name, str):
+        vm.push(vm.find_global(module, name))  # the policy sees a non-constant name
+        return
+    vm.push(vm.find_global(module, name))
+
+
+def _op_ext(size: int) -> Callable[[PickleVM], None]:
+    fmt = {1: "<B", 2: "<H", 4: "<i"}[size]
+
+    def op(vm: PickleVM) -> None:
+        code = vm._u(fmt, size)
+        if code <= 0:
+            raise vm.error("EXT specifies code <= 0")
+        if vm.policy.extension is None:
+            raise vm.error(f"unregistered extension code {code}")
+        vm.push(vm.policy.extension(code, vm.op_pos))
+
+    return op
+
+
+def _op_reduce(vm: PickleVM) -> None:
+    args = vm.pop()
+    func = vm.pop()
+    vm.push(vm.call(func, args))
+
+
+def _op_newobj(vm: PickleVM) -> None:
+    args = vm.pop()
+    cls = vm.pop()
+    vm.push(vm.instantiate(cls, args, {}))
+
+
+def _op_newobj_ex(vm: PickleVM) -> None:
+    kwargs = vm.pop()
+    args = vm.pop()
+    cls = vm.pop()
+    vm.push(vm.instantiate(cls, args, kwargs))
+
+
+def _op_obj(vm: PickleVM) -> None:
+    items = vm.pop_mark()
+    if not items:
+        raise vm.error("OBJ without a class")
+    vm.push(vm.instantiate(items[0], tuple(items[1:]), {}))
+
+
+def _op_inst(vm: PickleVM) -> None:
+    module = vm._readline()
+    name = vm._readline()
+    items = vm.pop_mark()
+    cls = vm.find_global(module, name)
+    vm.push(vm.instantiate(cls, tuple(items), {}))
+
+
+def _op_build(vm: PickleVM) -> None:
+    state = vm.pop()
+    inst = vm.top()
+    if isinstance(inst, Symbolic):
+        return
+    if isinstance(inst, VMObject):
+        inst.build(vm, state)
+        return
+    if isinstance(inst, OrderedDict):
+        # torch state dicts carry ``_metadata`` this way; keep it aside, never setattr dunders.
+        if isinstance(state, tuple) and len(state) == 2:
+            state = state[0]
+        if isinstance(state, dict) and all(isinstance(k, str) and not k.startswith("__") for k in state):
+            inst.__dict__.update(state)
+            return
+    raise vm.error(f"BUILD is not allowed on a {type(inst).__name__}")
+
+
+def _persistent(vm: PickleVM, pid: Any) -> None:
+    if vm.policy.persistent_load is None:
+        raise vm.error("a persistent id was found, but this container does not use them")
+    vm._count()
+    vm.push(vm.policy.persistent_load(pid))
+
+
+def _op_persid(vm: PickleVM) -> None:
+    _persistent(vm, vm._readline())
+
+
+def _op_binpersid(vm: PickleVM) -> None:
+    _persistent(vm, vm.pop())
+
+
+def _op_next_buffer(vm: PickleVM) -> None:
+    raise vm.error("NEXT_BUFFER needs out-of-band buffers, which model files never have")
+
+
+def _op_readonly_buffer(vm: PickleVM) -> None:
+    vm.top()
+
+
+_DISPATCH: dict[int, Callable[[PickleVM], None]] = {
+    ord("("): _op_mark,
+    ord("."): _op_stop,
+    ord("0"): _op_pop,
+    ord("1"): _op_pop_mark,
+    ord("2"): _op_dup,
+    ord("F"): _op_float,
+    ord("I"): _op_int,
+    ord("J"): _op_binint,
+    ord("K"): _op_binint1,
+    ord("L"): _op_long,
+    ord("M"): _op_binint2,
+    ord("N"): _op_none,
+    ord("P"): _op_persid,
+    ord("Q"): _op_binpersid,
+    ord("R"): _op_reduce,
+    ord("S"): _op_string,
+    ord("T"): _op_binstring,
+    ord("U"): _op_short_binstring,
+    ord("V"): _op_unicode,
+    ord("X"): _op_binunicode,
+    ord("a"): _op_append,
+    ord("b"): _op_build,
+    ord("c"): _op_global,
+    ord("d"): _op_dict,
+    ord("}"): _op_empty_dict,
+    ord("e"): _op_appends,
+    ord("g"): _op_get,
+    ord("h"): _op_binget,
+    ord("i"): _op_inst,
+    ord("j"): _op_long_binget,
+    ord("l"): _op_list,
+    ord("]"): _op_empty_list,
+    ord("o"): _op_obj,
+    ord("p"): _op_put,
+    ord("q"): _op_binput,
+    ord("r"): _op_long_binput,
+    ord("s"): _op_setitem,
+    ord("t"): _op_tuple,
+    ord(")"): _op_empty_tuple,
+    ord("u"): _op_setitems,
+    ord("G"): _op_binfloat,
+    0x80: _op_proto,
+    0x81: _op_newobj,
+    0x82: _op_ext(1),
+    0x83: _op_ext(2),
+    0x84: _op_ext(4),
+    0x85: _make_tupleN(1),
+    0x86: _make_tupleN(2),
+    0x87: _make_tupleN(3),
+    0x88: _op_true,
+    0x89: _op_false,
+    0x8A: _op_long1,
+    0x8B: _op_long4,
+    ord("B"): _op_binbytes,
+    ord("C"): _op_short_binbytes,
+    0x8C: _op_short_binunicode,
+    0x8D: _op_binunicode8,
+    0x8E: _op_binbytes8,
+    0x8F: _op_empty_set,
+    0x90: _op_additems,
+    0x91: _op_frozenset,
+    0x92: _op_newobj_ex,
+    0x93: _op_stack_global,
+    0x94: _op_memoize,
+    0x95: _op_frame,
+    0x96: _op_bytearray8,
+    0x97: _op_next_buffer,
+    0x98: _op_readonly_buffer,
+}
+
+PICKLE_OPCODES = frozenset(_DISPATCH)
+
+
+def looks_like_pickle(head: bytes) -> bool:
+    """A cheap content test: a PROTO opcode (2..5) or a protocol-0/1 opening opcode."""
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
+        return True
+    return bool(head) and head[0] in b"(}]cN)KJ" and len(head) > 1

@@ -1,0 +1,83 @@
+"""Container detection from content (magic bytes), never from the file name."""
+
+from __future__ import annotations
+
+import os
+import struct
+
+from ..errors import InputNotFoundError, NotAFileError, TruncatedFileError, UnsupportedFormatError
+from .numpy_file import NPY_MAGIC
+from .pickle_vm import looks_like_pickle
+from .torch_legacy import is_legacy
+from .zipdir import is_zip
+
+HEAD = 512
+
+_OTHER = (
+    (b"\x89PNG\r\n\x1a\n", "a PNG image"),
+    (b"\xff\xd8\xff", "a JPEG image"),
+    (b"GIF8", "a GIF image"),
+    (b"RIFF", "a RIFF (WebP/WAV) file"),
+    (b"%PDF", "a PDF document"),
+    (b"\x1f\x8b", "a gzip archive"),
+    (b"BZh", "a bzip2 archive"),
+    (b"\xfd7zXZ", "an xz archive"),
+    (b"7z\xbc\xaf", "a 7-zip archive"),
+    (b"Rar!", "a RAR archive"),
+    (b"GGUF", "a GGUF file"),
+    (b"\x08\x01\x12", "an ONNX/protobuf file"),
+    (b"<!DOCTYPE html", "an HTML page (a failed download?)"),
+    (b"<html", "an HTML page (a failed download?)"),
+)
+
+
+def sniff_bytes(head: bytes, size: int) -> str:
+    """The container kind for a file that starts with ``head``.
+
+    Returns:
+        ``safetensors``, ``torch-zip`` (any zip; the reader tells torch from npz),
+        ``torch-legacy``, ``pickle``, ``npy``, ``tar`` or ``unknown:<what it looks like>``.
+    """
+    if is_zip(head):
+        return "zip"
+    if head.startswith(NPY_MAGIC):
+        return "npy"
+    if is_legacy(head):
+        return "torch-legacy"
+    if len(head) >= 9 and head[8:9] == b"{":
+        (n,) = struct.unpack("<Q", head[:8])
+        if n > 1:
+            return "safetensors"
+    if len(head) >= 262 and head[257:262] == b"ustar":
+        return "tar"
+    if looks_like_pickle(head):
+        return "pickle"
+    for magic, what in _OTHER:
+        if head.startswith(magic):
+            return f"unknown:{what}"
+    if head and all(32 <= b < 127 or b in (9, 10, 13) for b in head):
+        return "unknown:a text file"
+    return "unknown:not a model file"
+
+
+def sniff(path: str | os.PathLike[str]) -> str:
+    """Sniff a path; raises the user-facing errors for missing files, folders and empty files."""
+    p = os.fspath(path)
+    try:
+        st = os.stat(p)
+    except FileNotFoundError:
+        raise InputNotFoundError(p, "no such file") from None
+    except OSError as exc:
+        raise InputNotFoundError(p, f"cannot be read ({exc.strerror})") from None
+    if os.path.isdir(p):
+        raise NotAFileError(p, "is a folder, not a file")
+    if not os.path.isfile(p):
+        raise NotAFileError(p, "is not a regular file")
+    if st.st_size == 0:
+        raise TruncatedFileError(p, "the file is empty (0 bytes)")
+    with open(p, "rb") as f:
+        head = f.read(HEAD)
+    kind = sniff_bytes(head, st.st_size)
+    if kind.startswith("unknown:"):
+        raise UnsupportedFormatError(p, f"this is not a model file: it looks like {kind[8:]}")
+    return kind
