@@ -105,7 +105,8 @@ class Policy:
     extension: Callable[[int, int], Any] | None = None
 
 
-_MARK = object()
+#: The module name the VM reports for a STACK_GLOBAL whose operands are not constant strings.
+COMPUTED = "<computed>"
 
 
 def _strtol0(text: str) -> int | None:
@@ -230,7 +231,8 @@ class PickleVM:
     # -- globals, calls -------------------------------------------------------------------
     def find_global(self, module: Any, name: Any) -> Any:
         if not isinstance(module, str) or not isinstance(name, str):
-            return self.policy.find_global(repr(module), repr(name), self.op_pos)
+            # A name computed at run time: no allow-list entry can match it.
+            return self.policy.find_global(COMPUTED, f"{module!r}.{name!r}"[:200], self.op_pos)
         self.globals_seen.append((module, name, self.op_pos))
         return self.policy.find_global(module, name, self.op_pos)
 

@@ -22,7 +22,7 @@ from ..errors import FormatError, TruncatedFileError
 from ..model import ModelFile, Source
 from .flatten import assemble, flatten
 from .pickle_vm import FileBytes, Limits, PickleError, PickleVM, Policy
-from .unpickler import RefusedHook, StorageRef, StorageType, make_policy, refuse, run_pickle
+from .unpickler import RefusedHook, StorageRef, StorageType, make_policy, refuse
 
 MAGIC = 0x1950A86A20F9469CFC6C
 PROTOCOL = 1001
@@ -76,7 +76,7 @@ def _legacy_pid(storages: dict[str, StorageRef], views: dict[str, tuple[str, int
 
 def parse_stream(
     data: Any, hook: RefusedHook, *, base_offset: int = 0, limits: Limits | None = None,
-    outer_find_global: Any = None,
+    outer_find_global: Any = None, scan_globals: list[tuple[str, str, int]] | None = None,
 ) -> LegacyStream:
     """Run the five pickles of a legacy stream and locate every storage.
 
@@ -98,10 +98,15 @@ def parse_stream(
 
     def one(policy: Policy) -> Any:
         nonlocal pos
-        value, used = run_pickle(data[pos:] if isinstance(data, bytes) else _Slice(data, pos), policy,
-                                 base_offset=base_offset + pos, limits=limits)
-        spans.append((pos, pos + used))
-        pos += used
+        window = data[pos:] if isinstance(data, bytes) else _Slice(data, pos)
+        vm = PickleVM(window, policy, base_offset=base_offset + pos, limits=limits)
+        try:
+            value = vm.run()
+        finally:
+            if scan_globals is not None:
+                scan_globals.extend((m, n, pos + off) for m, n, off in vm.globals_seen)
+        spans.append((pos, pos + vm.pos))
+        pos += vm.pos
         return value
 
     magic = one(plain_policy)

@@ -12,12 +12,12 @@ from __future__ import annotations
 from typing import Any
 
 from .. import dtypes
-from ..errors import FormatError
+from ..errors import FormatError, UnsafeFileError
 from ..model import ModelFile, Source
 from .flatten import assemble, flatten
 from .pickle_vm import Limits, PickleError
 from .unpickler import RefusedHook, StorageRef, StorageType, make_policy, refuse, run_pickle
-from .zipdir import ZipDirectory, ZipEntry, read_directory, read_member
+from .zipdir import ZipDirectory, ZipEntry, anomalies, read_directory, read_member
 
 
 def find_prefix(path: str, zd: ZipDirectory) -> str:
@@ -69,14 +69,11 @@ def run_data_pkl(
 def read_torch_zip(path: str, src: Source) -> ModelFile:
     """Open a PyTorch zip archive (the caller owns ``src``)."""
     zd = read_directory(path, src)
-    if zd.duplicates:
-        raise FormatError(path, f"the zip archive names {zd.duplicates[0]!r} twice")
-    for e in zd.entries:
-        if e.name != e.local_name:
-            raise FormatError(path, f"zip member {e.name!r} is called {e.local_name!r} in its local header")
-        if e.encrypted:
-            raise FormatError(path, f"zip member {e.name!r} is encrypted")
     prefix = find_prefix(path, zd)
+    bad = anomalies(zd, prefix)
+    if bad:
+        member, problem = bad[0]
+        raise UnsafeFileError(path, f"refused to load: zip member {member!r} is inconsistent ({problem})")
     byteorder = "little"
     bo = zd.by_name.get(prefix + "byteorder")
     if bo is not None:

@@ -176,3 +176,36 @@ def read_member(path: str, src: Source, entry: ZipEntry, limit: int = MAX_INFLAT
             raise ResourceLimitError(path, f"zip member {entry.name!r} inflates past {limit} bytes")
         return out
     raise FormatError(path, f"zip member {entry.name!r} uses compression method {entry.method}, which is not supported")
+
+
+def anomalies(zd: ZipDirectory, prefix: str | None, allow_compressed: bool = False) -> list[tuple[str, str]]:
+    """Every inconsistency a loader could resolve differently from us: ``(member, problem)``.
+
+    Args:
+        prefix: the archive's single top folder (``"archive/"``), or ``None`` to skip that check.
+        allow_compressed: deflated members are normal (``.npz``); torch never writes them.
+    """
+    out: list[tuple[str, str]] = []
+    for name in zd.duplicates:
+        out.append((name, "the name appears twice in the archive"))
+    for e in zd.entries:
+        if e.name != e.local_name:
+            out.append((e.name, f"its local header calls it {e.local_name!r}"))
+        if e.encrypted:
+            out.append((e.name, "it is encrypted"))
+        if e.method != e.local_method:
+            out.append((e.name, "its local and central headers disagree on compression"))
+        if prefix is not None and not e.name.startswith(prefix):
+            out.append((e.name, f"it lies outside the archive's top folder {prefix!r}"))
+        if not allow_compressed and e.method != 0:
+            out.append((e.name, f"it is compressed (method {e.method}); torch never writes compressed members"))
+        if e.name.startswith("/") or ".." in e.name.split("/"):
+            out.append((e.name, "its name escapes the archive"))
+    spans = sorted((e.header_offset, e.data_end, e.name) for e in zd.entries)
+    for (a0, a1, an), (b0, _b1, bn) in zip(spans, spans[1:]):
+        if b0 < a1:
+            out.append((bn, f"it overlaps member {an!r}"))
+    for e in zd.entries:
+        if e.data_end > zd.cd_offset:
+            out.append((e.name, "its data runs into the central directory"))
+    return out

@@ -1,0 +1,1 @@
+"""The command line: a click group and one thin file per command."""

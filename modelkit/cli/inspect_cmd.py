@@ -1,0 +1,100 @@
+"""``modelkit inspect PATH...``"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import click
+
+from .._exit import EXIT_ERROR, EXIT_OK
+from ..errors import ModelkitError
+from ..ops.inspect import InspectResult, inspect
+from ..paths import iter_inputs
+from .output import Output, human_bytes
+
+
+@click.command("inspect")
+@click.argument("paths", nargs=-1, required=True, type=click.Path())
+@click.option("--json", "json_mode", is_flag=True, help="Print JSON (schema modelkit.inspect/1).")
+@click.option("--keys", is_flag=True, help="List every tensor: name, dtype, shape.")
+@click.option("-q", "--quiet", is_flag=True, help="Print nothing; only the exit code tells.")
+def inspect_cmd(paths: tuple[str, ...], json_mode: bool, keys: bool, quiet: bool) -> None:
+    """Show what model files hold, without running or loading them.
+
+    A folder gives one line per model file inside it.
+    """
+    out = Output(json_mode, quiet)
+    rows: list[dict[str, object]] = []
+    code = EXIT_OK
+    for given in paths:
+        is_dir = os.path.isdir(given)
+        try:
+            files = list(iter_inputs([given]))
+        except ModelkitError as exc:
+            out.error(exc)
+            rows.append({"path": given, **exc.to_dict()})
+            code = EXIT_ERROR
+            continue
+        for f in files:
+            try:
+                res = inspect(f, keys=keys)
+            except ModelkitError as exc:
+                code = EXIT_ERROR
+                rows.append({"path": f, **exc.to_dict()})
+                if is_dir and not json_mode:
+                    out.line(f"{f}  ERROR  {exc.problem}")
+                else:
+                    out.error(exc)
+                continue
+            rows.append(res.to_dict())
+            for w in res.warnings:
+                out.warn(f"{f}: {w}")
+            if is_dir:
+                out.line(_one_line(res))
+            else:
+                _block(out, res)
+    if json_mode and not quiet:
+        out.json({"schema": "modelkit.inspect/1", "files": rows})
+    sys.exit(code)
+
+
+def _one_line(r: InspectResult) -> str:
+    dts = ",".join(sorted(r.bytes_by_dtype)) or "-"
+    return f"{r.path}  {r.container}  {human_bytes(r.size)}  {r.tensor_count} tensors  {r.parameter_count:,} params  {dts}"
+
+
+def _block(out: Output, r: InspectResult) -> None:
+    out.line(r.path)
+    extra = f" ({', '.join(f'{k}={v}' for k, v in r.info.items() if isinstance(v, str))})" if r.info else ""
+    out.line(f"  container     {r.container}{extra}")
+    out.line(f"  size          {human_bytes(r.size)} ({r.size:,} bytes)")
+    out.line(f"  tensors       {r.tensor_count:,}")
+    out.line(f"  parameters    {r.parameter_count:,}")
+    for i, (dt, n) in enumerate(sorted(r.bytes_by_dtype.items(), key=lambda kv: -kv[1])):
+        out.line(f"  {'dtypes' if i == 0 else '':12}  {dt:<10} {human_bytes(n)}")
+    if r.wrappers:
+        out.line(f"  wrappers      {', '.join(r.wrappers)}")
+    if r.placeholders:
+        out.line(f"  placeholders  {', '.join(r.placeholders)}")
+    if r.metadata:
+        out.line(f"  metadata      {len(r.metadata)} entries")
+        for k, v in list(r.metadata.items())[:20]:
+            out.line(f"    {k}: {_short(v)}")
+    if r.extras:
+        out.line(f"  extras        {len(r.extras)} non-tensor values")
+        for k, v in list(r.extras.items())[:20]:
+            out.line(f"    {k}: {_short(v)}")
+        if len(r.extras) > 20:
+            out.line(f"    ... {len(r.extras) - 20} more (use --json)")
+    if r.tensors is not None:
+        width = max((len(t.name) for t in r.tensors), default=4)
+        out.line("  keys")
+        for t in r.tensors:
+            view = "" if t.contiguous else "  (view)"
+            out.line(f"    {t.name:<{width}}  {t.dtype:<9} {list(t.shape)}{view}")
+
+
+def _short(v: object, limit: int = 100) -> str:
+    s = str(v).replace("\n", " ")
+    return s if len(s) <= limit else s[: limit - 3] + "..."

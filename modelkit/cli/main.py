@@ -1,0 +1,37 @@
+"""``modelkit``: the click group."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from .. import __version__
+from .._exit import EXIT_ERROR
+from ..errors import ModelkitError
+from .output import Output
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="modelkit")
+def cli() -> None:
+    """Scan, inspect, convert and load Stable Diffusion model files safely."""
+
+
+def _register() -> None:
+    from .inspect_cmd import inspect_cmd
+    from .scan_cmd import scan_cmd
+
+    cli.add_command(scan_cmd)
+    cli.add_command(inspect_cmd)
+
+
+_register()
+
+
+def main() -> None:
+    try:
+        cli.main(prog_name="modelkit", standalone_mode=True)
+    except ModelkitError as exc:  # a command that did not handle its own error
+        Output().error(exc)
+        sys.exit(EXIT_ERROR)

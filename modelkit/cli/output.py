@@ -1,0 +1,60 @@
+"""The one output sink: commands return results; this renders them (human, JSON or quiet).
+
+Nothing else in modelkit prints. Progress bars go to stderr and are off in JSON or quiet mode
+and when stderr is not a TTY.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterable, Iterator
+from typing import Any, TypeVar
+
+import click
+
+from ..errors import ModelkitError
+
+T = TypeVar("T")
+
+
+class Output:
+    def __init__(self, json_mode: bool = False, quiet: bool = False):
+        self.json_mode = json_mode
+        self.quiet = quiet
+
+    def json(self, payload: Any) -> None:
+        click.echo(json.dumps(payload, indent=2, ensure_ascii=False, default=str))
+
+    def line(self, text: str = "") -> None:
+        if not self.quiet and not self.json_mode:
+            click.echo(text)
+
+    def warn(self, text: str) -> None:
+        if not self.quiet:
+            click.echo(f"modelkit: warning: {text}", err=True)
+
+    def error(self, exc: ModelkitError | str) -> None:
+        msg = exc.message if isinstance(exc, ModelkitError) else exc
+        click.echo(f"modelkit: error: {_one_line(msg)}", err=True)
+
+    def progress(self, items: Iterable[T], total: int | None = None, desc: str = "") -> Iterator[T]:
+        if self.quiet or self.json_mode or not sys.stderr.isatty():
+            yield from items
+            return
+        from tqdm import tqdm
+
+        yield from tqdm(items, total=total, desc=desc, file=sys.stderr, leave=False)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def human_bytes(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{int(size)} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"  # pragma: no cover

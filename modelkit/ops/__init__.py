@@ -1,0 +1,1 @@
+"""Operations on ModelFiles; each works tensor by tensor."""
