@@ -61,6 +61,8 @@ class TensorRef:
         storage_key: the storage's key inside its container (tensors may share one).
         byteorder: ``"little"`` or ``"big"``.
         compressed: ``(member offset, compressed size)`` for a deflated zip member (``.npz``).
+        inline: the storage's bytes, for the rare storage that is not verbatim in the file
+            (protocol-2 plain pickles); ``byte_range`` is then relative to these bytes.
     """
 
     name: str
@@ -73,6 +75,7 @@ class TensorRef:
     storage_key: str | None = None
     byteorder: str = "little"
     compressed: tuple[int, int] | None = None
+    inline: bytes | None = field(default=None, repr=False, compare=False)
     source: Source | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -111,6 +114,9 @@ class TensorRef:
 
     def read_raw(self) -> bytearray:
         """The bytes of the spanned region, in file byte order."""
+        if self.inline is not None:
+            begin, end = self.byte_range
+            return bytearray(self.inline[begin:end])
         if self.source is None:
             raise FormatError(None, f"tensor {self.name} is not attached to an open file")
         begin, end = self.byte_range

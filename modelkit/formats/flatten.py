@@ -188,6 +188,7 @@ def assemble(
         if where is None:
             where = located[id(st)] = locate(st)
         start, nbytes, compressed = where
+        inline = st.inline
         item = spec.dtype.itemsize
         numel = 1
         for s in spec.shape:
@@ -201,7 +202,7 @@ def assemble(
         tensors[name] = TensorRef(
             name=name, dtype=spec.dtype, shape=spec.shape, strides=spec.stride, storage_offset=spec.offset,
             storage_start=start, storage_nbytes=nbytes, storage_key=st.key, byteorder=st.byteorder,
-            compressed=compressed, source=source,
+            compressed=compressed, inline=inline, source=source,
         )
         key_paths[name] = keypath
     return ModelFile(

@@ -27,7 +27,7 @@ class PickleError(Exception):
     """The stream is not a valid pickle, or breaks a resource bound.
 
     Attributes:
-        offset: byte offset of the opcode that failed, relative to the stream start.
+        offset: absolute byte offset (in the file) of the opcode that failed.
         kind: ``"format"``, ``"truncated"`` or ``"limit"``.
     """
 
@@ -170,12 +170,12 @@ class PickleVM:
 
     # -- errors and raw reads -------------------------------------------------------------
     def error(self, message: str, kind: str = "format") -> PickleError:
-        return PickleError(message, self.op_pos, kind)
+        return PickleError(message, self.base + self.op_pos, kind)
 
     def _read(self, n: int) -> bytes:
         end = self.pos + n
         if n < 0 or end > len(self.data):
-            raise PickleError("pickle data was truncated", self.op_pos, "truncated")
+            raise self.error("pickle data was truncated", "truncated")
         chunk = self.data[self.pos : end]
         self.pos = end
         return bytes(chunk)
@@ -184,7 +184,7 @@ class PickleVM:
         start = self.pos
         end = self.data.find(b"\n", start, start + (1 << 20))
         if end < 0:
-            raise PickleError("pickle data was truncated (no end of line)", self.op_pos, "truncated")
+            raise self.error("pickle data was truncated (no end of line)", "truncated")
         self.pos = end + 1
         return bytes(self.data[start:end]).decode("utf-8", "surrogateescape")
 
@@ -232,9 +232,9 @@ class PickleVM:
     def find_global(self, module: Any, name: Any) -> Any:
         if not isinstance(module, str) or not isinstance(name, str):
             # A name computed at run time: no allow-list entry can match it.
-            return self.policy.find_global(COMPUTED, f"{module!r}.{name!r}"[:200], self.op_pos)
-        self.globals_seen.append((module, name, self.op_pos))
-        return self.policy.find_global(module, name, self.op_pos)
+            return self.policy.find_global(COMPUTED, f"{module!r}.{name!r}"[:200], self.base + self.op_pos)
+        self.globals_seen.append((module, name, self.base + self.op_pos))
+        return self.policy.find_global(module, name, self.base + self.op_pos)
 
     def call(self, func: Any, args: Any) -> Any:
         self._count()
@@ -270,7 +270,7 @@ class PickleVM:
         while True:
             if self.pos >= n:
                 self.op_pos = self.pos
-                raise PickleError("pickle data was truncated (no STOP opcode)", self.pos, "truncated")
+                raise self.error("pickle data was truncated (no STOP opcode)", "truncated")
             self.op_pos = self.pos
             code = data[self.pos]
             self.pos += 1
@@ -323,7 +323,7 @@ def _op_proto(vm: PickleVM) -> None:
 def _op_frame(vm: PickleVM) -> None:
     size = vm._u("<Q", 8)
     if vm.pos + size > len(vm.data):
-        raise PickleError("pickle data was truncated (FRAME runs past the end)", vm.op_pos, "truncated")
+        raise vm.error("pickle data was truncated (FRAME runs past the end)", "truncated")
 
 
 def _op_int(vm: PickleVM) -> None:
@@ -685,7 +685,7 @@ def _op_ext(size: int) -> Callable[[PickleVM], None]:
             raise vm.error("EXT specifies code <= 0")
         if vm.policy.extension is None:
             raise vm.error(f"unregistered extension code {code}")
-        vm.push(vm.policy.extension(code, vm.op_pos))
+        vm.push(vm.policy.extension(code, vm.base + vm.op_pos))
 
     return op
 
@@ -746,7 +746,11 @@ def _persistent(vm: PickleVM, pid: Any) -> None:
     if vm.policy.persistent_load is None:
         raise vm.error("a persistent id was found, but this container does not use them")
     vm._count()
-    vm.push(vm.policy.persistent_load(pid))
+    try:
+        value = vm.policy.persistent_load(pid)
+    except ValueError as exc:  # the container's loader rejects the id
+        raise vm.error(str(exc)) from None
+    vm.push(value)
 
 
 def _op_persid(vm: PickleVM) -> None:

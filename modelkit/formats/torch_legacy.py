@@ -48,13 +48,13 @@ def _legacy_pid(storages: dict[str, StorageRef], views: dict[str, tuple[str, int
     def persistent_load(pid: Any) -> Any:
         if not (isinstance(pid, tuple) and len(pid) == 6 and pid[0] == "storage"):
             if isinstance(pid, tuple) and pid and pid[0] == "module":
-                raise PickleError("the file pickles whole nn.Module classes with their source code", 0)
-            raise PickleError(f"unexpected persistent id {str(pid)[:80]}", 0)
+                raise ValueError("the file pickles whole nn.Module classes with their source code")
+            raise ValueError(f"unexpected persistent id {str(pid)[:80]}")
         _, stype, key, location, numel, view = pid
         if not isinstance(stype, StorageType):
-            raise PickleError("a persistent id names a storage type that is not a torch storage", 0)
+            raise ValueError("a persistent id names a storage type that is not a torch storage")
         if not isinstance(key, str) or type(numel) is not int or numel < 0:
-            raise PickleError("malformed storage persistent id", 0)
+            raise ValueError("malformed storage persistent id")
         dt = stype.dtype or dtypes.UINT8
         root = storages.get(key)
         if root is None:
@@ -63,7 +63,7 @@ def _legacy_pid(storages: dict[str, StorageRef], views: dict[str, tuple[str, int
             return root
         if not (isinstance(view, tuple) and len(view) == 3 and isinstance(view[0], str)
                 and type(view[1]) is int and type(view[2]) is int and view[1] >= 0 and view[2] >= 0):
-            raise PickleError("malformed storage view in a persistent id", 0)
+            raise ValueError("malformed storage view in a persistent id")
         view_key, offset, size = view
         ref = storages.get(view_key)
         if ref is None:
@@ -104,17 +104,17 @@ def parse_stream(
             value = vm.run()
         finally:
             if scan_globals is not None:
-                scan_globals.extend((m, n, pos + off) for m, n, off in vm.globals_seen)
+                scan_globals.extend(vm.globals_seen)
         spans.append((pos, pos + vm.pos))
         pos += vm.pos
         return value
 
     magic = one(plain_policy)
     if magic != MAGIC:
-        raise PickleError("not a torch legacy stream (wrong magic number)", pos)
+        raise PickleError("not a torch legacy stream (wrong magic number)", base_offset + pos)
     protocol = one(plain_policy)
     if protocol != PROTOCOL:
-        raise PickleError(f"unsupported torch legacy protocol {protocol!r}", pos)
+        raise PickleError(f"unsupported torch legacy protocol {protocol!r}", base_offset + pos)
     sys_info = one(plain_policy)
     obj_policy = make_policy(hook, _legacy_pid(storages, views))
     if outer_find_global is not None:
@@ -123,18 +123,18 @@ def parse_stream(
     root = one(obj_policy)
     keys = one(plain_policy)
     if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
-        raise PickleError("the storage key list is malformed", pos)
+        raise PickleError("the storage key list is malformed", base_offset + pos)
     big = isinstance(sys_info, dict) and sys_info.get("little_endian") is False
     for key in keys:
         ref = storages.get(key)
         if ref is None:
-            raise PickleError(f"storage {key!r} is listed but never used, so its element size is unknown", pos)
+            raise PickleError(f"storage {key!r} is listed but never used, so its element size is unknown", base_offset + pos)
         if pos + 8 > len(data):
-            raise PickleError(f"the file ends before storage {key!r}", pos, "truncated")
+            raise PickleError(f"the file ends before storage {key!r}", base_offset + pos, "truncated")
         (count,) = struct.unpack(">q" if big else "<q", bytes(data[pos : pos + 8]))
         nbytes = count * ref.dtype.itemsize
         if count < 0 or pos + 8 + nbytes > len(data):
-            raise PickleError(f"storage {key!r} claims {count} elements, past the end of the file", pos, "truncated")
+            raise PickleError(f"storage {key!r} claims {count} elements, past the end of the file", base_offset + pos, "truncated")
         ref.file_offset = base_offset + pos + 8
         ref.nbytes = nbytes
         ref.byteorder = "big" if big else "little"
@@ -143,13 +143,13 @@ def parse_stream(
         if ref.view_of is not None:
             root_ref = storages[ref.view_of[0]]
             if root_ref.file_offset is None or root_ref.nbytes is None:
-                raise PickleError(f"storage view {ref.key!r} points at a storage that is not in the file", pos)
+                raise PickleError(f"storage view {ref.key!r} points at a storage that is not in the file", base_offset + pos)
             start = ref.view_of[1] * root_ref.dtype.itemsize
             ref.file_offset = root_ref.file_offset + start
             ref.nbytes = max(0, root_ref.nbytes - start)
             ref.byteorder = root_ref.byteorder
         elif ref.file_offset is None:
-            raise PickleError(f"storage {ref.key!r} is used but not in the storage list", pos)
+            raise PickleError(f"storage {ref.key!r} is used but not in the storage list", base_offset + pos)
     return LegacyStream(root=root, sys_info=sys_info, storages=storages, pickle_spans=spans, end=pos)
 
 
@@ -176,12 +176,22 @@ class _Slice:
 
 
 def storage_from_nested_stream(vm: PickleVM, raw: FileBytes) -> StorageRef:
-    """``torch.storage._load_from_bytes``: a legacy stream of one storage, inside a pickle."""
-    stream = parse_stream(bytes(raw), _refuse_unreachable, base_offset=raw.offset, limits=vm.limits,
-                          outer_find_global=vm.policy.find_global)
-    if not isinstance(stream.root, StorageRef):
+    """``torch.storage._load_from_bytes``: a legacy stream of one storage, inside a pickle.
+
+    With protocol 3+ the bytes sit verbatim in the file (``FileBytes``) and the storage is read
+    by offset; protocol 2 spells them as latin1 text, so the storage keeps its own copy.
+    """
+    in_file = isinstance(raw, FileBytes)
+    stream = parse_stream(bytes(raw), _refuse_unreachable, base_offset=raw.offset if in_file else 0,
+                          limits=vm.limits, outer_find_global=vm.policy.find_global, scan_globals=vm.globals_seen)
+    root = stream.root
+    if not isinstance(root, StorageRef):
         raise vm.error("torch.storage._load_from_bytes does not hold a storage")
-    return stream.root
+    if not in_file:
+        assert root.file_offset is not None and root.nbytes is not None
+        root.inline = bytes(raw[root.file_offset : root.file_offset + root.nbytes])
+        root.file_offset = 0
+    return root
 
 
 def _refuse_unreachable(module: str, name: str, offset: int) -> Any:  # pragma: no cover - replaced above

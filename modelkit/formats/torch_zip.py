@@ -37,18 +37,18 @@ def storage_loader(path: str, storages: dict[str, StorageRef]) -> Any:
 
     def persistent_load(pid: Any) -> Any:
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
-            raise PickleError(f"unexpected persistent id {str(pid)[:80]}", 0)
+            raise ValueError(f"unexpected persistent id {str(pid)[:80]}")
         _, stype, key, location, numel = pid
         if not isinstance(stype, StorageType):
-            raise PickleError("a persistent id names a storage type that is not a torch storage", 0)
+            raise ValueError("a persistent id names a storage type that is not a torch storage")
         if not isinstance(key, str) or not isinstance(location, str) or type(numel) is not int or numel < 0:
-            raise PickleError("malformed storage persistent id", 0)
+            raise ValueError("malformed storage persistent id")
         dt = stype.dtype or dtypes.UINT8
         ref = storages.get(key)
         if ref is None:
             ref = storages[key] = StorageRef(key=key, dtype=dt, numel=numel, location=location)
         elif ref.dtype.itemsize * ref.numel != dt.itemsize * numel:
-            raise PickleError(f"storage {key} is used with two different sizes", 0)
+            raise ValueError(f"storage {key} is used with two different sizes")
         return ref
 
     return persistent_load

@@ -61,6 +61,8 @@ class StorageRef:
     byteorder: str = "little"
     # Legacy streams can pickle a view of a bigger storage: (root key, element offset).
     view_of: tuple[str, int] | None = None
+    # Bytes that are not verbatim in the file (protocol-2 pickles spell them as latin1 text).
+    inline: bytes | None = None
 
     def __repr__(self) -> str:
         return f"<storage {self.key} {self.dtype} x{self.numel}>"
@@ -335,7 +337,7 @@ def _copyreg_reconstructor(vm: PickleVM, a: tuple[Any, ...]) -> Any:
 
 def _load_from_bytes(vm: PickleVM, a: tuple[Any, ...]) -> Any:
     # A plain pickle of a tensor holds its storage as a nested legacy torch.save stream.
-    if not isinstance(a[0], FileBytes):
+    if not isinstance(a[0], bytes):
         raise vm.error("torch.storage._load_from_bytes needs raw bytes")
     from .torch_legacy import storage_from_nested_stream
 

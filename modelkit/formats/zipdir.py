@@ -202,7 +202,7 @@ def anomalies(zd: ZipDirectory, prefix: str | None, allow_compressed: bool = Fal
         if e.name.startswith("/") or ".." in e.name.split("/"):
             out.append((e.name, "its name escapes the archive"))
     spans = sorted((e.header_offset, e.data_end, e.name) for e in zd.entries)
-    for (a0, a1, an), (b0, _b1, bn) in zip(spans, spans[1:]):
+    for (_a0, a1, an), (b0, _b1, bn) in zip(spans, spans[1:]):
         if b0 < a1:
             out.append((bn, f"it overlaps member {an!r}"))
     for e in zd.entries:

@@ -14,9 +14,9 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from ..errors import FormatError, ModelkitError, UnsafeFileError
-from ..formats.sniff import sniff
 from ..formats.numpy_file import NPY_MAGIC, parse_npy_header
 from ..formats.pickle_vm import COMPUTED, PickleError, PickleVM, looks_like_pickle
+from ..formats.sniff import sniff
 from ..formats.unpickler import ALLOWED, collect, make_policy
 from ..model import Source
 from . import rules as R
@@ -48,12 +48,12 @@ class _Ctx:
             end = vm.pos
         except PickleError as exc:
             rule = R.RESOURCE_LIMIT if exc.kind == "limit" else R.PICKLE_ERROR
-            self.add(rule, f"{exc}", member, base + exc.offset)
-        self.note_globals(vm.globals_seen, found, member, base)
+            self.add(rule, f"{exc}", member, exc.offset)
+        self.note_globals(vm.globals_seen, found, member)
         return end
 
     def note_globals(self, seen: Iterable[tuple[str, str, int]], refused: list[tuple[str, str, int]],
-                     member: str, base: int) -> None:
+                     member: str) -> None:
         for module, name, _off in seen:
             q = _qual(module, name)
             if q not in self.globals:
@@ -64,13 +64,13 @@ class _Ctx:
                 self.add(R.PLACEHOLDER_GLOBAL, f"{q} (loaded as an inert placeholder)", member, global_name=q)
         for module, name, off in refused:
             if module == COMPUTED:
-                self.add(R.DYNAMIC_NAME, f"STACK_GLOBAL with a computed name {name}", member, base + off)
+                self.add(R.DYNAMIC_NAME, f"STACK_GLOBAL with a computed name {name}", member, off)
             elif module == "copyreg.extension":
-                self.add(R.EXTENSION_CODE, f"extension code {name}", member, base + off)
+                self.add(R.EXTENSION_CODE, f"extension code {name}", member, off)
             else:
                 sev, what = R.explain_global(module, name)
                 q = _qual(module, name)
-                self.add(R.UNSAFE_GLOBAL, f"{q}: {what}", member, base + off, q, severity=sev)
+                self.add(R.UNSAFE_GLOBAL, f"{q}: {what}", member, off, q, severity=sev)
 
 
 def _qual(module: str, name: str) -> str:
@@ -209,7 +209,7 @@ def _scan_legacy(ctx: _Ctx, src: Source) -> None:
         except PickleError as exc:
             rule = R.RESOURCE_LIMIT if exc.kind == "limit" else R.PICKLE_ERROR
             ctx.add(rule, str(exc), "legacy stream", exc.offset)
-    ctx.note_globals(seen, found, "legacy stream", 0)
+    ctx.note_globals(seen, found, "legacy stream")
 
 
 def _scan_pickle(ctx: _Ctx, src: Source) -> None:

@@ -42,7 +42,7 @@ UNSAFE_GLOBAL = rule(
 PLACEHOLDER_GLOBAL = rule(
     "MK-P002", "info", "safe", "Harmless non-tensor global",
     "A class seen in real checkpoints (for example a Lightning callback) that modelkit loads as an "
-    "inert placeholder. torch.load(weights_only=True) refuses such files; modelkit reads them.",
+    "inert placeholder. torch.load with weights_only=True refuses such files; modelkit reads them.",
 )
 PICKLE_ERROR = rule(
     "MK-P003", "medium", "error", "Pickle cannot be parsed",
@@ -83,7 +83,7 @@ HEADER_ERROR = rule(
 )
 OBJECT_ARRAY = rule(
     "MK-N001", "high", "unsafe", "Object array",
-    "A numpy object array is a pickle; numpy.load(allow_pickle=True) runs it.",
+    "A numpy object array is a pickle; numpy.load runs it when pickles are allowed.",
 )
 NOT_MODEL = rule(
     "MK-F001", "low", "error", "Not a model file",
