@@ -116,16 +116,19 @@ class NumpyArray(VMObject):
         _version, shape, dtype, fortran, raw = state
         if not isinstance(dtype, NumpyDType):
             raise vm.error("ndarray dtype is not an allowed numpy dtype")
-        if not isinstance(raw, FileBytes):
+        if not isinstance(raw, (bytes, bytearray)):
             raise vm.error("ndarray data is not raw bytes (object arrays are pickles, refused)")
         shape = _int_tuple(vm, shape, "ndarray shape")
         numel = _prod(shape)
         if numel * dtype.dtype.itemsize != len(raw):
             raise vm.error("ndarray data size does not match its shape")
         stride = _contiguous_strides(shape, fortran=bool(fortran))
+        # Protocol 3+ keeps the bytes verbatim in the file; protocol 2 spells them as latin1 text.
+        in_file = isinstance(raw, FileBytes)
         storage = StorageRef(
-            key=f"@{raw.offset}", dtype=dtype.dtype, numel=numel, file_offset=raw.offset, nbytes=len(raw),
-            byteorder="big" if dtype.byteorder == ">" else "little",
+            key=f"@{raw.offset}" if in_file else f"@inline{id(self)}", dtype=dtype.dtype, numel=numel,
+            file_offset=raw.offset if in_file else 0, nbytes=len(raw),
+            byteorder="big" if dtype.byteorder == ">" else "little", inline=None if in_file else bytes(raw),
         )
         self.spec = TensorSpec(storage, 0, shape, stride, dtype.dtype)
 
@@ -282,6 +285,10 @@ def _bytearray(vm: PickleVM, a: tuple[Any, ...]) -> Any:
     return bytearray(a[0]) if a else bytearray()
 
 
+def _bytes(vm: PickleVM, a: tuple[Any, ...]) -> Any:
+    return bytes(_bytearray(vm, a))
+
+
 def _codecs_encode(vm: PickleVM, a: tuple[Any, ...]) -> Any:
     # Protocol-2 pickles spell ``bytes`` as _codecs.encode(text, "latin1").
     if not isinstance(a[0], str) or (len(a) == 2 and a[1] not in ("latin1", "latin-1")):
@@ -403,6 +410,7 @@ def _build_table() -> dict[tuple[str, str], Allowed]:
         fn(module, "set", "container", _set, 0, 1)
         fn(module, "frozenset", "container", _frozenset, 0, 1)
         fn(module, "bytearray", "container", _bytearray, 0, 1)
+        fn(module, "bytes", "container", _bytes, 0, 1)
         rows.append(Allowed(module, "object", "type", _TypeConst("builtins.object")))
     fn("_codecs", "encode", "codec", _codecs_encode, 1, 2)
     for module in ("copyreg", "copy_reg"):
