@@ -17,8 +17,12 @@ setup: $(BIN)/modelkit
 
 demo: setup
 	$(BIN)/python -m fixtures.demo fixtures/demo
-	-$(BIN)/modelkit scan fixtures/demo
-	$(BIN)/modelkit inspect fixtures/demo
+	@echo "== modelkit scan fixtures/demo   (exit 1 expected: hostile.ckpt is flagged)"
+	$(BIN)/modelkit scan fixtures/demo; test $$? -eq 1
+	@echo "== modelkit inspect fixtures/demo   (exit 1 expected: hostile.ckpt is refused, nothing runs)"
+	$(BIN)/modelkit inspect fixtures/demo; test $$? -eq 1
+	$(BIN)/modelkit inspect fixtures/demo/sd15-tiny.ckpt
+	@test ! -e fixtures/demo/PWNED-by-hostile.ckpt && echo "== no payload ran"
 
 test: setup
 	$(BIN)/python -m pytest -q
@@ -32,3 +36,6 @@ bench: setup
 
 clean:
 	rm -rf $(VENV) fixtures/demo build *.egg-info
+
+readme-rules: setup
+	$(BIN)/python -c "from modelkit.scan.rules import markdown_table; print(markdown_table())"

@@ -7,8 +7,8 @@ import sys
 
 import click
 
-from .._exit import EXIT_ERROR, EXIT_OK
-from ..errors import ModelkitError
+from .._exit import EXIT_ERROR, EXIT_FINDINGS, EXIT_OK
+from ..errors import ModelkitError, UnsafeFileError
 from ..ops.inspect import InspectResult, inspect
 from ..paths import iter_inputs
 from .output import Output, human_bytes
@@ -22,7 +22,8 @@ from .output import Output, human_bytes
 def inspect_cmd(paths: tuple[str, ...], json_mode: bool, keys: bool, quiet: bool) -> None:
     """Show what model files hold, without running or loading them.
 
-    A folder gives one line per model file inside it.
+    A folder gives one line per model file inside it. Exit status: 0 ok, 1 a file was refused
+    as unsafe, 2 a file could not be read.
     """
     out = Output(json_mode, quiet)
     rows: list[dict[str, object]] = []
@@ -40,10 +41,11 @@ def inspect_cmd(paths: tuple[str, ...], json_mode: bool, keys: bool, quiet: bool
             try:
                 res = inspect(f, keys=keys)
             except ModelkitError as exc:
-                code = EXIT_ERROR
+                unsafe = isinstance(exc, UnsafeFileError)
+                code = max(code, EXIT_FINDINGS if unsafe else EXIT_ERROR)
                 rows.append({"path": f, **exc.to_dict()})
                 if is_dir and not json_mode:
-                    out.line(f"{f}  ERROR  {exc.problem}")
+                    out.line(f"{f}  {'REFUSED' if unsafe else 'ERROR'}  {exc.problem}")
                 else:
                     out.error(exc)
                 continue

@@ -160,3 +160,11 @@ def explain_global(module: str, name: str) -> tuple[str, str]:
     if top:
         return top
     return "high", "not needed by any model file"
+
+
+def markdown_table() -> str:
+    """The README's rule table, generated from the registry."""
+    lines = ["| id | severity | makes a file | title |", "|---|---|---|---|"]
+    lines += [f"| `{r.id}` | {r.severity} | {r.verdict} | {r.title} |" for r in RULES.values()]
+    return "\n".join(lines)
+
