@@ -70,10 +70,10 @@ def main() -> None:
         build(path, layout)
         build_s = time.perf_counter() - t0
 
-        def mk() -> None:
+        def mk(path: str = path) -> None:
             modelkit.inspect(path)
 
-        def tl() -> None:
+        def tl(path: str = path) -> None:
             torch.load(path, weights_only=True, mmap=True, map_location="cpu")
 
         mk()

@@ -49,3 +49,21 @@ def test_scan_and_help_do_not_import_torch(tmp_path: Path) -> None:
         "assert 'torch' not in sys.modules, 'scan imported torch'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_read_returns_numpy_without_torch(tmp_path: Path) -> None:
+    """With torch unimportable, readers still work and read() gives numpy arrays."""
+    from fixtures import build
+
+    p = tmp_path / "m.pt"
+    import torch
+
+    build.save_torch({"w": torch.arange(6, dtype=torch.float32).reshape(2, 3),
+                      "h": torch.ones(2, dtype=torch.bfloat16)}, str(p), "zip")
+    code = (
+        "import sys\nsys.modules['torch'] = None\nimport modelkit, numpy as np\n"
+        f"mf = modelkit.open_model({str(p)!r})\n"
+        "w = mf['w'].read()\nassert isinstance(w, np.ndarray) and w.tolist() == [[0,1,2],[3,4,5]]\n"
+        "h = mf['h'].read()\nassert h.dtype == np.uint16 and h.tolist() == [0x3f80, 0x3f80]\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

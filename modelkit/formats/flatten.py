@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import FormatError, ResourceLimitError
+from ..model import ModelFile
 from .pickle_vm import Symbolic
 from .unpickler import DTypeConst, NumpyArray, Placeholder, PlaceholderObject, StorageRef, TensorSpec
 
@@ -171,13 +172,13 @@ def assemble(
     flat: Flat,
     locate: Any,
     info: dict[str, Any] | None = None,
-) -> Any:
+) -> ModelFile:
     """Turn flattened tensor specs into a ModelFile.
 
     Args:
         locate: ``StorageRef -> (absolute start, nbytes, compressed or None)``; raises FormatError.
     """
-    from ..model import ModelFile, TensorRef
+    from ..model import TensorRef
 
     tensors: dict[str, TensorRef] = {}
     key_paths: dict[str, tuple[Any, ...]] = {}

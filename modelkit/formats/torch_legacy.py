@@ -175,14 +175,14 @@ class _Slice:
         return r - self.start if r >= 0 else -1
 
 
-def storage_from_nested_stream(vm: PickleVM, raw: FileBytes) -> StorageRef:
+def storage_from_nested_stream(vm: PickleVM, raw: bytes) -> StorageRef:
     """``torch.storage._load_from_bytes``: a legacy stream of one storage, inside a pickle.
 
     With protocol 3+ the bytes sit verbatim in the file (``FileBytes``) and the storage is read
     by offset; protocol 2 spells them as latin1 text, so the storage keeps its own copy.
     """
     in_file = isinstance(raw, FileBytes)
-    stream = parse_stream(bytes(raw), _refuse_unreachable, base_offset=raw.offset if in_file else 0,
+    stream = parse_stream(bytes(raw), _refuse_unreachable, base_offset=raw.offset if isinstance(raw, FileBytes) else 0,
                           limits=vm.limits, outer_find_global=vm.policy.find_global, scan_globals=vm.globals_seen)
     root = stream.root
     if not isinstance(root, StorageRef):

@@ -124,10 +124,11 @@ class NumpyArray(VMObject):
             raise vm.error("ndarray data size does not match its shape")
         stride = _contiguous_strides(shape, fortran=bool(fortran))
         # Protocol 3+ keeps the bytes verbatim in the file; protocol 2 spells them as latin1 text.
-        in_file = isinstance(raw, FileBytes)
+        offset = raw.offset if isinstance(raw, FileBytes) else None
+        in_file = offset is not None
         storage = StorageRef(
-            key=f"@{raw.offset}" if in_file else f"@inline{id(self)}", dtype=dtype.dtype, numel=numel,
-            file_offset=raw.offset if in_file else 0, nbytes=len(raw),
+            key=f"@{offset}" if in_file else f"@inline{id(self)}", dtype=dtype.dtype, numel=numel,
+            file_offset=offset if in_file else 0, nbytes=len(raw),
             byteorder="big" if dtype.byteorder == ">" else "little", inline=None if in_file else bytes(raw),
         )
         self.spec = TensorSpec(storage, 0, shape, stride, dtype.dtype)
