@@ -253,3 +253,23 @@ class ModelFile(Mapping[str, TensorRef]):
         for t in self.tensors.values():
             out[t.dtype.name] = out.get(t.dtype.name, 0) + t.nbytes
         return out
+
+
+class MemorySource(Source):
+    """A Source over bytes already in memory (a decompressed wrapper, a nested blob)."""
+
+    def __init__(self, data: bytes, label: str):  # noqa: D107 - no file to open
+        self.path = label
+        self.fd = -1
+        self.size = len(data)
+        self.data = data
+
+    def read_into(self, buf: bytearray | memoryview, offset: int) -> None:
+        view = memoryview(buf).cast("B")
+        chunk = self.data[offset : offset + len(view)]
+        if len(chunk) < len(view):
+            raise TruncatedFileError(self.path, f"the data ends at byte {offset + len(chunk)}")
+        view[:] = chunk
+
+    def close(self) -> None:
+        return None

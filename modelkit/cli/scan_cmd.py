@@ -8,8 +8,8 @@ import click
 
 from .._exit import EXIT_ERROR
 from ..errors import ModelkitError
-from ..scan.engine import scan_file
-from ..scan.report import ScanReport
+from ..scan.engine import scan_many
+from ..scan.report import FileReport, ScanReport
 from .output import Output
 
 _MARK = {"safe": "SAFE", "suspicious": "SUSPICIOUS", "unsafe": "UNSAFE", "error": "ERROR"}
@@ -19,11 +19,19 @@ _MARK = {"safe": "SAFE", "suspicious": "SUSPICIOUS", "unsafe": "UNSAFE", "error"
 @click.argument("paths", nargs=-1, required=True, type=click.Path())
 @click.option("--json", "json_mode", is_flag=True, help="Print JSON (schema modelkit.scan/1).")
 @click.option("--sarif", "sarif_path", type=click.Path(dir_okay=False), help="Also write a SARIF 2.1.0 report.")
-@click.option("-q", "--quiet", is_flag=True, help="Print only unsafe files.")
-def scan_cmd(paths: tuple[str, ...], json_mode: bool, sarif_path: str | None, quiet: bool) -> None:
+@click.option("--allow", "allow", multiple=True, metavar="MODULE.NAME",
+              help="Accept an audited global for this scan (repeatable; listed in every report).")
+@click.option("--strict", is_flag=True, help="Exit 1 on suspicious files too.")
+@click.option("--require-safetensors", is_flag=True, help="Reject every model file that is not .safetensors.")
+@click.option("--explain", is_flag=True, help="Show fickling's decompiled view of each unsafe pickle.")
+@click.option("-j", "--jobs", type=click.IntRange(1, 64), default=1, show_default=True, help="Worker processes.")
+@click.option("-q", "--quiet", is_flag=True, help="Print only files that are not safe, and the summary.")
+def scan_cmd(paths: tuple[str, ...], json_mode: bool, sarif_path: str | None, allow: tuple[str, ...], strict: bool,
+             require_safetensors: bool, explain: bool, jobs: int, quiet: bool) -> None:
     """Scan model files statically; nothing in them is run.
 
-    Exit status: 0 all safe, 1 something unsafe or suspicious, 2 a file could not be scanned.
+    Folders are walked recursively (no symlink is followed). Exit status: 0 all safe, 1 any
+    unsafe (or suspicious with --strict), 2 usage error or a file that could not be scanned.
     """
     from ..paths import iter_inputs
 
@@ -33,9 +41,11 @@ def scan_cmd(paths: tuple[str, ...], json_mode: bool, sarif_path: str | None, qu
     except ModelkitError as exc:
         out.error(exc)
         sys.exit(EXIT_ERROR)
-    reports = []
-    for f in out.progress(files, total=len(files), desc="scan"):
-        r = scan_file(f)
+    allowed = tuple(sorted(set(allow)))
+    if allowed:
+        out.line(f"allowed by --allow (audited exceptions): {', '.join(allowed)}")
+    reports: list[FileReport] = []
+    for r in out.progress(scan_many(files, allowed, jobs, require_safetensors), total=len(files), desc="scan"):
         reports.append(r)
         if quiet and r.verdict == "safe":
             continue
@@ -43,9 +53,19 @@ def scan_cmd(paths: tuple[str, ...], json_mode: bool, sarif_path: str | None, qu
         for fd in r.findings:
             if fd.severity == "info" and quiet:
                 continue
-            where = f" [{fd.member}" + (f" @ {fd.offset}" if fd.offset is not None else "") + "]" if fd.member else ""
+            where = ""
+            if fd.member:
+                where = f" [{fd.member}" + (f" @ {fd.offset}" if fd.offset is not None else "")
+                where += (f" {fd.opcode}" if fd.opcode else "") + "]"
             out.line(f"  {fd.rule} {fd.severity:<8} {fd.message}{where}")
-    report = ScanReport(tuple(reports))
+        if explain and r.verdict == "unsafe":
+            from ..scan.explain import explain as explain_report
+
+            for member, text in explain_report(r).items():
+                out.line(f"  --- {member} (decompiled by fickling) ---")
+                for ln in text.splitlines()[:200]:
+                    out.line(f"    {ln}")
+    report = ScanReport(tuple(reports), allowed, strict)
     if sarif_path:
         from ..scan.sarif import write_sarif
 
@@ -55,5 +75,6 @@ def scan_cmd(paths: tuple[str, ...], json_mode: bool, sarif_path: str | None, qu
     else:
         c = report.counts
         out.line(f"{len(reports)} files: {c['safe']} safe, {c['suspicious']} suspicious, {c['unsafe']} unsafe, "
-                 f"{c['error']} could not be scanned")
+                 f"{c['error']} could not be scanned" + (f"; allowed: {', '.join(allowed)}" if allowed else ""))
     sys.exit(report.exit_code)
+

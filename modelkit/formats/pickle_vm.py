@@ -167,6 +167,8 @@ class PickleVM:
         self.objects = 0
         self.items = 0
         self.globals_seen: list[tuple[str, str, int]] = []
+        #: When a list, byte constants that look like a pickle or a zip are kept here (scanner).
+        self.blobs: list[bytes] | None = None
 
     # -- errors and raw reads -------------------------------------------------------------
     def error(self, message: str, kind: str = "format") -> PickleError:
@@ -190,6 +192,10 @@ class PickleVM:
 
     def _u(self, fmt: str, n: int) -> int:
         return int(struct.unpack(fmt, self._read(n))[0])
+
+    def note_blob(self, value: bytes) -> None:
+        if self.blobs is not None and len(value) >= 4 and looks_nested(value[:16]):
+            self.blobs.append(value)
 
     # -- stack helpers --------------------------------------------------------------------
     def _fence(self) -> int:
@@ -411,6 +417,7 @@ def _push_bytes(vm: PickleVM, size: int) -> None:
     start = vm.pos
     value = FileBytes(vm._read(size))
     value.offset = vm.base + start
+    vm.note_blob(value)
     vm.push(value)
 
 
@@ -427,7 +434,9 @@ def _op_binbytes8(vm: PickleVM) -> None:
 
 
 def _op_bytearray8(vm: PickleVM) -> None:
-    vm.push(bytearray(vm._read(vm._u("<Q", 8))))
+    value = vm._read(vm._u("<Q", 8))
+    vm.note_blob(value)
+    vm.push(bytearray(value))
 
 
 def _op_binunicode(vm: PickleVM) -> None:
@@ -848,3 +857,17 @@ def looks_like_pickle(head: bytes) -> bool:
     if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
         return True
     return bool(head) and head[0] in b"(}]cN)KJ" and len(head) > 1
+
+
+def looks_nested(head: bytes) -> bool:
+    """A byte constant worth scanning as a nested file: a pickle with a PROTO header, or a zip."""
+    return (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5) or head[:4] == b"PK\x03\x04"
+
+
+def _opcode_names() -> dict[int, str]:
+    import pickletools  # opcode metadata only
+
+    return {ord(op.code): op.name for op in pickletools.opcodes}
+
+
+OPCODE_NAMES: dict[int, str] = _opcode_names()

@@ -13,15 +13,15 @@ from .zipdir import is_zip
 
 HEAD = 512
 
+#: Compressed wrappers the scanner opens (bounded) and scans inside; readers refuse them.
+WRAPPERS = ((b"\x1f\x8b", "gzip"), (b"BZh", "bzip2"), (b"\xfd7zXZ\x00", "xz"))
+
 _OTHER = (
     (b"\x89PNG\r\n\x1a\n", "a PNG image"),
     (b"\xff\xd8\xff", "a JPEG image"),
     (b"GIF8", "a GIF image"),
     (b"RIFF", "a RIFF (WebP/WAV) file"),
     (b"%PDF", "a PDF document"),
-    (b"\x1f\x8b", "a gzip archive"),
-    (b"BZh", "a bzip2 archive"),
-    (b"\xfd7zXZ", "an xz archive"),
     (b"7z\xbc\xaf", "a 7-zip archive"),
     (b"Rar!", "a RAR archive"),
     (b"GGUF", "a GGUF file"),
@@ -35,9 +35,12 @@ def sniff_bytes(head: bytes, size: int) -> str:
     """The container kind for a file that starts with ``head``.
 
     Returns:
-        ``safetensors``, ``torch-zip`` (any zip; the reader tells torch from npz),
-        ``torch-legacy``, ``pickle``, ``npy``, ``tar`` or ``unknown:<what it looks like>``.
+        ``safetensors``, ``zip`` (the reader tells torch from npz), ``torch-legacy``,
+        ``pickle``, ``npy``, ``tar``, ``wrapped:<gzip|bzip2|xz>`` or ``unknown:<what it looks like>``.
     """
+    for magic, fmt in WRAPPERS:
+        if head.startswith(magic):
+            return f"wrapped:{fmt}"
     if is_zip(head):
         return "zip"
     if head.startswith(NPY_MAGIC):
@@ -60,8 +63,13 @@ def sniff_bytes(head: bytes, size: int) -> str:
     return "unknown:not a model file"
 
 
-def sniff(path: str | os.PathLike[str]) -> str:
-    """Sniff a path; raises the user-facing errors for missing files, folders and empty files."""
+def sniff(path: str | os.PathLike[str], wrappers: bool = False) -> str:
+    """Sniff a path; raises the user-facing errors for missing files, folders and empty files.
+
+    Args:
+        wrappers: return ``wrapped:<fmt>`` for gzip/bzip2/xz (the scanner opens them); by
+            default they are reported as unsupported, since no model loader reads them.
+    """
     p = os.fspath(path)
     try:
         st = os.stat(p)
@@ -78,6 +86,8 @@ def sniff(path: str | os.PathLike[str]) -> str:
     with open(p, "rb") as f:
         head = f.read(HEAD)
     kind = sniff_bytes(head, st.st_size)
+    if kind.startswith("wrapped:") and not wrappers:
+        raise UnsupportedFormatError(p, f"this is a {kind[8:]}-compressed file, not a model file; decompress it first")
     if kind.startswith("unknown:"):
         raise UnsupportedFormatError(p, f"this is not a model file: it looks like {kind[8:]}")
     return kind

@@ -294,7 +294,12 @@ def _codecs_encode(vm: PickleVM, a: tuple[Any, ...]) -> Any:
     # Protocol-2 pickles spell ``bytes`` as _codecs.encode(text, "latin1").
     if not isinstance(a[0], str) or (len(a) == 2 and a[1] not in ("latin1", "latin-1")):
         raise vm.error("_codecs.encode is only allowed for latin1 text")
-    return a[0].encode("latin1")
+    try:
+        value = a[0].encode("latin1")
+    except UnicodeEncodeError:
+        raise vm.error("_codecs.encode text is not latin1") from None
+    vm.note_blob(value)
+    return value
 
 
 def _torch_size(vm: PickleVM, a: tuple[Any, ...]) -> Any:

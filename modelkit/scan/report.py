@@ -30,6 +30,7 @@ class Finding:
     member: str | None = None
     offset: int | None = None
     global_name: str | None = None
+    opcode: str | None = None
 
     @property
     def verdict(self) -> str:
@@ -44,6 +45,7 @@ class Finding:
             "member": self.member,
             "offset": self.offset,
             "global": self.global_name,
+            "opcode": self.opcode,
         }
 
 
@@ -86,6 +88,8 @@ class FileReport:
 @dataclass(frozen=True)
 class ScanReport:
     files: tuple[FileReport, ...]
+    allowed: tuple[str, ...] = ()
+    strict: bool = False
 
     @property
     def counts(self) -> dict[str, int]:
@@ -96,13 +100,14 @@ class ScanReport:
 
     @property
     def exit_code(self) -> int:
-        """1 if any file is unsafe or suspicious, else 2 if any could not be scanned, else 0."""
+        """1 if any file is unsafe (or suspicious, when strict), else 2 if any could not be scanned, else 0."""
         c = self.counts
-        if c["unsafe"] or c["suspicious"]:
+        if c["unsafe"] or (self.strict and c["suspicious"]):
             return EXIT_FINDINGS
         if c["error"]:
             return EXIT_ERROR
         return EXIT_OK
 
     def to_dict(self) -> dict[str, Any]:
-        return {"schema": "modelkit.scan/1", "counts": self.counts, "files": [f.to_dict() for f in self.files]}
+        return {"schema": "modelkit.scan/1", "counts": self.counts, "allowed": list(self.allowed),
+                "files": [f.to_dict() for f in self.files]}

@@ -68,6 +68,16 @@ TRAILING_PICKLE = rule(
     "Bytes follow the pickle's STOP opcode. Some loaders read concatenated pickles; every one found "
     "is scanned too.",
 )
+USER_ALLOWED = rule(
+    "MK-P008", "info", "safe", "Global allowed by --allow",
+    "A global outside the allow-list that the user audited and allowed for this scan with --allow. "
+    "Every report lists the exceptions in force.",
+)
+NESTED = rule(
+    "MK-P009", "info", "safe", "Nested pickle or zip scanned",
+    "A byte constant inside the pickle is itself a pickle or a zip archive; it was scanned too, "
+    "to a bounded depth.",
+)
 ZIP_ANOMALY = rule(
     "MK-Z001", "high", "unsafe", "Inconsistent zip archive",
     "Local and central names disagree, a name repeats, a member is encrypted or lies outside the "
@@ -76,6 +86,20 @@ ZIP_ANOMALY = rule(
 ZIP_ERROR = rule(
     "MK-Z002", "medium", "error", "Zip archive cannot be parsed",
     "The archive is truncated or corrupt; nothing in it is reported clean.",
+)
+POLYGLOT = rule(
+    "MK-Z003", "high", "unsafe", "Pickle/zip polyglot",
+    "The file is a pickle at byte 0 and a zip archive at its end. torch.load runs the pickle while "
+    "zip-based tools see only the archive, a known way to get past scanners.",
+)
+WRAPPED = rule(
+    "MK-W001", "low", "safe", "Compressed wrapper",
+    "The file is a gzip, bzip2 or xz stream; its content was decompressed (bounded) and scanned.",
+)
+PICKLE_FORMAT = rule(
+    "MK-F002", "medium", "unsafe", "Pickle-format model file",
+    "With --require-safetensors, any model file that is not .safetensors is rejected: pickle "
+    "formats can carry code. Convert it with `modelkit convert`.",
 )
 HEADER_ERROR = rule(
     "MK-S001", "medium", "error", "Invalid header",

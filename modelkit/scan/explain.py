@@ -1,0 +1,59 @@
+"""``modelkit scan --explain``: fickling's decompiled view of each pickle with a finding.
+
+fickling reads the pickle statically and prints it as the Python it would run. It never
+decides a verdict here; it only shows the evidence in a readable form.
+"""
+
+from __future__ import annotations
+
+import ast
+
+from ..errors import ModelkitError
+from ..formats.zipdir import read_directory, read_member
+from ..model import Source
+from .report import FileReport
+
+MAX_EXPLAIN_BYTES = 8 * 1024 * 1024
+
+
+def _decompile(data: bytes) -> str:
+    try:
+        from fickling.fickle import Pickled
+    except ImportError:  # pragma: no cover - fickling is a core dependency
+        return "(install fickling to see a decompiled view)"
+    try:
+        return ast.unparse(Pickled.load(data).ast)
+    except Exception as exc:  # noqa: BLE001 - fickling fails on broken pickles; say so
+        return f"(fickling could not decompile this pickle: {type(exc).__name__}: {exc})"
+
+
+def explain(report: FileReport) -> dict[str, str]:
+    """Decompiled views of the pickles that carry unsafe findings, by member name."""
+    members = {f.member for f in report.findings if f.verdict == "unsafe" and f.member}
+    out: dict[str, str] = {}
+    if not members or report.container is None:
+        return out
+    try:
+        src = Source(report.path)
+    except OSError:
+        return out
+    try:
+        for member in sorted(members):
+            data = _member_bytes(report, src, member)
+            if data is not None:
+                out[member] = _decompile(data[:MAX_EXPLAIN_BYTES])
+    except ModelkitError as exc:
+        out["(error)"] = exc.problem
+    finally:
+        src.close()
+    return out
+
+
+def _member_bytes(report: FileReport, src: Source, member: str) -> bytes | None:
+    if report.container == "zip":
+        zd = read_directory(report.path, src)
+        entry = zd.by_name.get(member.split(" (pickle #")[0])
+        return read_member(report.path, src, entry) if entry is not None else None
+    if report.container in ("pickle", "torch-legacy"):
+        return src.pread(min(src.size, MAX_EXPLAIN_BYTES), 0)
+    return None
