@@ -32,7 +32,9 @@ lint: setup
 	$(BIN)/mypy
 
 bench: setup
+	$(BIN)/pip install -q -e '.[bench]'
 	$(BIN)/python bench/bench_inspect.py
+	$(BIN)/python bench/bench_scan.py
 
 clean:
 	rm -rf $(VENV) fixtures/demo build *.egg-info

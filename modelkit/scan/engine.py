@@ -35,7 +35,6 @@ from .report import FileReport, Finding, ScanReport, combine
 MAX_CONCATENATED = 64
 MAX_DEPTH = 3
 MAX_UNWRAP = 512 * 1024 * 1024
-PROBE_BYTES = 4 * 1024 * 1024
 
 
 class _Ctx:
@@ -253,7 +252,7 @@ def _scan_zip(ctx: _Ctx, src: Source, depth: int) -> None:
     for e in zd.entries:
         named = e.name.endswith(".pkl")
         if not named:
-            head = src.pread(min(PROBE_BYTES, e.compressed_size), e.data_offset) if e.method == 0 else b""
+            head = src.pread(min(2, e.compressed_size), e.data_offset) if e.method == 0 else b""
             if e.method == 0 and not _strong_pickle_head(head):
                 continue
         try:
