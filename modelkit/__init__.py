@@ -5,6 +5,8 @@ Public API::
     modelkit.open_model(path)  -> ModelFile   (lazy tensor map, a context manager)
     modelkit.inspect(path)     -> InspectResult
     modelkit.scan(path_or_paths) -> ScanReport
+    modelkit.load(path, device=..., dtype=..., keys=...) -> dict[str, torch.Tensor]
+    modelkit.load_into(module, path)
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ __version__ = "0.1.0"
 from . import scan  # the package is callable: modelkit.scan(paths)
 from .errors import FormatError, ModelkitError, UnsafeFileError
 from .formats import open_model
+from .load import load, load_into
 from .model import ModelFile, TensorRef
 from .ops.inspect import InspectResult, inspect
 
@@ -26,6 +29,8 @@ __all__ = [
     "UnsafeFileError",
     "__version__",
     "inspect",
+    "load",
+    "load_into",
     "open_model",
     "scan",
 ]

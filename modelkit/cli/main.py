@@ -20,10 +20,12 @@ def cli() -> None:
 
 def _register() -> None:
     from .inspect_cmd import inspect_cmd
+    from .load_cmd import load_cmd
     from .scan_cmd import scan_cmd
 
     cli.add_command(scan_cmd)
     cli.add_command(inspect_cmd)
+    cli.add_command(load_cmd)
 
 
 _register()
