@@ -41,13 +41,15 @@ class PickleError(Exception):
 class Limits:
     """Resource bounds for one pickle stream."""
 
-    max_ops: int = 20_000_000
+    # Real checkpoints, optimizer state included, stay far below these: an SDXL data.pkl runs
+    # about 100k opcodes. The bounds keep a hostile stream to seconds and a few hundred MB.
+    max_ops: int = 5_000_000
     max_stack: int = 1_000_000
     max_marks: int = 100_000
     max_memo: int = 2_000_000
-    max_objects: int = 20_000_000
+    max_objects: int = 5_000_000
     max_long_bytes: int = 64 * 1024
-    max_container_items: int = 50_000_000
+    max_container_items: int = 10_000_000
 
 
 class FileBytes(bytes):
