@@ -14,23 +14,32 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from . import scan  # the package is callable: modelkit.scan(paths)
+from .detect import Detection, detect
 from .errors import FormatError, ModelkitError, UnsafeFileError
 from .formats import open_model
 from .load import load, load_into
 from .model import ModelFile, TensorRef
+from .ops.convert import ConvertResult, convert
 from .ops.inspect import InspectResult, inspect
+from .ops.prune import PruneResult, prune
 
 __all__ = [
+    "ConvertResult",
+    "Detection",
     "FormatError",
     "InspectResult",
     "ModelFile",
     "ModelkitError",
+    "PruneResult",
     "TensorRef",
     "UnsafeFileError",
     "__version__",
+    "convert",
+    "detect",
     "inspect",
     "load",
     "load_into",
     "open_model",
+    "prune",
     "scan",
 ]

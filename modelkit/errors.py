@@ -103,3 +103,13 @@ class OutputExistsError(ModelkitError, FileExistsError):
 
 class MissingExtraError(ModelkitError, ImportError):
     """An optional dependency is not installed."""
+
+
+class OutputWriteError(ModelkitError, OSError):
+    """The output could not be written (full disk, no permission, ...); nothing was left behind."""
+
+    default_remedy = "Free some space or choose another output folder; the input was not changed"
+
+
+class UsageError(ModelkitError, ValueError):
+    """The command was called with options that do not go together."""

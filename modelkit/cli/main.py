@@ -19,13 +19,19 @@ def cli() -> None:
 
 
 def _register() -> None:
+    from .convert_cmd import convert_cmd
+    from .hash_cmd import hash_cmd
     from .inspect_cmd import inspect_cmd
     from .load_cmd import load_cmd
+    from .prune_cmd import prune_cmd
     from .scan_cmd import scan_cmd
 
     cli.add_command(scan_cmd)
     cli.add_command(inspect_cmd)
+    cli.add_command(convert_cmd)
+    cli.add_command(prune_cmd)
     cli.add_command(load_cmd)
+    cli.add_command(hash_cmd)
 
 
 _register()

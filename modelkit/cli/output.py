@@ -47,6 +47,15 @@ class Output:
         yield from tqdm(items, total=total, desc=desc, file=sys.stderr, leave=False)
 
 
+    def bar(self, total: int, desc: str = "") -> Any:
+        """A byte-counting tqdm bar on stderr, or None when bars are off."""
+        if self.quiet or self.json_mode or not sys.stderr.isatty() or total < (64 << 20):
+            return None
+        from tqdm import tqdm
+
+        return tqdm(total=total, desc=desc, unit="B", unit_scale=True, file=sys.stderr, leave=False)
+
+
 def _one_line(text: str) -> str:
     return " ".join(text.split())
 

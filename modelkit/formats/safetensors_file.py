@@ -1,4 +1,5 @@
-"""The safetensors reader: validate the whole header, then trust it.
+"""The safetensors reader: validate the whole header, then trust it. (The writer lives in
+``safetensors_write`` and is re-exported here.)
 
 Layout: 8-byte little-endian header length N, N bytes of JSON, then the data buffer. Every
 check below has its own message naming the tensor, so a user learns exactly what is wrong.
@@ -13,6 +14,9 @@ from typing import Any
 from .. import dtypes
 from ..errors import FormatError, ResourceLimitError, TruncatedFileError
 from ..model import ModelFile, Source, TensorRef
+from .safetensors_write import Header, OutTensor, WriteStats, layout, write_stream
+
+__all__ = ["Header", "OutTensor", "WriteStats", "layout", "parse_header", "read_safetensors", "write_stream"]
 
 #: The header may not exceed this many bytes (the reference implementation uses the same cap).
 MAX_HEADER = 100 * 1024 * 1024

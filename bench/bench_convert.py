@@ -1,0 +1,162 @@
+"""``modelkit convert`` and ``modelkit prune`` beside ``cp`` and the naive torch way, in one run.
+
+Files (synthetic, random values, the real SD 1.5 key set from ``fixtures.sd_layout``; a
+``state_dict`` wrapper plus ``global_step``/``epoch``, as the original ``.ckpt`` files have):
+
+* ``sd15-fp16.ckpt``: full-size SD 1.5, fp16, about 2.1 GB: convert (same dtype).
+* prune input, fp32 with EMA: full size (about 7.7 GB) only with ``--big`` and enough free disk;
+  by default a scaled-down variant (UNet at 160 channels instead of 320, VAE and text encoder
+  full size: about 2.5 GB), and the table says which one ran.
+
+Rows, each a fresh child process (peak RSS from ``getrusage(RUSAGE_CHILDREN)`` in a wrapper
+process whose only child is the command); every timing includes a final ``sync`` so all rows are
+compared on durable output (modelkit fsyncs its output; cp and save_file do not):
+
+* ``convert`` same dtype: ``modelkit.convert`` (sha256 of the input included);
+* ``cp`` of the same file;
+* naive: ``torch.load(weights_only=True)`` + ``safetensors.torch.save_file``;
+* ``prune`` fp32+EMA -> fp16, EMA dropped: ``modelkit.prune(ema="drop", dtype="fp16")``;
+* naive prune: load, drop ``model_ema.*``, ``.half()`` the floats, ``save_file``.
+
+Usage: ``python bench/bench_convert.py [--out bench/out] [--runs 3] [--big]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+SCALED = {"model_channels": 160}
+
+CONVERT = "import modelkit, sys; modelkit.convert(sys.argv[1], sys.argv[2], force=True)"
+PRUNE = "import modelkit, sys; modelkit.prune(sys.argv[1], sys.argv[2], ema='drop', dtype='fp16', force=True)"
+NAIVE_CONVERT = (
+    "import sys, torch\nfrom safetensors.torch import save_file\n"
+    "sd = torch.load(sys.argv[1], weights_only=True, map_location='cpu')['state_dict']\n"
+    "save_file({k: v.contiguous() for k, v in sd.items()}, sys.argv[2])\n"
+)
+NAIVE_PRUNE = (
+    "import sys, torch\nfrom safetensors.torch import save_file\n"
+    "sd = torch.load(sys.argv[1], weights_only=True, map_location='cpu')['state_dict']\n"
+    "sd = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in sd.items()"
+    " if not k.startswith('model_ema.')}\n"
+    "save_file(sd, sys.argv[2])\n"
+)
+
+
+def build(path: str, layout: dict, dtype: str) -> None:
+    """Write a checkpoint tensor by tensor into one dict (torch.save needs the whole dict)."""
+    if os.path.exists(path):
+        return
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    sd = {}
+    for name, (shape, dt) in layout.items():
+        if dt in ("int64", "int32"):
+            sd[name] = torch.arange(shape[-1] if shape else 1, dtype=getattr(torch, dt)).reshape(shape)
+        else:
+            sd[name] = (torch.randn(shape, generator=g) * 0.02).to(getattr(torch, dtype))
+    tmp = path + ".part"
+    torch.save({"state_dict": sd, "global_step": 840000, "epoch": 6}, tmp)
+    os.replace(tmp, path)
+
+
+def measure(argv: list[str]) -> None:
+    """Wrapper mode: run one command as the only child; print its wall time (with sync) and peak RSS."""
+    t0 = time.perf_counter()
+    subprocess.run(argv, check=True)
+    os.sync()
+    wall = time.perf_counter() - t0
+    rss_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    print(json.dumps({"wall": wall, "rss": rss_kib * 1024}))
+
+
+def run(argv: list[str], out: str, runs: int) -> tuple[float, int]:
+    walls, rss = [], []
+    for _ in range(runs):
+        if os.path.exists(out):
+            os.unlink(out)
+        os.sync()
+        res = subprocess.run([sys.executable, __file__, "--measure", "--", *argv], check=True, capture_output=True,
+                             text=True, cwd=ROOT)
+        doc = json.loads(res.stdout.strip().splitlines()[-1])
+        walls.append(doc["wall"])
+        rss.append(doc["rss"])
+    if os.path.exists(out):
+        os.unlink(out)
+    return statistics.median(walls), max(rss)
+
+
+def row(label: str, wall: float, rss: int, base: float | None = None, note: str = "") -> None:
+    ratio = f"{wall / base:6.2f}x" if base else "      "
+    print(f"  {label:<42} {wall:8.2f} s  {ratio}  peak RSS {rss / 2**30:6.3f} GiB  {note}")
+
+
+def main() -> None:
+    if len(sys.argv) > 2 and sys.argv[1] == "--measure":
+        measure(sys.argv[3:])
+        return
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="bench/out")
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--big", action="store_true", help="full-size 7.7 GB fp32+EMA prune input (if disk allows)")
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    from fixtures.sd_layout import param_count, sd1_layout
+
+    py = sys.executable
+    fp16 = os.path.join(args.out, "sd15-fp16.ckpt")
+    t0 = time.perf_counter()
+    build(fp16, sd1_layout(), "float16")
+    built = time.perf_counter() - t0
+    size = os.path.getsize(fp16)
+    print(f"convert: {fp16}  {size / 1e9:.2f} GB, {len(sd1_layout())} tensors"
+          + (f" (built in {built:.0f} s)" if built > 1 else ""))
+    out = os.path.join(args.out, "out.safetensors")
+    subprocess.run(["cat", fp16], stdout=subprocess.DEVNULL, check=True)  # warm the page cache
+    cp_s, cp_rss = run(["cp", fp16, out], out, args.runs)
+    mk_s, mk_rss = run([py, "-c", CONVERT, fp16, out], out, args.runs)
+    nv_s, nv_rss = run([py, "-c", NAIVE_CONVERT, fp16, out], out, args.runs)
+    row("cp", cp_s, cp_rss, cp_s)
+    row("modelkit convert (same dtype)", mk_s, mk_rss, cp_s, f"{nv_s / mk_s:.1f}x faster than naive")
+    row("naive torch.load + save_file", nv_s, nv_rss, cp_s)
+
+    layout = sd1_layout(ema=True)
+    need = param_count(layout) * 4
+    free = shutil.disk_usage(args.out).free
+    big = args.big and free > need * 2.2
+    if args.big and not big:
+        print(f"--big needs about {need * 2.2 / 1e9:.0f} GB free; {free / 1e9:.0f} GB are: using the scaled variant")
+    if not big:
+        layout = sd1_layout(ema=True, **SCALED)
+    name = "sd15-fp32-ema.ckpt" if big else "sd15-fp32-ema-scaled.ckpt"
+    fp32 = os.path.join(args.out, name)
+    t0 = time.perf_counter()
+    build(fp32, layout, "float32")
+    built = time.perf_counter() - t0
+    what = "full size" if big else "SCALED DOWN (UNet at 160 channels; --big for the full 7.7 GB file)"
+    print(f"prune fp32+EMA -> fp16: {fp32}  {os.path.getsize(fp32) / 1e9:.2f} GB, {len(layout)} tensors, {what}"
+          + (f" (built in {built:.0f} s)" if built > 1 else ""))
+    runs = 1 if big else args.runs
+    subprocess.run(["cat", fp32], stdout=subprocess.DEVNULL, check=True)
+    pr_s, pr_rss = run([py, "-c", PRUNE, fp32, out], out, runs)
+    np_s, np_rss = run([py, "-c", NAIVE_PRUNE, fp32, out], out, runs)
+    row("modelkit prune (--ema drop --dtype fp16)", pr_s, pr_rss, np_s, "of naive")
+    row("naive load + filter + half + save_file", np_s, np_rss, np_s)
+    print(f"median of {args.runs if not big else 1} runs per row (peak RSS: the max); page cache warm; "
+          "each time includes a final sync")
+
+
+if __name__ == "__main__":
+    main()

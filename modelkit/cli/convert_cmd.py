@@ -1,0 +1,164 @@
+"""``modelkit convert IN... [-o OUT | --out-dir DIR]`` (and the batch runner ``prune`` shares)."""
+
+from __future__ import annotations
+
+import os
+import queue
+import sys
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import click
+
+from .._exit import EXIT_ERROR, EXIT_FINDINGS, EXIT_OK
+from ..errors import ModelkitError, UnsafeFileError
+from ..ops.convert import ConvertResult, Progress, convert, run_many
+from ..paths import plan_outputs, signals_raise
+from .output import Output, human_bytes
+
+#: Exit status after Ctrl-C or SIGTERM (128 + SIGINT, as shells expect).
+EXIT_INTERRUPTED = 130
+
+Job = Callable[[str, str, Progress], Any]
+
+
+def common_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """The options convert and prune share."""
+    for opt in reversed([
+        click.argument("paths", nargs=-1, required=True, type=click.Path()),
+        click.option("-o", "--output", "out", type=click.Path(), help="Output file (one input file only)."),
+        click.option("--out-dir", type=click.Path(), help="Output folder; a folder input keeps its layout under it."),
+        click.option("--force", is_flag=True, help="Replace an existing output (never the input)."),
+        click.option("--dry-run", is_flag=True, help="Say what would be written; write nothing."),
+        click.option("--ignore-scan", is_flag=True,
+                     help="Read a file the scan calls unsafe anyway (still only through the allow-list)."),
+        click.option("-j", "--jobs", type=int, default=1, show_default=True, help="Files processed at once."),
+        click.option("--json", "json_mode", is_flag=True, help="Print JSON."),
+        click.option("-q", "--quiet", is_flag=True, help="Print only errors."),
+    ]):
+        fn = opt(fn)
+    return fn
+
+
+@click.command("convert")
+@common_options
+def convert_cmd(paths: tuple[str, ...], out: str | None, out_dir: str | None, force: bool, dry_run: bool,
+                ignore_scan: bool, jobs: int, json_mode: bool, quiet: bool) -> None:
+    """Convert model files to .safetensors, type-aware and bit-exact.
+
+    Embeddings become A1111's emb_params layout, hypernetworks keep their keys plus their
+    structure in the metadata, checkpoints lose their state_dict wrapper. A file the scan calls
+    unsafe is refused. Sidecars (.preview.png, .json, .civitai.info, .txt) are copied along.
+    Exit status: 0 ok, 1 a file was refused as unsafe, 2 a file could not be converted.
+    """
+    out_ = Output(json_mode, quiet)
+
+    def job(src: str, target: str, progress: Progress) -> ConvertResult:
+        return convert(src, target, force=force, dry_run=dry_run, ignore_scan=ignore_scan, progress=progress)
+
+    sys.exit(run_command(out_, "convert", paths, out, out_dir, "", jobs, job, render_convert))
+
+
+def render_convert(out: Output, r: Any) -> None:
+    verb = "would write" if r.status == "dry-run" else "wrote"
+    out.line(f"{r.source} -> {r.output}  ({verb} {r.kind}, {r.tensors} tensors, {human_bytes(r.size)})")
+    for c in r.changes:
+        out.line(f"  {c}")
+    for s in r.sidecars:
+        out.line(f"  sidecar {s}")
+
+
+def run_command(out: Output, schema: str, paths: Sequence[str], o: str | None, out_dir: str | None, tag: str,
+                jobs: int, job: Job, render: Callable[[Output, Any], None]) -> int:
+    """Plan outputs, run ``job`` over them (``jobs`` at a time, with a progress bar), render; the exit code."""
+    if jobs < 1:
+        out.error("-j/--jobs must be 1 or more")
+        return EXIT_ERROR
+    try:
+        pairs = plan_outputs(paths, o, out_dir, tag)
+    except ModelkitError as exc:
+        out.error(exc)
+        return EXIT_ERROR
+    explicit = {os.path.abspath(p) for p in paths if not os.path.isdir(p)}
+    rows: list[dict[str, Any]] = [{} for _ in pairs]
+    todo: list[int] = []
+    for i, (src, target) in enumerate(pairs):
+        if os.path.abspath(src) not in explicit and os.path.abspath(src) == os.path.abspath(target):
+            rows[i] = {"source": src, "output": target, "status": "skipped", "reason": "already .safetensors"}
+            out.line(f"{src}  skipped (already .safetensors; use --out-dir to rewrite it)")
+        else:
+            todo.append(i)
+    code = EXIT_OK
+
+    def done(k: int, res: Any) -> None:
+        nonlocal code
+        i = todo[k]
+        src, target = pairs[i]
+        if isinstance(res, ModelkitError):
+            code = max(code, EXIT_FINDINGS if isinstance(res, UnsafeFileError) else EXIT_ERROR)
+            rows[i] = {"source": src, "output": target, "status": "refused" if isinstance(res, UnsafeFileError)
+                       else "error", **res.to_dict()}
+            out.error(res)
+            return
+        rows[i] = res.to_dict()
+        for w in res.warnings:
+            out.warn(f"{src}: {w}")
+        render(out, res)
+
+    try:
+        _run_with_progress(out, [pairs[i] for i in todo], job, jobs, done)
+    except KeyboardInterrupt:
+        out.error("interrupted; no partial output was left behind")
+        return EXIT_INTERRUPTED
+    if json_mode(out):
+        out.json({"schema": f"modelkit.{schema}/1", "files": rows})
+    return code
+
+
+def json_mode(out: Output) -> bool:
+    return out.json_mode and not out.quiet
+
+
+def _run_with_progress(out: Output, pairs: list[tuple[str, str]], job: Job, jobs: int,
+                       done: Callable[[int, Any], None]) -> None:
+    """Run the batch in a thread; the main thread draws the bar and takes Ctrl-C/SIGTERM."""
+    events: queue.Queue[tuple[Any, ...]] = queue.Queue()
+    stop = threading.Event()
+    per_tensor = len(pairs) == 1
+
+    def work() -> None:
+        try:
+            run_many(pairs, job, jobs=jobs, stop=stop,
+                     on_tensor=(lambda name, n: events.put(("tensor", n))) if per_tensor else None,
+                     on_done=lambda i, r: events.put(("done", i, r)))
+            events.put(("end", None))
+        except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+            events.put(("end", exc))
+
+    def pump() -> Iterator[tuple[Any, ...]]:
+        while True:
+            try:
+                ev = events.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            if ev[0] == "end":
+                if ev[1] is not None:
+                    raise ev[1]
+                return
+            if ev[0] == "done":
+                done(ev[1], ev[2])
+            if (ev[0] == "tensor") == per_tensor:
+                yield ev
+
+    worker = threading.Thread(target=work, name="modelkit-batch", daemon=True)
+    desc = os.path.basename(pairs[0][0]) if per_tensor and pairs else "files"
+    with signals_raise():
+        worker.start()
+        try:
+            for _ in out.progress(pump(), total=None if per_tensor else len(pairs), desc=desc):
+                pass
+        except KeyboardInterrupt:
+            stop.set()
+            worker.join()
+            raise

@@ -1,0 +1,54 @@
+"""``modelkit prune IN... [-o OUT | --out-dir DIR] [--ema ...] [--dtype ...] [--part ...]``"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import click
+
+from .._exit import EXIT_ERROR
+from ..errors import ModelkitError
+from ..ops.convert import Progress
+from ..ops.prune import CAST_TARGETS, EMA_MODES, PARTS, PruneResult, check_options, default_tag, prune
+from .convert_cmd import common_options, run_command
+from .output import Output, human_bytes
+
+
+@click.command("prune")
+@common_options
+@click.option("--ema", default="drop", show_default=True, metavar="|".join(EMA_MODES),
+              help="keep or drop the EMA weights, or only: write the UNet from its EMA copy.")
+@click.option("--dtype", "dtype", metavar="|".join(CAST_TARGETS), help="Cast floating-point tensors (never int/bool).")
+@click.option("--part", metavar="|".join(PARTS), help="Keep one component; a VAE loses its first_stage_model. prefix.")
+def prune_cmd(paths: tuple[str, ...], out: str | None, out_dir: str | None, force: bool, dry_run: bool,
+              ignore_scan: bool, jobs: int, json_mode: bool, quiet: bool, ema: str, dtype: str | None,
+              part: str | None) -> None:
+    """Prune checkpoints into .safetensors: drop EMA, optimizer state and junk, cast, fix, extract.
+
+    The default output is IN.pruned.safetensors (IN.vae.safetensors with --part vae, ...).
+    Broken position_ids are rewritten as int64 0..76. Exit status: 0 ok, 1 a file was refused as
+    unsafe, 2 a file could not be pruned.
+    """
+    out_ = Output(json_mode, quiet)
+    try:
+        check_options(ema, dtype, part)
+    except ModelkitError as exc:
+        out_.error(exc)
+        sys.exit(EXIT_ERROR)
+
+    def job(src: str, target: str, progress: Progress) -> PruneResult:
+        return prune(src, target, ema=ema, dtype=dtype, part=part, force=force, dry_run=dry_run,
+                     ignore_scan=ignore_scan, progress=progress)
+
+    sys.exit(run_command(out_, "prune", paths, out, out_dir, default_tag(part), jobs, job, render_prune))
+
+
+def render_prune(out: Output, r: Any) -> None:
+    verb = "would write" if r.status == "dry-run" else "wrote"
+    out.line(f"{r.source} -> {r.output}  ({verb} {r.tensors} tensors, {human_bytes(r.input_size)} -> "
+             f"{human_bytes(r.size)})")
+    for c in r.changes:
+        out.line(f"  {c}")
+    for s in r.sidecars:
+        out.line(f"  sidecar {s}")

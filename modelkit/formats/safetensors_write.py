@@ -1,0 +1,417 @@
+"""The streaming safetensors writer: header first, then each tensor's bytes in header order.
+
+Every output name, dtype and shape is known before any data is read, so the header (and with it
+every offset) is written first; the data follows in header order. What the writer does with one
+tensor depends on whether its bytes change:
+
+* bytes that pass through unchanged (same dtype, contiguous, little-endian, stored verbatim in
+  the input) never enter Python: ``os.copy_file_range`` copies them from the input file to the
+  output file inside the kernel, with a ``pread``/``write`` fallback in fixed-size chunks;
+* bytes that change (a dtype cast, a non-contiguous view, a big-endian array, a deflated or
+  inline storage) pass through one buffer, allocated once and sized for the largest of them;
+* torch is imported only when a tensor is cast; gathers and byte swaps use numpy.
+
+The layout is the one ``safetensors.torch.save_file`` writes, byte for byte: tensors sorted by
+dtype (safetensors' own order, widest types first) then by name, compact JSON, the header padded
+with spaces to a multiple of 8 bytes, ``__metadata__`` first. (``save_file`` emits metadata in
+hash order; we emit it sorted by key, so files are equal byte for byte when the metadata has at
+most one key, and equal as parsed headers otherwise.)
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import struct
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..dtypes import DType
+from ..errors import FormatError, UnsupportedFormatError
+from ..model import TensorRef, _inflate
+
+#: safetensors' ``Dtype`` enum order, lowest first; the writer sorts by it, highest first.
+ST_ORDER = (
+    "BOOL", "F4", "F6_E2M3", "F6_E3M2", "U8", "I8", "F8_E5M2", "F8_E4M3", "F8_E8M0", "F8_E4M3FNUZ",
+    "F8_E5M2FNUZ", "I16", "U16", "F16", "BF16", "I32", "U32", "F32", "C64", "F64", "I64", "U64",
+)
+_RANK = {code: i for i, code in enumerate(ST_ORDER)}
+
+#: Chunk size of the pread/write fallback (and of nothing else).
+CHUNK = 8 << 20
+
+#: errno values after which ``copy_file_range`` is given up for plain reads and writes.
+_NO_COPY_RANGE = {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EPERM, errno.EBADF}
+
+
+@dataclass(frozen=True)
+class OutTensor:
+    """One tensor of the output.
+
+    Attributes:
+        name: the output name.
+        dtype: the output dtype; when it differs from ``ref.dtype`` the tensor is cast (torch).
+        shape: the output shape (the source's).
+        ref: where the bytes come from.
+        data: replacement bytes (little-endian, C order) used instead of ``ref``.
+    """
+
+    name: str
+    dtype: DType
+    shape: tuple[int, ...]
+    ref: TensorRef | None = None
+    data: bytes | None = field(default=None, repr=False)
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+    @property
+    def is_cast(self) -> bool:
+        return self.data is None and self.ref is not None and self.ref.dtype != self.dtype
+
+    @classmethod
+    def of(cls, ref: TensorRef, name: str | None = None, dtype: DType | None = None) -> OutTensor:
+        """The tensor ``ref`` written as ``name`` (default: its own) in ``dtype`` (default: its own)."""
+        return cls(name if name is not None else ref.name, dtype or ref.dtype, ref.shape, ref)
+
+
+@dataclass(frozen=True)
+class WriteStats:
+    """What one write did.
+
+    Attributes:
+        size: bytes in the output file.
+        copied: data bytes copied by the kernel (or the pread/write fallback) unchanged.
+        transformed: data bytes that went through the buffer.
+        casts: tensors cast to another dtype.
+        overflow: for casts that overflowed, tensor name -> count of finite values that became inf.
+        buffer_bytes: size of the one reused buffer (0 when none was needed).
+    """
+
+    size: int
+    copied: int
+    transformed: int
+    casts: int
+    overflow: dict[str, int]
+    buffer_bytes: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"size": self.size, "copied": self.copied, "transformed": self.transformed, "casts": self.casts,
+                "overflow": dict(self.overflow), "buffer_bytes": self.buffer_bytes}
+
+
+@dataclass(frozen=True)
+class Header:
+    """A laid-out header: its bytes, the tensors in data order, and where patchable values sit."""
+
+    raw: bytes
+    order: tuple[OutTensor, ...]
+    data_size: int
+    value_offsets: dict[str, int]
+
+    @property
+    def size(self) -> int:
+        return len(self.raw) + self.data_size
+
+
+def _dumps(s: str) -> str:
+    return json.dumps(s, ensure_ascii=False)
+
+
+def layout(tensors: Sequence[OutTensor], metadata: Mapping[str, str] | None = None, path: str | None = None) -> Header:
+    """Order the tensors and build the header bytes.
+
+    Raises:
+        FormatError: two tensors share a name, a name or value is not valid text, or a dtype has no
+            safetensors code.
+    """
+    seen: set[str] = set()
+    for t in tensors:
+        if t.name in seen:
+            raise FormatError(path, f"two output tensors are named {t.name!r}")
+        seen.add(t.name)
+        if t.dtype.st is None:
+            raise UnsupportedFormatError(
+                path, f"tensor {t.name!r} is {t.dtype.name}, which safetensors cannot store",
+                "Cast it first, or leave this file in its container",
+            )
+        if t.data is not None and len(t.data) != t.nbytes:
+            raise FormatError(path, f"tensor {t.name!r}: {len(t.data)} replacement bytes for {t.nbytes}")
+    order = sorted(tensors, key=lambda t: (-_RANK[t.dtype.st or ""], t.name))
+    parts: list[str] = []
+    value_offsets: dict[str, int] = {}
+    pos = 9  # 8 length bytes, then "{"
+    if metadata is not None:
+        head = '"__metadata__":{'
+        pos += len(head.encode())
+        items = []
+        for i, (k, v) in enumerate(sorted(metadata.items())):
+            if not isinstance(k, str) or not isinstance(v, str):
+                raise FormatError(path, f"metadata {k!r} must map a string to a string")
+            key = ("," if i else "") + _dumps(k) + ":"
+            pos += len(_utf8(key, path))
+            value_offsets[k] = pos + 1  # after the opening quote
+            val = _dumps(v)
+            pos += len(_utf8(val, path))
+            items.append(key + val)
+        parts.append(head + "".join(items) + "}")
+    offset = 0
+    for t in order:
+        end = offset + t.nbytes
+        parts.append(f'{_dumps(t.name)}:{{"dtype":"{t.dtype.st}","shape":{_shape(t.shape)},'
+                     f'"data_offsets":[{offset},{end}]}}')
+        offset = end
+    body = _utf8("{" + ",".join(parts) + "}", path)
+    n = len(body) + (-len(body)) % 8
+    raw = struct.pack("<Q", n) + body + b" " * (n - len(body))
+    return Header(raw, tuple(order), offset, value_offsets)
+
+
+def _shape(shape: tuple[int, ...]) -> str:
+    return "[" + ",".join(str(int(s)) for s in shape) + "]"
+
+
+def _utf8(text: str, path: str | None) -> bytes:
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise FormatError(path, f"a tensor name or metadata value is not valid text: {text[:80]!r}") from None
+
+
+def write_stream(
+    fd: int,
+    tensors: Sequence[OutTensor] | Header,
+    metadata: Mapping[str, str] | None = None,
+    *,
+    late: Mapping[str, Callable[[], str]] | None = None,
+    on_tensor: Callable[[str, int], None] | None = None,
+    path: str | None = None,
+) -> WriteStats:
+    """Write a safetensors file to ``fd`` (a fresh, empty file opened for writing).
+
+    Args:
+        fd: the output; written sequentially with ``os.write``/``os.copy_file_range``.
+        tensors: the output tensors (any order), or a ``Header`` from ``layout``.
+        metadata: the ``__metadata__`` map (``None`` writes none).
+        late: metadata values known only after the data is written (a hash of the input): the
+            header holds the placeholder value from ``metadata`` and is patched in place at the end;
+            the final value must have the same length in bytes. With ``late``, the data is fsynced
+            before the values are awaited, so the write-back overlaps their computation.
+        on_tensor: called after each tensor with its name and byte count; may raise to abort.
+        path: the output path, for messages.
+
+    Returns:
+        WriteStats.
+
+    Raises:
+        OSError: from the file system (ENOSPC, EIO ...). The caller owns cleanup (see
+            ``modelkit.paths.atomic_output``).
+        FormatError: a source is truncated or corrupt.
+    """
+    header = tensors if isinstance(tensors, Header) else layout(tensors, metadata, path)
+    _write_all(fd, header.raw)
+    need = max((_buffer_need(t) for t in header.order), default=0)
+    buf = bytearray(need) if need else None
+    copier = _Copier(fd)
+    copied = transformed = casts = 0
+    overflow: dict[str, int] = {}
+    for t in header.order:
+        mode = _mode(t)
+        if mode == "copy":
+            assert t.ref is not None and t.ref.source is not None
+            copier.copy(t.ref.source.fd, t.ref.byte_range[0], t.nbytes, t.ref.source.path)
+            copied += t.nbytes
+        elif mode == "data":
+            assert t.data is not None
+            _write_all(fd, t.data)
+            transformed += t.nbytes
+        elif mode == "inline":
+            assert t.ref is not None and t.ref.inline is not None
+            begin, end = t.ref.byte_range
+            _write_all(fd, memoryview(t.ref.inline)[begin:end])
+            copied += t.nbytes
+        elif mode == "buffer":
+            assert buf is not None
+            lost = _transform(fd, t, buf)
+            transformed += t.nbytes
+            if t.is_cast:
+                casts += 1
+            if lost:
+                overflow[t.name] = lost
+        if on_tensor is not None:
+            on_tensor(t.name, t.nbytes)
+    if late:
+        os.fsync(fd)  # flush the data now, while the late values (a hash of the input) are still computing
+    for key, fn in (late or {}).items():
+        value = _utf8(_dumps(fn())[1:-1], path)
+        old = _utf8(_dumps((metadata or {})[key])[1:-1], path)
+        if len(value) != len(old):
+            raise ValueError(f"late metadata {key!r} changed length ({len(old)} -> {len(value)} bytes)")
+        os.pwrite(fd, value, header.value_offsets[key])
+    return WriteStats(header.size, copied, transformed, casts, overflow, need)
+
+
+def _mode(t: OutTensor) -> str:
+    if t.data is not None:
+        return "data"
+    ref = t.ref
+    if ref is None:
+        raise ValueError(f"tensor {t.name!r} has neither a source nor data")
+    if t.numel == 0:
+        return "empty"
+    plain = not t.is_cast and ref.is_contiguous and (ref.byteorder == "little" or ref.dtype.itemsize == 1)
+    if plain and ref.compressed is None:
+        if ref.inline is not None:
+            return "inline"
+        if ref.source is not None:
+            return "copy"
+    return "buffer"
+
+
+def _buffer_need(t: OutTensor) -> int:
+    """Bytes of the shared buffer this tensor needs: the source span, plus the output if it differs."""
+    if _mode(t) != "buffer":
+        return 0
+    assert t.ref is not None
+    begin, end = t.ref.byte_range
+    span = end - begin
+    separate = t.is_cast or not t.ref.is_contiguous
+    return _align(span) + t.nbytes if separate else span
+
+
+def _transform(fd: int, t: OutTensor, buf: bytearray) -> int:
+    """Read, swap, gather and/or cast one tensor through ``buf``; write it. Returns the overflow count."""
+    ref = t.ref
+    assert ref is not None
+    begin, end = ref.byte_range
+    span = end - begin
+    view = memoryview(buf)
+    src = view[:span]
+    if ref.inline is not None:
+        src[:] = memoryview(ref.inline)[begin:end]
+    elif ref.compressed is not None:
+        assert ref.source is not None
+        member = _inflate(ref.source, *ref.compressed)
+        rel = begin - ref.storage_start
+        if rel + span > len(member):
+            raise FormatError(ref.source.path, f"tensor {ref.name!r} runs past its compressed member")
+        src[:] = memoryview(member)[rel : rel + span]
+        del member
+    else:
+        if ref.source is None:
+            raise FormatError(None, f"tensor {ref.name!r} is not attached to an open file")
+        ref.source.read_into(src, begin)
+    if ref.byteorder == "big" and ref.dtype.itemsize > 1:
+        _byteswap(src, ref.dtype)
+    out = _align(span)
+    if t.is_cast:
+        dst = view[out : out + t.nbytes]
+        lost = _cast(buf, out, ref, t)
+        _write_all(fd, dst)
+        return lost
+    if not ref.is_contiguous:
+        dst = view[out : out + t.nbytes]
+        _gather(src, dst, ref)
+        _write_all(fd, dst)
+        return 0
+    _write_all(fd, src)
+    return 0
+
+
+def _align(n: int) -> int:
+    return n + (-n) % 64
+
+
+def _byteswap(region: memoryview, dtype: DType) -> None:
+    import numpy as np
+
+    width = dtype.itemsize // 2 if dtype.name.startswith("complex") else dtype.itemsize
+    np.frombuffer(region, dtype=np.dtype(f"u{width}")).byteswap(inplace=True)
+
+
+def _gather(src: memoryview, dst: memoryview, ref: TensorRef) -> None:
+    import numpy as np
+
+    item = ref.dtype.itemsize
+    code = np.dtype(f"u{item}") if item in (1, 2, 4, 8) else np.dtype((np.void, item))
+    flat = np.frombuffer(src, dtype=code)
+    strided = np.lib.stride_tricks.as_strided(flat, ref.shape, tuple(s * item for s in ref.strides), writeable=False)
+    out = np.frombuffer(dst, dtype=code).reshape(ref.shape)
+    np.copyto(out, strided)
+
+
+def _cast(buf: bytearray, out: int, ref: TensorRef, t: OutTensor) -> int:
+    import torch
+
+    src_dt, dst_dt = ref.dtype.torch(), t.dtype.torch()
+    begin, end = ref.byte_range
+    flat = torch.frombuffer(buf, dtype=src_dt, count=(end - begin) // ref.dtype.itemsize, offset=0)
+    src = flat.as_strided(ref.shape, ref.strides, 0)
+    dst = torch.frombuffer(buf, dtype=dst_dt, count=t.numel, offset=out).view(t.shape)
+    dst.copy_(src)
+    if not (src_dt.is_floating_point and dst_dt.is_floating_point):
+        return 0
+    fmax = torch.finfo(dst_dt).max
+    if fmax >= torch.finfo(src_dt).max:
+        return 0
+    try:
+        lo, hi = torch.aminmax(src)
+        if float(hi) <= fmax and float(lo) >= -fmax:  # false for NaN and inf: those are counted below
+            return 0
+    except RuntimeError:  # aminmax lacks this dtype
+        pass
+    inf = torch.isinf(dst)
+    if not bool(inf.any()):
+        return 0
+    return int((inf & ~torch.isinf(src)).sum())
+
+
+class _Copier:
+    """``copy_file_range`` from an input fd into the output's current position; pread/write otherwise."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        self.kernel = hasattr(os, "copy_file_range")
+        self.chunk: bytearray | None = None
+
+    def copy(self, src_fd: int, offset: int, count: int, src_path: str) -> None:
+        done = 0
+        while done < count and self.kernel:
+            try:
+                n = os.copy_file_range(src_fd, self.fd, count - done, offset + done)
+            except OSError as exc:
+                if exc.errno not in _NO_COPY_RANGE:
+                    raise
+                self.kernel = False
+                break
+            if n == 0:
+                raise FormatError(src_path, f"the file ends at byte {offset + done}, inside tensor data")
+            done += n
+        while done < count:
+            if self.chunk is None:
+                self.chunk = bytearray(min(CHUNK, max(count, 1)))
+            size = min(len(self.chunk), count - done)
+            part = memoryview(self.chunk)[:size]
+            got = os.preadv(src_fd, [part], offset + done)
+            if got <= 0:
+                raise FormatError(src_path, f"the file ends at byte {offset + done}, inside tensor data")
+            _write_all(self.fd, part[:got])
+            done += got
+
+
+def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
+    view = memoryview(data).cast("B")
+    while len(view):
+        n = os.write(fd, view)
+        view = view[n:]
+

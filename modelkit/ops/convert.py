@@ -1,0 +1,379 @@
+"""``modelkit convert``: any supported container -> ``.safetensors``, type-aware, streaming, atomic.
+
+What changes, by kind of file (see ``_kind``):
+
+* A1111 textual-inversion embeddings (``string_to_param.*``) become one ``emb_params`` tensor, the
+  layout A1111 reads from ``.safetensors``; ``clip_l``/``clip_g`` pairs (SDXL) keep their names.
+  ``name``, ``step``, ``sd_checkpoint`` and ``sd_checkpoint_name`` go into the metadata.
+* A1111 hypernetworks keep their flattened names, ``{dim}.{0|1}.linear.{i}.{weight|bias}`` (the
+  two modules per attention width, in A1111's order), with ``modelkit.layout`` set to
+  ``a1111-hypernetwork/1`` and the structure fields (``layer_structure``, ``activation_func``,
+  ``is_layer_norm``, ``use_dropout`` ...) as JSON strings in the metadata.
+* Checkpoints lose their ``state_dict`` wrapper (the reader already flattened it); VAEs, LoRAs and
+  everything else keep their keys.
+* Non-tensor values: ``global_step``, ``epoch``, ``name`` and ``step`` go into the metadata;
+  anything else is listed in ``ConvertResult.dropped`` (never silently lost).
+
+The tensors themselves are bit-exact: views and shared storages are written as contiguous copies.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from ..errors import ModelkitError, OutputWriteError, UnsafeFileError
+from ..formats import open_model
+from ..formats.safetensors_write import Header, OutTensor, WriteStats, layout, write_stream
+from ..model import ModelFile
+from ..paths import atomic_output, check_output, copy_file_atomic, output_name, sidecars
+from . import metadata as md
+
+#: ``progress(tensor name, bytes)``, called after each tensor is written; may raise to stop.
+Progress = Callable[[str, int], None]
+
+_HYPERNETWORK_KEY = re.compile(r"^\d+\.\d+\.linear\.\d+\.(weight|bias)$")
+
+
+@dataclass(frozen=True)
+class ConvertResult:
+    """What ``convert`` did (or, with ``dry_run``, would do) for one file.
+
+    Attributes:
+        source, output: the paths.
+        status: ``written`` or ``dry-run``.
+        container: the input's container; kind: what ``_kind`` took it for.
+        tensors: number of output tensors; size: output bytes.
+        changes: what was changed, in words (also in the output's ``modelkit.changes``).
+        metadata: the output's ``__metadata__`` (in a dry run ``modelkit.source_sha256`` is still
+            the all-zero placeholder: the input is not hashed).
+        dropped: non-tensor values of the input that were not carried over.
+        sidecars: sidecar files copied (or to be copied) beside the output.
+        warnings: things the user should know.
+        stats: how the bytes were written (``None`` for a dry run).
+        scan: the input's scan verdict (``None`` when the scan was skipped).
+        seconds: wall time.
+    """
+
+    source: str
+    output: str
+    status: str
+    container: str
+    kind: str
+    tensors: int
+    size: int
+    changes: tuple[str, ...] = ()
+    metadata: dict[str, str] = field(default_factory=dict)
+    dropped: dict[str, Any] = field(default_factory=dict)
+    sidecars: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = ()
+    stats: WriteStats | None = None
+    scan: str | None = None
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "source": self.source, "output": self.output, "status": self.status, "container": self.container,
+            "kind": self.kind, "tensors": self.tensors, "size": self.size, "changes": list(self.changes),
+            "metadata": dict(self.metadata), "dropped": dict(self.dropped), "sidecars": list(self.sidecars),
+            "warnings": list(self.warnings), "stats": self.stats.to_dict() if self.stats else None,
+            "scan": self.scan, "seconds": round(self.seconds, 3),
+        }
+
+
+def _kind(mf: ModelFile) -> str:
+    """What kind of file this is, for the type-aware rules: embedding, hypernetwork, checkpoint, other.
+
+    Deliberately small; the detection module will replace it.
+    """
+    names = set(mf)
+    if any(n.startswith("string_to_param.") for n in names) or names in ({"clip_l", "clip_g"}, {"emb_params"}):
+        return "embedding"
+    if names and all(_HYPERNETWORK_KEY.match(n) for n in names) and (
+            "layer_structure" in mf.extras or "activation_func" in mf.extras):
+        return "hypernetwork"
+    if any(n.startswith("model.diffusion_model.") for n in names):
+        return "checkpoint"
+    return "other"
+
+
+def _architecture(mf: ModelFile, kind: str) -> str | None:
+    """The ``modelspec.architecture`` where the minimal rules know it."""
+    names = set(mf)
+    if kind == "embedding":
+        if names == {"clip_l", "clip_g"}:
+            return "stable-diffusion-xl-v1-base/textual-inversion"
+        shapes = {mf[n].shape[-1] for n in names if mf[n].shape}
+        return "stable-diffusion-v1/textual-inversion" if shapes == {768} else None
+    if kind == "hypernetwork":
+        dims = {n.split(".", 1)[0] for n in names}
+        return "stable-diffusion-v1/hypernetwork" if "768" in dims and "1024" not in dims else None
+    if kind == "checkpoint":
+        if any(n.startswith("conditioner.embedders.1.") for n in names):
+            return "stable-diffusion-xl-v1-base"
+        tok = mf.get("cond_stage_model.transformer.text_model.embeddings.token_embedding.weight")
+        if tok is not None and tok.shape[-1] == 768:
+            return "stable-diffusion-v1"
+    return None
+
+
+@dataclass
+class Plan:
+    """The output of one file, decided before any data is read."""
+
+    tensors: list[OutTensor]
+    metadata: dict[str, str]
+    dropped: dict[str, Any]
+    changes: list[str]
+    warnings: list[str]
+    kind: str
+    architecture: str | None
+    title: str | None
+    base_metadata: dict[str, str] = field(default_factory=dict)
+
+
+def plan_convert(mf: ModelFile) -> Plan:
+    """Decide the output tensors and metadata of ``convert`` for an open file (reads no data)."""
+    kind = _kind(mf)
+    changes: list[str] = []
+    warnings: list[str] = []
+    if mf.container != "safetensors":
+        changes.append(f"container {mf.container} -> safetensors")
+    if mf.wrappers:
+        changes.append(f"{'/'.join(mf.wrappers)} wrapper removed")
+    tensors = [OutTensor.of(ref) for ref in mf.values()]
+    keep: tuple[str, ...] = ()
+    as_json: tuple[str, ...] = ()
+    if kind == "embedding":
+        params = [ref for ref in mf.values() if ref.name.startswith("string_to_param.")]
+        if len(params) == 1:
+            tensors = [OutTensor.of(params[0], "emb_params")] + [t for t in tensors if t.name != params[0].name]
+            changes.append(f"{params[0].name} -> emb_params")
+        elif len(params) > 1:
+            warnings.append(f"{len(params)} string_to_param tensors; A1111 reads only one, so names were kept")
+        keep = md.EMBEDDING_EXTRAS
+    elif kind == "hypernetwork":
+        as_json = md.HYPERNETWORK_EXTRAS
+    meta, dropped = md.split_extras(mf.extras, keep=keep, as_json=as_json)
+    if kind == "hypernetwork":
+        meta["modelkit.layout"] = "a1111-hypernetwork/1"
+    if meta:
+        changes.append("non-tensor values to metadata: " + ", ".join(sorted(k for k in meta if "." not in k)))
+    if dropped:
+        changes.append(f"{len(dropped)} non-tensor values not carried over")
+    _note_layout_changes(mf, changes)
+    name = mf.extras.get("name")
+    return Plan(tensors, meta, dropped, changes, warnings, kind, _architecture(mf, kind),
+                name if isinstance(name, str) and name else None, dict(mf.metadata))
+
+
+def _note_layout_changes(mf: ModelFile, changes: list[str]) -> None:
+    refs = list(mf.values())
+    views = sum(1 for r in refs if not r.is_contiguous)
+    keys = [r.storage_key for r in refs if r.storage_key is not None and mf.container != "safetensors"]
+    shared = len(keys) - len(set(keys))
+    if views:
+        changes.append(f"{views} non-contiguous views written as contiguous tensors")
+    if shared:
+        changes.append(f"{shared} tensors sharing a storage written as separate copies")
+    if any(r.byteorder == "big" and r.dtype.itemsize > 1 for r in refs):
+        changes.append("big-endian arrays written little-endian")
+
+
+def check_scan(src: str, ignore_scan: bool) -> tuple[str | None, list[str]]:
+    """Scan ``src``; refuse it when unsafe unless ``ignore_scan``. Returns (verdict, warnings).
+
+    Raises:
+        UnsafeFileError: the scan says ``unsafe`` and ``ignore_scan`` is false.
+    """
+    from ..scan.engine import scan_file
+
+    report = scan_file(src)
+    bad = [f for f in report.findings if f.verdict == "unsafe"]
+    if report.verdict == "unsafe":
+        what = bad[0].message if bad else "unsafe content"
+        if not ignore_scan:
+            raise UnsafeFileError(
+                src, f"the scan found it unsafe ({what})",
+                "Run `modelkit scan` on it; --ignore-scan converts it anyway, still read only through the allow-list",
+            )
+        return report.verdict, [f"the scan found it unsafe ({what}); converted anyway (--ignore-scan), "
+                                "reading only through the allow-list"]
+    if report.verdict == "suspicious":
+        return report.verdict, ["the scan found it suspicious; run `modelkit scan` on it for details"]
+    return report.verdict, []
+
+
+def write_plan(
+    src: str, target: str, plan: Plan, *, force: bool, dry_run: bool,
+    progress: Progress | None = None, extra_changes: Sequence[str] = (),
+) -> tuple[Header, dict[str, str], WriteStats | None, list[str]]:
+    """Lay out the header, then (unless ``dry_run``) stream the file and copy its sidecars.
+
+    Returns:
+        (header, final metadata, write stats or None, sidecar outputs).
+    """
+    changes = plan.changes + list(extra_changes)
+    title = plan.title or os.path.splitext(os.path.basename(target))[0]
+    meta = md.combine(plan.base_metadata, plan.metadata, md.provenance(src, changes),
+                      defaults=md.modelspec(title, plan.architecture))
+    header = layout(plan.tensors, meta, target)
+    cars = sidecars(src, target)
+    if dry_run:
+        return header, meta, None, [b for _, b in cars]
+    folder = os.path.dirname(os.path.abspath(target))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        free = shutil.disk_usage(folder).free
+    except OSError as exc:
+        raise OutputWriteError(target, f"cannot use the folder {folder} ({exc.strerror or exc})") from None
+    if free < header.size:
+        raise OutputWriteError(target, f"needs {header.size:,} bytes but {folder} has {free:,} free")
+    hasher = md.SourceHash(src)
+    try:
+        with atomic_output(target, force=force, inputs=[src]) as fd:
+            stats = write_stream(fd, header, meta, late={"modelkit.source_sha256": hasher.hexdigest},
+                                 on_tensor=progress, path=target)
+    except BaseException:
+        hasher.cancel()
+        raise
+    meta["modelkit.source_sha256"] = hasher.hexdigest()
+    copied = []
+    for a, b in cars:
+        if os.path.lexists(b) and not force:
+            continue
+        copy_file_atomic(a, b, force=force)
+        copied.append(b)
+    return header, meta, stats, copied
+
+
+def convert(
+    src: str | os.PathLike[str],
+    out: str | os.PathLike[str] | None = None,
+    *,
+    out_dir: str | os.PathLike[str] | None = None,
+    force: bool = False,
+    dry_run: bool = False,
+    ignore_scan: bool = False,
+    progress: Progress | None = None,
+) -> ConvertResult:
+    """Convert one model file to ``.safetensors``.
+
+    Args:
+        src: the input file (any container ``open_model`` reads).
+        out: the output file; default: ``src`` with ``.safetensors`` (in ``out_dir`` if given).
+        out_dir: the output folder (created if missing).
+        force: replace an existing output (never the input itself).
+        dry_run: decide everything, write nothing.
+        ignore_scan: convert a file the scan calls unsafe (it is still read only through the
+            allow-list reader, which refuses what it cannot read safely).
+        progress: called after each tensor with its name and size.
+
+    Returns:
+        ConvertResult.
+
+    Raises:
+        UnsafeFileError: the scan found the file unsafe, or the reader refused it.
+        OutputExistsError: the output exists (without ``force``) or is the input.
+        FormatError: the input is corrupt or holds something safetensors cannot store.
+        OutputWriteError: the output could not be written; nothing was left behind.
+
+    Example:
+        >>> modelkit.convert("embeddings/style.pt").output  # doctest: +SKIP
+        'embeddings/style.safetensors'
+    """
+    t0 = time.perf_counter()
+    s = os.fspath(src)
+    target = default_output(s, out, out_dir)
+    check_output(target, force=force, inputs=[s])
+    verdict, warnings = check_scan(s, ignore_scan)
+    with open_model(s) as mf:
+        plan = plan_convert(mf)
+        header, meta, stats, cars = write_plan(s, target, plan, force=force, dry_run=dry_run, progress=progress)
+        warnings += plan.warnings
+        if plan.dropped:
+            warnings.append(f"{len(plan.dropped)} non-tensor values not carried over: "
+                            + ", ".join(list(plan.dropped)[:5]) + (" ..." if len(plan.dropped) > 5 else ""))
+        return ConvertResult(
+            source=s, output=target, status="dry-run" if dry_run else "written", container=mf.container,
+            kind=plan.kind, tensors=len(plan.tensors), size=header.size, changes=tuple(meta_changes(meta)),
+            metadata=meta, dropped=plan.dropped, sidecars=tuple(cars), warnings=tuple(warnings), stats=stats,
+            scan=verdict, seconds=time.perf_counter() - t0,
+        )
+
+
+def default_output(src: str, out: str | os.PathLike[str] | None, out_dir: str | os.PathLike[str] | None,
+                   tag: str = "") -> str:
+    """``out``, else ``output_name(src, tag)`` in ``out_dir`` or beside ``src``."""
+    if out is not None:
+        return os.fspath(out)
+    folder = os.fspath(out_dir) if out_dir is not None else os.path.dirname(src)
+    return os.path.join(folder, output_name(src, tag))
+
+
+def meta_changes(meta: dict[str, str]) -> list[str]:
+    import json
+
+    value = json.loads(meta.get("modelkit.changes", "[]"))
+    return [str(v) for v in value] if isinstance(value, list) else []
+
+
+R = TypeVar("R")
+
+
+def run_many(
+    pairs: Sequence[tuple[str, str]],
+    fn: Callable[[str, str, Progress], R],
+    *,
+    jobs: int = 1,
+    on_tensor: Progress | None = None,
+    on_done: Callable[[int, R | ModelkitError], None] | None = None,
+    stop: threading.Event | None = None,
+) -> list[R | ModelkitError]:
+    """Run ``fn(src, out, progress)`` over ``pairs``, ``jobs`` at a time; results in input order.
+
+    A ModelkitError from one file is returned in its place. Setting ``stop`` (or Ctrl-C while this
+    waits) stops every file at its next tensor; each removes its temp file, and the interrupt is
+    raised.
+    """
+    stop = stop or threading.Event()
+    lock = threading.Lock()
+
+    def progress(name: str, nbytes: int) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt("stopped")
+        if on_tensor is not None:
+            with lock:
+                on_tensor(name, nbytes)
+
+    def one(i: int) -> R | ModelkitError:
+        if stop.is_set():
+            raise KeyboardInterrupt("stopped")
+        src, out = pairs[i]
+        try:
+            return fn(src, out, progress)
+        except ModelkitError as exc:
+            return exc
+
+    results: list[R | ModelkitError] = []
+    pool = ThreadPoolExecutor(max_workers=max(1, jobs), thread_name_prefix="modelkit")
+    try:
+        futures: list[Future[R | ModelkitError]] = [pool.submit(one, i) for i in range(len(pairs))]
+        for i, fut in enumerate(futures):
+            res = fut.result()
+            results.append(res)
+            if on_done is not None:
+                on_done(i, res)
+    except BaseException:
+        stop.set()
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
+    return results

@@ -1,0 +1,182 @@
+"""The hashes users look up, computed in one streaming pass per file.
+
+* ``sha256``: the whole file.
+* ``autov1``: A1111's legacy hash: sha256 of the 64 KiB window at 1 MiB, 8 hex digits.
+* ``autov2``: the first 10 hex digits of sha256 (A1111's "model hash", Civitai's AutoV2).
+* ``autov3``: sha256 of everything after the safetensors header (kohya's "addnet" hash; Civitai
+  shows 12 hex digits). Only for safetensors files.
+* ``crc32``: zlib's CRC-32, 8 hex digits.
+* ``blake3``: when the ``blake3`` package is installed (Civitai lists it).
+
+``check`` compares the hashes a file carries in its metadata (``sshs_model_hash``,
+``sshs_legacy_hash``, ``modelspec.hash_sha256``) with the computed ones. Real files often carry
+stale ones, for example after their metadata was edited.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import FormatError, InputNotFoundError, NotAFileError
+
+ALGOS = ("sha256", "autov1", "autov2", "autov3", "crc32", "blake3")
+DEFAULT_ALGOS = ("sha256", "autov1", "autov2", "autov3", "crc32")
+CHUNK = 8 * 1024 * 1024
+V1_START, V1_LEN = 0x100000, 0x10000
+
+
+@dataclass(frozen=True)
+class HashCheck:
+    key: str
+    embedded: str
+    computed: str | None
+    ok: bool | None
+    note: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"key": self.key, "embedded": self.embedded, "computed": self.computed, "ok": self.ok,
+                "note": self.note}
+
+
+@dataclass(frozen=True)
+class HashResult:
+    path: str
+    size: int
+    hashes: dict[str, str]
+    checks: tuple[HashCheck, ...] = field(default=())
+
+    @property
+    def mismatches(self) -> int:
+        return sum(1 for c in self.checks if c.ok is False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "size": self.size, "hashes": dict(self.hashes),
+                "checks": [c.to_dict() for c in self.checks]}
+
+
+def blake3_available() -> bool:
+    try:
+        import blake3  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _safetensors_data_start(head: bytes, size: int) -> int | None:
+    if len(head) < 9 or head[8:9] != b"{":
+        return None
+    (n,) = struct.unpack("<Q", head[:8])
+    return 8 + n if 8 + n <= size else None
+
+
+def hash_file(path: str | os.PathLike[str], algos: tuple[str, ...] = DEFAULT_ALGOS,
+              progress: Callable[[int], None] | None = None) -> HashResult:
+    """Compute the requested hashes in one read of the file.
+
+    Args:
+        path: the file.
+        algos: any of ``ALGOS``; ``blake3`` needs the ``blake3`` package.
+        progress: called with the number of bytes read after each chunk.
+
+    Returns:
+        A HashResult with lowercase hex digests, shortened the way A1111 and Civitai show them.
+
+    Raises:
+        FormatError: an unknown algorithm or a missing optional package.
+
+    Example:
+        >>> modelkit.hash_file("model.safetensors").hashes["autov2"]  # doctest: +SKIP
+        '6ce0161689'
+    """
+    p = os.fspath(path)
+    for a in algos:
+        if a not in ALGOS:
+            raise FormatError(None, f"unknown hash {a!r}", f"Choose from {', '.join(ALGOS)}")
+    if "blake3" in algos and not blake3_available():
+        raise FormatError(None, "the blake3 hash needs the blake3 package", "Run: pip install blake3")
+    if os.path.isdir(p):
+        raise NotAFileError(p, "is a folder, not a file")
+    if not os.path.exists(p):
+        raise InputNotFoundError(p, "no such file")
+    size = os.path.getsize(p)
+    full = hashlib.sha256() if {"sha256", "autov2"} & set(algos) else None
+    v1 = hashlib.sha256() if "autov1" in algos else None
+    v3 = hashlib.sha256() if "autov3" in algos else None
+    b3: Any = None
+    if "blake3" in algos:
+        import blake3
+
+        b3 = blake3.blake3()
+    crc = 0
+    data_start: int | None = None
+    buf = bytearray(CHUNK)
+    view = memoryview(buf)
+    pos = 0
+    with open(p, "rb", buffering=0) as f:
+        while True:
+            n = f.readinto(buf)
+            if not n:
+                break
+            chunk = view[:n]
+            if pos == 0 and v3 is not None:
+                data_start = _safetensors_data_start(bytes(chunk[:16]), size)
+            if full is not None:
+                full.update(chunk)
+            if b3 is not None:
+                b3.update(chunk)
+            if "crc32" in algos:
+                crc = zlib.crc32(chunk, crc)
+            if v1 is not None:
+                lo, hi = max(pos, V1_START), min(pos + n, V1_START + V1_LEN)
+                if lo < hi:
+                    v1.update(chunk[lo - pos : hi - pos])
+            if v3 is not None and data_start is not None and pos + n > data_start:
+                v3.update(chunk[max(0, data_start - pos) :])
+            pos += n
+            if progress is not None:
+                progress(n)
+    out: dict[str, str] = {}
+    if full is not None:
+        digest = full.hexdigest()
+        if "sha256" in algos:
+            out["sha256"] = digest
+        if "autov2" in algos:
+            out["autov2"] = digest[:10]
+    if v1 is not None:
+        out["autov1"] = v1.hexdigest()[:8]
+    if v3 is not None and data_start is not None:
+        out["autov3"] = v3.hexdigest()[:12]
+        out["autov3_full"] = v3.hexdigest()
+    if "crc32" in algos:
+        out["crc32"] = f"{crc:08x}"
+    if b3 is not None:
+        out["blake3"] = b3.hexdigest()
+    return HashResult(p, size, out)
+
+
+def check(result: HashResult, metadata: dict[str, str]) -> HashResult:
+    """Compare embedded hashes with computed ones (needs sha256 and autov3 in ``result``)."""
+    checks: list[HashCheck] = []
+    h = result.hashes
+    emb = metadata.get("sshs_model_hash")
+    if emb:
+        comp = h.get("autov3_full")
+        checks.append(HashCheck("sshs_model_hash", emb, comp, None if comp is None else emb.lower() == comp,
+                                "kohya's sha256 of the data after the header"))
+    emb = metadata.get("modelspec.hash_sha256")
+    if emb:
+        comp = h.get("autov3_full")
+        value = emb.lower().removeprefix("0x")
+        checks.append(HashCheck("modelspec.hash_sha256", emb, comp, None if comp is None else value == comp,
+                                "modelspec: sha256 of the data after the header"))
+    emb = metadata.get("sshs_legacy_hash")
+    if emb:
+        checks.append(HashCheck("sshs_legacy_hash", emb, None, None,
+                                "kohya hashes a copy of the file with only ss_* metadata; not comparable"))
+    return HashResult(result.path, result.size, result.hashes, tuple(checks))

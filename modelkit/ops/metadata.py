@@ -1,0 +1,151 @@
+"""The ``__metadata__`` an output carries: what the input had, what we add, and where it came from.
+
+Keys modelkit writes:
+
+* ``modelkit.source``: the input's file name; ``modelkit.source_sha256``: the sha256 of the whole
+  input file (hashed in a background thread while the output is written, then patched into the
+  header, which holds a same-length placeholder until then); ``modelkit.version``;
+  ``modelkit.changes``: a JSON list of what was changed, in words.
+* ``modelspec.sai_model_spec``, ``modelspec.title`` and ``modelspec.architecture`` where known and
+  not already present (the input's own ``modelspec.*`` values always win).
+* Non-tensor values a format keeps beside its tensors (``global_step``, ``epoch``, ``name``,
+  ``step``, and the structure of a hypernetwork): strings stay as they are, other values are JSON.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+from .. import __version__
+
+#: Same length as a sha256 hex digest, so the header can be patched in place.
+SHA_PLACEHOLDER = "0" * 64
+
+#: Non-tensor values that become metadata for every kind of file.
+COMMON_EXTRAS = ("global_step", "epoch", "name", "step")
+
+#: A1111 textual-inversion fields kept as metadata.
+EMBEDDING_EXTRAS = ("sd_checkpoint", "sd_checkpoint_name")
+
+#: A1111 hypernetwork fields needed to rebuild its structure (all JSON in the output).
+HYPERNETWORK_EXTRAS = (
+    "layer_structure", "activation_func", "is_layer_norm", "weight_initialization", "use_dropout",
+    "activate_output", "dropout_structure", "last_layer_dropout", "sd_checkpoint", "sd_checkpoint_name",
+)
+
+MODELSPEC_VERSION = "1.0.0"
+
+
+def as_text(value: Any) -> str:
+    """A metadata string: strings unchanged, anything else as compact JSON."""
+    if isinstance(value, str):
+        return value
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=str)
+
+
+def split_extras(extras: Mapping[str, Any], keep: tuple[str, ...] = (), as_json: tuple[str, ...] = ()) -> tuple[
+        dict[str, str], dict[str, Any]]:
+    """Split non-tensor values into metadata and the rest (which the caller must report).
+
+    Args:
+        extras: ``ModelFile.extras``.
+        keep: keys kept as metadata (strings as they are, others JSON).
+        as_json: keys kept as metadata, always JSON (so a string is quoted).
+
+    Returns:
+        (metadata, dropped).
+    """
+    meta: dict[str, str] = {}
+    dropped: dict[str, Any] = {}
+    wanted = set(COMMON_EXTRAS) | set(keep)
+    for key, value in extras.items():
+        if key in as_json:
+            meta[key] = json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=str)
+        elif key in wanted and value is not None:
+            meta[key] = as_text(value)
+        else:
+            dropped[key] = value
+    return meta, dropped
+
+
+def provenance(source: str, changes: list[str], sha256: str = SHA_PLACEHOLDER) -> dict[str, str]:
+    """The ``modelkit.*`` keys for an output made from ``source``."""
+    return {
+        "modelkit.source": os.path.basename(source),
+        "modelkit.source_sha256": sha256,
+        "modelkit.version": __version__,
+        "modelkit.changes": json.dumps(changes, ensure_ascii=False),
+    }
+
+
+def modelspec(title: str | None, architecture: str | None) -> dict[str, str]:
+    """``modelspec.*`` keys for what is known (nothing when nothing is)."""
+    out: dict[str, str] = {}
+    if title:
+        out["modelspec.title"] = title
+    if architecture:
+        out["modelspec.architecture"] = architecture
+    if out:
+        out["modelspec.sai_model_spec"] = MODELSPEC_VERSION
+    return out
+
+
+def combine(existing: Mapping[str, str], *layers: Mapping[str, str], defaults: Mapping[str, str] = {}) -> dict[str, str]:
+    """The input's metadata, then each layer over it; ``defaults`` only fill keys still missing."""
+    out = dict(existing)
+    for layer in layers:
+        out.update(layer)
+    for k, v in defaults.items():
+        out.setdefault(k, v)
+    return out
+
+
+class SourceHash:
+    """The sha256 of a file, computed in a background thread (``hashlib`` releases the GIL).
+
+    Example:
+        >>> h = SourceHash("model.ckpt")  # doctest: +SKIP
+        >>> h.hexdigest()                 # doctest: +SKIP
+    """
+
+    CHUNK = 4 << 20
+
+    def __init__(self, path: str):
+        self.path = path
+        self._digest: str | None = None
+        self._error: BaseException | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="modelkit-sha256", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            h = hashlib.sha256()
+            buf = bytearray(self.CHUNK)
+            view = memoryview(buf)
+            with open(self.path, "rb", buffering=0) as f:
+                while not self._stop.is_set():
+                    n = f.readinto(buf)
+                    if not n:
+                        break
+                    h.update(view[:n])
+            self._digest = h.hexdigest()
+        except OSError as exc:
+            self._error = exc
+
+    def hexdigest(self) -> str:
+        """Wait for the hash; raises the OSError that stopped it, if any."""
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        assert self._digest is not None
+        return self._digest
+
+    def cancel(self) -> None:
+        self._stop.set()
+        self._thread.join()

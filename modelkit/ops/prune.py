@@ -1,0 +1,327 @@
+"""``modelkit prune``: drop EMA, optimizer state and junk; cast floats; fix broken keys; extract a part.
+
+The steps, in order, all decided from the header before any data is read (except the few bytes
+of ``position_ids``, read to check them):
+
+1. drop junk tensors (``loss.*``, ``optimizer*``, ``lr_scheduler*``, ...);
+2. EMA (``--ema``): ``keep``; ``drop`` every ``model_ema.*``; or ``only``, which writes each UNet
+   weight ``model.diffusion_model.a.b.weight`` from its EMA copy ``model_ema.diffusion_modelabweight``
+   (LitEma's name: the name after ``model.`` with its dots removed) and drops the rest of
+   ``model_ema.*`` (``decay``, ``num_updates``);
+3. ``--part unet|te|vae`` keeps one component; a VAE loses its ``first_stage_model.`` prefix so it
+   loads as a standalone VAE;
+4. ``position_ids`` that are not int64 ``0, 1, ..., n-1`` are rewritten as exactly that;
+5. ``--dtype`` casts floating-point tensors only (never int or bool), counting values that
+   overflow to inf.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from .. import dtypes
+from ..dtypes import DType
+from ..errors import FormatError, UsageError
+from ..formats import open_model
+from ..formats.safetensors_write import OutTensor, WriteStats
+from ..model import ModelFile, TensorRef
+from ..paths import check_output
+from . import metadata as md
+from .convert import (
+    Plan,
+    Progress,
+    _architecture,
+    _note_layout_changes,
+    check_scan,
+    default_output,
+    meta_changes,
+    write_plan,
+)
+
+EMA_MODES = ("keep", "drop", "only")
+PARTS = {
+    "unet": ("model.diffusion_model.",),
+    "te": ("cond_stage_model.", "conditioner."),
+    "vae": ("first_stage_model.",),
+}
+#: A part whose prefix is removed when it is extracted, so it loads on its own.
+STRIP = {"vae": "first_stage_model."}
+JUNK_PREFIXES = ("loss.", "optimizer", "lr_scheduler", "lr_schedulers.", "callbacks.", "loops.", "discriminator.")
+EMA_PREFIX = "model_ema."
+UNET_PREFIX = "model.diffusion_model."
+POSITION_IDS = "text_model.embeddings.position_ids"
+CAST_TARGETS = ("fp16", "bf16", "fp32")
+
+
+@dataclass(frozen=True)
+class PruneResult:
+    """What ``prune`` did (or would do) for one file.
+
+    Attributes:
+        source, output, status, container, tensors, size: as in ``ConvertResult``.
+        input_size: the input's size in bytes.
+        ema, dtype, part: the options used.
+        removed: reason -> number of tensors removed (``junk``, ``ema``, ``other parts``).
+        ema_swapped: UNet tensors written from their EMA copy.
+        casts: tensors cast to ``dtype``.
+        overflow: tensor -> count of finite values that became inf in the cast.
+        fixed: keys rewritten because they were broken, with the reason.
+    """
+
+    source: str
+    output: str
+    status: str
+    container: str
+    tensors: int
+    size: int
+    input_size: int
+    ema: str
+    dtype: str | None
+    part: str | None
+    removed: dict[str, int] = field(default_factory=dict)
+    ema_swapped: int = 0
+    casts: int = 0
+    overflow: dict[str, int] = field(default_factory=dict)
+    fixed: dict[str, str] = field(default_factory=dict)
+    changes: tuple[str, ...] = ()
+    metadata: dict[str, str] = field(default_factory=dict)
+    dropped: dict[str, Any] = field(default_factory=dict)
+    sidecars: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = ()
+    stats: WriteStats | None = None
+    scan: str | None = None
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "source": self.source, "output": self.output, "status": self.status, "container": self.container,
+            "tensors": self.tensors, "size": self.size, "input_size": self.input_size, "ema": self.ema,
+            "dtype": self.dtype, "part": self.part, "removed": dict(self.removed), "ema_swapped": self.ema_swapped,
+            "casts": self.casts, "overflow": dict(self.overflow), "fixed": dict(self.fixed),
+            "changes": list(self.changes), "metadata": dict(self.metadata), "dropped": dict(self.dropped),
+            "sidecars": list(self.sidecars), "warnings": list(self.warnings),
+            "stats": self.stats.to_dict() if self.stats else None, "scan": self.scan,
+            "seconds": round(self.seconds, 3),
+        }
+
+
+def ema_name(name: str) -> str:
+    """LitEma's name for a UNet weight: ``model.diffusion_model.a.b`` -> ``model_ema.diffusion_modelab``."""
+    return EMA_PREFIX + name[len("model."):].replace(".", "")
+
+
+@dataclass
+class _State:
+    out: dict[str, OutTensor]
+    removed: dict[str, int] = field(default_factory=dict)
+    changes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    fixed: dict[str, str] = field(default_factory=dict)
+    swapped: int = 0
+    casts: int = 0
+
+    def remove(self, names: list[str], reason: str) -> None:
+        for n in names:
+            del self.out[n]
+        if names:
+            self.removed[reason] = self.removed.get(reason, 0) + len(names)
+
+
+def plan_prune(mf: ModelFile, *, ema: str = "drop", dtype: str | None = None, part: str | None = None) -> tuple[
+        Plan, _State]:
+    """Decide the output of ``prune`` for an open file (reads only ``position_ids`` data).
+
+    Raises:
+        UsageError: an unknown option value.
+        FormatError: an EMA copy does not match its weight, or ``part`` selects nothing.
+    """
+    target = check_options(ema, dtype, part)
+    st = _State({n: OutTensor.of(ref) for n, ref in mf.items()})
+    if mf.container != "safetensors":
+        st.changes.append(f"container {mf.container} -> safetensors")
+    if mf.wrappers:
+        st.changes.append(f"{'/'.join(mf.wrappers)} wrapper removed")
+    junk = [n for n in st.out if n.startswith(JUNK_PREFIXES)]
+    st.remove(junk, "junk")
+    if junk:
+        st.changes.append(f"removed {len(junk)} optimizer/loss/junk tensors")
+    _ema(mf, st, ema)
+    if part is not None:
+        _part(mf.path, st, part)
+    _fix_position_ids(st)
+    if target is not None:
+        for n, t in list(st.out.items()):
+            if t.data is None and t.ref is not None and t.ref.dtype.is_float and t.ref.dtype != target:
+                st.out[n] = OutTensor(t.name, target, t.shape, t.ref)
+                st.casts += 1
+        if st.casts:
+            st.changes.append(f"cast {st.casts} float tensors to {target.name}")
+    _note_layout_changes(mf, st.changes)
+    meta, dropped = md.split_extras(mf.extras)
+    if meta:
+        st.changes.append("non-tensor values to metadata: " + ", ".join(sorted(meta)))
+    if dropped:
+        st.changes.append(f"{len(dropped)} non-tensor values dropped")
+    base = dict(mf.metadata)
+    arch = _architecture(mf, "checkpoint") if part is None else None
+    if part is not None and base.pop("modelspec.architecture", None) is not None:
+        st.changes.append("modelspec.architecture removed (it described the whole checkpoint)")
+    plan = Plan(list(st.out.values()), meta, dropped, st.changes, st.warnings, "checkpoint", arch, None, base)
+    return plan, st
+
+
+def check_options(ema: str, dtype: str | None, part: str | None) -> DType | None:
+    """Validate prune's options; returns the cast target (or None).
+
+    Raises:
+        UsageError: a value outside the documented choices.
+    """
+    if ema not in EMA_MODES:
+        raise UsageError(None, f"--ema must be one of {', '.join(EMA_MODES)}, not {ema!r}")
+    if part is not None and part not in PARTS:
+        raise UsageError(None, f"--part must be one of {', '.join(PARTS)}, not {part!r}")
+    if dtype is None:
+        return None
+    target = dtypes.ALIASES.get(dtype.lower())
+    if target is None or target.name not in ("float16", "bfloat16", "float32"):
+        raise UsageError(None, f"--dtype must be one of {', '.join(CAST_TARGETS)}, not {dtype!r}")
+    return target
+
+
+def _ema(mf: ModelFile, st: _State, mode: str) -> None:
+    ema_keys = [n for n in st.out if n.startswith(EMA_PREFIX)]
+    if mode == "keep":
+        return
+    if mode == "only":
+        if not ema_keys:
+            st.warnings.append("there are no EMA weights (model_ema.*); --ema only changed nothing")
+        else:
+            missing = 0
+            for n in [n for n in st.out if n.startswith(UNET_PREFIX)]:
+                e = ema_name(n)
+                ref = mf.get(e)
+                if ref is None:
+                    missing += 1
+                    continue
+                if ref.shape != st.out[n].shape:
+                    raise FormatError(mf.path, f"EMA tensor {e!r} has shape {list(ref.shape)} but {n!r} has "
+                                               f"{list(st.out[n].shape)}")
+                st.out[n] = OutTensor.of(ref, n)
+                st.swapped += 1
+            st.changes.append(f"{st.swapped} UNet tensors taken from their EMA copies")
+            if missing:
+                st.warnings.append(f"{missing} UNet tensors have no EMA copy and were kept as they were")
+    st.remove(ema_keys, "ema")
+    if ema_keys:
+        st.changes.append(f"removed {len(ema_keys)} EMA tensors (model_ema.*)")
+
+
+def _part(path: str, st: _State, part: str) -> None:
+    prefixes = PARTS[part]
+    other = [n for n in st.out if not n.startswith(prefixes)]
+    st.remove(other, "other parts")
+    if not st.out:
+        raise FormatError(path, f"has no {part} tensors (none start with {' or '.join(prefixes)})",
+                          "Check that this is a full checkpoint")
+    strip = STRIP.get(part)
+    if strip:
+        st.out = {n[len(strip):]: OutTensor(n[len(strip):], t.dtype, t.shape, t.ref, t.data) for n, t in st.out.items()}
+        st.changes.append(f"kept only the {part}, without its {strip} prefix")
+    else:
+        st.changes.append(f"kept only the {part}")
+
+
+def _fix_position_ids(st: _State) -> None:
+    import numpy as np
+
+    for n, t in list(st.out.items()):
+        if not n.endswith(POSITION_IDS) or t.ref is None or t.numel == 0:
+            continue
+        count = t.shape[-1] if t.shape else 1
+        if t.numel != count:
+            continue
+        want = np.arange(count, dtype="<i8")
+        reason = _position_ids_problem(t.ref, want)
+        if reason is None:
+            continue
+        st.out[n] = OutTensor(n, dtypes.BY_NAME["int64"], t.shape, None, want.tobytes())
+        st.fixed[n] = reason
+        st.changes.append(f"fixed {n} ({reason}) -> int64 0..{count - 1}")
+
+
+def _position_ids_problem(ref: TensorRef, want: Any) -> str | None:
+    import numpy as np
+
+    if ref.dtype.name != "int64":
+        return f"it was {ref.dtype.name}"
+    got = np.asarray(ref.read("numpy")).reshape(-1)
+    bad = int((got != want).sum())
+    return f"{bad} wrong values" if bad else None
+
+
+def prune(
+    src: str | os.PathLike[str],
+    out: str | os.PathLike[str] | None = None,
+    *,
+    out_dir: str | os.PathLike[str] | None = None,
+    ema: str = "drop",
+    dtype: str | None = None,
+    part: str | None = None,
+    force: bool = False,
+    dry_run: bool = False,
+    ignore_scan: bool = False,
+    progress: Progress | None = None,
+) -> PruneResult:
+    """Prune a checkpoint into ``.safetensors``.
+
+    Args:
+        src: the input file (any container).
+        out: the output; default ``<stem>.pruned.safetensors`` (``<stem>.<part>.safetensors`` with
+            ``part``), in ``out_dir`` or beside the input.
+        ema: ``keep``, ``drop`` (default) or ``only``.
+        dtype: ``fp16``, ``bf16`` or ``fp32``: cast floating-point tensors only.
+        part: ``unet``, ``te`` or ``vae``: keep one component.
+        force, dry_run, ignore_scan, progress: as for ``convert``.
+
+    Returns:
+        PruneResult.
+
+    Raises:
+        UsageError, UnsafeFileError, OutputExistsError, FormatError, OutputWriteError.
+
+    Example:
+        >>> modelkit.prune("v1-5.ckpt", ema="only", dtype="fp16").output  # doctest: +SKIP
+        'v1-5.pruned.safetensors'
+    """
+    t0 = time.perf_counter()
+    s = os.fspath(src)
+    target = default_output(s, out, out_dir, default_tag(part))
+    check_output(target, force=force, inputs=[s])
+    verdict, warnings = check_scan(s, ignore_scan)
+    with open_model(s) as mf:
+        plan, st = plan_prune(mf, ema=ema, dtype=dtype, part=part)
+        header, meta, stats, cars = write_plan(s, target, plan, force=force, dry_run=dry_run, progress=progress)
+        warnings += st.warnings
+        overflow = dict(stats.overflow) if stats else {}
+        if overflow:
+            warnings.append(f"{sum(overflow.values()):,} values in {len(overflow)} tensors overflowed to inf in "
+                            f"{dtype}: " + ", ".join(f"{k} ({v})" for k, v in list(overflow.items())[:3]))
+        if plan.dropped:
+            warnings.append(f"{len(plan.dropped)} non-tensor values dropped: "
+                            + ", ".join(list(plan.dropped)[:5]) + (" ..." if len(plan.dropped) > 5 else ""))
+        return PruneResult(
+            source=s, output=target, status="dry-run" if dry_run else "written", container=mf.container,
+            tensors=len(plan.tensors), size=header.size, input_size=mf.size, ema=ema, dtype=dtype, part=part,
+            removed=st.removed, ema_swapped=st.swapped, casts=st.casts, overflow=overflow, fixed=st.fixed,
+            changes=tuple(meta_changes(meta)), metadata=meta, dropped=plan.dropped, sidecars=tuple(cars),
+            warnings=tuple(warnings), stats=stats, scan=verdict, seconds=time.perf_counter() - t0,
+        )
+
+
+def default_tag(part: str | None) -> str:
+    """The tag of prune's default output name: ``.pruned``, or ``.vae``/``.unet``/``.te``."""
+    return f".{part}" if part else ".pruned"
+

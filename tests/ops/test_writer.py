@@ -1,0 +1,124 @@
+"""The streaming safetensors writer: golden bytes, save_file parity, every source layout."""
+
+from __future__ import annotations
+
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import modelkit
+from fixtures import build
+from modelkit.dtypes import BY_NAME
+from modelkit.errors import FormatError, UnsupportedFormatError
+from modelkit.formats.safetensors_file import OutTensor, layout, write_stream
+from tests.conftest import same_bits
+
+SAVEABLE = {k: v for k, v in build.all_dtypes_state().items() if v.dtype != torch.complex128}
+
+
+def _write(path: Path, tensors: list[OutTensor], metadata: dict[str, str] | None = None) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        write_stream(fd, tensors, metadata)
+    finally:
+        os.close(fd)
+
+
+def test_golden_bytes(tmp_path: Path) -> None:
+    """Exact bytes: dtype order (I64 before F16), compact JSON, space padding to 8, data in order."""
+    out = tmp_path / "g.safetensors"
+    _write(out, [
+        OutTensor("b", BY_NAME["float16"], (2,), data=b"\x00\x3c\x00\x40"),
+        OutTensor("a", BY_NAME["int64"], (1,), data=struct.pack("<q", 7)),
+    ], {"k": "v"})
+    header = (b'{"__metadata__":{"k":"v"},"a":{"dtype":"I64","shape":[1],"data_offsets":[0,8]},'
+              b'"b":{"dtype":"F16","shape":[2],"data_offsets":[8,12]}}')
+    padded = header + b" " * (-len(header) % 8)
+    expected = struct.pack("<Q", len(padded)) + padded + struct.pack("<q", 7) + b"\x00\x3c\x00\x40"
+    assert len(padded) == 136 and out.stat().st_size == 8 + 136 + 12
+    assert out.read_bytes() == expected
+    ref = tmp_path / "ref.safetensors"
+    save_file({"b": torch.tensor([1.0, 2.0], dtype=torch.float16), "a": torch.tensor([7])}, ref, metadata={"k": "v"})
+    assert ref.read_bytes() == expected
+
+
+@pytest.mark.parametrize("metadata", [None, {"format": "pt"}, {}])
+def test_byte_identical_to_save_file(tmp_path: Path, metadata: dict[str, str] | None) -> None:
+    """Every dtype, views, shared storages, 0-d and empty tensors: the same bytes as save_file."""
+    src = tmp_path / "all.pt"
+    build.save_torch(SAVEABLE, str(src), "zip")
+    ours = tmp_path / "ours.safetensors"
+    with modelkit.open_model(src) as mf:
+        _write(ours, [OutTensor.of(r) for r in mf.values()], metadata)
+    theirs = tmp_path / "theirs.safetensors"
+    save_file({k: v.detach().contiguous().clone() for k, v in SAVEABLE.items()}, theirs, metadata=metadata)
+    assert ours.read_bytes() == theirs.read_bytes()
+
+
+def test_metadata_is_sorted_and_parses_like_save_file(tmp_path: Path) -> None:
+    meta = {f"k{i}": f"v{i}" for i in range(20)} | {"é\n": 'quote " and \\ \x01'}
+    ours = tmp_path / "ours.safetensors"
+    _write(ours, [OutTensor("w", BY_NAME["float32"], (2,), data=b"\0" * 8)], meta)
+    theirs = tmp_path / "theirs.safetensors"
+    save_file({"w": torch.zeros(2)}, theirs, metadata=meta)
+    with modelkit.open_model(ours) as a, modelkit.open_model(theirs) as b:
+        assert a.metadata == b.metadata == meta
+        assert list(a.metadata) == sorted(meta)
+    assert os.path.getsize(ours) == os.path.getsize(theirs)
+
+
+def test_unwritable_dtype_and_duplicate_names_fail_before_writing() -> None:
+    ref = OutTensor("c", BY_NAME["complex128"], (1,), data=b"\0" * 16)
+    with pytest.raises(UnsupportedFormatError, match="complex128"):
+        layout([ref])
+    w = OutTensor("w", BY_NAME["uint8"], (1,), data=b"\0")
+    with pytest.raises(FormatError, match="twice|two output"):
+        layout([w, w])
+
+
+def test_numpy_sources_big_endian_fortran_and_deflated(tmp_path: Path) -> None:
+    arrays = build.numpy_files(str(tmp_path))
+    for name in ("stored.npz", "compressed.npz"):
+        r = modelkit.convert(tmp_path / name, out_dir=tmp_path / "out")
+        got = load_file(r.output)
+        for k, a in arrays.items():
+            want = torch.from_numpy(np.ascontiguousarray(a).astype(a.dtype.newbyteorder("<")))
+            assert same_bits(got[k], want), (name, k)
+    r = modelkit.convert(tmp_path / "f16be.npy", out_dir=tmp_path / "out")
+    assert "big-endian arrays written little-endian" in r.changes
+    assert load_file(r.output)["array"].tolist() == [[0, 1, 2], [3, 4, 5]]
+
+
+def test_copy_file_range_unavailable_falls_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    def no_copy(*a: object, **k: object) -> int:
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "copy_file_range", no_copy)
+    src = tmp_path / "m.pt"
+    build.save_torch(SAVEABLE, str(src), "zip")
+    r = modelkit.convert(src)
+    got = load_file(r.output)
+    for k, v in SAVEABLE.items():
+        assert same_bits(got[k], v.detach()), k
+
+
+def test_non_contiguous_views_of_every_dtype(tmp_path: Path) -> None:
+    views = {}
+    for i, dt in enumerate(build.TORCH_DTYPES):
+        if dt == torch.complex128:
+            continue
+        base = build.sample_tensor(dt, (4, 6), seed=i)
+        views[f"{dt}.t"] = base.t()
+        views[f"{dt}.slice"] = base[1:3, ::2]
+    src = tmp_path / "views.pt"
+    build.save_torch(views, str(src), "legacy")
+    got = load_file(modelkit.convert(src).output)
+    for k, v in views.items():
+        assert same_bits(got[k], v), k
