@@ -18,8 +18,9 @@ from .output import Output, human_bytes
 @click.argument("paths", nargs=-1, required=True, type=click.Path())
 @click.option("--json", "json_mode", is_flag=True, help="Print JSON (schema modelkit.inspect/1).")
 @click.option("--keys", is_flag=True, help="List every tensor: name, dtype, shape.")
+@click.option("--hashes", is_flag=True, help="Also compute sha256, AutoV2, AutoV3 and CRC32 (reads the whole file).")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing; only the exit code tells.")
-def inspect_cmd(paths: tuple[str, ...], json_mode: bool, keys: bool, quiet: bool) -> None:
+def inspect_cmd(paths: tuple[str, ...], json_mode: bool, keys: bool, hashes: bool, quiet: bool) -> None:
     """Show what model files hold, without running or loading them.
 
     A folder gives one line per model file inside it. Exit status: 0 ok, 1 a file was refused
@@ -39,7 +40,7 @@ def inspect_cmd(paths: tuple[str, ...], json_mode: bool, keys: bool, quiet: bool
             continue
         for f in files:
             try:
-                res = inspect(f, keys=keys)
+                res = inspect(f, keys=keys, hashes=hashes)
             except ModelkitError as exc:
                 unsafe = isinstance(exc, UnsafeFileError)
                 code = max(code, EXIT_FINDINGS if unsafe else EXIT_ERROR)
@@ -61,13 +62,30 @@ def inspect_cmd(paths: tuple[str, ...], json_mode: bool, keys: bool, quiet: bool
     sys.exit(code)
 
 
+def _what(r: InspectResult) -> str:
+    d = r.detection or {}
+    parts = [d.get("kind") or "unknown"]
+    if d.get("subtype"):
+        parts.append(str(d["subtype"]))
+    if d.get("base"):
+        parts.append(str(d["base"]))
+    return " ".join(parts)
+
+
 def _one_line(r: InspectResult) -> str:
     dts = ",".join(sorted(r.bytes_by_dtype)) or "-"
-    return f"{r.path}  {r.container}  {human_bytes(r.size)}  {r.tensor_count} tensors  {r.parameter_count:,} params  {dts}"
+    return (f"{r.path}  {_what(r)}  {r.container}  {human_bytes(r.size)}  {r.tensor_count} tensors  "
+            f"{r.parameter_count:,} params  {dts}")
 
 
 def _block(out: Output, r: InspectResult) -> None:
     out.line(r.path)
+    d = r.detection or {}
+    variant = ", ".join(f"{k}={v}" for k, v in (d.get("variant") or {}).items() if v is not None)
+    out.line(f"  type          {_what(r)}" + (f" ({variant})" if variant else "") +
+             f"  [confidence {d.get('confidence', 'low')}]")
+    for ev in (d.get("evidence") or [])[:6]:
+        out.line(f"    evidence: {ev}")
     extra = f" ({', '.join(f'{k}={v}' for k, v in r.info.items() if isinstance(v, str))})" if r.info else ""
     out.line(f"  container     {r.container}{extra}")
     out.line(f"  size          {human_bytes(r.size)} ({r.size:,} bytes)")
@@ -75,8 +93,14 @@ def _block(out: Output, r: InspectResult) -> None:
     out.line(f"  parameters    {r.parameter_count:,}")
     for i, (dt, n) in enumerate(sorted(r.bytes_by_dtype.items(), key=lambda kv: -kv[1])):
         out.line(f"  {'dtypes' if i == 0 else '':12}  {dt:<10} {human_bytes(n)}")
+    for k, v in r.hashes.items():
+        out.line(f"  {k:<12}  {v}")
     if r.wrappers:
         out.line(f"  wrappers      {', '.join(r.wrappers)}")
+    for group, info in r.junk.items():
+        out.line(f"  junk          {group}: {info['tensors']} tensors, {human_bytes(info['bytes'])} (prune drops it)")
+    for defect in r.defects:
+        out.line(f"  defect        {defect}")
     if r.placeholders:
         out.line(f"  placeholders  {', '.join(r.placeholders)}")
     if r.metadata:

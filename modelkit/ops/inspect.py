@@ -55,6 +55,11 @@ class InspectResult:
     info: dict[str, Any] = field(default_factory=dict)
     warnings: tuple[str, ...] = ()
     tensors: tuple[TensorInfo, ...] | None = None
+    detection: dict[str, Any] | None = None
+    hashes: dict[str, str] = field(default_factory=dict)
+    metadata_decoded: dict[str, Any] = field(default_factory=dict)
+    junk: dict[str, dict[str, int]] = field(default_factory=dict)
+    defects: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -70,14 +75,27 @@ class InspectResult:
             "placeholders": list(self.placeholders),
             "info": dict(self.info),
             "warnings": list(self.warnings),
+            "detection": self.detection,
+            "hashes": dict(self.hashes),
+            "metadata_decoded": dict(self.metadata_decoded),
+            "junk": {k: dict(v) for k, v in self.junk.items()},
+            "defects": list(self.defects),
         }
         if self.tensors is not None:
             out["tensors"] = [t.to_dict() for t in self.tensors]
         return out
 
 
-def describe(mf: ModelFile, keys: bool = False) -> InspectResult:
-    """Summarise an open ModelFile (reads no tensor data)."""
+def describe(mf: ModelFile, keys: bool = False, hashes: bool = False) -> InspectResult:
+    """Summarise an open ModelFile: container, detection, junk, defects, and cheap hashes.
+
+    Reads no tensor data except the tiny ``position_ids`` check and the 64 KiB AutoV1 window;
+    ``hashes`` adds the full-file hashes (one streaming read of the file).
+    """
+    from ..detect import detect
+    from .hashes import hash_file
+    from .health import decode_metadata, defects, junk
+
     warnings: list[str] = []
     name = os.path.basename(mf.path).lower()
     for ext, expected in _EXPECTED.items():
@@ -90,20 +108,27 @@ def describe(mf: ModelFile, keys: bool = False) -> InspectResult:
             TensorInfo(t.name, t.dtype.name, t.shape, t.byte_range, t.is_contiguous, t.storage_key)
             for t in mf.tensors.values()
         )
+    det = detect(mf)
+    algos = ("sha256", "autov1", "autov2", "autov3", "crc32") if hashes else ("autov1",)
+    digests = {k: v for k, v in hash_file(mf.path, algos).hashes.items() if k != "autov3_full"}
     return InspectResult(
         path=mf.path, container=mf.container, size=mf.size, tensor_count=len(mf),
         parameter_count=mf.parameter_count, bytes_by_dtype=mf.bytes_by_dtype(), wrappers=tuple(mf.wrappers),
         metadata=dict(mf.metadata), extras=dict(mf.extras), placeholders=tuple(mf.placeholders),
         info={k: v for k, v in mf.info.items() if v is not None}, warnings=tuple(warnings), tensors=tensors,
+        detection=det.to_dict(), hashes=digests, metadata_decoded=decode_metadata(mf.metadata), junk=junk(mf),
+        defects=tuple(defects(mf, det)),
     )
 
 
-def inspect(path: str | os.PathLike[str], keys: bool = False) -> InspectResult:
+def inspect(path: str | os.PathLike[str], keys: bool = False, hashes: bool = False) -> InspectResult:
     """Describe a model file without reading its tensor data.
 
     Args:
         path: the file.
         keys: also list every tensor (name, dtype, shape, byte range).
+        hashes: also compute sha256, AutoV2, AutoV3 and CRC32 (one streaming read of the file);
+            AutoV1 is always shown (it reads 64 KiB).
 
     Returns:
         An InspectResult.
@@ -112,8 +137,8 @@ def inspect(path: str | os.PathLike[str], keys: bool = False) -> InspectResult:
         ModelkitError: the file cannot be read safely (see ``open_model``).
 
     Example:
-        >>> modelkit.inspect("v1-5-pruned-emaonly.safetensors").parameter_count  # doctest: +SKIP
-        1066235307
+        >>> modelkit.inspect("v1-5-pruned-emaonly.safetensors").detection["base"]  # doctest: +SKIP
+        'sd1'
     """
     with open_model(path) as mf:
-        return describe(mf, keys)
+        return describe(mf, keys, hashes)

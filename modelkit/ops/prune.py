@@ -244,7 +244,7 @@ def _fix_position_ids(st: _State) -> None:
         if t.numel != count:
             continue
         want = np.arange(count, dtype="<i8")
-        reason = _position_ids_problem(t.ref, want)
+        reason = position_ids_problem(t.ref, want)
         if reason is None:
             continue
         st.out[n] = OutTensor(n, dtypes.BY_NAME["int64"], t.shape, None, want.tobytes())
@@ -252,7 +252,8 @@ def _fix_position_ids(st: _State) -> None:
         st.changes.append(f"fixed {n} ({reason}) -> int64 0..{count - 1}")
 
 
-def _position_ids_problem(ref: TensorRef, want: Any) -> str | None:
+def position_ids_problem(ref: TensorRef, want: Any) -> str | None:
+    """Why a ``position_ids`` tensor is broken (float, or wrong values), or None when it is fine."""
     import numpy as np
 
     if ref.dtype.name != "int64":
