@@ -20,8 +20,10 @@ from .formats import open_model
 from .load import load, load_into
 from .model import ModelFile, TensorRef
 from .ops.convert import ConvertResult, convert
+from .ops.hashes import hash_file
 from .ops.inspect import InspectResult, inspect
 from .ops.prune import PruneResult, prune
+from .ops.verify import diff, verify
 
 __all__ = [
     "ConvertResult",
@@ -36,10 +38,13 @@ __all__ = [
     "__version__",
     "convert",
     "detect",
+    "diff",
+    "hash_file",
     "inspect",
     "load",
     "load_into",
     "open_model",
     "prune",
     "scan",
+    "verify",
 ]

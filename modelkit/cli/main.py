@@ -25,6 +25,7 @@ def _register() -> None:
     from .load_cmd import load_cmd
     from .prune_cmd import prune_cmd
     from .scan_cmd import scan_cmd
+    from .verify_cmd import diff_cmd, verify_cmd
 
     cli.add_command(scan_cmd)
     cli.add_command(inspect_cmd)
@@ -32,6 +33,8 @@ def _register() -> None:
     cli.add_command(prune_cmd)
     cli.add_command(load_cmd)
     cli.add_command(hash_cmd)
+    cli.add_command(verify_cmd)
+    cli.add_command(diff_cmd)
 
 
 _register()

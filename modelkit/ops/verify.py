@@ -1,0 +1,207 @@
+"""``modelkit verify`` and ``modelkit diff``: compare two model files tensor by tensor.
+
+Both stream: one tensor of each file is in memory at a time.
+
+* ``verify SRC OUT`` checks that a conversion is exact: every tensor of OUT is bit-equal to its
+  source in SRC, after casting the source to OUT's dtype where they differ (the one rounding a
+  ``--dtype`` asks for). Names that convert/prune change on purpose are followed (an A1111
+  embedding's ``string_to_param.*`` is ``emb_params``; a VAE extracted with ``--part vae`` lost
+  ``first_stage_model.``). Tensors only in SRC are listed (prune drops some on purpose).
+* ``diff A B`` lists keys only in one file, shape and dtype changes, and for shared tensors the
+  largest absolute difference.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..formats import open_model
+from ..model import ModelFile, TensorRef
+
+
+@dataclass(frozen=True)
+class Mismatch:
+    name: str
+    source: str | None
+    problem: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "source": self.source, "problem": self.problem}
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    source: str
+    output: str
+    checked: int
+    cast: int
+    mismatches: tuple[Mismatch, ...] = ()
+    only_in_source: tuple[str, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        return not self.mismatches
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"schema": "modelkit.verify/1", "source": self.source, "output": self.output, "ok": self.ok,
+                "checked": self.checked, "cast": self.cast, "mismatches": [m.to_dict() for m in self.mismatches],
+                "only_in_source": list(self.only_in_source)}
+
+
+def _source_name(name: str, src: ModelFile) -> str | None:
+    for cand in (name, f"first_stage_model.{name}"):
+        if cand in src:
+            return cand
+    if name == "emb_params":
+        params = [k for k in src if k.startswith("string_to_param.")]
+        if len(params) == 1:
+            return params[0]
+    return None
+
+
+def _same(a: TensorRef, b: TensorRef) -> tuple[bool, bool]:
+    """(equal, needed a cast): compares bytes, casting ``a`` to ``b``'s dtype where they differ."""
+    if a.dtype == b.dtype:
+        if a.is_contiguous and b.is_contiguous and a.byteorder == b.byteorder == "little":
+            return bytes(a.read_raw()) == bytes(b.read_raw()), False
+        return _bits(a.read("torch")) == _bits(b.read("torch")), False
+    import torch
+
+    ta = a.read("torch").to(b.dtype.torch())
+    tb = b.read("torch")
+    return bool(torch.equal(ta.contiguous().reshape(-1).view(torch.uint8),
+                            tb.contiguous().reshape(-1).view(torch.uint8))), True
+
+
+def _bits(t: Any) -> bytes:
+    import torch
+
+    return bytes(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
+def verify(source: str | os.PathLike[str], output: str | os.PathLike[str]) -> VerifyResult:
+    """Check that ``output`` holds exactly the tensors of ``source`` (after any requested cast).
+
+    Args:
+        source: the file that was converted or pruned.
+        output: the file modelkit wrote.
+
+    Returns:
+        A VerifyResult; ``ok`` is true when every output tensor matches its source.
+
+    Raises:
+        ModelkitError: either file cannot be read safely.
+
+    Example:
+        >>> modelkit.verify("model.ckpt", "model.safetensors").ok  # doctest: +SKIP
+        True
+    """
+    mismatches: list[Mismatch] = []
+    used: set[str] = set()
+    cast = 0
+    with open_model(source) as src, open_model(output) as out:
+        for name, ref in out.items():
+            sname = _source_name(name, src)
+            if sname is None:
+                mismatches.append(Mismatch(name, None, "not in the source"))
+                continue
+            used.add(sname)
+            sref = src[sname]
+            if sref.shape != ref.shape:
+                mismatches.append(Mismatch(name, sname, f"shape {list(ref.shape)} != source {list(sref.shape)}"))
+                continue
+            equal, was_cast = _same(sref, ref)
+            cast += was_cast
+            if not equal:
+                how = f" after casting {sref.dtype.name} to {ref.dtype.name}" if was_cast else ""
+                mismatches.append(Mismatch(name, sname, f"values differ{how}"))
+        only = tuple(k for k in src if k not in used)
+        return VerifyResult(os.fspath(source), os.fspath(output), len(out), cast, tuple(mismatches), only)
+
+
+@dataclass(frozen=True)
+class TensorDiff:
+    name: str
+    change: str  # only-a | only-b | shape | dtype | values | same
+    detail: str = ""
+    max_abs: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "change": self.change, "detail": self.detail, "max_abs_diff": self.max_abs}
+
+
+@dataclass(frozen=True)
+class DiffResult:
+    a: str
+    b: str
+    entries: tuple[TensorDiff, ...] = field(default=())
+    metadata_changed: tuple[str, ...] = ()
+
+    @property
+    def identical(self) -> bool:
+        return not self.metadata_changed and all(e.change == "same" for e in self.entries)
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for e in self.entries:
+            out[e.change] = out.get(e.change, 0) + 1
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"schema": "modelkit.diff/1", "a": self.a, "b": self.b, "identical": self.identical,
+                "counts": self.counts(), "metadata_changed": list(self.metadata_changed),
+                "tensors": [e.to_dict() for e in self.entries if e.change != "same"]}
+
+
+def diff(a: str | os.PathLike[str], b: str | os.PathLike[str], values: bool = True) -> DiffResult:
+    """Key, shape, dtype and value differences between two model files.
+
+    Args:
+        a, b: the files.
+        values: compare values of tensors with equal names and shapes (reads both; streaming).
+
+    Returns:
+        A DiffResult, one entry per tensor name in either file.
+    """
+    import torch
+
+    entries: list[TensorDiff] = []
+    with open_model(a) as ma, open_model(b) as mb:
+        for name in list(ma) + [k for k in mb if k not in ma]:
+            ra, rb = ma.get(name), mb.get(name)
+            if rb is None:
+                entries.append(TensorDiff(name, "only-a"))
+            elif ra is None:
+                entries.append(TensorDiff(name, "only-b"))
+            elif ra.shape != rb.shape:
+                entries.append(TensorDiff(name, "shape", f"{list(ra.shape)} -> {list(rb.shape)}"))
+            elif not values:
+                entries.append(TensorDiff(name, "dtype" if ra.dtype != rb.dtype else "same",
+                                          f"{ra.dtype.name} -> {rb.dtype.name}" if ra.dtype != rb.dtype else ""))
+            else:
+                ta, tb = ra.read("torch"), rb.read("torch")
+                if ra.dtype == rb.dtype and torch.equal(ta.contiguous().reshape(-1).view(torch.uint8),
+                                                        tb.contiguous().reshape(-1).view(torch.uint8)):
+                    entries.append(TensorDiff(name, "same"))
+                    continue
+                m = _max_abs(ta, tb)
+                kind = "dtype" if ra.dtype != rb.dtype else "values"
+                detail = f"{ra.dtype.name} -> {rb.dtype.name}" if kind == "dtype" else ""
+                entries.append(TensorDiff(name, kind, detail, m))
+        meta = tuple(sorted(k for k in set(ma.metadata) | set(mb.metadata) if ma.metadata.get(k) != mb.metadata.get(k)))
+    return DiffResult(os.fspath(a), os.fspath(b), tuple(entries), meta)
+
+
+def _max_abs(ta: Any, tb: Any) -> float | None:
+    import torch
+
+    if ta.is_complex() or tb.is_complex():
+        return float((ta.to(torch.complex128) - tb.to(torch.complex128)).abs().max()) if ta.numel() else 0.0
+    if not ta.numel():
+        return 0.0
+    try:
+        return float((ta.to(torch.float64) - tb.to(torch.float64)).abs().max())
+    except (RuntimeError, TypeError):
+        return None
