@@ -9,7 +9,7 @@ from ..model import ModelFile, Source
 from .sniff import sniff
 
 
-def open_model(path: str | os.PathLike[str]) -> ModelFile:
+def open_model(path: str | os.PathLike[str], *, allow_hidden_pickles: bool = False) -> ModelFile:
     """Open a model file with the reader its content calls for.
 
     Args:
@@ -32,7 +32,7 @@ def open_model(path: str | os.PathLike[str]) -> ModelFile:
     kind = sniff(p)
     src = Source(p)
     try:
-        return _dispatch(p, kind, src)
+        return _dispatch(p, kind, src, allow_hidden_pickles)
     except ModelkitError:
         src.close()
         raise
@@ -44,7 +44,7 @@ def open_model(path: str | os.PathLike[str]) -> ModelFile:
         raise
 
 
-def _dispatch(p: str, kind: str, src: Source) -> ModelFile:
+def _dispatch(p: str, kind: str, src: Source, allow_hidden: bool = False) -> ModelFile:
     if kind == "safetensors":
         from .safetensors_file import read_safetensors
 
@@ -57,8 +57,8 @@ def _dispatch(p: str, kind: str, src: Source) -> ModelFile:
         if zd.entries and all(e.name.endswith(".npy") for e in zd.entries):
             from .numpy_file import read_npz
 
-            return read_npz(p, src)
-        return read_torch_zip(p, src)
+            return read_npz(p, src, zd)
+        return read_torch_zip(p, src, zd, allow_hidden=allow_hidden)
     if kind == "torch-legacy":
         from .torch_legacy import read_torch_legacy
 

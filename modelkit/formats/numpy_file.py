@@ -11,7 +11,7 @@ from typing import Any
 from .. import dtypes
 from ..errors import FormatError, TruncatedFileError, UnsafeFileError
 from ..model import ModelFile, Source, TensorRef
-from .zipdir import ZipEntry, read_directory
+from .zipdir import ZipDirectory, ZipEntry, read_directory
 
 NPY_MAGIC = b"\x93NUMPY"
 MAX_NPY_HEADER = 1 << 20
@@ -103,8 +103,8 @@ def _member_head(path: str, src: Source, e: ZipEntry) -> bytes:
     raise FormatError(path, f"member {e.name!r} uses compression method {e.method}")
 
 
-def read_npz(path: str, src: Source) -> ModelFile:
-    zd = read_directory(path, src)
+def read_npz(path: str, src: Source, zd: ZipDirectory | None = None) -> ModelFile:
+    zd = zd or read_directory(path, src)
     tensors: dict[str, TensorRef] = {}
     for e in zd.entries:
         if not e.name.endswith(".npy"):

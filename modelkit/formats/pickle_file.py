@@ -10,21 +10,28 @@ from __future__ import annotations
 import mmap
 from typing import Any
 
-from ..errors import FormatError, TruncatedFileError
+from ..errors import FormatError, TruncatedFileError, UnsafeFileError
 from ..model import ModelFile, Source
 from .flatten import assemble, flatten
 from .pickle_vm import PickleError
+from .probe import first_value, probe_chain
+from .torch_legacy import MAGIC
 from .unpickler import StorageRef, make_policy, refuse, run_pickle
 
 
 def read_pickle(path: str, src: Source) -> ModelFile:
     """Open a plain pickle (the caller owns ``src``)."""
     with mmap.mmap(src.fd, 0, access=mmap.ACCESS_READ) as mm:
+        if first_value(mm) == MAGIC:  # a legacy torch stream, whatever protocol spells its magic
+            from .torch_legacy import read_torch_legacy
+
+            return read_torch_legacy(path, src)
         try:
             root, end = run_pickle(mm, make_policy(refuse(path), None))
         except PickleError as exc:
             cls = TruncatedFileError if exc.kind == "truncated" else FormatError
             raise cls(path, f"the pickle is corrupt at byte {exc.offset}: {exc}") from None
+        refuse_trailing(path, mm, end)
     flat = flatten(path, root)
 
     def locate(ref: StorageRef) -> tuple[int, int, Any]:
@@ -33,3 +40,15 @@ def read_pickle(path: str, src: Source) -> ModelFile:
         return ref.file_offset, ref.nbytes, None
 
     return assemble(path, "pickle", src, flat, locate, info={"trailing_bytes": src.size - end})
+
+
+def refuse_trailing(path: str, data: Any, end: int) -> None:
+    """Pickles concatenated after the first one run in loaders that call ``pickle.load`` in a
+    loop; refuse the file when one of them reaches a global outside the allow-list."""
+    if end >= len(data):
+        return
+    for p in probe_chain(data[end:], end):
+        if p.dangerous:
+            module, name, off = p.dangerous[0]
+            raise UnsafeFileError(path, f"refused to load: a pickle after the first one names {module}.{name} "
+                                        f"(at byte {off})", global_name=f"{module}.{name}")

@@ -63,12 +63,14 @@ def sniff_bytes(head: bytes, size: int) -> str:
     return "unknown:not a model file"
 
 
-def sniff(path: str | os.PathLike[str], wrappers: bool = False) -> str:
+def sniff(path: str | os.PathLike[str], wrappers: bool = False, unknown_ok: bool = False) -> str:
     """Sniff a path; raises the user-facing errors for missing files, folders and empty files.
 
     Args:
         wrappers: return ``wrapped:<fmt>`` for gzip/bzip2/xz (the scanner opens them); by
             default they are reported as unsupported, since no model loader reads them.
+        unknown_ok: return ``unknown:<what it looks like>`` instead of raising (the scanner
+            still probes such a file, since torch.load unpickles any non-zip file).
     """
     p = os.fspath(path)
     try:
@@ -88,6 +90,6 @@ def sniff(path: str | os.PathLike[str], wrappers: bool = False) -> str:
     kind = sniff_bytes(head, st.st_size)
     if kind.startswith("wrapped:") and not wrappers:
         raise UnsupportedFormatError(p, f"this is a {kind[8:]}-compressed file, not a model file; decompress it first")
-    if kind.startswith("unknown:"):
+    if kind.startswith("unknown:") and not unknown_ok:
         raise UnsupportedFormatError(p, f"this is not a model file: it looks like {kind[8:]}")
     return kind

@@ -208,6 +208,9 @@ def read_torch_legacy(path: str, src: Source) -> ModelFile:
         except PickleError as exc:
             cls = TruncatedFileError if exc.kind == "truncated" else FormatError
             raise cls(path, f"the legacy torch stream is corrupt at byte {exc.offset}: {exc}") from None
+        from .pickle_file import refuse_trailing
+
+        refuse_trailing(path, mm, stream.end)
     flat = flatten(path, stream.root)
 
     def locate(ref: StorageRef) -> tuple[int, int, Any]:

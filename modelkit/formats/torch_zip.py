@@ -16,20 +16,19 @@ from ..errors import FormatError, UnsafeFileError
 from ..model import ModelFile, Source
 from .flatten import assemble, flatten
 from .pickle_vm import Limits, PickleError
+from .probe import HEAD_STEPS, Probe, probe
 from .unpickler import RefusedHook, StorageRef, StorageType, make_policy, refuse, run_pickle
-from .zipdir import ZipDirectory, ZipEntry, anomalies, read_directory, read_member
+from .zipdir import ZipDirectory, ZipEntry, anomalies, read_directory, read_member, torch_prefix
 
 
 def find_prefix(path: str, zd: ZipDirectory) -> str:
-    """The archive's top folder (with its trailing slash), found from its ``data.pkl``."""
-    cands = [e.name[: -len("data.pkl")] for e in zd.entries if e.name.endswith("/data.pkl") and e.name.count("/") == 1]
-    if not cands and "data.pkl" in zd.by_name:
-        cands = [""]
-    if not cands:
-        raise FormatError(path, "this zip archive has no data.pkl, so it is not a PyTorch file")
-    if len(set(cands)) > 1:
-        raise FormatError(path, f"this zip archive has {len(set(cands))} data.pkl files; which one torch reads is ambiguous")
-    return cands[0]
+    """The archive's top folder (with its slash), chosen as torch chooses it: the first member's."""
+    prefix = torch_prefix(zd)
+    if prefix is None:
+        raise FormatError(path, "this zip archive's first member is not in a folder, so it is not a PyTorch file")
+    if zd.lookup(prefix + "data.pkl") is None:
+        raise FormatError(path, f"this zip archive has no {prefix}data.pkl, so it is not a PyTorch file")
+    return prefix
 
 
 def storage_loader(path: str, storages: dict[str, StorageRef]) -> Any:
@@ -58,7 +57,8 @@ def run_data_pkl(
     path: str, src: Source, zd: ZipDirectory, prefix: str, hook: RefusedHook, limits: Limits | None = None
 ) -> tuple[Any, dict[str, StorageRef]]:
     """Unpickle ``data.pkl`` under the allow-list; returns (structure, storages by key)."""
-    entry = zd.by_name[prefix + "data.pkl"]
+    entry = zd.lookup(prefix + "data.pkl")
+    assert entry is not None
     data = read_member(path, src, entry)
     storages: dict[str, StorageRef] = {}
     policy = make_policy(hook, storage_loader(path, storages))
@@ -66,16 +66,20 @@ def run_data_pkl(
     return value, storages
 
 
-def read_torch_zip(path: str, src: Source) -> ModelFile:
-    """Open a PyTorch zip archive (the caller owns ``src``)."""
-    zd = read_directory(path, src)
+def read_torch_zip(path: str, src: Source, zd: ZipDirectory | None = None, allow_hidden: bool = False) -> ModelFile:
+    """Open a PyTorch zip archive (the caller owns ``src``; ``zd`` if already read).
+
+    Members other than data.pkl are probed too, and a hostile pickle in any of them refuses the
+    archive, unless ``allow_hidden`` (they are never run either way).
+    """
+    zd = zd or read_directory(path, src)
     prefix = find_prefix(path, zd)
     bad = anomalies(zd, prefix)
     if bad:
         member, problem = bad[0]
         raise UnsafeFileError(path, f"refused to load: zip member {member!r} is inconsistent ({problem})")
     byteorder = "little"
-    bo = zd.by_name.get(prefix + "byteorder")
+    bo = zd.lookup(prefix + "byteorder")
     if bo is not None:
         text = read_member(path, src, bo, 64).decode("ascii", "replace").strip()
         if text not in ("little", "big"):
@@ -87,9 +91,11 @@ def read_torch_zip(path: str, src: Source) -> ModelFile:
         raise FormatError(path, f"data.pkl is corrupt at byte {exc.offset}: {exc}") from None
     for ref in storages.values():
         ref.byteorder = byteorder
+    if not allow_hidden:
+        refuse_hidden_pickles(path, src, zd, zd.lookup(prefix + "data.pkl"))
 
     def locate(ref: StorageRef) -> tuple[int, int, Any]:
-        entry = zd.by_name.get(f"{prefix}data/{ref.key}")
+        entry = zd.lookup(f"{prefix}data/{ref.key}")
         if entry is None:
             raise FormatError(path, f"storage {ref.key!r} is missing from the archive (no {prefix}data/{ref.key})")
         need = ref.numel * ref.dtype.itemsize
@@ -109,3 +115,42 @@ def _member_location(path: str, entry: ZipEntry) -> tuple[int, int, Any]:
     if entry.method == 8:
         return entry.data_offset, entry.size, (entry.data_offset, entry.compressed_size)
     raise FormatError(path, f"zip member {entry.name!r} uses compression method {entry.method}")
+
+
+def probe_members(path: str, src: Source, zd: ZipDirectory, skip: ZipEntry | None) -> list[tuple[ZipEntry, Probe]]:
+    """Probe every member but ``skip`` (data.pkl) as a pickle: ``.pkl`` members whole, others
+    from their first bytes, read further only while the probe keeps running.
+
+    Returns:
+        (member, probe) for each member the probe could run on.
+    """
+    out: list[tuple[ZipEntry, Probe]] = []
+    for e in zd.entries:
+        if e is skip or e.encrypted or e.method not in (0, 8):
+            continue
+        if e.method == 0 and not e.name.endswith(".pkl"):
+            done = False
+            for step in HEAD_STEPS:
+                head = src.pread(min(step, e.compressed_size), e.data_offset)
+                p = probe(head, e.data_offset)
+                if not (p.error is not None and p.error.kind == "truncated" and e.compressed_size > len(head)):
+                    out.append((e, p))
+                    done = True
+                    break
+            if done:
+                continue
+        try:
+            data = read_member(path, src, e)
+        except FormatError:
+            continue
+        out.append((e, probe(data, e.data_offset if e.method == 0 else 0, keep_blobs=True)))
+    return out
+
+
+def refuse_hidden_pickles(path: str, src: Source, zd: ZipDirectory, skip: ZipEntry | None) -> None:
+    """The reader's side of ``probe_members``: refuse an archive that hides a payload anywhere."""
+    for e, p in probe_members(path, src, zd, skip):
+        if p.dangerous:
+            module, name, off = p.dangerous[0]
+            raise UnsafeFileError(path, f"refused to load: member {e.name!r} holds a pickle that names {module}.{name} "
+                                        f"(at byte {off})", global_name=f"{module}.{name}")

@@ -54,29 +54,48 @@ class ZipDirectory:
     by_name: dict[str, ZipEntry]
     duplicates: list[str]
     cd_offset: int
+    notes: list[str]
+
+    def lookup(self, name: str) -> ZipEntry | None:
+        """Find a member the way torch's miniz does: names compared without regard to case."""
+        hit = self.by_name.get(name)
+        if hit is not None:
+            return hit
+        low = name.lower()
+        for e in self.entries:
+            if e.name.lower() == low:
+                return e
+        return None
 
 
 def is_zip(head: bytes) -> bool:
     return head[:4] in (LOC_SIG, EOCD_SIG)
 
 
-def _find_eocd(path: str, src: Source) -> tuple[int, bytes]:
+def _find_eocd(path: str, src: Source) -> tuple[int, bytes, list[str]]:
+    """The end record torch (miniz) and zipfile both use: the LAST signature in the tail.
+
+    Returns (offset, record, notes); notes name anything a careful reader would stop at: a
+    second end record (one hidden in the comment) or bytes after the record's comment.
+    """
     size = src.size
     tail_len = min(size, 22 + 65535)
     tail = src.pread(tail_len, size - tail_len)
     pos = tail.rfind(EOCD_SIG)
-    while pos >= 0:
-        if pos + 22 <= len(tail):
-            (comment_len,) = struct.unpack("<H", tail[pos + 20 : pos + 22])
-            if pos + 22 + comment_len == len(tail):
-                return size - tail_len + pos, tail[pos : pos + 22]
-        pos = tail.rfind(EOCD_SIG, 0, pos)
-    raise TruncatedFileError(path, "the zip archive has no end-of-central-directory record (truncated or not a zip)")
+    if pos < 0 or pos + 22 > len(tail):
+        raise TruncatedFileError(path, "the zip archive has no end-of-central-directory record (truncated or not a zip)")
+    notes: list[str] = []
+    (comment_len,) = struct.unpack("<H", tail[pos + 20 : pos + 22])
+    if pos + 22 + comment_len != len(tail):
+        notes.append("the end record's comment length does not match the end of the file")
+    if tail.rfind(EOCD_SIG, 0, pos) >= 0:
+        notes.append("the archive has more than one end-of-central-directory record")
+    return size - tail_len + pos, tail[pos : pos + 22], notes
 
 
 def read_directory(path: str, src: Source) -> ZipDirectory:
     """Parse the central directory and every local header."""
-    eocd_at, eocd = _find_eocd(path, src)
+    eocd_at, eocd, notes = _find_eocd(path, src)
     _, disk, cd_disk, n_disk, n_total, cd_size, cd_offset, _ = struct.unpack("<IHHHHIIH", eocd)
     if n_total == 0xFFFF or cd_size == 0xFFFFFFFF or cd_offset == 0xFFFFFFFF:
         if eocd_at < 20:
@@ -135,7 +154,7 @@ def read_directory(path: str, src: Source) -> ZipDirectory:
             duplicates.append(name)
         else:
             by_name[name] = entry
-    return ZipDirectory(entries, by_name, duplicates, cd_offset)
+    return ZipDirectory(entries, by_name, duplicates, cd_offset, notes)
 
 
 def _zip64_extra(extra: bytes, usize: int, csize: int, hoff: int) -> tuple[int, int, int]:
@@ -178,6 +197,13 @@ def read_member(path: str, src: Source, entry: ZipEntry, limit: int = MAX_INFLAT
     raise FormatError(path, f"zip member {entry.name!r} uses compression method {entry.method}, which is not supported")
 
 
+def torch_prefix(zd: ZipDirectory) -> str | None:
+    """The folder torch reads from: the first member's top folder (with its slash), or None."""
+    if not zd.entries or "/" not in zd.entries[0].name:
+        return None
+    return zd.entries[0].name.split("/", 1)[0] + "/"
+
+
 def anomalies(zd: ZipDirectory, prefix: str | None, allow_compressed: bool = False) -> list[tuple[str, str]]:
     """Every inconsistency a loader could resolve differently from us: ``(member, problem)``.
 
@@ -185,10 +211,14 @@ def anomalies(zd: ZipDirectory, prefix: str | None, allow_compressed: bool = Fal
         prefix: the archive's single top folder (``"archive/"``), or ``None`` to skip that check.
         allow_compressed: deflated members are normal (``.npz``); torch never writes them.
     """
-    out: list[tuple[str, str]] = []
+    out: list[tuple[str, str]] = [("(archive)", note) for note in zd.notes]
     for name in zd.duplicates:
         out.append((name, "the name appears twice in the archive"))
+    lowered: dict[str, str] = {}
     for e in zd.entries:
+        first = lowered.setdefault(e.name.lower(), e.name)
+        if first != e.name:
+            out.append((e.name, f"its name differs only in case from {first!r}; torch cannot tell them apart"))
         if e.name != e.local_name:
             out.append((e.name, f"its local header calls it {e.local_name!r}"))
         if e.encrypted:
@@ -201,6 +231,8 @@ def anomalies(zd: ZipDirectory, prefix: str | None, allow_compressed: bool = Fal
             out.append((e.name, f"it is compressed (method {e.method}); torch never writes compressed members"))
         if e.name.startswith("/") or ".." in e.name.split("/"):
             out.append((e.name, "its name escapes the archive"))
+        if prefix is not None and e.name.lower() == f"{prefix}data.pkl".lower() and e.name != f"{prefix}data.pkl":
+            out.append((e.name, "torch reads it as data.pkl, though its name differs in case"))
     spans = sorted((e.header_offset, e.data_end, e.name) for e in zd.entries)
     for (_a0, a1, an), (b0, _b1, bn) in zip(spans, spans[1:]):
         if b0 < a1:

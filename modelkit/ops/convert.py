@@ -294,7 +294,7 @@ def convert(
     target = default_output(s, out, out_dir)
     check_output(target, force=force, inputs=[s])
     verdict, warnings = check_scan(s, ignore_scan)
-    with open_model(s) as mf:
+    with open_model(s, allow_hidden_pickles=ignore_scan) as mf:
         plan = plan_convert(mf)
         header, meta, stats, cars = write_plan(s, target, plan, force=force, dry_run=dry_run, progress=progress)
         warnings += plan.warnings

@@ -302,7 +302,7 @@ def prune(
     target = default_output(s, out, out_dir, default_tag(part))
     check_output(target, force=force, inputs=[s])
     verdict, warnings = check_scan(s, ignore_scan)
-    with open_model(s) as mf:
+    with open_model(s, allow_hidden_pickles=ignore_scan) as mf:
         plan, st = plan_prune(mf, ema=ema, dtype=dtype, part=part)
         header, meta, stats, cars = write_plan(s, target, plan, force=force, dry_run=dry_run, progress=progress)
         warnings += st.warnings

@@ -25,7 +25,8 @@ from typing import Any
 
 from ..errors import FormatError, ModelkitError, UnsafeFileError
 from ..formats.numpy_file import NPY_MAGIC, parse_npy_header
-from ..formats.pickle_vm import COMPUTED, OPCODE_NAMES, PickleError, PickleVM, looks_like_pickle
+from ..formats.pickle_vm import COMPUTED, OPCODE_NAMES, PickleError, PickleVM
+from ..formats.probe import Probe, first_value, probe, probe_chain
 from ..formats.sniff import sniff, sniff_bytes
 from ..formats.unpickler import ALLOWED, collect, make_policy
 from ..model import MemorySource, Source
@@ -53,13 +54,18 @@ class _Ctx:
     def run_pickle(self, data: Any, member: str, base: int, persistent_load: Callable[[Any], Any] | None,
                    depth: int = 0) -> int | None:
         """Scan one pickle stream; returns its end (relative to ``data``) or None on error."""
+        return self.run_pickle_value(data, member, base, persistent_load, depth)[0]
+
+    def run_pickle_value(self, data: Any, member: str, base: int, persistent_load: Callable[[Any], Any] | None,
+                         depth: int = 0) -> tuple[int | None, Any]:
         found: list[tuple[str, str, int]] = []
         vm = PickleVM(data, make_policy(collect(found), persistent_load), base_offset=base)
         vm.blobs = []
         self.pickles += 1
         end: int | None = None
+        value: Any = None
         try:
-            vm.run()
+            value = vm.run()
             end = vm.pos
         except PickleError as exc:
             rule = R.RESOURCE_LIMIT if exc.kind == "limit" else R.PICKLE_ERROR
@@ -67,7 +73,13 @@ class _Ctx:
         self.note_globals(vm.globals_seen, found, member, lambda off: _opcode_at(data, off - base))
         for blob in vm.blobs:
             self.scan_blob(blob, member, depth + 1)
-        return end
+        return end, value
+
+    def note_probe(self, p: Probe, member: str, data: Any, base: int, depth: int) -> None:
+        """Findings of a probe: only globals that could be imported (tensor bytes make noise)."""
+        self.note_globals([], p.dangerous, member, lambda off: _opcode_at(data, off - base))
+        for blob in p.blobs:
+            self.scan_blob(blob, member, depth + 1)
 
     def scan_blob(self, blob: bytes, member: str, depth: int) -> None:
         if depth > MAX_DEPTH:
@@ -140,7 +152,7 @@ def scan_file(path: str | os.PathLike[str], allow: Iterable[str] = (), require_s
     ctx = _Ctx(p, frozenset(allow))
     container: str | None = None
     try:
-        container = sniff(p, wrappers=True)
+        container = sniff(p, wrappers=True, unknown_ok=True)
         src = Source(p)
         try:
             _scan_source(ctx, src, container, 0)
@@ -152,6 +164,8 @@ def scan_file(path: str | os.PathLike[str], allow: Iterable[str] = (), require_s
         ctx.add(R.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
     if require_safetensors and container not in (None, "safetensors"):
         ctx.add(R.PICKLE_FORMAT, f"a {container} file; only .safetensors model files are allowed here")
+    if container is not None and container.startswith("unknown:"):
+        container = "unknown"
     return FileReport(p, container, combine(ctx.findings), tuple(ctx.findings), ctx.pickles, tuple(ctx.globals))
 
 
@@ -194,15 +208,25 @@ def scan_many(files: list[str], allow: tuple[str, ...], jobs: int, require_safet
 
 
 def _scan_source(ctx: _Ctx, src: Source, kind: str, depth: int) -> None:
-    scanner = _SCANNERS.get(kind)
-    if scanner is None:
-        if kind.startswith("wrapped:"):
-            _scan_wrapped(ctx, src, kind[8:], depth)
-            return
-        ctx.add(R.NOT_MODEL, f"not a model file ({kind.split(':', 1)[-1]})")
-        return
+    """Scan what loaders would read, the way torch.load decides it.
+
+    A file starting with a zip local header is a zip archive. Anything else is first tried as a
+    tar archive (old torch checkpoints), then unpickled from byte 0, whatever it looks like;
+    only a valid safetensors header, an .npy header and compressed wrappers cannot start a
+    pickle (their first byte is not an opcode that could reach a global).
+    """
     try:
-        scanner(ctx, src, depth)
+        if kind == "zip":
+            _scan_zip(ctx, src, depth)
+        elif kind.startswith("wrapped:"):
+            _scan_wrapped(ctx, src, kind[8:], depth)
+        elif kind == "npy":
+            _scan_npy(ctx, src, depth)
+        else:
+            _scan_tar(ctx, src, depth)
+            if kind == "safetensors" and _scan_safetensors(ctx, src, depth):
+                return
+            _scan_byte0(ctx, src, kind, depth)
     except UnsafeFileError as exc:
         ctx.add(R.OBJECT_ARRAY if "object" in exc.problem else R.UNSAFE_GLOBAL, exc.problem, src.path)
     except FormatError as exc:
@@ -220,15 +244,21 @@ def _data(src: Source) -> Any:
     return mmap.mmap(src.fd, 0, access=mmap.ACCESS_READ)
 
 
-def _scan_safetensors(ctx: _Ctx, src: Source, depth: int) -> None:
+def _scan_safetensors(ctx: _Ctx, src: Source, depth: int) -> bool:
+    """Validate the header; True when valid (then nothing in the file can run as a pickle)."""
     from ..formats.safetensors_file import parse_header
 
-    parse_header(src.path, src)
+    try:
+        parse_header(src.path, src)
+    except FormatError as exc:
+        ctx.add(R.HEADER_ERROR, exc.problem, src.path if src.fd < 0 else None)
+        return False
+    return True
 
 
 def _scan_zip(ctx: _Ctx, src: Source, depth: int) -> None:
-    from ..formats.torch_zip import storage_loader
-    from ..formats.zipdir import anomalies, read_directory, read_member
+    from ..formats.torch_zip import probe_members, storage_loader
+    from ..formats.zipdir import anomalies, read_directory, read_member, torch_prefix
 
     try:
         zd = read_directory(src.path, src)
@@ -243,98 +273,103 @@ def _scan_zip(ctx: _Ctx, src: Source, depth: int) -> None:
             _scan_npy_bytes(ctx, read_member(src.path, src, e), _m(src, e.name), e.data_offset if e.method == 0 else 0,
                             depth)
         return
-    pkls = [e for e in zd.entries if e.name.endswith("/data.pkl") and e.name.count("/") == 1]
-    prefix = pkls[0].name[: -len("data.pkl")] if len(pkls) == 1 else None
+    prefix = torch_prefix(zd)  # the folder torch reads, from the first member
     for member, problem in anomalies(zd, prefix):
         ctx.add(R.ZIP_ANOMALY, problem, _m(src, member))
-    if not pkls:
-        ctx.add(R.ZIP_ERROR, "the zip archive has no data.pkl, so it is not a PyTorch file")
-    for e in zd.entries:
-        named = e.name.endswith(".pkl")
-        if not named:
-            head = src.pread(min(2, e.compressed_size), e.data_offset) if e.method == 0 else b""
-            if e.method == 0 and not _strong_pickle_head(head):
-                continue
+    data_pkl = zd.lookup(prefix + "data.pkl") if prefix else None
+    if data_pkl is None:
+        ctx.add(R.ZIP_ERROR, "torch finds no data.pkl in this zip archive, so it is not a PyTorch file")
+    else:
         try:
-            data = read_member(src.path, src, e)
+            data = read_member(src.path, src, data_pkl)
         except FormatError as exc:
-            ctx.add(R.ZIP_ERROR, exc.problem, _m(src, e.name))
-            continue
-        base = e.data_offset if e.method == 0 else 0
-        if named:
-            pload = storage_loader(src.path, {}) if e.name.endswith("data.pkl") else None
-            _scan_stream_chain(ctx, data, _m(src, e.name), base, pload, depth)
-            continue
-        # Sniffed by content only: storage bytes can start like a pickle by chance, so a member
-        # counts as a pickle only if it runs to a STOP.
-        if not _strong_pickle_head(data[:2]) and not looks_like_pickle(data[:2]):
-            continue
-        probe = _Ctx(ctx.path, ctx.allow)
-        if probe.run_pickle(data, _m(src, e.name), base, None, depth) is not None:
-            ctx.findings.extend(probe.findings)
+            ctx.add(R.ZIP_ERROR, exc.problem, _m(src, data_pkl.name))
+        else:
+            base = data_pkl.data_offset if data_pkl.method == 0 else 0
+            _scan_stream_chain(ctx, data, _m(src, data_pkl.name), base, storage_loader(src.path, {}), depth)
+    for e, p in probe_members(src.path, src, zd, data_pkl):
+        if p.is_pickle and e.name.endswith(".pkl"):
+            ctx.run_pickle(read_member(src.path, src, e), _m(src, e.name), e.data_offset if e.method == 0 else 0,
+                           None, depth)
+        elif p.dangerous or p.blobs:
             ctx.pickles += 1
-            ctx.globals.extend(g for g in probe.globals if g not in ctx.globals)
-
-
-def _strong_pickle_head(head: bytes) -> bool:
-    return len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5
+            ctx.note_probe(p, _m(src, e.name), b"", 0, depth)
 
 
 def _scan_stream_chain(ctx: _Ctx, data: Any, member: str, base: int, pload: Any, depth: int) -> int:
-    """Scan a pickle and any pickles concatenated after it; returns where scanning stopped."""
-    pos = 0
-    for i in range(MAX_CONCATENATED):
-        view = data[pos:]
-        end = ctx.run_pickle(view, member if i == 0 else f"{member} (pickle #{i + 1})", base + pos, pload, depth)
-        if end is None:
-            return len(data)
-        pos += end
-        rest = len(data) - pos
-        if rest <= 0:
-            return pos
-        nxt = bytes(data[pos : pos + 2])
-        if not looks_like_pickle(nxt):
-            return pos
+    """Scan a pickle and any pickles after it, as a loop of ``pickle.load`` reads them.
+
+    Returns where the last complete pickle ended (relative to ``data``).
+    """
+    end = ctx.run_pickle(data, member, base, pload, depth)
+    if end is None:
+        return len(data)
+    pos = end
+    for i in range(1, MAX_CONCATENATED):
+        if pos >= len(data):
+            break
+        p = probe(data[pos:], base + pos, keep_blobs=True)
+        if not p.is_pickle:
+            ctx.note_probe(p, f"{member} (after STOP)", data[pos:], base + pos, depth)
+            break
         ctx.add(R.TRAILING_PICKLE, "another pickle follows the first one; it is scanned too", member, base + pos)
+        assert p.end is not None
+        ctx.run_pickle(data[pos:], f"{member} (pickle #{i + 1})", base + pos, pload, depth)
+        pos += p.end
     return pos
 
 
-def _scan_legacy(ctx: _Ctx, src: Source, depth: int) -> None:
+def _scan_byte0(ctx: _Ctx, src: Source, kind: str, depth: int) -> None:
+    """Unpickle from byte 0 as torch.load's legacy path does: a legacy stream when the first
+    pickle is the magic number (however it is spelled), else pickles as far as they go."""
+    from ..formats.torch_legacy import MAGIC
+
+    label = _m(src, "pickle")
+    data = _data(src)
+    try:
+        claimed = kind in ("pickle", "torch-legacy")
+        first = probe(data, 0, keep_blobs=True)
+        if first.is_pickle and not first.refused and first_value(data) == MAGIC:
+            _scan_legacy(ctx, src, data, depth)
+        elif first.is_pickle or claimed:
+            end = _scan_stream_chain(ctx, data, label, 0, None, depth)
+            _after_stop(ctx, src, data, end, label, depth)
+        else:
+            # Not a pickle; still report what a loader would have reached before failing.
+            ctx.note_probe(first, label, data, 0, depth)
+            if not first.dangerous and kind.startswith("unknown") and not ctx.findings:
+                ctx.add(R.NOT_MODEL, f"not a model file ({kind.split(':', 1)[-1]})")
+        _check_polyglot(ctx, src, depth)
+    finally:
+        if not isinstance(data, bytes):
+            data.close()
+
+
+def _after_stop(ctx: _Ctx, src: Source, data: Any, end: int, label: str, depth: int) -> None:
+    rest = len(data) - end
+    if rest > 0 and not _has_zip_directory(src):
+        ctx.add(R.TRAILING_PICKLE, f"{rest} bytes follow the pickle's STOP", label, end)
+
+
+def _scan_legacy(ctx: _Ctx, src: Source, data: Any, depth: int) -> None:
     from ..formats.torch_legacy import parse_stream
 
     found: list[tuple[str, str, int]] = []
     seen: list[tuple[str, str, int]] = []
     label = _m(src, "legacy stream")
-    data = _data(src)
+    end = len(data)
     try:
-        try:
-            stream = parse_stream(data, collect(found), scan_globals=seen)
-            ctx.pickles += len(stream.pickle_spans)
-            rest = len(data) - stream.end
-            if rest > 0:
-                ctx.add(R.TRAILING_PICKLE, f"{rest} bytes follow the last storage", label, stream.end)
-        except PickleError as exc:
-            rule = R.RESOURCE_LIMIT if exc.kind == "limit" else R.PICKLE_ERROR
-            ctx.add(rule, str(exc), label, exc.offset, opcode=_opcode_at(data, exc.offset))
-        ctx.note_globals(seen, found, label, lambda off: _opcode_at(data, off))
-        _check_polyglot(ctx, src, depth)
-    finally:
-        if not isinstance(data, bytes):
-            data.close()
-
-
-def _scan_pickle(ctx: _Ctx, src: Source, depth: int) -> None:
-    data = _data(src)
-    try:
-        label = _m(src, "pickle")
-        end = _scan_stream_chain(ctx, data, label, 0, None, depth)
-        rest = len(data) - end
-        if rest > 0 and not _has_zip_directory(src):
-            ctx.add(R.TRAILING_PICKLE, f"{rest} bytes follow the pickle's STOP", label, end)
-        _check_polyglot(ctx, src, depth)
-    finally:
-        if not isinstance(data, bytes):
-            data.close()
+        stream = parse_stream(data, collect(found), scan_globals=seen)
+        ctx.pickles += len(stream.pickle_spans)
+        end = stream.end
+    except PickleError as exc:
+        rule = R.RESOURCE_LIMIT if exc.kind == "limit" else R.PICKLE_ERROR
+        ctx.add(rule, str(exc), label, exc.offset, opcode=_opcode_at(data, exc.offset))
+    ctx.note_globals(seen, found, label, lambda off: _opcode_at(data, off))
+    if end < len(data):
+        for p in probe_chain(data[end:], end):
+            ctx.note_probe(p, label, data[end:], end, depth)
+        _after_stop(ctx, src, data, end, label, depth)
 
 
 def _has_zip_directory(src: Source) -> bool:
@@ -378,23 +413,41 @@ def _npy_header_end(data: bytes) -> int:
 
 
 def _scan_tar(ctx: _Ctx, src: Source, depth: int) -> None:
-    # Old (torch < 0.4) tar checkpoints: members sys_info, pickle, storages, tensors.
+    """torch.load first tries every non-zip file as a tar archive (torch < 0.4 checkpoints, whose
+    members 'storages', 'tensors' and 'pickle' are pickles between raw storage bytes)."""
     import io
 
-    fileobj: Any = io.BytesIO(src.data) if isinstance(src, MemorySource) else None
+    fileobj: Any = io.BytesIO(src.data) if isinstance(src, MemorySource) else open(src.path, "rb")  # noqa: SIM115
     try:
-        with tarfile.open(src.path if fileobj is None else None, mode="r:", fileobj=fileobj) as tf:
-            for m in tf.getmembers():
-                if not m.isfile():
-                    continue
+        with tarfile.open(fileobj=fileobj, mode="r:") as tf:
+            members = [m for m in tf.getmembers() if m.isfile()]
+            if members:
+                ctx.add(R.WRAPPED, f"a tar archive of {len(members)} files (torch.load reads old checkpoints so)",
+                        src.path)
+            for m in members:
                 f = tf.extractfile(m)
                 if f is None:
                     continue
                 data = f.read(MAX_UNWRAP)
-                if looks_like_pickle(data[:2]):
-                    _scan_stream_chain(ctx, data, m.name, m.offset_data, None, depth)
-    except tarfile.TarError as exc:
-        ctx.add(R.ZIP_ERROR, f"the tar archive is corrupt ({exc})")
+                label = _m(src, f"tar:{m.name}")
+                _scan_stream_chain(ctx, data, label, m.offset_data, None, depth)
+                for start in _proto_marks(data):  # pickles after raw storage bytes
+                    ctx.note_probe(probe(data[start:], m.offset_data + start, keep_blobs=True), label,
+                                   data[start:], m.offset_data + start, depth)
+    except (tarfile.TarError, EOFError, OSError, ValueError):
+        return  # not a tar archive: torch.load goes on to unpickle it
+    finally:
+        fileobj.close()
+
+
+def _proto_marks(data: bytes, limit: int = 10_000) -> list[int]:
+    out: list[int] = []
+    pos = data.find(b"\x80", 1)
+    while pos >= 0 and len(out) < limit:
+        if pos + 1 < len(data) and 2 <= data[pos + 1] <= 5:
+            out.append(pos)
+        pos = data.find(b"\x80", pos + 1)
+    return out
 
 
 _OPENERS: dict[str, Callable[[Any], Any]] = {
@@ -427,13 +480,3 @@ def _scan_wrapped(ctx: _Ctx, src: Source, fmt: str, depth: int) -> None:
     ctx.add(R.WRAPPED, f"a {fmt} stream holding a {kind.split(':', 1)[-1]} ({len(inner)} bytes); scanned inside",
             src.path)
     _scan_source(ctx, MemorySource(inner, f"{src.path}!{fmt}"), kind, depth + 1)
-
-
-_SCANNERS: dict[str, Callable[[_Ctx, Source, int], None]] = {
-    "safetensors": _scan_safetensors,
-    "zip": _scan_zip,
-    "torch-legacy": _scan_legacy,
-    "pickle": _scan_pickle,
-    "npy": _scan_npy,
-    "tar": _scan_tar,
-}

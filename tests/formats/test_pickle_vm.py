@@ -51,13 +51,17 @@ def test_ordered_dict_and_shared_references() -> None:
 @pytest.mark.parametrize("line,expected", [
     ("00", False), ("01", True), ("10", 10), ("-7", -7), ("0x1f", 31), ("010", 8), (" 5", 5),
     ("99999999999999999999", 99999999999999999999),
+    # strtol stops early, so CPython re-reads the line with PyLong_FromString(s, NULL, 0)
+    ("1_000", 1000), ("7 ", 7), ("0o17", 15), ("0b11", 3), ("\t5\t", 5),
+    ("1\x00junk", 1),  # C strings end at NUL
+    (" 1", True),  # three bytes with the newline, value 1: a bool
 ])
 def test_int_opcode_parsed_like_the_c_unpickler(line: str, expected: Any) -> None:
     assert parse_int_line(line) == expected
     assert _run(b"I" + line.encode() + b"\n.") == expected
 
 
-@pytest.mark.parametrize("line", ["1_000", "abc", "", "0x", "12a"])
+@pytest.mark.parametrize("line", ["abc", "", "0x", "12a", "1__0"])
 def test_int_opcode_rejects_what_cpython_rejects(line: str) -> None:
     with pytest.raises(PickleError):
         _run(b"I" + line.encode() + b"\n.")
@@ -72,7 +76,9 @@ def test_bounds() -> None:
     assert info.value.kind == "limit"
     with pytest.raises(PickleError) as info:
         _run(b"\x8b" + (10**9).to_bytes(4, "little") + b".")
-    assert info.value.kind == "limit"
+    assert info.value.kind == "truncated"  # a size claim is checked against the data, nothing allocated
+    big = _run(b"\x8b" + (70_000).to_bytes(4, "little") + b"\x01" * 70_000 + b".")
+    assert "70000-byte integer" in repr(big)  # kept symbolic, never rendered
     with pytest.raises(PickleError) as info:
         _run(b"N" * 1000 + b".", Limits(max_ops=500))
     assert info.value.kind == "limit"

@@ -129,5 +129,6 @@ def test_inspect_reads_no_tensor_data(tmp_path: Path, monkeypatch: pytest.Monkey
     monkeypatch.setattr(Source, "read_into", spy)
     res = modelkit.inspect(path)
     assert res.tensor_count > 600
-    # only headers, the central directory and data.pkl: far less than the tensor bytes
-    assert sum(reads) < res.size // 10
+    # the central directory, local headers, data.pkl, and a 64-byte head of each storage (probed in
+    # case it hides a pickle): a small fraction of the tensor bytes, and it does not grow with them
+    assert sum(reads) < res.size // 4
