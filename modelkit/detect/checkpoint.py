@@ -80,7 +80,7 @@ def _prediction(view: KeyView, base: str | None, hints: Hints, evidence: list[st
         if pred:
             evidence.append(why)
         elif base == "sd2":
-            evidence.append("SD2 eps and v-prediction models have identical shapes: prediction unknown")
+            pred = _sd2_weight_probe(view, evidence)
         elif base in ("sd1", "sdxl", "sdxl-refiner"):
             pred = "eps"
             evidence.append("prediction eps assumed (no v_pred marker, metadata or .yaml says otherwise)")
@@ -94,6 +94,28 @@ def _prediction(view: KeyView, base: str | None, hints: Hints, evidence: list[st
         evidence.append(hints.resolution_from)
     variant["resolution"] = resolution
     return variant
+
+
+def _sd2_weight_probe(view: KeyView, evidence: list[str]) -> str | None:
+    """SD2 eps and v models share shapes; the spread of one LayerNorm bias tells them apart.
+
+    The last output block's first transformer ``norm1.bias`` has a standard deviation above
+    about 0.09 in the v-prediction 768 models and below it in the eps 512 ones (a heuristic
+    ComfyUI also relies on). Inpainting UNets (9 input channels) are eps.
+    """
+    conv_in = view.find(r"input_blocks\.0\.0\.weight$")
+    if conv_in and (view.shape(conv_in) or (0, 0))[1] != 4:
+        evidence.append("SD2 with a non-4-channel conv_in: eps (v-prediction SD2 models are 4-channel)")
+        return "eps"
+    bias = view.find(r"output_blocks\.11\.1\.transformer_blocks\.0\.norm1\.bias$")
+    std = view.std(bias) if bias else None
+    if std is None:
+        evidence.append("SD2 eps and v-prediction models have identical shapes: prediction unknown")
+        return None
+    pred = "v" if std > 0.09 else "eps"
+    evidence.append(f"weight statistics: std({bias}) = {std:.4f} {'>' if pred == 'v' else '<='} 0.09 -> "
+                    f"prediction {pred} (a heuristic; a .yaml or metadata overrides it)")
+    return pred
 
 
 def _unet(view: KeyView, layout: str, prefix: str, cin_key: str, ctx_key: str | None, adm_key: str | None) -> Detection:

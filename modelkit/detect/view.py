@@ -116,3 +116,23 @@ class KeyView:
             bits = np.asarray(value, dtype=np.uint32).reshape(-1)[:1] << np.uint32(16)
             return float(bits.view(np.float32)[0])
         return float(np.asarray(value).reshape(-1)[0])
+
+    def std(self, name: str, max_numel: int = 4096) -> float | None:
+        """Population standard deviation of a small float tensor (a weight-statistics probe).
+
+        Counts against ``MAX_PROBES``; None when absent, too big, not float, or over budget.
+        """
+        if name not in self.nameset:
+            return None
+        ref = self.tensors[name]
+        if ref.numel == 0 or ref.numel > max_numel or self.probes >= MAX_PROBES:
+            return None
+        if ref.dtype.name not in ("float64", "float32", "float16", "bfloat16"):
+            return None
+        self.probes += 1
+        import numpy as np
+
+        value = np.asarray(ref.read("numpy")).reshape(-1)
+        if ref.dtype.name == "bfloat16":
+            value = (value.astype(np.uint32) << np.uint32(16)).view(np.float32)
+        return float(value.astype(np.float64).std())

@@ -22,20 +22,24 @@ def to_sarif(report: ScanReport) -> dict[str, Any]:
     results = []
     for f in report.files:
         for fd in f.findings:
-            region: dict[str, Any] = {}
+            # GitHub code scanning wants a region with a start line; binary files have one "line".
+            region: dict[str, Any] = {"region": {"startLine": 1}}
             if fd.offset is not None:
-                region = {"region": {"byteOffset": fd.offset}}
+                region["region"].update({"byteOffset": fd.offset, "byteLength": 1})
             results.append({
                 "ruleId": fd.rule,
                 "level": _LEVEL[fd.severity],
                 "message": {"text": fd.message + (f" (in {fd.member})" if fd.member else "")},
                 "locations": [{"physicalLocation": {"artifactLocation": {"uri": f.path.replace(os.sep, "/")}, **region}}],
+                "partialFingerprints": {"modelkitFinding/v1": f"{fd.rule}:{fd.member}:{fd.global_name}:{fd.offset}"},
                 "properties": {"verdict": f.verdict, "severity": fd.severity},
             })
     return {
         "$schema": "https://json.schemastore.org/sarif-2.1.0.json",
         "version": "2.1.0",
-        "runs": [{"tool": {"driver": {"name": "modelkit", "version": __version__, "rules": rules}}, "results": results}],
+        "runs": [{"tool": {"driver": {"name": "modelkit", "version": __version__,
+                                      "informationUri": "https://pypi.org/project/modelkit/", "rules": rules}},
+                  "results": results}],
     }
 
 

@@ -163,3 +163,21 @@ def test_sharded_diffusers_component_folder(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text("{}")
     det = modelkit.detect(tmp_path)
     assert (det.kind, det.base, det.variant) == ("checkpoint", "flux", {"flux": "dev"})
+
+
+def test_sd2_prediction_from_weight_statistics(tmp_path: Path) -> None:
+    """No marker, metadata or yaml: the spread of the last output block's norm1.bias decides."""
+    import torch
+
+    from modelkit.detect.layouts import tiny_sd1_layout
+
+    layout = {k: v for k, v in tiny_sd1_layout(context_dim=1024).items() if k.startswith("model.diffusion_model.")}
+    bias = "model.diffusion_model.output_blocks.11.1.transformer_blocks.0.norm1.bias"
+    for spread, want in ((0.2, "v"), (0.02, "eps")):
+        sd = {k: torch.zeros(s) for k, (s, _d) in layout.items()}
+        sd[bias] = torch.randn(sd[bias].shape, generator=torch.Generator().manual_seed(0)) * spread
+        path = tmp_path / f"sd2-{want}.safetensors"
+        build.write_safetensors(str(path), sd)
+        det = modelkit.detect(path)
+        assert (det.kind, det.base, det.variant["prediction"]) == ("checkpoint", "sd2", want)
+        assert any("weight statistics" in e for e in det.evidence)

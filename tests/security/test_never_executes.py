@@ -154,3 +154,19 @@ def test_readers_never_import_pickle_loaders() -> None:
     hits = [f"{p}:{i}" for p in root.rglob("*.py") for i, line in enumerate(p.read_text().splitlines(), 1)
             if bad.search(line) and "# safe:" not in line and "weights_only=True" not in line]
     assert hits == []
+
+
+def test_safetensors_reader_never_unpickles(tmp_path: Path, marker: str) -> None:
+    """Pickle payloads stored as tensor bytes and as metadata are data, nothing more."""
+    from fixtures import build
+
+    payload = hostile.global_reduce(marker)
+    import torch
+
+    path = tmp_path / "m.safetensors"
+    build.write_safetensors(str(path), {"w": torch.frombuffer(bytearray(payload), dtype=torch.uint8)},
+                            metadata={"note": payload.decode("latin1")})
+    with modelkit.open_model(path) as mf:
+        assert bytes(mf["w"].read().numpy().tobytes()) == payload
+    assert modelkit.scan(path).files[0].verdict == "safe"
+    assert not os.path.exists(marker)
