@@ -142,44 +142,57 @@ def _plans(refs: list[TensorRef]) -> list[_Plan]:
 
 
 def _load_cuda(mf: ModelFile, refs: list[TensorRef], dev: Any, dtype: Any) -> dict[str, Any]:
+    return _load_staged(mf, refs, dev, dtype, STAGING_BYTES)
+
+
+def _load_staged(mf: ModelFile, refs: list[TensorRef], dev: Any, dtype: Any, staging_bytes: int) -> dict[str, Any]:
+    """The staged pipeline: pread into staging buffers laid out like one device buffer per dtype.
+
+    On CUDA the staging buffers are pinned and each fill is one asynchronous copy on a side
+    stream, so reading the next fill overlaps copying the last. On any other device the same
+    pipeline runs with plain buffers and synchronous copies (which is how CI tests it).
+    """
     torch = _torch()
+    cuda = dev.type == "cuda"
     out: dict[str, Any] = {}
     direct = [r for r in refs if r.compressed is None and r.inline is None and r.byteorder == "little"]
     slow = [r for r in refs if r not in direct]
-    stream = torch.cuda.Stream(device=dev)
-    staging = [torch.empty(STAGING_BYTES, dtype=torch.uint8, pin_memory=True) for _ in range(STAGING_BUFFERS)]
+    stream = torch.cuda.Stream(device=dev) if cuda else None
+    staging = [torch.empty(staging_bytes, dtype=torch.uint8, pin_memory=cuda) for _ in range(STAGING_BUFFERS)]
     events: list[Any] = [None] * STAGING_BUFFERS
     views = [s.numpy() for s in staging]
     assert mf.source is not None
     fd = mf.source.fd
     slot = 0
+
+    def flush(slot: int, buf: Any, start: int, length: int) -> None:
+        if length == 0:
+            return
+        if stream is None:
+            buf[start : start + length].copy_(staging[slot][:length])
+            return
+        with torch.cuda.stream(stream):
+            buf[start : start + length].copy_(staging[slot][:length], non_blocking=True)
+            ev = torch.cuda.Event()
+            ev.record(stream)
+        events[slot] = ev
+
     for plan in _plans(direct):
         device_buf = torch.empty(max(plan.total, 1), dtype=torch.uint8, device=dev)
-        # Fill staging buffers with the same layout as device_buf, one async copy per fill.
-        fill_start = 0  # device offset of staging[slot][0]
+        fill_start = 0  # device_buf offset of staging[slot][0]
         fill_len = 0
-
-        def flush(slot: int, start: int, length: int, buf: Any = device_buf) -> None:
-            if length == 0:
-                return
-            with torch.cuda.stream(stream):
-                buf[start : start + length].copy_(staging[slot][:length], non_blocking=True)
-                ev = torch.cuda.Event()
-                ev.record(stream)
-            events[slot] = ev
-
         for ref, off in zip(plan.refs, plan.offsets):
             begin, end = ref.byte_range
             done = 0
             while done < end - begin:
                 if fill_len == 0:
                     if events[slot] is not None:
-                        events[slot].synchronize()
+                        events[slot].synchronize()  # that staging buffer's last copy is done
                     fill_start = off + done
                 rel = off + done - fill_start
-                room = STAGING_BYTES - rel
+                room = staging_bytes - rel
                 if room <= 0:
-                    flush(slot, fill_start, fill_len)
+                    flush(slot, device_buf, fill_start, fill_len)
                     slot = (slot + 1) % STAGING_BUFFERS
                     fill_len = 0
                     continue
@@ -189,25 +202,27 @@ def _load_cuda(mf: ModelFile, refs: list[TensorRef], dev: Any, dtype: Any) -> di
                     raise FormatError(mf.path, f"the file ends inside tensor {ref.name!r}")
                 done += n
                 fill_len = rel + n
-            # padding up to the next aligned offset stays unwritten garbage; nobody views it
-        flush(slot, fill_start, fill_len)
+            # padding up to the next aligned offset is copied as garbage; nothing views it
+        flush(slot, device_buf, fill_start, fill_len)
         slot = (slot + 1) % STAGING_BUFFERS
-        fill_len = 0
         for ref, off in zip(plan.refs, plan.offsets):
             span = ref.byte_range[1] - ref.byte_range[0]
-            raw = device_buf[off : off + span]
-            t = raw.view(ref.dtype.torch()) if span else torch.empty(0, dtype=ref.dtype.torch(), device=dev)
-            t = t.as_strided(ref.shape, ref.strides, 0) if ref.numel else torch.empty(ref.shape, dtype=t.dtype,
-                                                                                     device=dev)
-            out[ref.name] = t
-    torch.cuda.current_stream(dev).wait_stream(stream)
+            if not ref.numel:
+                out[ref.name] = torch.empty(ref.shape, dtype=ref.dtype.torch(), device=dev)
+                continue
+            t = device_buf[off : off + span].view(ref.dtype.torch())
+            # as_strided keeps the slice's own storage offset (the tensor's place in device_buf)
+            out[ref.name] = t.as_strided(ref.shape, ref.strides)
+    if stream is not None:
+        torch.cuda.current_stream(dev).wait_stream(stream)
     for ref in slow:
         out[ref.name] = ref.read("torch").to(dev)
     for ref in refs:
         target = _target_dtype(ref, dtype)
         if out[ref.name].dtype != target:
-            out[ref.name] = out[ref.name].to(target)  # the cast runs on the GPU
-    torch.cuda.synchronize(dev)
+            out[ref.name] = out[ref.name].to(target)  # on CUDA the cast runs on the GPU
+    if cuda:
+        torch.cuda.synchronize(dev)
     return {r.name: out[r.name] for r in refs}
 
 

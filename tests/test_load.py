@@ -105,3 +105,22 @@ def test_cuda_load_bit_equal_and_cast_on_gpu(tmp_path: Path) -> None:
         assert same_bits(sd[k].cpu(), t), k
     half = load(path, device="cuda", dtype=torch.float16)
     assert half["t.float32"].dtype == torch.float16 and half["t.int64"].dtype == torch.int64
+
+
+@pytest.mark.parametrize("staging", [64, 1000, 1 << 20])
+def test_staged_pipeline_on_the_cpu(tmp_path: Path, staging: int) -> None:
+    """The CUDA pipeline's logic (staging fills, alignment, dtype groups, views) run on the CPU
+    with tiny staging buffers, so every tensor crosses fill boundaries."""
+    from modelkit.load import _load_staged
+
+    state = {k: v for k, v in build.all_dtypes_state().items() if v.dtype != torch.complex128}
+    state["big"] = torch.randn(700)
+    path = tmp_path / "m.pt"
+    build.save_torch(state, str(path), "zip")
+    with modelkit.open_model(path) as mf:
+        sd = _load_staged(mf, list(mf.values()), torch.device("cpu"), None, staging)
+        half = _load_staged(mf, list(mf.values()), torch.device("cpu"), torch.float16, staging)
+    for k, t in state.items():
+        assert same_bits(sd[k], t), k
+    assert half["big"].dtype == torch.float16 and torch.equal(half["big"], state["big"].half())
+    assert half["t.int64"].dtype == torch.int64
