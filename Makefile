@@ -10,7 +10,8 @@ $(BIN)/modelkit: pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# torch first, pinned: here it is a local CPU wheel; a looser spec pulls a multi-GB CUDA build.
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev]'
+	# the [train] extra too, so tests/train really run (they skip where it is missing)
+	$(BIN)/pip install -q -e '.[dev,train]'
 	touch $(BIN)/modelkit
 
 setup: $(BIN)/modelkit

@@ -113,3 +113,13 @@ class OutputWriteError(ModelkitError, OSError):
 
 class UsageError(ModelkitError, ValueError):
     """The command was called with options that do not go together."""
+
+
+class ConfigError(ModelkitError, ValueError):
+    """A training config (TOML file or ``--set`` override) names an unknown key or a bad value."""
+
+    default_remedy = "Fix that key in the config file or the --set override"
+
+
+class TrainingError(ModelkitError, RuntimeError):
+    """Training cannot go on (a NaN/inf loss, a state that does not fit the run, ...)."""

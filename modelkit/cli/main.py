@@ -25,6 +25,7 @@ def _register() -> None:
     from .load_cmd import load_cmd
     from .prune_cmd import prune_cmd
     from .scan_cmd import scan_cmd
+    from .train_cmd import train_cmd
     from .verify_cmd import diff_cmd, verify_cmd
 
     cli.add_command(scan_cmd)
@@ -33,6 +34,7 @@ def _register() -> None:
     cli.add_command(prune_cmd)
     cli.add_command(load_cmd)
     cli.add_command(hash_cmd)
+    cli.add_command(train_cmd)
     cli.add_command(verify_cmd)
     cli.add_command(diff_cmd)
 

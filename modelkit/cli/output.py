@@ -56,6 +56,15 @@ class Output:
         return tqdm(total=total, desc=desc, unit="B", unit_scale=True, file=sys.stderr, leave=False)
 
 
+    def steps_bar(self, total: int, initial: int = 0, desc: str = "") -> Any:
+        """A step-counting tqdm bar on stderr (shows it/s; callers add loss with set_postfix), or None when bars are off."""
+        if self.quiet or self.json_mode or not sys.stderr.isatty():
+            return None
+        from tqdm import tqdm
+
+        return tqdm(total=total, initial=initial, desc=desc, unit="step", file=sys.stderr, dynamic_ncols=True)
+
+
 def _one_line(text: str) -> str:
     return " ".join(text.split())
 

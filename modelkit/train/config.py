@@ -1,0 +1,414 @@
+"""The training config: typed, frozen dataclasses loaded from TOML, with dotted ``--set`` overrides.
+
+A config file has one table per section (``[model]``, ``[dataset]``, ``[network]``, ``[ti]``,
+``[optimizer]``, ``[scheduler]``, ``[train]``, ``[output]``); every key is a plain value, never a
+dotted class name. Unknown keys, wrong types and out-of-range values are refused with one line that
+names the key. Relative paths are taken from the config file's folder.
+
+This module needs only the standard library (``tomllib``, or ``tomli`` on Python 3.10).
+"""
+
+from __future__ import annotations
+
+import os
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Union
+
+from ..errors import ConfigError
+from .tomlio import parse_override, read_toml, render_toml
+
+METHODS = ("lora", "locon", "ti", "hypernetwork", "dreambooth")
+BASES = ("auto", "sd1", "sd2", "sd2-v", "sdxl")
+
+
+def _choice(*values: str) -> Any:
+    return {"choices": values}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """``[model]``: the base model, fully offline.
+
+    Attributes:
+        path: a single-file ``.safetensors``/``.ckpt`` checkpoint, or a local diffusers folder.
+        base: ``auto`` (detected from the file), ``sd1``, ``sd2`` (eps), ``sd2-v`` or ``sdxl``.
+        configs: a folder laid out like a diffusers folder (``unet/config.json``, ...) whose configs
+            replace the shipped ones (custom or tiny models).
+        tokenizer: a folder with ``vocab.json`` and ``merges.txt``; default: the shipped CLIP BPE.
+        prediction: ``auto`` (from the base), ``epsilon`` or ``v_prediction``.
+        clip_skip: use the n-th last text-encoder layer (SD1/SD2; 1 is the last).
+    """
+
+    path: str = ""
+    base: str = field(default="auto", metadata=_choice(*BASES))
+    configs: str | None = None
+    tokenizer: str | None = None
+    prediction: str = field(default="auto", metadata=_choice("auto", "epsilon", "v_prediction"))
+    clip_skip: int = 1
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    """``[dataset]``: images with same-name captions; kohya ``N_name`` folders repeat N times."""
+
+    path: str = ""
+    resolution: int = 512
+    bucketing: bool = True
+    bucket_step: int = 64
+    min_bucket: int = 256
+    max_bucket: int = 1024
+    repeats: int = 1
+    caption_extensions: tuple[str, ...] = (".txt", ".caption")
+    default_caption: str = ""
+    shuffle_tags: bool = False
+    keep_tokens: int = 0
+    tag_dropout: float = 0.0
+    caption_dropout: float = 0.0
+    flip: bool = False
+    min_image_size: int = 64
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    """``[network]``: LoRA/LoCon shape. ``conv_dim``/``conv_alpha`` (LoCon) default to ``dim``/``alpha``."""
+
+    dim: int = 8
+    alpha: float = 4.0
+    conv_dim: int = 0
+    conv_alpha: float = 0.0
+    dropout: float = 0.0
+    train_unet: bool = True
+    train_text_encoder: bool = False
+    unet_lr: float | None = None
+    text_encoder_lr: float | None = None
+
+
+@dataclass(frozen=True)
+class TIConfig:
+    """``[ti]``: textual inversion. ``token`` gets ``vectors`` new embeddings initialised from ``init_word``."""
+
+    token: str = "<concept>"
+    init_word: str = "*"
+    vectors: int = 1
+    prepend: bool = True
+
+
+@dataclass(frozen=True)
+class HypernetworkConfig:
+    """``[hypernetwork]``: A1111's structure. ``sizes`` empty: the context width and every attention width."""
+
+    layer_structure: tuple[float, ...] = (1.0, 2.0, 1.0)
+    activation: str = field(default="linear", metadata=_choice(
+        "linear", "relu", "leakyrelu", "elu", "swish", "tanh", "sigmoid", "gelu", "mish", "silu", "softsign"))
+    layer_norm: bool = False
+    dropout: bool = False
+    last_layer_dropout: bool = False
+    activate_output: bool = False
+    weight_init: str = field(default="Normal", metadata=_choice(
+        "Normal", "XavierUniform", "XavierNormal", "KaimingUniform", "KaimingNormal"))
+    sizes: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class DreamBoothConfig:
+    """``[dreambooth]``: full UNet fine-tuning; class images (``class_path``) add a prior-preservation loss."""
+
+    class_path: str | None = None
+    class_prompt: str = ""
+    prior_loss_weight: float = 1.0
+    train_text_encoder: bool = False
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """``[optimizer]``: AdamW, or AdamW8bit when bitsandbytes is installed."""
+
+    name: str = field(default="adamw", metadata=_choice("adamw", "adamw8bit"))
+    lr: float = 1e-4
+    weight_decay: float = 1e-2
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    max_grad_norm: float = 1.0
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """``[scheduler]``: the learning-rate schedule, after ``warmup_steps`` of linear warm-up."""
+
+    name: str = field(default="constant", metadata=_choice(
+        "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"))
+    warmup_steps: int = 0
+    cycles: int = 1
+    power: float = 1.0
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """``[train]``: steps, batch, precision and the loss options.
+
+    ``max_steps`` counts optimizer steps; with ``epochs`` > 0 training stops at whichever comes first.
+    """
+
+    max_steps: int = 1000
+    epochs: int = 0
+    batch_size: int = 1
+    grad_accum: int = 1
+    mixed_precision: str = field(default="no", metadata=_choice("no", "fp16", "bf16"))
+    gradient_checkpointing: bool = False
+    attention: str = field(default="sdpa", metadata=_choice("sdpa", "eager"))
+    seed: int = 0
+    min_snr_gamma: float = 0.0
+    noise_offset: float = 0.0
+    device: str = "auto"
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    """``[output]``: where and how often to write. ``resume`` names a state folder written by a save."""
+
+    dir: str = "output"
+    name: str = ""
+    save_every_steps: int = 0
+    save_every_epochs: int = 0
+    save_state: bool = True
+    dtype: str = field(default="float16", metadata=_choice("float16", "bfloat16", "float32"))
+    force: bool = False
+    resume: str | None = None
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole resolved config of one training run."""
+
+    method: str
+    model: ModelConfig = field(default_factory=ModelConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    ti: TIConfig = field(default_factory=TIConfig)
+    hypernetwork: HypernetworkConfig = field(default_factory=HypernetworkConfig)
+    dreambooth: DreamBoothConfig = field(default_factory=DreamBoothConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    train: TrainingConfig = field(default_factory=TrainingConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dicts (tuples as lists), in section order."""
+        out: dict[str, Any] = {"method": self.method}
+        for f in fields(self)[1:]:
+            section = getattr(self, f.name)
+            out[f.name] = {k.name: _plain(getattr(section, k.name)) for k in fields(section)}
+        return out
+
+
+SECTIONS: dict[str, type[Any]] = {f.name: f.default_factory for f in fields(Config)[1:]}  # type: ignore[misc]
+#: Path-valued keys, resolved against the config file's folder.
+PATH_KEYS = {("model", "path"), ("model", "configs"), ("model", "tokenizer"), ("dataset", "path"),
+             ("output", "dir"), ("output", "resume"), ("dreambooth", "class_path")}
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def build_config(method: str, data: Mapping[str, Any], overrides: Iterable[str] = (),
+                 base_dir: str | None = None, source: str | None = None) -> Config:
+    """Build and validate a ``Config`` from parsed TOML ``data`` and ``--set`` overrides.
+
+    Args:
+        method: one of ``METHODS``.
+        data: the parsed file (sections of plain values); a top-level ``method`` key is allowed
+            and must then agree with ``method``.
+        overrides: ``SECTION.KEY=VALUE`` strings, applied after the file.
+        base_dir: folder that relative paths are taken from (default: the current folder).
+        source: the file name, for messages.
+
+    Returns:
+        The frozen config.
+
+    Raises:
+        ConfigError: an unknown section or key, a wrong type or an out-of-range value.
+    """
+    if method not in METHODS:
+        raise ConfigError(source, f"unknown method {method!r}", f"Use one of {', '.join(METHODS)}")
+    tables: dict[str, dict[str, Any]] = {}
+    for name, value in data.items():
+        if name == "method":
+            if value != method:
+                raise ConfigError(source, f"key method: the file says {value!r}, the command says {method!r}")
+            continue
+        if name not in SECTIONS:
+            raise ConfigError(source, f"unknown section [{name}]", f"Known sections: {', '.join(SECTIONS)}")
+        if not isinstance(value, Mapping):
+            raise ConfigError(source, f"key {name}: expected a table [{name}], got {_tname(value)}")
+        tables[name] = {k: (v, source) for k, v in value.items()}
+    for text in overrides:
+        key, value = parse_override(text)
+        section, _, name = key.partition(".")
+        if section not in SECTIONS:
+            raise ConfigError(None, f"--set {key}: unknown section {section!r}", f"Known sections: {', '.join(SECTIONS)}")
+        tables.setdefault(section, {})[name] = (value, "--set")
+    built = {}
+    for section, cls in SECTIONS.items():
+        given = tables.get(section, {})
+        known = {f.name: f for f in fields(cls)}
+        hints = typing.get_type_hints(cls)
+        values = {}
+        for name, (raw, where) in given.items():
+            if name not in known:
+                raise ConfigError(where, f"unknown key {section}.{name}", f"Known keys of [{section}]: {', '.join(known)}")
+            value = _coerce(f"{section}.{name}", raw, hints[name], where)
+            choices = known[name].metadata.get("choices")
+            if choices and value not in choices:
+                raise ConfigError(where, f"key {section}.{name}: {value!r} is not one of {', '.join(choices)}")
+            if (section, name) in PATH_KEYS and isinstance(value, str) and value and base_dir:
+                value = os.path.normpath(os.path.join(base_dir, os.path.expanduser(value)))
+            values[name] = value
+        built[section] = cls(**values)
+    config = Config(method, **built)
+    check(config, source)
+    return config
+
+
+def load_config(path: str | os.PathLike[str] | None, method: str, overrides: Iterable[str] = ()) -> Config:
+    """Read a TOML config file (or none) and apply overrides.
+
+    Raises:
+        ConfigError: the file cannot be read or parsed, or ``build_config`` refuses it.
+    """
+    if path is None:
+        return build_config(method, {}, overrides, os.getcwd())
+    p = os.fspath(path)
+    try:
+        data = read_toml(p)
+    except OSError as exc:
+        raise ConfigError(p, f"cannot be read ({exc.strerror or exc})", "Check the --config path") from None
+    except ValueError as exc:
+        raise ConfigError(p, f"is not valid TOML ({exc})", "Fix the syntax") from None
+    return build_config(method, data, overrides, os.path.dirname(os.path.abspath(p)), p)
+
+
+def _tname(value: Any) -> str:
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+            list: "an array", dict: "a table"}.get(type(value), type(value).__name__)
+
+
+def _coerce(key: str, value: Any, hint: Any, where: str | None) -> Any:
+    """Check ``value`` against the annotation ``hint`` (int, float, bool, str, X | None, tuples)."""
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("", "none")):
+            return None
+        return _coerce(key, value, args[0], where)
+    if origin is tuple:
+        parts = typing.get_args(hint)
+        if not isinstance(value, (list, tuple)) and parts[-1] is Ellipsis:
+            value = [value]  # one value where an array is expected: an array of one
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(where, f"key {key}: expected an array, got {_tname(value)}")
+        if parts[-1] is Ellipsis:
+            return tuple(_coerce(key, v, parts[0], where) for v in value)
+        if len(value) != len(parts):
+            raise ConfigError(where, f"key {key}: expected {len(parts)} values, got {len(value)}")
+        return tuple(_coerce(key, v, a, where) for v, a in zip(value, parts))
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise ConfigError(where, f"key {key}: expected true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(where, f"key {key}: expected an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(where, f"key {key}: expected a number, got {value!r}")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(where, f"key {key}: expected a string, got {_tname(value)}")
+    raise ConfigError(where, f"key {key}: unsupported type {hint!r}")  # pragma: no cover
+
+
+def _bad(source: str | None, key: str, problem: str) -> ConfigError:
+    return ConfigError(source, f"key {key}: {problem}")
+
+
+def check(config: Config, source: str | None = None) -> None:
+    """Cross-field and range checks that the types alone cannot express.
+
+    Raises:
+        ConfigError: the first problem found, naming its key.
+    """
+    c = config
+    if not c.model.path:
+        raise _bad(source, "model.path", "is required (a .safetensors/.ckpt checkpoint or a diffusers folder)")
+    if not c.dataset.path:
+        raise _bad(source, "dataset.path", "is required (a folder of images with .txt/.caption captions)")
+    positive = {
+        "dataset.resolution": c.dataset.resolution, "dataset.bucket_step": c.dataset.bucket_step,
+        "dataset.repeats": c.dataset.repeats, "network.dim": c.network.dim, "ti.vectors": c.ti.vectors,
+        "train.batch_size": c.train.batch_size, "train.grad_accum": c.train.grad_accum,
+        "model.clip_skip": c.model.clip_skip, "scheduler.cycles": c.scheduler.cycles,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            raise _bad(source, key, f"must be at least 1, got {value}")
+    at_least_zero = {
+        "train.epochs": c.train.epochs, "train.max_steps": c.train.max_steps,
+        "scheduler.warmup_steps": c.scheduler.warmup_steps, "output.save_every_steps": c.output.save_every_steps,
+        "output.save_every_epochs": c.output.save_every_epochs, "network.conv_dim": c.network.conv_dim,
+        "dataset.keep_tokens": c.dataset.keep_tokens, "train.min_snr_gamma": c.train.min_snr_gamma,
+        "train.noise_offset": c.train.noise_offset, "optimizer.weight_decay": c.optimizer.weight_decay,
+        "optimizer.max_grad_norm": c.optimizer.max_grad_norm, "dataset.min_image_size": c.dataset.min_image_size,
+        "dreambooth.prior_loss_weight": c.dreambooth.prior_loss_weight,
+    }
+    for key, num in at_least_zero.items():
+        if num < 0:
+            raise _bad(source, key, f"must not be negative, got {num}")
+    if c.train.max_steps == 0 and c.train.epochs == 0:
+        raise _bad(source, "train.max_steps", "give max_steps or epochs (both are 0)")
+    for key, p in (("dataset.tag_dropout", c.dataset.tag_dropout), ("dataset.caption_dropout", c.dataset.caption_dropout),
+                   ("network.dropout", c.network.dropout)):
+        if not 0.0 <= p < 1.0:
+            raise _bad(source, key, f"must be in [0, 1), got {p}")
+    if c.optimizer.lr <= 0:
+        raise _bad(source, "optimizer.lr", f"must be positive, got {c.optimizer.lr}")
+    for i, beta in enumerate(c.optimizer.betas):
+        if not 0.0 <= beta < 1.0:
+            raise _bad(source, f"optimizer.betas[{i}]", f"must be in [0, 1), got {beta}")
+    if not c.dataset.min_bucket <= c.dataset.resolution <= c.dataset.max_bucket:
+        raise _bad(source, "dataset.resolution", f"{c.dataset.resolution} is outside [min_bucket, max_bucket] = "
+                   f"[{c.dataset.min_bucket}, {c.dataset.max_bucket}]")
+    if c.dataset.resolution % 8:
+        raise _bad(source, "dataset.resolution", f"must be a multiple of 8, got {c.dataset.resolution}")
+    if c.method in ("lora", "locon") and not (c.network.train_unet or c.network.train_text_encoder):
+        raise _bad(source, "network.train_unet", "train_unet and train_text_encoder are both false: nothing to train")
+    ls = c.hypernetwork.layer_structure
+    if c.method == "hypernetwork" and (len(ls) < 2 or ls[0] != 1.0 or ls[-1] != 1.0 or min(ls) <= 0):
+        raise _bad(source, "hypernetwork.layer_structure", f"must start and end with 1 and be positive, got {list(ls)}")
+    if c.method == "ti":
+        if not c.ti.token.strip() or " " in c.ti.token.strip():
+            raise _bad(source, "ti.token", f"must be one word without spaces, got {c.ti.token!r}")
+        if not c.ti.init_word.strip():
+            raise _bad(source, "ti.init_word", "must not be empty")
+
+
+def resolved(config: Config) -> Config:
+    """The config with defaults that depend on the method filled in (LoCon conv rank, output name)."""
+    net = config.network
+    if config.method == "locon":
+        net = replace(net, conv_dim=net.conv_dim or net.dim, conv_alpha=net.conv_alpha or net.alpha)
+    out = config.output if config.output.name else replace(config.output, name=config.method)
+    return replace(config, network=net, output=out)
+
+
+__all__ = ["BASES", "METHODS", "SECTIONS", "Config", "DatasetConfig", "DreamBoothConfig", "HypernetworkConfig",
+           "ModelConfig", "NetworkConfig", "OptimizerConfig", "OutputConfig", "SchedulerConfig", "TIConfig", "TrainingConfig", "build_config",
+           "check", "load_config", "parse_override", "render_toml", "resolved"]

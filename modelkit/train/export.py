@@ -1,0 +1,98 @@
+"""Every training output goes out here: in-memory tensors -> the core's atomic safetensors writer.
+
+No ``torch.save`` and no pickle: tensors become ``OutTensor`` records with their bytes, and
+``modelkit.paths.atomic_output`` publishes the file only once it is complete.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .. import __version__, dtypes
+from ..formats.safetensors_write import OutTensor, write_stream
+from ..ops.metadata import modelspec
+from ..paths import atomic_output
+
+#: kohya ``ss_base_model_version`` and the SAI model-spec architecture, per (family, prediction).
+SS_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
+
+
+def architecture(family: str, prediction: str, adapter: str) -> str:
+    """``modelspec.architecture`` for an adapter (``lora``, ``textual-inversion`` ...) of a base, or for a
+    whole model (``checkpoint``)."""
+    if family == "sdxl":
+        head = "stable-diffusion-xl-v1-base"
+    elif family == "sd2":
+        head = "stable-diffusion-v2-768-v" if prediction == "v_prediction" else "stable-diffusion-v2-512"
+    else:
+        head = "stable-diffusion-v1"
+    return head if adapter == "checkpoint" else f"{head}/{adapter}"
+
+
+def common_metadata(title: str, family: str, prediction: str, adapter: str, resolution: int) -> dict[str, str]:
+    """The ``modelspec.*`` and ``modelkit.*`` keys every training output carries."""
+    out = modelspec(title, architecture(family, prediction, adapter))
+    out["modelspec.date"] = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat()
+    out["modelspec.resolution"] = f"{resolution}x{resolution}"
+    out["modelspec.prediction_type"] = "v" if prediction == "v_prediction" else "epsilon"
+    out["modelspec.implementation"] = "diffusers"
+    out["modelkit.version"] = __version__
+    return out
+
+
+def _dtype_of(tensor: Any) -> dtypes.DType:
+    name = str(tensor.dtype).removeprefix("torch.")
+    return dtypes.BY_NAME[name]
+
+
+def out_tensor(name: str, tensor: Any, dtype: Any = None) -> OutTensor:
+    """An ``OutTensor`` holding a copy of ``tensor``'s bytes (cast to ``dtype`` when it is floating point)."""
+    import torch
+
+    t = tensor.detach()
+    if dtype is not None and t.is_floating_point():
+        t = t.to(dtype)
+    t = t.contiguous().cpu()
+    raw = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+    return OutTensor(name, _dtype_of(t), tuple(int(s) for s in t.shape), None, raw)
+
+
+@dataclass(frozen=True)
+class Written:
+    """One file written."""
+
+    path: str
+    tensors: int
+    size: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "tensors": self.tensors, "size": self.size}
+
+
+def save_tensors(path: str | os.PathLike[str], tensors: Mapping[str, Any], metadata: Mapping[str, str] | None = None,
+                 *, dtype: Any = None, force: bool = False) -> Written:
+    """Write ``{name: torch.Tensor}`` as ``.safetensors``, atomically.
+
+    Args:
+        path: the output file.
+        tensors: the tensors (any device; copied to the CPU).
+        metadata: ``__metadata__`` strings.
+        dtype: cast floating-point tensors to this torch dtype.
+        force: replace an existing file.
+
+    Returns:
+        What was written.
+
+    Raises:
+        OutputExistsError: the file exists and ``force`` is false.
+        OutputWriteError: the file system refused.
+    """
+    target = os.fspath(path)
+    records = [out_tensor(k, v, dtype) for k, v in tensors.items()]
+    with atomic_output(target, force=force) as fd:
+        stats = write_stream(fd, records, dict(metadata or {}), path=target)
+    return Written(target, len(records), stats.size)

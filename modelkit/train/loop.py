@@ -1,0 +1,283 @@
+"""The training loop (accelerate): mixed precision, accumulation, saves, resume, NaN stop.
+
+``accelerate launch -m modelkit train ...`` runs the same loop on several GPUs or nodes: each
+process takes its share of every epoch's batches, and only the main process writes files.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import TrainingError, UsageError
+from ..paths import check_output
+from . import data
+from .config import Config, resolved
+from .export import common_metadata
+from .state import Counters, load_state, save_state
+from .step import compute_loss, load_batch
+
+#: ``progress(step, total, loss, lr)`` after every optimizer step.
+Progress = Callable[[int, int, float, float], None]
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What a run did."""
+
+    method: str
+    base: str
+    prediction: str
+    output: str
+    steps: int
+    epochs: float
+    loss: float
+    seconds: float
+    saved: tuple[str, ...] = ()
+    states: tuple[str, ...] = ()
+    images: int = 0
+    skipped: tuple[data.Skipped, ...] = ()
+    notes: tuple[str, ...] = ()
+    losses: tuple[float, ...] = field(default=(), repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, "base": self.base, "prediction": self.prediction, "output": self.output,
+                "steps": self.steps, "epochs": self.epochs, "loss": self.loss, "seconds": round(self.seconds, 3),
+                "saved": list(self.saved), "states": list(self.states), "images": self.images,
+                "skipped": [s.to_dict() for s in self.skipped], "notes": list(self.notes)}
+
+
+def _weight_dtype(precision: str) -> Any:
+    import torch
+
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
+
+
+def _accelerator(config: Config) -> Any:
+    from accelerate import Accelerator
+
+    tc = config.train
+    try:
+        return Accelerator(mixed_precision=tc.mixed_precision, cpu=tc.device == "cpu")
+    except (ValueError, RuntimeError) as exc:
+        raise UsageError(None, f"key train.mixed_precision={tc.mixed_precision}: {exc}",
+                         "Use bf16 or no on this device") from None
+
+
+def make_optimizer(config: Config, groups: list[dict[str, Any]]) -> Any:
+    """AdamW (torch) or AdamW8bit (bitsandbytes, when installed)."""
+    import torch
+
+    oc = config.optimizer
+    kwargs: dict[str, Any] = {"lr": oc.lr, "betas": oc.betas, "eps": oc.eps, "weight_decay": oc.weight_decay}
+    if oc.name == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise UsageError(None, "key optimizer.name=adamw8bit needs bitsandbytes",
+                             "Run: pip install bitsandbytes, or use adamw") from None
+        return bnb.optim.AdamW8bit(groups, **kwargs)
+    return torch.optim.AdamW(groups, **kwargs)
+
+
+def _fingerprint(config: Config) -> dict[str, Any]:
+    """Settings a resume must keep (the rest may change, e.g. max_steps or the save cadence)."""
+    c = config
+    d = c.to_dict()
+    return {"method": c.method, "network": d["network"], "ti": d["ti"], "hypernetwork": d["hypernetwork"],
+            "dreambooth": {k: v for k, v in d["dreambooth"].items() if k != "class_path"}, "seed": c.train.seed,
+            "batch_size": c.train.batch_size, "grad_accum": c.train.grad_accum, "optimizer": c.optimizer.name}
+
+
+def train(config: Config, progress: Progress | None = None,
+          on_skip: Callable[[data.Skipped], None] | None = None) -> TrainResult:
+    """Train ``config.method`` on ``config.dataset`` and write ``.safetensors`` outputs.
+
+    Args:
+        config: the run (``modelkit.train.load_config``).
+        progress: called after each optimizer step.
+        on_skip: called for each dataset image that is skipped.
+
+    Returns:
+        A ``TrainResult``.
+
+    Raises:
+        ConfigError, UsageError: a bad setting. OutputExistsError: the output exists (no ``force``).
+        TrainingError: the loss became NaN/inf, or the resume state does not fit.
+    """
+    import torch
+
+    from .base import load_base
+    from .methods import make_method
+
+    started = time.monotonic()
+    cfg = resolved(config)
+    oc = cfg.output
+    os.makedirs(oc.dir, exist_ok=True)
+    final = os.path.join(oc.dir, f"{oc.name}.safetensors")
+    final_state = os.path.join(oc.dir, f"{oc.name}-state")
+    check_output(final, force=oc.force)
+    if oc.save_state and os.path.abspath(final_state) != os.path.abspath(oc.resume or ""):
+        check_output(os.path.join(final_state, "state.safetensors"), force=oc.force)
+    # Saves past the resumed step belong to the abandoned run: a resume may replace them.
+    replace_saves = oc.force or oc.resume is not None
+    accelerator = _accelerator(cfg)
+    weight_dtype = _weight_dtype(cfg.train.mixed_precision)
+    ds = data.scan(cfg.dataset, on_skip)
+    base = load_base(cfg.model, dtype=weight_dtype)
+    method = make_method(cfg, base)
+    groups = method.prepare()
+    _configure(cfg, base, method, weight_dtype)
+    optimizer = make_optimizer(cfg, groups)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    per_epoch = len(ds.batches(cfg.train.batch_size, cfg.train.seed, 0)) // world
+    if per_epoch < 1:
+        raise UsageError(cfg.dataset.path, f"{len(ds.items)} images make fewer batches than processes ({world})")
+    steps_per_epoch = max(1, per_epoch // cfg.train.grad_accum)
+    total = cfg.train.max_steps or steps_per_epoch * cfg.train.epochs
+    if cfg.train.epochs:
+        total = min(total, steps_per_epoch * cfg.train.epochs)
+    from diffusers.optimization import get_scheduler
+
+    scheduler = get_scheduler(cfg.scheduler.name, optimizer, num_warmup_steps=cfg.scheduler.warmup_steps,
+                              num_training_steps=total, num_cycles=cfg.scheduler.cycles, power=cfg.scheduler.power)
+    unet = accelerator.prepare(base.unet) if method.name != "ti" else base.unet
+    for i, on in enumerate(method.train_text):
+        if on:  # wrapped for multi-GPU gradient sync; the method keeps references to the inner module
+            base.text_encoders[i] = accelerator.prepare(base.text_encoders[i])
+    optimizer = accelerator.prepare(optimizer)
+    params = method.trainable()
+    counters = Counters(0, 0)
+    if oc.resume:
+        counters = load_state(oc.resume, params, optimizer, scheduler, accelerator.scaler, _fingerprint(cfg))
+    for m in method.modules_in_training():
+        m.train()
+    device = accelerator.device
+    for m in (base.vae, *base.text_encoders):
+        m.to(device)
+    base.unet.to(device)
+    text_grad = any(method.train_text)
+    meta = _metadata(cfg, base, ds, method.adapter)
+    saved: list[str] = []
+    states: list[str] = []
+    losses: list[float] = []
+    epoch_batches: dict[int, list[list[int]]] = {}
+    step, micro = counters.step, counters.micro
+    running = 0.0
+    trainable = [p for g in groups for p in g["params"]]
+    while step < total:
+        epoch, index = divmod(micro, per_epoch)
+        if epoch not in epoch_batches:
+            epoch_batches = {epoch: ds.batches(cfg.train.batch_size, cfg.train.seed, epoch)}
+        batch = load_batch(ds, epoch_batches[epoch][index * world + rank], cfg, micro, method.caption)
+        prior = method.prior_batch(micro)
+        with accelerator.autocast():
+            loss = compute_loss(cfg, base, unet, batch, micro, device, weight_dtype, text_grad)
+            if prior is not None:  # DreamBooth's prior preservation, with its own noise stream
+                loss = loss + cfg.dreambooth.prior_loss_weight * compute_loss(
+                    cfg, base, unet, prior, -1 - micro, device, weight_dtype, text_grad)
+        if not torch.isfinite(loss):
+            raise TrainingError(None, f"the loss became {loss.detach().item()} at step {step + 1} (micro-batch {micro})",
+                                "Lower optimizer.lr, use bf16 rather than fp16, or check the images and captions")
+        accelerator.backward(loss / cfg.train.grad_accum)
+        running += float(loss.detach()) / cfg.train.grad_accum
+        micro += 1
+        if micro % cfg.train.grad_accum:
+            continue
+        if cfg.optimizer.max_grad_norm:
+            accelerator.clip_grad_norm_(trainable, cfg.optimizer.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        losses.append(running)
+        if progress is not None:
+            progress(step, total, running, float(scheduler.get_last_lr()[0]))
+        running = 0.0
+        epoch_done = micro // per_epoch > (micro - cfg.train.grad_accum) // per_epoch
+        due = (oc.save_every_steps and step % oc.save_every_steps == 0) or (
+            oc.save_every_epochs and epoch_done and (micro // per_epoch) % oc.save_every_epochs == 0)
+        if due and step < total and accelerator.is_main_process:
+            tag = f"{oc.name}-step{step:06d}"
+            out = os.path.join(oc.dir, tag + ".safetensors")
+            saved.append(_export(method, out, meta, cfg, step, micro / per_epoch, replace_saves))
+            if oc.save_state:
+                states.append(save_state(os.path.join(oc.dir, tag + "-state"), Counters(step, micro), params, optimizer,
+                                         scheduler, accelerator.scaler, _fingerprint(cfg), force=replace_saves))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        saved.append(_export(method, final, meta, cfg, step, micro / per_epoch, oc.force))
+        if oc.save_state:
+            states.append(save_state(final_state, Counters(step, micro), params, optimizer, scheduler,
+                                     accelerator.scaler, _fingerprint(cfg), force=True))
+    return TrainResult(cfg.method, base.family, base.prediction, saved[-1] if saved else final, step,
+                       round(micro / per_epoch, 3), losses[-1] if losses else float("nan"),
+                       time.monotonic() - started, tuple(saved), tuple(states), len(ds.items), tuple(ds.skipped),
+                       tuple(base.notes), tuple(losses))
+
+
+def _configure(cfg: Config, base: Any, method: Any, weight_dtype: Any) -> None:
+    """Attention processor, gradient checkpointing and the SDXL VAE's fp32 upcast."""
+    import torch
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    base.unet.set_attn_processor(AttnProcessor2_0() if cfg.train.attention == "sdpa" else AttnProcessor())
+    if cfg.train.gradient_checkpointing:
+        base.unet.enable_gradient_checkpointing()
+        for te, on in zip(base.text_encoders, method.train_text):
+            if on:
+                te.gradient_checkpointing_enable()
+    if base.family == "sdxl" and weight_dtype == torch.float16:
+        base.vae.to(torch.float32)  # the SDXL VAE overflows in fp16
+
+
+def _metadata(cfg: Config, base: Any, ds: data.Dataset, adapter: str) -> dict[str, str]:
+    import json
+
+    d, t, o = cfg.dataset, cfg.train, cfg.optimizer
+    images = sum(i.repeats for i in ds.items)
+    dirs: dict[str, dict[str, int]] = {}
+    for item in ds.items:
+        group = os.path.relpath(os.path.dirname(item.path), d.path).split(os.sep)[0]
+        entry = dirs.setdefault(group, {"n_repeats": item.repeats, "img_count": 0})
+        entry["img_count"] += 1
+    meta = common_metadata(cfg.output.name, base.family, base.prediction, adapter, d.resolution)
+    if cfg.method not in ("lora", "locon"):
+        return meta
+    meta.update({
+        "ss_session_id": str(random.Random(t.seed).randint(0, 2**31)), "ss_output_name": cfg.output.name,
+        "ss_training_comment": "modelkit train", "ss_sd_model_name": os.path.basename(cfg.model.path.rstrip("/")),
+        "ss_learning_rate": repr(o.lr), "ss_optimizer": "bitsandbytes.optim.AdamW8bit" if o.name == "adamw8bit"
+        else "torch.optim.AdamW", "ss_lr_scheduler": cfg.scheduler.name, "ss_lr_warmup_steps": str(cfg.scheduler.warmup_steps),
+        "ss_max_train_steps": str(t.max_steps), "ss_num_epochs": str(t.epochs), "ss_batch_size_per_device": str(t.batch_size),
+        "ss_gradient_accumulation_steps": str(t.grad_accum), "ss_mixed_precision": t.mixed_precision,
+        "ss_gradient_checkpointing": str(t.gradient_checkpointing), "ss_seed": str(t.seed),
+        "ss_min_snr_gamma": str(t.min_snr_gamma or None), "ss_noise_offset": str(t.noise_offset or None),
+        "ss_clip_skip": str(cfg.model.clip_skip), "ss_max_grad_norm": str(o.max_grad_norm),
+        "ss_resolution": f"({d.resolution}, {d.resolution})", "ss_enable_bucket": str(d.bucketing),
+        "ss_min_bucket_reso": str(d.min_bucket), "ss_max_bucket_reso": str(d.max_bucket),
+        "ss_keep_tokens": str(d.keep_tokens), "ss_shuffle_caption": str(d.shuffle_tags),
+        "ss_caption_dropout_rate": str(d.caption_dropout), "ss_caption_tag_dropout_rate": str(d.tag_dropout),
+        "ss_flip_aug": str(d.flip), "ss_num_train_images": str(images), "ss_num_reg_images": "0",
+        "ss_tag_frequency": json.dumps(ds.tag_frequency, ensure_ascii=False), "ss_dataset_dirs": json.dumps(dirs),
+        "ss_training_started_at": str(time.time()),
+    })
+    return meta
+
+
+def _export(method: Any, path: str, meta: dict[str, str], cfg: Config, step: int, epoch: float, force: bool) -> str:
+    import torch
+
+    dtype = getattr(torch, cfg.output.dtype)
+    extra = {"modelkit.step": str(step)}
+    if cfg.method in ("lora", "locon"):
+        extra.update({"ss_steps": str(step), "ss_epoch": str(math.ceil(epoch)), "ss_training_finished_at": str(time.time())})
+    return str(method.export(path, {**meta, **extra}, dtype, force).path)
+
+
+__all__ = ["Progress", "TrainResult", "make_optimizer", "train"]

@@ -1,0 +1,82 @@
+"""Training methods: each decides what is trainable and how its result is written.
+
+A method is built on a loaded ``BaseModel``; the loop asks it for parameter groups, lets it rewrite
+captions, and hands it the output path when it is time to save.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ...errors import UsageError
+from ..base import BaseModel
+from ..config import Config
+from ..export import Written
+
+
+class Method:
+    """The interface the loop uses. Subclasses fill in ``prepare``, ``trainable`` and ``export``.
+
+    Attributes:
+        name: the method name from the command line.
+        adapter: the ``modelspec.architecture`` suffix of its output.
+        train_text: per text encoder, whether gradients flow through it.
+    """
+
+    name = ""
+    adapter = ""
+
+    def __init__(self, config: Config, base: BaseModel):
+        self.config = config
+        self.base = base
+        self.train_text = [False] * len(base.text_encoders)
+
+    def prepare(self) -> list[dict[str, Any]]:
+        """Make the trainable parameters (fp32) and return the optimizer's parameter groups."""
+        raise NotImplementedError
+
+    def trainable(self) -> dict[str, Any]:
+        """Every trainable parameter by a stable name (saved in and restored from a resume state)."""
+        raise NotImplementedError
+
+    def caption(self, text: str) -> str:
+        """The caption as the text encoder should see it."""
+        return text
+
+    def export(self, path: str, metadata: dict[str, str], dtype: Any, force: bool) -> Written:
+        """Write the trained result as ``.safetensors`` to ``path``."""
+        raise NotImplementedError
+
+    def prior_batch(self, micro: int) -> Any:
+        """A class-image batch for prior preservation at this micro-step (DreamBooth), else None."""
+        return None
+
+    def modules_in_training(self) -> list[Any]:
+        """The modules to put in train mode (the rest stay in eval mode)."""
+        mods = [self.base.unet] if self.config.method in ("lora", "locon", "dreambooth") else []
+        return mods + [te for te, on in zip(self.base.text_encoders, self.train_text) if on]
+
+
+def make_method(config: Config, base: BaseModel) -> Method:
+    """The method object for ``config.method``.
+
+    Raises:
+        UsageError: a method that this version cannot train yet.
+    """
+    if config.method in ("lora", "locon"):
+        from .lora import LoRA
+
+        return LoRA(config, base)
+    if config.method == "ti":
+        from .ti import TextualInversion
+
+        return TextualInversion(config, base)
+    if config.method == "dreambooth":
+        from .dreambooth import DreamBooth
+
+        return DreamBooth(config, base)
+    if config.method == "hypernetwork":
+        from .hypernetwork import Hypernetwork
+
+        return Hypernetwork(config, base)
+    raise UsageError(None, f"unknown method {config.method}", "Use lora, locon, ti, hypernetwork or dreambooth")

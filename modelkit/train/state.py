@@ -1,0 +1,131 @@
+"""A resumable training state: ``state.safetensors`` (tensors) + ``state.json`` (everything else).
+
+Nothing is pickled. The tensors are the trainable parameters (``param.<name>``) and each tensor of
+the optimizer state (``optim.<param index>.<key>``, for AdamW ``step``, ``exp_avg``, ``exp_avg_sq``);
+the JSON holds the step counters, the optimizer's parameter groups and scalar state, the LR
+scheduler, the gradient scaler and a fingerprint of the settings a resume must not change. The JSON
+is written last, so a folder without it is an interrupted save and is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import TrainingError
+from ..paths import write_text_atomic
+from .export import save_tensors
+
+STATE_TENSORS = "state.safetensors"
+STATE_JSON = "state.json"
+FORMAT = "modelkit.train.state/1"
+
+
+@dataclass(frozen=True)
+class Counters:
+    """Where a run stands: optimizer steps done and micro-batches consumed."""
+
+    step: int
+    micro: int
+
+
+def save_state(folder: str, counters: Counters, params: dict[str, Any], optimizer: Any, scheduler: Any,
+               scaler: Any, fingerprint: dict[str, Any], force: bool = False) -> str:
+    """Write a state folder (created if needed); returns its path.
+
+    Raises:
+        OutputExistsError: the folder already holds a state and ``force`` is false.
+    """
+    os.makedirs(folder, exist_ok=True)
+    tensors: dict[str, Any] = {f"param.{k}": v for k, v in params.items()}
+    opt = optimizer.state_dict()
+    scalars: dict[str, dict[str, Any]] = {}
+    for idx, entry in opt["state"].items():
+        for key, value in entry.items():
+            if hasattr(value, "dtype") and hasattr(value, "shape"):
+                tensors[f"optim.{idx}.{key}"] = value
+            else:
+                scalars.setdefault(str(idx), {})[key] = value
+    meta = {
+        "format": FORMAT, "step": counters.step, "micro": counters.micro, "fingerprint": fingerprint,
+        "optimizer": {"param_groups": opt["param_groups"], "scalars": scalars},
+        "scheduler": _jsonable(scheduler.state_dict()) if scheduler is not None else None,
+        "scaler": _jsonable(scaler.state_dict()) if scaler is not None else None,
+    }
+    save_tensors(os.path.join(folder, STATE_TENSORS), tensors, {"format": FORMAT}, force=force)
+    write_text_atomic(os.path.join(folder, STATE_JSON), json.dumps(meta, indent=1, sort_keys=True))
+    return folder
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if hasattr(value, "item") and hasattr(value, "numel") and value.numel() == 1:
+        return value.item()
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return None  # functions (LambdaLR's lambdas) are rebuilt from the config, not saved
+
+
+def load_state(folder: str, params: dict[str, Any], optimizer: Any, scheduler: Any, scaler: Any,
+               fingerprint: dict[str, Any]) -> Counters:
+    """Restore parameters, optimizer, scheduler and scaler in place from a state folder.
+
+    Args:
+        folder: a folder written by ``save_state``.
+        params: the run's trainable parameters by name (must match the saved ones exactly).
+        optimizer, scheduler, scaler: restored with ``load_state_dict`` (scaler may be None).
+        fingerprint: this run's settings; a change in any of them is refused.
+
+    Returns:
+        The counters to continue from.
+
+    Raises:
+        TrainingError: a missing, interrupted or mismatching state.
+    """
+    import torch
+
+    from .. import load
+
+    meta_path = os.path.join(folder, STATE_JSON)
+    if not os.path.isfile(meta_path):
+        raise TrainingError(folder, f"has no {STATE_JSON} (not a state folder, or its save was interrupted)",
+                            "Point output.resume at a folder written by a save of modelkit train")
+    with open(meta_path, encoding="utf-8") as f:
+        meta = json.load(f)
+    if meta.get("format") != FORMAT:
+        raise TrainingError(folder, f"is a state of format {meta.get('format')!r}, not {FORMAT}")
+    changed = sorted(k for k in fingerprint if meta.get("fingerprint", {}).get(k) != fingerprint[k])
+    if changed:
+        raise TrainingError(folder, f"was saved with other settings for {', '.join(changed)}",
+                            "Resume with the settings the state was saved with")
+    tensors = load(os.path.join(folder, STATE_TENSORS))
+    names = {k[len("param."):] for k in tensors if k.startswith("param.")}
+    if names != set(params):
+        missing = sorted(set(params) - names)[:1] or sorted(names - set(params))[:1]
+        raise TrainingError(folder, f"holds other trainable tensors than this run (first difference: {missing[0]!r})")
+    with torch.no_grad():
+        for name, p in params.items():
+            saved = tensors[f"param.{name}"]
+            if tuple(saved.shape) != tuple(p.shape):
+                raise TrainingError(folder, f"tensor {name!r} has shape {list(saved.shape)}, the run has {list(p.shape)}")
+            p.copy_(saved.to(p.dtype))
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, idx, name = key.split(".", 2)
+            state.setdefault(int(idx), {})[name] = value.clone()
+    for idx, entries in meta["optimizer"]["scalars"].items():
+        state.setdefault(int(idx), {}).update(entries)
+    optimizer.load_state_dict({"state": state, "param_groups": meta["optimizer"]["param_groups"]})
+    if scheduler is not None and meta.get("scheduler"):
+        sched = dict(meta["scheduler"])
+        sched.pop("lr_lambdas", None)
+        scheduler.load_state_dict({**scheduler.state_dict(), **sched})
+    if scaler is not None and meta.get("scaler"):
+        scaler.load_state_dict(meta["scaler"])
+    return Counters(int(meta["step"]), int(meta["micro"]))

@@ -1,0 +1,136 @@
+"""One training step's maths: encode images and captions, add noise, predict, weigh the loss.
+
+Every random draw of a micro-step comes from a generator seeded with ``(seed, micro-step)``, so a
+resumed run draws exactly what an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from .base import BaseModel
+from .config import Config
+
+
+@dataclass
+class Batch:
+    """One micro-batch, on the CPU."""
+
+    pixels: Any  # [B, 3, H, W] in [-1, 1]
+    captions: list[str]
+    original_sizes: list[tuple[int, int]]  # (height, width)
+    crops: list[tuple[int, int]]  # (top, left)
+
+
+def load_batch(ds: Any, indices: list[int], config: Config, micro: int, caption: Callable[[str], str]) -> Batch:
+    """Read one micro-batch: pixels cropped to the bucket, captions processed with the sample's own RNG."""
+    import torch
+
+    from . import data
+
+    pixels, captions, sizes, crops = [], [], [], []
+    for slot, i in enumerate(indices):
+        item = ds.items[i]
+        rng = data.sample_rng(config.train.seed, micro, slot)
+        flip = config.dataset.flip and rng.random() < 0.5
+        px, crop = data.load_pixels(item, flip)
+        pixels.append(px)
+        captions.append(caption(data.process_caption(item.caption, config.dataset, rng)))
+        sizes.append((item.size[1], item.size[0]))
+        crops.append(crop)
+    return Batch(torch.stack(pixels), captions, sizes, crops)
+
+
+def generator(seed: int, micro: int) -> Any:
+    """The CPU generator of one micro-step."""
+    import torch
+
+    return torch.Generator(device="cpu").manual_seed((seed * 1_000_003 + micro) % (2**63))
+
+
+def _final_norm(encoder: Any) -> Any:
+    inner = getattr(encoder, "module", encoder)  # unwrap DistributedDataParallel
+    inner = getattr(inner, "text_model", inner)
+    return inner.final_layer_norm
+
+
+def encode_text(base: BaseModel, captions: list[str], device: Any, clip_skip: int = 1) -> tuple[Any, Any]:
+    """``(encoder_hidden_states, pooled or None)`` for the captions.
+
+    SD1/SD2 use the last layer (or the ``clip_skip``-th last, re-normalised); SDXL concatenates the
+    penultimate layers of both encoders and adds the second one's projected pooled output.
+    """
+    import torch
+
+    ids = [tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
+               return_tensors="pt").input_ids.to(device) for tok in base.tokenizers]
+    if base.family != "sdxl":
+        te = base.text_encoders[0]
+        if clip_skip <= 1:
+            return te(ids[0])[0], None
+        out = te(ids[0], output_hidden_states=True)
+        return _final_norm(te)(out.hidden_states[-clip_skip]), None
+    out1 = base.text_encoders[0](ids[0], output_hidden_states=True)
+    out2 = base.text_encoders[1](ids[1], output_hidden_states=True)
+    states = torch.cat([out1.hidden_states[-2], out2.hidden_states[-2].to(out1.hidden_states[-2].dtype)], dim=-1)
+    return states, out2.text_embeds
+
+
+def time_ids(batch: Batch, device: Any, dtype: Any) -> Any:
+    """SDXL's size conditioning: original size, crop corner, target size, per sample."""
+    import torch
+
+    h, w = batch.pixels.shape[-2:]
+    rows = [[*orig, *crop, int(h), int(w)] for orig, crop in zip(batch.original_sizes, batch.crops)]
+    return torch.tensor(rows, device=device, dtype=dtype)
+
+
+def compute_loss(config: Config, base: BaseModel, unet: Any, batch: Batch, micro: int, device: Any,
+                 weight_dtype: Any, text_grad: bool) -> Any:
+    """The (min-SNR weighted) diffusion loss of one micro-batch, as a float32 scalar tensor."""
+    import torch
+    import torch.nn.functional as F
+
+    tc = config.train
+    gen = generator(tc.seed, micro)
+    vae = base.vae
+    with torch.no_grad():
+        pixels = batch.pixels.to(device=device, dtype=vae.dtype)
+        dist = vae.encode(pixels).latent_dist
+        latents = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=gen).to(device, dist.mean.dtype)
+        latents = (latents * vae.config.scaling_factor).to(weight_dtype)
+    noise = torch.randn(latents.shape, generator=gen).to(device, weight_dtype)
+    if tc.noise_offset:
+        offset = torch.randn(latents.shape[0], latents.shape[1], 1, 1, generator=gen)
+        noise = noise + tc.noise_offset * offset.to(device, weight_dtype)
+    sched = base.scheduler
+    timesteps = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), generator=gen).to(device)
+    noisy = sched.add_noise(latents, noise, timesteps)
+    with torch.set_grad_enabled(text_grad):
+        states, pooled = encode_text(base, batch.captions, device, config.model.clip_skip)
+    kwargs: dict[str, Any] = {}
+    if base.family == "sdxl":
+        kwargs["added_cond_kwargs"] = {"text_embeds": pooled.to(weight_dtype),
+                                       "time_ids": time_ids(batch, device, weight_dtype)}
+    pred = unet(noisy, timesteps, states.to(weight_dtype), **kwargs).sample
+    if base.prediction == "v_prediction":
+        target = sched.get_velocity(latents, noise, timesteps)
+    else:
+        target = noise
+    loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=[1, 2, 3])
+    if tc.min_snr_gamma:
+        loss = loss * snr_weights(sched, timesteps, tc.min_snr_gamma, base.prediction).to(loss.device)
+    return loss.mean()
+
+
+def snr_weights(scheduler: Any, timesteps: Any, gamma: float, prediction: str) -> Any:
+    """min-SNR-gamma weights (Hang et al. 2023): min(SNR, gamma) / SNR, or / (SNR + 1) for v-prediction."""
+    import torch
+
+    alphas = scheduler.alphas_cumprod.to(torch.float32)
+    a = alphas[timesteps.cpu()]
+    snr = a / (1.0 - a)
+    clipped = torch.clamp(snr, max=gamma)
+    return clipped / (snr + 1.0) if prediction == "v_prediction" else clipped / snr
