@@ -22,6 +22,9 @@ from .model import ModelFile, TensorRef
 from .ops.convert import ConvertResult, convert
 from .ops.hashes import hash_file
 from .ops.inspect import InspectResult, inspect
+from .ops.lora.bake import MergeLoraResult, merge_lora
+from .ops.lora.extract import LoraOutResult, extract_lora
+from .ops.merge import MergeModelsResult, merge_models
 from .ops.prune import PruneResult, prune
 from .ops.verify import diff, verify
 
@@ -30,6 +33,9 @@ __all__ = [
     "Detection",
     "FormatError",
     "InspectResult",
+    "LoraOutResult",
+    "MergeLoraResult",
+    "MergeModelsResult",
     "ModelFile",
     "ModelkitError",
     "PruneResult",
@@ -38,11 +44,14 @@ __all__ = [
     "__version__",
     "convert",
     "detect",
+    "extract_lora",
     "diff",
     "hash_file",
     "inspect",
     "load",
     "load_into",
+    "merge_lora",
+    "merge_models",
     "open_model",
     "prune",
     "scan",

@@ -23,6 +23,8 @@ def _register() -> None:
     from .hash_cmd import hash_cmd
     from .inspect_cmd import inspect_cmd
     from .load_cmd import load_cmd
+    from .lora_cmd import lora_group
+    from .merge_cmd import merge_group
     from .prune_cmd import prune_cmd
     from .scan_cmd import scan_cmd
     from .train_cmd import train_cmd
@@ -34,6 +36,8 @@ def _register() -> None:
     cli.add_command(prune_cmd)
     cli.add_command(load_cmd)
     cli.add_command(hash_cmd)
+    cli.add_command(merge_group)
+    cli.add_command(lora_group)
     cli.add_command(train_cmd)
     cli.add_command(verify_cmd)
     cli.add_command(diff_cmd)

@@ -9,6 +9,8 @@ tensor depends on whether its bytes change:
   output file inside the kernel, with a ``pread``/``write`` fallback in fixed-size chunks;
 * bytes that change (a dtype cast, a non-contiguous view, a big-endian array, a deflated or
   inline storage) pass through one buffer, allocated once and sized for the largest of them;
+* bytes computed by the caller (a merge) come from ``OutTensor.compute``, called when the writer
+  reaches that tensor, so only the tensors in flight are ever held;
 * torch is imported only when a tensor is cast; gathers and byte swaps use numpy.
 
 The layout is the one ``safetensors.torch.save_file`` writes, byte for byte: tensors sorted by
@@ -56,6 +58,10 @@ class OutTensor:
         shape: the output shape (the source's).
         ref: where the bytes come from.
         data: replacement bytes (little-endian, C order) used instead of ``ref``.
+        compute: a zero-argument callable the writer calls when it reaches this tensor; it returns
+            the tensor's bytes (any object with the buffer protocol: ``bytes``, a numpy array ...,
+            little-endian, C order, exactly ``nbytes`` long). Merges use it so that each output
+            tensor is computed only when it is written, never all at once.
     """
 
     name: str
@@ -63,6 +69,7 @@ class OutTensor:
     shape: tuple[int, ...]
     ref: TensorRef | None = None
     data: bytes | None = field(default=None, repr=False)
+    compute: Callable[[], Any] | None = field(default=None, repr=False, compare=False)
 
     @property
     def numel(self) -> int:
@@ -77,7 +84,7 @@ class OutTensor:
 
     @property
     def is_cast(self) -> bool:
-        return self.data is None and self.ref is not None and self.ref.dtype != self.dtype
+        return self.data is None and self.compute is None and self.ref is not None and self.ref.dtype != self.dtype
 
     @classmethod
     def of(cls, ref: TensorRef, name: str | None = None, dtype: DType | None = None) -> OutTensor:
@@ -147,6 +154,8 @@ def layout(tensors: Sequence[OutTensor], metadata: Mapping[str, str] | None = No
             )
         if t.data is not None and len(t.data) != t.nbytes:
             raise FormatError(path, f"tensor {t.name!r}: {len(t.data)} replacement bytes for {t.nbytes}")
+        if t.data is not None and t.compute is not None:
+            raise FormatError(path, f"tensor {t.name!r} has both replacement bytes and a compute function")
     order = sorted(tensors, key=lambda t: (-_RANK[t.dtype.st or ""], t.name))
     parts: list[str] = []
     value_offsets: dict[str, int] = {}
@@ -235,6 +244,10 @@ def write_stream(
             assert t.data is not None
             _write_all(fd, t.data)
             transformed += t.nbytes
+        elif mode == "compute":
+            assert t.compute is not None
+            _write_computed(fd, t, path)
+            transformed += t.nbytes
         elif mode == "inline":
             assert t.ref is not None and t.ref.inline is not None
             begin, end = t.ref.byte_range
@@ -264,6 +277,8 @@ def write_stream(
 def _mode(t: OutTensor) -> str:
     if t.data is not None:
         return "data"
+    if t.compute is not None:
+        return "compute"
     ref = t.ref
     if ref is None:
         raise ValueError(f"tensor {t.name!r} has neither a source nor data")
@@ -276,6 +291,16 @@ def _mode(t: OutTensor) -> str:
         if ref.source is not None:
             return "copy"
     return "buffer"
+
+
+def _write_computed(fd: int, t: OutTensor, path: str | None) -> None:
+    """Call ``t.compute`` and write what it returns, after checking its length."""
+    assert t.compute is not None
+    payload = t.compute()
+    view = memoryview(payload).cast("B")
+    if len(view) != t.nbytes:
+        raise FormatError(path, f"tensor {t.name!r}: computed {len(view)} bytes for {t.nbytes}")
+    _write_all(fd, view)
 
 
 def _buffer_need(t: OutTensor) -> int:

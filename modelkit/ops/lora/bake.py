@@ -1,0 +1,327 @@
+"""``modelkit merge lora``: bake LoRA-family files into a checkpoint, streaming, in one op for every base.
+
+The LoRAs are loaded into RAM; the checkpoint is streamed one tensor at a time. Every LoRA module is
+matched to a checkpoint weight through the forward key table built from the checkpoint's own keys
+(``keymap.KeyMap``) and checked against its shape before anything is written. A weight no LoRA
+touches is copied byte for byte; a touched one is read, widened into a reused scratch buffer in the
+compute dtype, changed by each module in turn (``math.apply``: one ``addmm_`` for a plain LoRA)
+and rounded once to its output dtype just before the writer needs it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ...detect import detect_modelfile
+from ...errors import UsageError
+from ...formats import open_model
+from ...formats.safetensors_write import OutTensor, WriteStats
+from ...model import TensorRef
+from ...paths import check_output
+from .. import metadata as md
+from ..convert import Progress, check_scan, default_output
+from ..streaming import (
+    COMPUTE_DTYPES,
+    OUTPUT_DTYPES,
+    Ahead,
+    Slots,
+    collect_garbage,
+    default_jobs,
+    float_dtype,
+    narrow_in_place,
+    read_into,
+    tensor_bytes,
+    write_output,
+)
+from . import math as lmath
+from .keymap import KeyMap
+from .loader import LoraFile, Module, load_lora
+
+#: Unmatched module names shown in a message.
+SHOW = 3
+
+
+@dataclass(frozen=True)
+class LoraUse:
+    """One LoRA as it went into a merge.
+
+    Attributes:
+        path, sha256: the file.
+        ratio: its ratio (``--unet-ratio``/``--te-ratio`` multiply it per component).
+        base: the base detection gave it; key_style: its key style.
+        modules: its modules; matched: those merged; unmatched: names that matched nothing.
+        algorithms: module kind -> count.
+    """
+
+    path: str
+    sha256: str
+    ratio: float
+    base: str | None
+    key_style: str | None
+    modules: int
+    matched: int
+    unmatched: tuple[str, ...]
+    algorithms: dict[str, int]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "sha256": self.sha256, "ratio": self.ratio, "base": self.base,
+                "key_style": self.key_style, "modules": self.modules, "matched": self.matched,
+                "unmatched": list(self.unmatched), "algorithms": dict(self.algorithms)}
+
+
+@dataclass(frozen=True)
+class MergeLoraResult:
+    """What ``merge_lora`` did (or would do).
+
+    Attributes:
+        source, output, status: the checkpoint, the output, ``written`` or ``dry-run``.
+        base: the checkpoint's base model; loras: each LoRA's use.
+        unet_ratio, te_ratio, compute_dtype, dtype: the options.
+        tensors: output tensors; touched: tensors a LoRA changed; size: output bytes.
+        overflow: tensor -> values that became inf in the output dtype.
+        scan: the checkpoint's scan verdict (the LoRAs are scanned too; an unsafe one is refused).
+    """
+
+    source: str
+    output: str
+    status: str
+    base: str | None
+    loras: tuple[LoraUse, ...]
+    unet_ratio: float
+    te_ratio: float
+    compute_dtype: str
+    dtype: str | None
+    tensors: int
+    touched: int
+    size: int
+    overflow: dict[str, int] = field(default_factory=dict)
+    changes: tuple[str, ...] = ()
+    metadata: dict[str, str] = field(default_factory=dict)
+    warnings: tuple[str, ...] = ()
+    stats: WriteStats | None = None
+    scan: str | None = None
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "source": self.source, "output": self.output, "status": self.status, "base": self.base, "scan": self.scan,
+            "loras": [u.to_dict() for u in self.loras], "unet_ratio": self.unet_ratio, "te_ratio": self.te_ratio,
+            "compute_dtype": self.compute_dtype, "dtype": self.dtype, "tensors": self.tensors,
+            "touched": self.touched, "size": self.size, "overflow": dict(self.overflow),
+            "changes": list(self.changes), "metadata": dict(self.metadata), "warnings": list(self.warnings),
+            "stats": self.stats.to_dict() if self.stats else None, "seconds": round(self.seconds, 3),
+        }
+
+
+def parse_spec(spec: str | tuple[str | os.PathLike[str], float]) -> tuple[str, float]:
+    """``"a.safetensors:0.8"`` -> ``("a.safetensors", 0.8)``; a path alone has ratio 1.
+
+    Raises:
+        UsageError: the ratio is not a finite number.
+    """
+    if isinstance(spec, tuple):
+        return os.fspath(spec[0]), float(spec[1])
+    path, sep, tail = spec.rpartition(":")
+    if sep and path and not os.path.exists(spec):
+        try:
+            ratio = float(tail)
+        except ValueError:
+            raise UsageError(spec, f"the ratio {tail!r} is not a number", "Write FILE:RATIO, e.g. a.safetensors:0.8") from None
+        if ratio != ratio or ratio in (float("inf"), float("-inf")):
+            raise UsageError(spec, "the ratio must be a finite number")
+        return path, ratio
+    return spec, 1.0
+
+
+@dataclass
+class _Plan:
+    contribs: dict[str, list[tuple[tuple[int, int] | None, Module, float]]] = field(default_factory=dict)
+    uses: list[LoraUse] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+def _match(km: KeyMap, loras: list[tuple[LoraFile, float]], ckpt: str, base: str | None, unet_ratio: float,
+           te_ratio: float, allow_unmatched: bool) -> _Plan:
+    plan = _Plan()
+    for lf, ratio in loras:
+        unmatched: list[str] = []
+        misfits: list[str] = []
+        matched = 0
+        for name, mod in lf.modules.items():
+            t = km.lookup(name)
+            if t is None:
+                unmatched.append(name)
+                continue
+            why = lmath.misfit(mod, t.shape)
+            if why is not None:
+                misfits.append(f"{name}: {why} ({t.key}{'' if t.rows is None else f' rows {t.rows[0]}:{t.rows[1]}'})")
+                continue
+            r = ratio * (unet_ratio if t.component == "unet" else te_ratio)
+            plan.contribs.setdefault(t.key, []).append((t.rows, mod, r))
+            matched += 1
+        made = f"; it looks made for {lf.base}" if lf.base and lf.base != base else ""
+        if misfits:
+            raise UsageError(lf.path, f"{len(misfits)} of its {len(lf.modules)} modules do not fit {ckpt} "
+                                      f"({base or 'base unknown'}){made}: {misfits[0]}",
+                             "Use a LoRA made for this base model")
+        if unmatched and not allow_unmatched:
+            raise UsageError(lf.path, f"{len(unmatched)} of its {len(lf.modules)} modules match no weight of {ckpt} "
+                                      f"({base or 'base unknown'}){made}: " + ", ".join(unmatched[:SHOW])
+                             + (" ..." if len(unmatched) > SHOW else ""),
+                             "Check that the LoRA is for this base model; --allow-unmatched merges the rest")
+        if unmatched:
+            plan.warnings.append(f"{lf.path}: {len(unmatched)} modules matched nothing and were skipped: "
+                                 + ", ".join(unmatched[:SHOW]) + (" ..." if len(unmatched) > SHOW else ""))
+        if lf.leftover:
+            plan.warnings.append(f"{lf.path}: {len(lf.leftover)} tensors outside any module were ignored "
+                                 f"(e.g. {lf.leftover[0]})")
+        plan.warnings.extend(f"{lf.path}: {n}" for n in lf.notes)
+        plan.uses.append(LoraUse(lf.path, lf.sha256, ratio, lf.base, lf.detection.details.get("key_style"),
+                                 len(lf.modules), matched, tuple(unmatched), lf.algorithms()))
+    return plan
+
+
+class _Baker:
+    """Computes one touched weight: read (in chunks) into the slot's reused scratch in the compute
+    dtype, apply each module in place (one ``addmm_`` for a LoRA), round once to the output dtype in
+    the same memory, which holds the result until it is written."""
+
+    def __init__(self, compute: Any) -> None:
+        self.compute = compute
+        self.slots = Slots()
+        self.overflow: dict[str, int] = {}
+        self.lock = threading.Lock()
+
+    def fn(self, ref: TensorRef, contribs: list[tuple[tuple[int, int] | None, Module, float]], out_dt: Any) -> Any:
+        def run(slot: int) -> Any:
+            flat = self.slots.scratch(slot, ref.numel, self.compute)
+            read_into(ref, flat, self.slots, slot)
+            w = flat.view(ref.shape)
+            for rows, mod, ratio in contribs:
+                lmath.apply(mod, w if rows is None else w[rows[0]:rows[1]], ratio)
+            res, lost = narrow_in_place(flat, out_dt, self.slots, slot)
+            if lost:
+                with self.lock:
+                    self.overflow[ref.name] = lost
+            return tensor_bytes(res)
+        return run
+
+
+def merge_lora(
+    base: str | os.PathLike[str],
+    loras: Sequence[str | tuple[str | os.PathLike[str], float]],
+    out: str | os.PathLike[str] | None = None,
+    *,
+    unet_ratio: float = 1.0,
+    te_ratio: float = 1.0,
+    allow_unmatched: bool = False,
+    compute_dtype: str = "fp32",
+    dtype: str | None = None,
+    force: bool = False,
+    dry_run: bool = False,
+    ignore_scan: bool = False,
+    jobs: int | None = None,
+    progress: Progress | None = None,
+) -> MergeLoraResult:
+    """Bake LoRA-family files into a checkpoint, one tensor at a time.
+
+    Args:
+        base: the checkpoint (SD 1.x, SD 2.x or SDXL single file, any container).
+        loras: ``"file:ratio"`` strings or ``(file, ratio)`` pairs, applied in order.
+        out: the output ``.safetensors``; default ``<base>.merged.safetensors`` beside the base.
+        unet_ratio, te_ratio: multiply every LoRA's ratio for UNet / text-encoder modules.
+        allow_unmatched: skip (and report) modules that match no weight instead of failing.
+        compute_dtype: ``fp32`` (default) or ``fp64``; the result is rounded once to its dtype.
+        dtype: cast every float tensor of the output (``fp16``, ``bf16``, ``fp32``); default:
+            each tensor keeps the checkpoint's dtype.
+        force, dry_run, ignore_scan: as for ``convert``.
+        jobs: worker threads computing ahead of the writer (default 1; each op already uses every core).
+        progress: called after each tensor is written with its name and size.
+
+    torch's OpenMP threads spin between operations unless ``OMP_WAIT_POLICY=PASSIVE`` is set before
+    torch is imported (the CLI sets it); spinning makes a merge several times slower on a busy
+    machine with few cores.
+
+    Returns:
+        MergeLoraResult.
+
+    Raises:
+        UsageError: a file is not a LoRA/checkpoint, a LoRA is for another base, or modules match
+            nothing (without ``allow_unmatched``).
+        UnsafeFileError, OutputExistsError, FormatError, OutputWriteError: as for ``convert``.
+
+    Example:
+        >>> modelkit.merge_lora("v1-5.safetensors", ["style.safetensors:0.8"], "out.safetensors")  # doctest: +SKIP
+    """
+    t0 = time.perf_counter()
+    src = os.fspath(base)
+    specs = [parse_spec(s) for s in loras]
+    if not specs:
+        raise UsageError(None, "no LoRA given", "Name at least one LoRA file, e.g. style.safetensors:0.8")
+    compute = float_dtype(compute_dtype, COMPUTE_DTYPES, "--compute-dtype")
+    cast = float_dtype(dtype, OUTPUT_DTYPES, "--dtype")
+    assert compute is not None
+    target = default_output(src, out, None, ".merged")
+    check_output(target, force=force, inputs=[src, *(p for p, _ in specs)])
+    verdict, warnings = check_scan(src, ignore_scan)
+    for p, _ in specs:
+        warnings += check_scan(p, ignore_scan)[1]
+    collect_garbage()
+    loaded = [(load_lora(p), r) for p, r in specs]
+    with open_model(src) as mf:
+        collect_garbage()
+        det = detect_modelfile(mf)
+        if det.kind != "checkpoint":
+            raise UsageError(src, f"is not a checkpoint (detected as {det.kind})", "Pass the checkpoint first, then the LoRAs")
+        km = KeyMap.build({k: r.shape for k, r in mf.items()}, det.base)
+        plan = _match(km, loaded, src, det.base, unet_ratio, te_ratio, allow_unmatched)
+        warnings += plan.warnings
+        baker = _Baker(compute.torch())
+        ahead = Ahead(jobs or default_jobs())
+        tensors: list[OutTensor] = []
+        for name, ref in mf.items():
+            out_dt = cast if cast is not None and ref.dtype.is_float else ref.dtype
+            contribs = plan.contribs.get(name)
+            if contribs is None:
+                tensors.append(OutTensor.of(ref, dtype=out_dt))
+                continue
+            if not ref.dtype.is_float:
+                raise UsageError(src, f"a LoRA targets {name}, which is {ref.dtype.name}, not a float weight")
+            fn = baker.fn(ref, contribs, out_dt.torch())
+            tensors.append(OutTensor(name, out_dt, ref.shape, ref, compute=ahead.bind(name, fn, ref.numel * compute.itemsize)))
+        changes = _changes(mf.container, plan, dtype)
+        meta_extra, _dropped = md.split_extras(mf.extras)
+        record = {"loras": [{"file": os.path.basename(u.path), "sha256": u.sha256, "ratio": u.ratio,
+                             "modules": u.matched} for u in plan.uses],
+                  "unet_ratio": unet_ratio, "te_ratio": te_ratio, "compute_dtype": compute.name}
+        title = os.path.splitext(os.path.basename(target))[0]
+        meta = md.combine(mf.metadata, meta_extra, md.provenance(src, changes),
+                          {"modelkit.merge": json.dumps(record, separators=(",", ":"))},
+                          defaults=md.modelspec(title, None))
+        header, meta, stats = write_output(target, tensors, meta, source=src, inputs=[src, *(p for p, _ in specs)],
+                                           force=force, dry_run=dry_run, progress=progress, ahead=ahead)
+    if baker.overflow:
+        warnings.append(f"{sum(baker.overflow.values()):,} values in {len(baker.overflow)} tensors overflowed to inf: "
+                        + ", ".join(list(baker.overflow)[:3]))
+    return MergeLoraResult(
+        source=src, output=target, status="dry-run" if dry_run else "written", base=det.base, loras=tuple(plan.uses),
+        unet_ratio=unet_ratio, te_ratio=te_ratio, compute_dtype=compute.name, dtype=dtype, tensors=len(tensors),
+        touched=len(plan.contribs), size=header.size, overflow=dict(baker.overflow), changes=tuple(changes),
+        metadata=meta, warnings=tuple(warnings), stats=stats, scan=verdict, seconds=time.perf_counter() - t0,
+    )
+
+
+def _changes(container: str, plan: _Plan, dtype: str | None) -> list[str]:
+    out = [f"container {container} -> safetensors"] if container != "safetensors" else []
+    for u in plan.uses:
+        out.append(f"merged {os.path.basename(u.path)} at ratio {u.ratio:g} ({u.matched} modules)")
+    out.append(f"{len(plan.contribs)} weights changed by LoRAs")
+    if dtype:
+        out.append(f"float tensors written as {dtype}")
+    return out

@@ -1,0 +1,222 @@
+"""``modelkit lora extract``: a kohya-format LoRA from the difference of two checkpoints, by SVD.
+
+For every adaptable weight (``keymap.Target``) the difference ``tuned - base`` is taken in the
+compute dtype and cut to rank ``R`` by a truncated SVD, ``ΔW ≈ (U_R S_R) V_R``: ``lora_up = U_R S_R``,
+``lora_down = V_R`` and ``alpha = R`` (scale 1). Which layers, as kohya trains them: the UNet's
+transformer blocks (attention, feed-forward, ``proj_in``/``proj_out``) and the text encoders'
+attention and MLP layers; with ``conv_rank`` also the ResBlock, downsampler and upsampler
+convolutions (3x3 at ``conv_rank``, 1x1 at ``rank``). An OpenCLIP fused ``in_proj_weight`` gives
+three modules, ``q_proj``, ``k_proj``, ``v_proj``. The checkpoints are read one tensor at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ...detect import detect_modelfile
+from ...errors import UsageError
+from ...formats import open_model
+from ...formats.safetensors_write import OutTensor, WriteStats
+from ...paths import check_output
+from .. import metadata as md
+from ..convert import Progress, check_scan, default_output
+from ..streaming import COMPUTE_DTYPES, OUTPUT_DTYPES, float_dtype, tensor_bytes, write_output
+from .keymap import KeyMap, Target
+
+#: kohya's ``ss_base_model_version`` and the modelspec architecture of a LoRA, per base.
+BASE_TAGS = {"sd1": ("sd_v1", "stable-diffusion-v1/lora"), "sd2": ("sd_v2", "stable-diffusion-v2/lora"),
+             "sdxl": ("sdxl_base_v1-0", "stable-diffusion-xl-v1-base/lora")}
+#: Blocks extracted always, and those extracted only with ``conv_rank``.
+LINEAR_BLOCKS = ("attention", "text")
+CONV_BLOCKS = ("resnet", "sampler")
+
+
+@dataclass(frozen=True)
+class LoraOutResult:
+    """What ``extract_lora``, ``merge_loras`` or ``convert_lora`` wrote (or would write).
+
+    Attributes:
+        operation: ``extract``, ``merge`` or ``convert``; sources: the inputs; output; status.
+        base: the base model the key table came from; style: the output key style.
+        modules: modules written; skipped: modules left out (unchanged layers, unmatched names).
+        rank, conv_rank: the ranks asked for (None: kept as they were).
+        tensors, size: output tensors and bytes.
+    """
+
+    operation: str
+    sources: tuple[str, ...]
+    output: str
+    status: str
+    base: str | None
+    style: str
+    modules: int
+    skipped: int
+    rank: int | None
+    conv_rank: int | None
+    tensors: int
+    size: int
+    changes: tuple[str, ...] = ()
+    metadata: dict[str, str] = field(default_factory=dict)
+    warnings: tuple[str, ...] = ()
+    stats: WriteStats | None = None
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "operation": self.operation, "sources": list(self.sources), "output": self.output, "status": self.status,
+            "base": self.base, "style": self.style, "modules": self.modules, "skipped": self.skipped,
+            "rank": self.rank, "conv_rank": self.conv_rank, "tensors": self.tensors, "size": self.size,
+            "changes": list(self.changes), "metadata": dict(self.metadata), "warnings": list(self.warnings),
+            "stats": self.stats.to_dict() if self.stats else None, "seconds": round(self.seconds, 3),
+        }
+
+
+def svd_factors(delta: Any, shape: tuple[int, ...], rank: int) -> tuple[Any, Any]:
+    """``(up, down)`` of rank ``min(rank, ...)`` with ``up @ down`` the best approximation of ``delta``.
+
+    Shapes follow the layer: ``[out, R]``/``[R, in]``, or ``[out, R, 1, 1]``/``[R, in, kh, kw]``.
+    """
+    import torch
+
+    out = shape[0]
+    mat = delta.reshape(out, -1)
+    r = max(1, min(rank, *mat.shape))
+    u, s, vh = torch.linalg.svd(mat, full_matrices=False)
+    up = u[:, :r] * s[:r]
+    down = vh[:r]
+    if len(shape) > 2:
+        return up.reshape(out, r, *([1] * (len(shape) - 2))), down.reshape(r, *shape[1:])
+    return up.contiguous(), down.contiguous()
+
+
+def out_tensor(name: str, t: Any, dt: Any) -> OutTensor:
+    """A finished tensor (cast once to ``dt``) as an OutTensor holding its bytes."""
+    from ...dtypes import BY_NAME
+
+    c = t.to(dt).contiguous()
+    return OutTensor(name, BY_NAME[str(c.dtype).removeprefix("torch.")], tuple(c.shape), data=bytes(tensor_bytes(c)))
+
+
+def lora_metadata(base: str | None, rank: int | None, conv_rank: int | None) -> dict[str, str]:
+    """kohya's ``ss_*`` keys and the modelspec architecture for a kohya LoRA of ``base``."""
+    out = {"ss_network_module": "networks.lora"}
+    if rank is not None:
+        out.update({"ss_network_dim": str(rank), "ss_network_alpha": str(rank)})
+    if conv_rank is not None:
+        out["ss_network_args"] = json.dumps({"conv_dim": str(conv_rank), "conv_alpha": str(conv_rank)})
+    if base in BASE_TAGS:
+        out["ss_base_model_version"] = BASE_TAGS[base][0]
+        out["modelspec.architecture"] = BASE_TAGS[base][1]
+        out["modelspec.sai_model_spec"] = md.MODELSPEC_VERSION
+    return out
+
+
+def _rank_for(t: Target, rank: int, conv_rank: int | None) -> int | None:
+    if t.block in LINEAR_BLOCKS:
+        return rank
+    if t.block in CONV_BLOCKS and conv_rank is not None:
+        return conv_rank if len(t.shape) == 4 and t.shape[2] * t.shape[3] > 1 else rank
+    return None
+
+
+def extract_lora(
+    base: str | os.PathLike[str],
+    tuned: str | os.PathLike[str],
+    out: str | os.PathLike[str] | None = None,
+    *,
+    rank: int = 16,
+    conv_rank: int | None = None,
+    dtype: str = "fp16",
+    compute_dtype: str = "fp32",
+    min_diff: float = 0.0,
+    force: bool = False,
+    dry_run: bool = False,
+    ignore_scan: bool = False,
+    progress: Progress | None = None,
+) -> LoraOutResult:
+    """Extract a kohya LoRA (LoCon with ``conv_rank``) from ``tuned - base`` by truncated SVD.
+
+    Args:
+        base, tuned: checkpoints of the same base model.
+        out: the output; default ``<tuned>.lora.safetensors`` beside ``tuned``.
+        rank: rank of linear and 1x1 layers; conv_rank: rank of 3x3 convolutions (None: skip them).
+        dtype: the LoRA's dtype (``fp16`` default, ``bf16``, ``fp32``); compute_dtype: ``fp32``/``fp64``.
+        min_diff: layers whose largest difference is at most this are left out (default: only
+            layers that are equal).
+        force, dry_run, ignore_scan, progress: as for ``convert`` (progress: once per layer).
+
+    Returns:
+        LoraOutResult.
+
+    Raises:
+        UsageError: bad ranks, the files are not checkpoints of the same base, or nothing differs.
+
+    Example:
+        >>> modelkit.extract_lora("v1-5.safetensors", "finetuned.safetensors", rank=32)  # doctest: +SKIP
+    """
+    t0 = time.perf_counter()
+    if rank < 1 or (conv_rank is not None and conv_rank < 1):
+        raise UsageError(None, "--rank and --conv-rank must be 1 or more")
+    compute = float_dtype(compute_dtype, COMPUTE_DTYPES, "--compute-dtype")
+    cast = float_dtype(dtype, OUTPUT_DTYPES, "--dtype")
+    assert compute is not None and cast is not None
+    b, t = os.fspath(base), os.fspath(tuned)
+    target = default_output(t, out, None, ".lora")
+    check_output(target, force=force, inputs=[b, t])
+    warnings = check_scan(b, ignore_scan)[1] + check_scan(t, ignore_scan)[1]
+    with open_model(b) as mb, open_model(t) as mt:
+        det = detect_modelfile(mb)
+        if det.kind != "checkpoint":
+            raise UsageError(b, f"is not a checkpoint (detected as {det.kind})")
+        km = KeyMap.build({k: r.shape for k, r in mb.items()}, det.base)
+        tensors, skipped = _extract(km, mb, mt, t, rank, conv_rank, compute.torch(), cast.torch(), min_diff, progress)
+    if not tensors:
+        raise UsageError(t, f"no adaptable layer differs from {b}", "Check that these are two different checkpoints")
+    modules = len(tensors) // 3
+    changes = [f"extracted {modules} modules at rank {rank}" + (f", conv rank {conv_rank}" if conv_rank else "")
+               + f" from {os.path.basename(t)} - {os.path.basename(b)}"]
+    record = {"base": os.path.basename(b), "tuned": os.path.basename(t), "rank": rank, "conv_rank": conv_rank,
+              "compute_dtype": compute.name}
+    meta = md.combine(lora_metadata(det.base, rank, conv_rank), md.provenance(t, changes),
+                      {"modelkit.extract": json.dumps(record, separators=(",", ":"))})
+    header, meta, stats = write_output(target, tensors, meta, source=t, inputs=[b, t], force=force, dry_run=dry_run)
+    return LoraOutResult("extract", (b, t), target, "dry-run" if dry_run else "written", det.base, "kohya", modules,
+                         skipped, rank, conv_rank, len(tensors), header.size, tuple(changes), meta, tuple(warnings),
+                         stats, time.perf_counter() - t0)
+
+
+def _extract(km: KeyMap, mb: Any, mt: Any, tuned: str, rank: int, conv_rank: int | None, compute: Any, cast: Any,
+             min_diff: float, progress: Callable[[str, int], None] | None) -> tuple[list[OutTensor], int]:
+    import torch
+
+    by_key: dict[str, list[tuple[Target, int]]] = {}
+    for tg in km.targets:
+        r = _rank_for(tg, rank, conv_rank)
+        if r is not None:
+            by_key.setdefault(tg.key, []).append((tg, r))
+    tensors: list[OutTensor] = []
+    skipped = 0
+    for key, group in by_key.items():
+        ref_b, ref_t = mb[key], mt.get(key)
+        if ref_t is None or tuple(ref_t.shape) != tuple(ref_b.shape):
+            got = "missing" if ref_t is None else f"{list(ref_t.shape)}"
+            raise UsageError(tuned, f"{key} is {got} but the base's is {list(ref_b.shape)}",
+                             "Extract from two checkpoints of the same base model")
+        diff = ref_t.read("torch").to(compute) - ref_b.read("torch").to(compute)
+        for tg, r in group:
+            d = diff if tg.rows is None else diff[tg.rows[0]:tg.rows[1]]
+            if float(d.abs().max()) <= min_diff:
+                skipped += 1
+                continue
+            up, down = svd_factors(d, tg.shape, r)
+            name = km.name_for(tg, "kohya")
+            tensors += [out_tensor(f"{name}.lora_down.weight", down, cast), out_tensor(f"{name}.lora_up.weight", up, cast),
+                        out_tensor(f"{name}.alpha", torch.tensor(float(down.shape[0])), cast)]
+        if progress is not None:
+            progress(key, ref_b.nbytes)
+    return tensors, skipped

@@ -1,0 +1,382 @@
+"""``modelkit merge models``: weighted sum and add difference of checkpoints, streaming, per block.
+
+* weighted sum: ``A (1 - α) + B α``; add difference: ``A + (B - C) α``.
+* Per-block weights in the usual convention: one weight per UNet input block, the middle block and
+  each output block (``IN00..IN11, M00, OUT00..OUT11``: 25 for SD 1.x/2.x; ``IN00..IN08, M00,
+  OUT00..OUT08``: 19 for SDXL), optionally preceded by ``BASE``, the weight of everything else
+  (otherwise ``α``). The counts come from the checkpoint's own blocks. The UNet layers outside the
+  numbered blocks follow the usual rule (``BLOCK_ALIASES``): ``time_embed``/``label_emb`` take IN00's
+  weight, ``out`` the last output block's.
+* Components (``unet``, ``te``, ``vae``) not chosen are A's; ``vae=FILE`` bakes in a VAE.
+
+Tensors are read one key at a time from A, B and C and combined elementwise in chunks in the
+compute dtype, then rounded once to A's dtype (or ``dtype``). A weight of 0 copies A's bytes as
+they are; a weighted-sum weight of 1 copies B's (cast if needed). EMA weights are dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from ..detect import detect_modelfile
+from ..errors import UsageError
+from ..formats import open_model
+from ..formats.safetensors_write import OutTensor, WriteStats
+from ..model import ModelFile, TensorRef
+from ..paths import check_output
+from . import metadata as md
+from .convert import Progress, check_scan, default_output
+from .streaming import (
+    CHUNK,
+    COMPUTE_DTYPES,
+    OUTPUT_DTYPES,
+    Ahead,
+    Slots,
+    chunks,
+    collect_garbage,
+    default_jobs,
+    float_dtype,
+    tensor_bytes,
+    write_output,
+)
+
+MODES = ("weighted-sum", "add-difference")
+COMPONENTS = {"unet": ("model.diffusion_model.",), "te": ("cond_stage_model.", "conditioner."),
+              "vae": ("first_stage_model.",)}
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+EMA_PREFIX = "model_ema."
+#: UNet layers outside the numbered blocks -> the block whose weight they take ("OUT-LAST": the last one).
+BLOCK_ALIASES = (("time_embed.", "IN00"), ("label_emb.", "IN00"), ("out.", "OUT-LAST"))
+_BLOCK = re.compile(r"^(input_blocks|middle_block|output_blocks)\.(\d+)\.")
+
+
+@dataclass(frozen=True)
+class MergeModelsResult:
+    """What ``merge_models`` did (or would do).
+
+    Attributes:
+        sources: A, B (and C); output; status: ``written`` or ``dry-run``.
+        mode, alpha, block_weights (name -> weight, when given), components, vae: the options.
+        tensors: output tensors; merged: tensors combined; from_a / from_b: copied unchanged;
+        vae_tensors: taken from the VAE file; size: output bytes.
+        scan: the worst scan verdict of the inputs (an unsafe one is refused).
+    """
+
+    sources: tuple[str, ...]
+    output: str
+    status: str
+    mode: str
+    alpha: float
+    block_weights: dict[str, float]
+    components: tuple[str, ...]
+    vae: str | None
+    tensors: int
+    merged: int
+    from_a: int
+    from_b: int
+    vae_tensors: int
+    size: int
+    changes: tuple[str, ...] = ()
+    metadata: dict[str, str] = field(default_factory=dict)
+    warnings: tuple[str, ...] = ()
+    stats: WriteStats | None = None
+    scan: str | None = None
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "sources": list(self.sources), "output": self.output, "status": self.status, "scan": self.scan,
+            "mode": self.mode,
+            "alpha": self.alpha, "block_weights": dict(self.block_weights), "components": list(self.components),
+            "vae": self.vae, "tensors": self.tensors, "merged": self.merged, "from_a": self.from_a,
+            "from_b": self.from_b, "vae_tensors": self.vae_tensors, "size": self.size, "changes": list(self.changes),
+            "metadata": dict(self.metadata), "warnings": list(self.warnings),
+            "stats": self.stats.to_dict() if self.stats else None, "seconds": round(self.seconds, 3),
+        }
+
+
+def block_names(keys: Sequence[str]) -> list[str]:
+    """The per-block weight names of a checkpoint's UNet: ``IN00.., M00, OUT00..`` from its own blocks."""
+    found: dict[str, set[int]] = {"input_blocks": set(), "output_blocks": set()}
+    for k in keys:
+        if k.startswith(UNET_PREFIX) and (m := _BLOCK.match(k[len(UNET_PREFIX):])) and m.group(1) in found:
+            found[m.group(1)].add(int(m.group(2)))
+    n_in, n_out = max(found["input_blocks"], default=-1) + 1, max(found["output_blocks"], default=-1) + 1
+    return [f"IN{i:02d}" for i in range(n_in)] + ["M00"] + [f"OUT{i:02d}" for i in range(n_out)]
+
+
+def block_of(key: str, names: Sequence[str]) -> str | None:
+    """The block weight name a key takes (None: BASE, everything outside the UNet blocks)."""
+    if not key.startswith(UNET_PREFIX):
+        return None
+    rest = key[len(UNET_PREFIX):]
+    for prefix, block in BLOCK_ALIASES:
+        if rest.startswith(prefix):
+            return names[-1] if block == "OUT-LAST" else block
+    m = _BLOCK.match(rest)
+    if m is None:
+        return None
+    if m.group(1) == "middle_block":
+        return "M00"
+    return f"{'IN' if m.group(1) == 'input_blocks' else 'OUT'}{int(m.group(2)):02d}"
+
+
+def parse_block_weights(weights: str | Sequence[float] | None, names: Sequence[str], alpha: float) -> tuple[
+        float, dict[str, float]]:
+    """``(BASE weight, block -> weight)`` from ``len(names)`` weights, or one more with BASE first.
+
+    Raises:
+        UsageError: a count that fits neither form, or a value that is not a number.
+    """
+    if weights is None:
+        return alpha, {}
+    if isinstance(weights, str):
+        try:
+            values = [float(v) for v in weights.replace(" ", "").split(",") if v != ""]
+        except ValueError:
+            raise UsageError(None, f"--block-weights must be comma-separated numbers, not {weights!r}") from None
+    else:
+        values = [float(v) for v in weights]
+    n = len(names)
+    if len(values) == n + 1:
+        return values[0], dict(zip(names, values[1:]))
+    if len(values) == n:
+        return alpha, dict(zip(names, values))
+    raise UsageError(None, f"this UNet takes {n} block weights ({names[0]}..{names[n // 2 - 1]}, M00, "
+                           f"OUT00..{names[-1]}) or {n + 1} with BASE first, not {len(values)}")
+
+
+def component_of(key: str) -> str | None:
+    for comp, prefixes in COMPONENTS.items():
+        if key.startswith(prefixes):
+            return comp
+    return None
+
+
+class _Mixer:
+    """Combines one tensor elementwise, ``CHUNK`` elements at a time, in the compute dtype."""
+
+    def __init__(self, compute: Any, mode: str) -> None:
+        self.compute = compute
+        self.mode = mode
+        self.slots = Slots()
+
+    def fn(self, refs: list[TensorRef], alpha: float, out_dt: Any) -> Any:
+        def run(slot: int) -> Any:
+            n = refs[0].numel
+            out = self.slots.scratch(slot, n, out_dt)
+            parts = [self.slots.get(slot, f"x{i}", min(n, CHUNK), self.compute) for i in range(len(refs))]
+            readers = [chunks(r, self.slots, slot, f"raw{i}") for i, r in enumerate(refs)]
+            for s in range(0, n, CHUNK):
+                e = min(n, s + CHUNK)
+                x, y = (p[: e - s] for p in parts[:2])
+                x.copy_(next(readers[0]))
+                y.copy_(next(readers[1]))
+                if self.mode == "weighted-sum":
+                    x.mul_(1.0 - alpha).add_(y, alpha=alpha)
+                else:
+                    z = parts[2][: e - s]
+                    z.copy_(next(readers[2]))
+                    x.add_(y.sub_(z), alpha=alpha)
+                out[s:e].copy_(x)
+            return tensor_bytes(out)
+        return run
+
+
+def _vae_refs(mf_vae: ModelFile, ma: ModelFile, path: str) -> dict[str, TensorRef]:
+    """A's VAE key -> the VAE file's tensor (named with or without ``first_stage_model.``).
+
+    Raises:
+        UsageError: the file lacks some of A's VAE tensors or has other shapes.
+    """
+    keys = [k for k in ma if k.startswith(VAE_PREFIX)]
+    out: dict[str, TensorRef] = {}
+    for k in keys:
+        ref = mf_vae.get(k[len(VAE_PREFIX):]) or mf_vae.get(k)
+        if ref is not None:
+            out[k] = ref
+    if not out:
+        raise UsageError(path, "has none of the checkpoint's VAE keys (encoder..., decoder..., quant_conv...)",
+                         "Pass an LDM-layout VAE (the .vae.pt/.safetensors files A1111 loads)")
+    missing = [k for k in keys if k not in out]
+    if missing:
+        raise UsageError(path, f"lacks {len(missing)} of the checkpoint's VAE tensors (e.g. {missing[0][len(VAE_PREFIX):]})")
+    for k, ref in out.items():
+        if tuple(ref.shape) != tuple(ma[k].shape):
+            raise UsageError(path, f"{k[len(VAE_PREFIX):]} is {list(ref.shape)} but the checkpoint's is "
+                                   f"{list(ma[k].shape)}", "Pass a VAE for this base model")
+    return out
+
+
+def merge_models(
+    a: str | os.PathLike[str],
+    b: str | os.PathLike[str],
+    c: str | os.PathLike[str] | None = None,
+    out: str | os.PathLike[str] | None = None,
+    *,
+    alpha: float = 0.5,
+    mode: str | None = None,
+    block_weights: str | Sequence[float] | None = None,
+    components: Sequence[str] = ("unet", "te", "vae"),
+    vae: str | os.PathLike[str] | None = None,
+    dtype: str | None = None,
+    compute_dtype: str = "fp32",
+    force: bool = False,
+    dry_run: bool = False,
+    ignore_scan: bool = False,
+    jobs: int | None = None,
+    progress: Progress | None = None,
+) -> MergeModelsResult:
+    """Merge two checkpoints by weighted sum, or three by add difference, one tensor at a time.
+
+    Args:
+        a, b, c: the checkpoints (``c`` only for add difference).
+        out: the output ``.safetensors``; default ``<a>.merged.safetensors`` beside A.
+        alpha: the weight of B (weighted sum) or of ``B - C`` (add difference).
+        mode: ``weighted-sum`` or ``add-difference`` (default: add difference when ``c`` is given).
+        block_weights: per-block weights (a comma-separated string or numbers; see the module doc).
+        components: which of ``unet``, ``te``, ``vae`` are merged; the rest are A's.
+        vae: a VAE file baked in place of A's VAE.
+        dtype: cast float tensors of the output (``fp16``, ``bf16``, ``fp32``); default A's dtypes.
+        compute_dtype: ``fp32`` (default) or ``fp64``.
+        force, dry_run, ignore_scan, jobs, progress: as for ``merge_lora`` (see its note on
+            ``OMP_WAIT_POLICY``).
+
+    Returns:
+        MergeModelsResult.
+
+    Raises:
+        UsageError: bad options, or A and B (C) have different shapes (other base models).
+        UnsafeFileError, OutputExistsError, FormatError, OutputWriteError: as for ``convert``.
+
+    Example:
+        >>> modelkit.merge_models("a.safetensors", "b.safetensors", alpha=0.3, out="ab.safetensors")  # doctest: +SKIP
+    """
+    t0 = time.perf_counter()
+    paths = [os.fspath(p) for p in (a, b, c) if p is not None]
+    mode = mode or ("add-difference" if c is not None else "weighted-sum")
+    if mode not in MODES:
+        raise UsageError(None, f"mode must be one of {', '.join(MODES)}, not {mode!r}")
+    if (mode == "add-difference") != (c is not None):
+        raise UsageError(None, "add difference takes three models (A B C), weighted sum two (A B)")
+    bad = [x for x in components if x not in COMPONENTS]
+    if bad or not components:
+        raise UsageError(None, f"components must be among {', '.join(COMPONENTS)}, not {', '.join(bad) or 'none'}")
+    compute = float_dtype(compute_dtype, COMPUTE_DTYPES, "--compute-dtype")
+    cast = float_dtype(dtype, OUTPUT_DTYPES, "--dtype")
+    assert compute is not None
+    vae_path = os.fspath(vae) if vae is not None else None
+    inputs = paths + ([vae_path] if vae_path else [])
+    target = default_output(paths[0], out, None, ".merged")
+    check_output(target, force=force, inputs=inputs)
+    warnings: list[str] = []
+    verdicts = []
+    for p in inputs:
+        v, w = check_scan(p, ignore_scan)
+        verdicts.append(v)
+        warnings += w
+    verdict = next((v for v in ("unsafe", "suspicious", "error") if v in verdicts), verdicts[0])
+    collect_garbage()
+    mfs: list[ModelFile] = []
+    try:
+        for p in inputs:
+            mfs.append(open_model(p))
+        collect_garbage()
+        res = _merge(mfs, paths, vae_path, target, t0, mode, alpha, block_weights, tuple(components), cast,
+                     compute.torch(), compute.name, warnings, force=force, dry_run=dry_run, jobs=jobs, progress=progress)
+        return replace(res, scan=verdict)
+    finally:
+        for mf in mfs:
+            mf.close()
+
+
+def _merge(mfs: list[ModelFile], paths: list[str], vae_path: str | None, target: str, t0: float, mode: str,
+           alpha: float, block_weights: str | Sequence[float] | None, components: tuple[str, ...], cast: Any,
+           compute: Any, compute_name: str, warnings: list[str], *, force: bool, dry_run: bool, jobs: int | None,
+           progress: Progress | None) -> MergeModelsResult:
+    ma, others = mfs[0], mfs[1:len(paths)]
+    mvae = mfs[len(paths)] if vae_path else None
+    names = block_names(list(ma))
+    base_w, weights = parse_block_weights(block_weights, names, alpha)
+    _check_shapes(ma, others, paths, components)
+    vae_refs = _vae_refs(mvae, ma, vae_path) if mvae is not None and vae_path else {}
+    mixer = _Mixer(compute, mode)
+    ahead = Ahead(jobs or default_jobs())
+    tensors: list[OutTensor] = []
+    counts = {"merged": 0, "a": 0, "b": 0, "vae": 0, "ema": 0, "missing": 0}
+    for name, ref in ma.items():
+        if name.startswith(EMA_PREFIX):
+            counts["ema"] += 1
+            continue
+        out_dt = cast if cast is not None and ref.dtype.is_float else ref.dtype
+        if name in vae_refs:
+            vref = vae_refs[name]
+            tensors.append(OutTensor.of(vref, name, out_dt if vref.dtype.is_float else vref.dtype))
+            counts["vae"] += 1
+            continue
+        w = weights.get(block_of(name, names) or "", base_w)
+        refs = [ref] + [m.get(name) for m in others]
+        if component_of(name) not in components or not ref.dtype.is_float or w == 0.0:
+            tensors.append(OutTensor.of(ref, dtype=out_dt))
+            counts["a"] += 1
+            continue
+        if any(r is None or not r.dtype.is_float for r in refs[1:]):
+            tensors.append(OutTensor.of(ref, dtype=out_dt))
+            counts["missing"] += 1
+            continue
+        if mode == "weighted-sum" and w == 1.0:
+            assert refs[1] is not None
+            tensors.append(OutTensor.of(refs[1], name, out_dt))
+            counts["b"] += 1
+            continue
+        fn = mixer.fn([r for r in refs if r is not None], w, out_dt.torch())
+        tensors.append(OutTensor(name, out_dt, ref.shape, ref, compute=ahead.bind(name, fn, ref.numel * out_dt.itemsize)))
+        counts["merged"] += 1
+    if counts["missing"]:
+        warnings.append(f"{counts['missing']} tensors of A are missing (or not float) in B/C and were kept from A")
+    changes = [f"container {ma.container} -> safetensors"] if ma.container != "safetensors" else []
+    what = "A*(1-a) + B*a" if mode == "weighted-sum" else "A + (B-C)*a"
+    changes.append(f"{mode} {what} with a={alpha:g} of {', '.join(components)}: {counts['merged']} tensors merged")
+    if weights:
+        changes.append("block weights " + ",".join(f"{v:g}" for v in [base_w, *weights.values()]) + " (BASE first)")
+    if counts["ema"]:
+        changes.append(f"removed {counts['ema']} EMA tensors (model_ema.*)")
+    if vae_path:
+        changes.append(f"VAE baked in from {os.path.basename(vae_path)} ({counts['vae']} tensors)")
+    record = {"mode": mode, "alpha": alpha, "models": [os.path.basename(p) for p in paths],
+              "components": list(components), "compute_dtype": compute_name}
+    if weights:
+        record["block_weights"] = {"BASE": base_w, **weights}
+    if vae_path:
+        record["vae"] = os.path.basename(vae_path)
+    meta_extra, _dropped = md.split_extras(ma.extras)
+    title = os.path.splitext(os.path.basename(target))[0]
+    meta = md.combine(ma.metadata, meta_extra, md.provenance(paths[0], changes),
+                      {"modelkit.merge": json.dumps(record, separators=(",", ":"))}, defaults=md.modelspec(title, None))
+    header, meta, stats = write_output(target, tensors, meta, source=paths[0], inputs=[*paths, *([vae_path] if vae_path else [])],
+                                       force=force, dry_run=dry_run, progress=progress, ahead=ahead)
+    return MergeModelsResult(
+        sources=tuple(paths), output=target, status="dry-run" if dry_run else "written", mode=mode, alpha=alpha,
+        block_weights={"BASE": base_w, **weights} if weights else {}, components=components, vae=vae_path,
+        tensors=len(tensors), merged=counts["merged"], from_a=counts["a"] + counts["missing"], from_b=counts["b"],
+        vae_tensors=counts["vae"], size=header.size, changes=tuple(changes), metadata=meta, warnings=tuple(warnings),
+        stats=stats, seconds=time.perf_counter() - t0,
+    )
+
+
+def _check_shapes(ma: ModelFile, others: list[ModelFile], paths: list[str], components: tuple[str, ...]) -> None:
+    for mf, path in zip(others, paths[1:]):
+        bad = [k for k, r in ma.items() if component_of(k) in components and k in mf and tuple(mf[k].shape) != tuple(r.shape)]
+        if bad:
+            da, db = detect_modelfile(ma).base, detect_modelfile(mf).base
+            k = bad[0]
+            raise UsageError(path, f"{len(bad)} tensors differ in shape from {paths[0]} (e.g. {k}: "
+                                   f"{list(mf[k].shape)} vs {list(ma[k].shape)}); A is {da or 'of an unknown base'}, "
+                                   f"this is {db or 'of an unknown base'}", "Merge checkpoints of the same base model")

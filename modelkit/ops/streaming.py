@@ -1,0 +1,305 @@
+"""What the merges share: computing output tensors just ahead of the writer, and writing the file.
+
+The writer asks for tensors in header order (``OutTensor.compute``). ``Ahead`` computes the next
+one (or ``depth``) in a worker thread while the writer is busy with the current one, so reading,
+computing and writing overlap (torch releases the GIL and spreads each operation over the cores),
+within a memory budget. A job reads its tensor in chunks (``chunks``, ``read_into``) into its
+look-ahead slot's reused scratch in the compute dtype (``Slots``; a tensor over ``SCRATCH_CAP``
+gets a buffer of its own, freed once written) and rounds it to its output dtype in that same
+memory (``narrow_in_place``). Memory is bounded by the budget (or the largest tensor in the
+compute dtype), never by the model.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+from .. import dtypes
+from ..dtypes import DType
+from ..errors import OutputWriteError, UsageError
+from ..formats.safetensors_write import Header, OutTensor, WriteStats, layout, write_stream
+from ..model import TensorRef
+from ..paths import atomic_output
+from . import metadata as md
+from .convert import Progress
+
+#: The compute dtypes ``--compute-dtype`` accepts.
+COMPUTE_DTYPES = ("fp32", "fp64")
+#: The output dtypes ``--dtype`` accepts.
+OUTPUT_DTYPES = ("fp16", "bf16", "fp32")
+
+
+def float_dtype(name: str | None, allowed: Sequence[str], option: str) -> DType | None:
+    """The DType an option names (None for None).
+
+    Raises:
+        UsageError: a name outside ``allowed``.
+    """
+    if name is None:
+        return None
+    dt = dtypes.ALIASES.get(name.lower())
+    if dt is None or dt.name not in {dtypes.ALIASES[a].name for a in allowed}:
+        raise UsageError(None, f"{option} must be one of {', '.join(allowed)}, not {name!r}")
+    return dt
+
+
+def collect_garbage() -> None:
+    """Free what the readers left in reference cycles (a refused pickle probe keeps its traceback,
+    and with it the bytes it read: tens of MB for a large ``.ckpt``) before the streaming starts,
+    since the streaming loop allocates too few objects to trigger the cyclic collector itself."""
+    import gc
+
+    gc.collect()
+    _trim()
+
+
+def _trim() -> None:
+    """Give freed heap pages back to the system (glibc only; elsewhere nothing)."""
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def default_jobs() -> int:
+    """Worker threads computing ahead of the writer: one. torch's own threads already use every
+    core for each tensor's maths (``addmm_``, the casts), and the writer's I/O runs beside them."""
+    return 1
+
+
+#: Elements read or converted at a time (the size of the reused chunk buffers).
+CHUNK = 1 << 20
+#: The largest scratch (bytes) a look-ahead slot keeps for reuse; larger tensors get their own.
+SCRATCH_CAP = 16 << 20
+
+
+class Slots:
+    """Reusable buffers, one set per look-ahead slot (``Ahead`` gives each job its slot).
+
+    A slot is used by one job at a time, and its previous tensor has been written before the slot
+    is handed out again, so a slot's buffers can hold a finished tensor until the writer takes it.
+    """
+
+    def __init__(self) -> None:
+        self.bufs: dict[tuple[int, str], Any] = {}
+        self.lock = threading.Lock()
+
+    def scratch(self, slot: int, numel: int, dtype: Any) -> Any:
+        """The slot's reused scratch of ``numel`` elements, or a buffer of its own for a tensor over
+        ``SCRATCH_CAP`` bytes (freed once written, so the few largest never stay resident)."""
+        import torch
+
+        if numel * torch.empty((), dtype=dtype).element_size() > SCRATCH_CAP:
+            return torch.empty(numel, dtype=dtype)
+        return self.get(slot, "scratch", numel, dtype)
+
+    def get(self, slot: int, role: str, numel: int, dtype: Any) -> Any:
+        """A flat tensor of ``numel`` elements of ``dtype``: the front of buffer ``(slot, role)``."""
+        import torch
+
+        key = (slot, role)
+        with self.lock:
+            buf = self.bufs.get(key)
+            if buf is None or buf.dtype != dtype or buf.numel() < numel:
+                buf = torch.empty(max(numel, 1), dtype=dtype)
+                self.bufs[key] = buf
+        return buf[:numel]
+
+
+def plain_ref(ref: TensorRef) -> bool:
+    """Whether ``ref``'s bytes sit in its file as they are (contiguous, little-endian, not packed)."""
+    return (ref.source is not None and ref.inline is None and ref.compressed is None and ref.is_contiguous
+            and (ref.byteorder == "little" or ref.dtype.itemsize == 1) and ref.source.fd >= 0)
+
+
+def chunks(ref: TensorRef, slots: Slots, slot: int, role: str = "read") -> Iterator[Any]:
+    """``ref``'s elements as flat tensors of ``CHUNK`` elements (the last one shorter), in order.
+
+    A tensor stored plainly in its file is read piece by piece through one reused buffer (each
+    chunk is valid until the next is asked for); any other is read whole, then cut.
+    """
+    import torch
+
+    n = ref.numel
+    if n <= CHUNK or not plain_ref(ref):
+        flat = ref.read("torch").reshape(-1)
+        for s in range(0, n, CHUNK):
+            yield flat[s:s + CHUNK]
+        return
+    assert ref.source is not None
+    item, dt, begin = ref.dtype.itemsize, ref.dtype.torch(), ref.byte_range[0]
+    raw = slots.get(slot, role, CHUNK * item, torch.uint8)
+    for s in range(0, n, CHUNK):
+        part = raw[: min(CHUNK, n - s) * item]
+        ref.source.read_into(memoryview(part.numpy()), begin + s * item)
+        yield part.view(dt)
+
+
+def read_into(ref: TensorRef, out: Any, slots: Slots, slot: int, role: str = "read") -> None:
+    """Fill the flat tensor ``out`` (any float dtype) with ``ref``'s elements, converting on the way,
+    without a whole copy in the stored dtype (see ``chunks``)."""
+    s = 0
+    for part in chunks(ref, slots, slot, role):
+        out[s:s + part.numel()].copy_(part)
+        s += part.numel()
+
+
+def narrow_in_place(flat: Any, dtype: Any, slots: Slots, slot: int) -> tuple[Any, int]:
+    """Round the flat tensor ``flat`` to ``dtype`` (no wider) into the front of its own memory.
+
+    Chunks are converted in order through a small buffer: chunk ``k`` lands in bytes
+    ``[2s, 2e)`` (for a 2-byte ``dtype``), before the source of any later chunk (``4e`` onwards),
+    so nothing unread is overwritten. Returns ``(the result, values that overflowed to inf)``.
+    """
+    import torch
+
+    if flat.dtype == dtype:
+        return flat, 0
+    n = flat.numel()
+    size = torch.empty((), dtype=dtype).element_size()
+    dest = flat.view(torch.uint8)[: n * size].view(dtype)
+    tmp = slots.get(slot, "narrow", min(n, CHUNK), dtype)
+    fmax = torch.finfo(dtype).max if dtype.is_floating_point else None
+    lost = 0
+    for s in range(0, n, CHUNK):
+        e = min(n, s + CHUNK)
+        t, src = tmp[: e - s], flat[s:e]
+        if fmax is not None:
+            lo, hi = torch.aminmax(src)
+            if not (float(hi) <= fmax and float(lo) >= -fmax):  # also true for NaN: then count exactly
+                lost += int((torch.isfinite(src) & ~torch.isfinite(src.to(dtype))).sum())
+        t.copy_(src)
+        dest[s:e].copy_(t)
+    return dest, lost
+
+
+class Ahead:
+    """Compute ``fn(slot)``s in header order, ahead of the writer, within a memory budget.
+
+    Use ``bind(name, fn, cost)`` as each OutTensor's ``compute`` (``cost``: the bytes its job
+    holds until written); call ``start(header)`` once the header is laid out, and ``close()`` when
+    done (it cancels what is still queued). When the writer asks for a tensor (so the one before it
+    has been written), the following jobs are queued as long as at most ``depth`` are ahead and the
+    jobs not yet written together hold at most ``budget`` bytes; a job larger than the budget runs
+    alone. Jobs in flight have consecutive positions, so ``slot = position % (depth + 1)`` is never
+    used by two jobs at once.
+    """
+
+    def __init__(self, jobs: int = 1, depth: int = 1, budget: int = 64 << 20) -> None:
+        self.jobs = max(1, jobs)
+        self.depth = max(self.jobs, depth)
+        self.budget = budget
+        self.fns: dict[str, tuple[Callable[[int], Any], int]] = {}
+        self.order: list[str] = []
+        self.index: dict[str, int] = {}
+        self.futures: dict[str, Future[Any]] = {}
+        self.next = 0
+        self.pool: ThreadPoolExecutor | None = None
+
+    @property
+    def slots(self) -> int:
+        return self.depth + 1
+
+    def bind(self, name: str, fn: Callable[[int], Any], cost: int = 0) -> Callable[[], Any]:
+        """Register ``fn`` for tensor ``name``; returns the callable the writer calls."""
+        self.fns[name] = (fn, cost)
+        return lambda: self.take(name)
+
+    def start(self, header: Header) -> None:
+        self.order = [t.name for t in header.order if t.name in self.fns]
+        self.index = {n: i for i, n in enumerate(self.order)}
+        self.pool = ThreadPoolExecutor(max_workers=self.jobs, thread_name_prefix="modelkit-merge")
+
+    def _submit(self) -> None:
+        assert self.pool is not None
+        n = self.order[self.next]
+        self.futures[n] = self.pool.submit(self.fns[n][0], self.next % self.slots)
+        self.next += 1
+
+    def take(self, name: str) -> Any:
+        """The bytes of tensor ``name`` (computed ahead, or now)."""
+        i = self.index.get(name)
+        if self.pool is None or i is None:
+            return self.fns[name][0](0)
+        while self.next <= i:
+            self._submit()
+        held = sum(self.fns[n][1] for n in self.futures)
+        while self.next < len(self.order) and self.next <= i + self.depth:
+            cost = self.fns[self.order[self.next]][1]
+            if held + cost > self.budget:
+                break
+            held += cost
+            self._submit()
+        return self.futures.pop(name).result()
+
+    def close(self) -> None:
+        if self.pool is not None:
+            for fut in self.futures.values():
+                fut.cancel()
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.pool = None
+        self.futures.clear()
+
+
+def tensor_bytes(t: Any) -> Any:
+    """The bytes of a contiguous torch tensor, without a copy (a numpy ``uint8`` view)."""
+    import torch
+
+    return t.contiguous().reshape(-1).view(torch.uint8).numpy()
+
+
+def write_output(
+    target: str, tensors: list[OutTensor], metadata: Mapping[str, str], *, source: str, inputs: Sequence[str],
+    force: bool, dry_run: bool, progress: Progress | None = None, ahead: Ahead | None = None,
+) -> tuple[Header, dict[str, str], WriteStats | None]:
+    """Lay out and (unless ``dry_run``) write ``target`` atomically.
+
+    ``modelkit.source_sha256`` (the sha256 of ``source``) is hashed in the background while the
+    tensors are written and patched into the header at the end.
+
+    Returns:
+        (header, final metadata, write stats or None).
+
+    Raises:
+        OutputExistsError, OutputWriteError: see ``paths.atomic_output``.
+    """
+    meta = dict(metadata)
+    meta.setdefault("modelkit.source_sha256", md.SHA_PLACEHOLDER)
+    header = layout(tensors, meta, target)
+    if dry_run:
+        return header, meta, None
+    folder = os.path.dirname(os.path.abspath(target))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        free = shutil.disk_usage(folder).free
+    except OSError as exc:
+        raise OutputWriteError(target, f"cannot use the folder {folder} ({exc.strerror or exc})") from None
+    if free < header.size:
+        raise OutputWriteError(target, f"needs {header.size:,} bytes but {folder} has {free:,} free")
+    hasher = md.SourceHash(source)
+    try:
+        if ahead is not None:
+            ahead.start(header)
+        with atomic_output(target, force=force, inputs=inputs) as fd:
+            stats = write_stream(fd, header, meta, late={"modelkit.source_sha256": hasher.hexdigest},
+                                 on_tensor=progress, path=target)
+    except BaseException:
+        hasher.cancel()
+        raise
+    finally:
+        if ahead is not None:
+            ahead.close()
+    meta["modelkit.source_sha256"] = hasher.hexdigest()
+    return header, meta, stats
