@@ -280,3 +280,22 @@ def copy_file_atomic(src: str, target: str, *, force: bool = False) -> None:
             view = memoryview(chunk)
             while len(view):
                 view = view[os.write(fd, view) :]
+
+
+def ensure_room(target: str | os.PathLike[str], size: int) -> None:
+    """Create the target's folder and check it has ``size`` bytes free, before any writing.
+
+    Raises:
+        OutputWriteError: the folder cannot be used, or it has too little space.
+    """
+    import shutil
+
+    t = os.fspath(target)
+    folder = os.path.dirname(os.path.abspath(t))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        free = shutil.disk_usage(folder).free
+    except OSError as exc:
+        raise OutputWriteError(t, f"cannot use the folder {folder} ({exc.strerror or exc})") from None
+    if free < size:
+        raise OutputWriteError(t, f"needs {size:,} bytes but {folder} has {free:,} free")

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -29,11 +28,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from ..errors import ModelkitError, OutputWriteError, UnsafeFileError
+from ..errors import ModelkitError, UnsafeFileError
 from ..formats import open_model
 from ..formats.safetensors_write import Header, OutTensor, WriteStats, layout, write_stream
 from ..model import ModelFile
-from ..paths import atomic_output, check_output, copy_file_atomic, output_name, sidecars
+from ..paths import atomic_output, check_output, copy_file_atomic, ensure_room, output_name, sidecars
 from . import metadata as md
 
 #: ``progress(tensor name, bytes)``, called after each tensor is written; may raise to stop.
@@ -228,14 +227,7 @@ def write_plan(
     cars = sidecars(src, target)
     if dry_run:
         return header, meta, None, [b for _, b in cars]
-    folder = os.path.dirname(os.path.abspath(target))
-    try:
-        os.makedirs(folder, exist_ok=True)
-        free = shutil.disk_usage(folder).free
-    except OSError as exc:
-        raise OutputWriteError(target, f"cannot use the folder {folder} ({exc.strerror or exc})") from None
-    if free < header.size:
-        raise OutputWriteError(target, f"needs {header.size:,} bytes but {folder} has {free:,} free")
+    ensure_room(target, header.size)
     hasher = md.SourceHash(src)
     try:
         with atomic_output(target, force=force, inputs=[src]) as fd:

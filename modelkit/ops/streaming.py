@@ -12,8 +12,6 @@ compute dtype), never by the model.
 
 from __future__ import annotations
 
-import os
-import shutil
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -21,10 +19,10 @@ from typing import Any
 
 from .. import dtypes
 from ..dtypes import DType
-from ..errors import OutputWriteError, UsageError
+from ..errors import UsageError
 from ..formats.safetensors_write import Header, OutTensor, WriteStats, layout, write_stream
 from ..model import TensorRef
-from ..paths import atomic_output
+from ..paths import atomic_output, ensure_room
 from . import metadata as md
 from .convert import Progress
 
@@ -280,14 +278,7 @@ def write_output(
     header = layout(tensors, meta, target)
     if dry_run:
         return header, meta, None
-    folder = os.path.dirname(os.path.abspath(target))
-    try:
-        os.makedirs(folder, exist_ok=True)
-        free = shutil.disk_usage(folder).free
-    except OSError as exc:
-        raise OutputWriteError(target, f"cannot use the folder {folder} ({exc.strerror or exc})") from None
-    if free < header.size:
-        raise OutputWriteError(target, f"needs {header.size:,} bytes but {folder} has {free:,} free")
+    ensure_room(target, header.size)
     hasher = md.SourceHash(source)
     try:
         if ahead is not None:
