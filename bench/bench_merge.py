@@ -159,12 +159,26 @@ def row(label: str, wall: float, rss: int, base: float | None = None, note: str 
     print(f"  {label:<40} {wall:8.2f} s  {ratio}  peak RSS {rss / 2**30:6.3f} GiB  {note}")
 
 
+MECHA_SUM = """
+import sys, sd_mecha
+recipe = sd_mecha.weighted_sum(sd_mecha.model(sys.argv[1]), sd_mecha.model(sys.argv[2]), alpha=0.3)
+sd_mecha.merge(recipe, output=sys.argv[3], merge_device="cpu", threads=2)
+"""
+
+
+def _mecha_python(given: str | None) -> str | None:
+    py = given or sys.executable
+    ok = subprocess.run([py, "-c", "import sd_mecha"], capture_output=True).returncode == 0
+    return py if ok else None
+
+
 def main() -> None:
     if len(sys.argv) > 2 and sys.argv[1] == "--measure":
         measure(sys.argv[3:])
         return
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="bench/out")
+    ap.add_argument("--mecha-python", default=None, help="a python with sd-mecha installed (default: this one)")
     args = ap.parse_args()
     ckpt = os.path.join(args.out, "sd15-full-fp16.ckpt")
     other = os.path.join(args.out, "sd15-fp16.ckpt")
@@ -200,9 +214,24 @@ def main() -> None:
         row("naive A1111-style (both in RAM, fp16)", a1_s, a1_rss, a1_s)
         print(f"  result vs A1111-style: {same}\n    (modelkit keeps A's schedule buffers and rounds once from fp32; "
               "the naive merges every float tensor, rounding after each fp16 op)")
-        print("  sd-mecha: not installed here, not measured")
+        mecha_py = _mecha_python(args.mecha_python)
+        if mecha_py is None:
+            print("  sd-mecha: not installed (pip install sd-mecha, or --mecha-python PATH); not measured")
+        else:
+            # sd-mecha reads safetensors only: give both tools the same two .safetensors files.
+            sa, sb = (os.path.join(args.out, n) for n in ("ws-a.safetensors", "ws-b.safetensors"))
+            for src, dst in ((ckpt, sa), (other, sb)):
+                if not os.path.exists(dst):
+                    subprocess.run([py, "-m", "modelkit", "convert", src, "-o", dst, "-q"], check=True, cwd=ROOT)
+            mk2_s, mk2_rss = run([py, "-m", "modelkit", "merge", "models", sa, sb, "--alpha", "0.3", "-o", ours, "-q"],
+                                 ours)
+            me_s, me_rss = run([mecha_py, "-c", MECHA_SUM, sa, sb, naive], naive)
+            print("merge models (weighted sum, alpha 0.3) on the same two checkpoints as .safetensors:")
+            row("modelkit merge models", mk2_s, mk2_rss, me_s, "of sd-mecha")
+            row("sd-mecha weighted_sum (threads=2)", me_s, me_rss, me_s)
         for p in (ours, naive):
-            os.unlink(p)
+            if os.path.exists(p):
+                os.unlink(p)
     print("one run per row; page cache warm; each time includes a final sync; "
           f"{os.cpu_count()} CPU cores")
 
