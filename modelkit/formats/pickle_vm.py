@@ -31,10 +31,12 @@ class PickleError(Exception):
         kind: ``"format"``, ``"truncated"`` or ``"limit"``.
     """
 
-    def __init__(self, message: str, offset: int, kind: str = "format"):
+    def __init__(self, message: str, offset: int, kind: str = "format", needed: int | None = None):
         super().__init__(message)
         self.offset = offset
         self.kind = kind
+        #: for a truncation: the absolute offset the stream would have had to reach
+        self.needed = needed
 
 
 @dataclass(frozen=True)
@@ -199,7 +201,9 @@ class PickleVM:
     def _read(self, n: int) -> bytes:
         end = self.pos + n
         if n < 0 or end > len(self.data):
-            raise self.error("pickle data was truncated", "truncated")
+            err = self.error("pickle data was truncated", "truncated")
+            err.needed = self.base + end if n >= 0 else None
+            raise err
         chunk = self.data[self.pos : end]
         self.pos = end
         return bytes(chunk)

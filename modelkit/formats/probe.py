@@ -68,8 +68,9 @@ def probe(data: Any, base: int = 0, persistent_load: Callable[[Any], Any] | None
         vm.run()
         out.end = vm.pos
     except PickleError as exc:
-        # Keep the error, not its traceback: the frames would keep the probed bytes alive.
-        out.error = exc.with_traceback(None)
+        # Keep a bare copy: the raised error's traceback and context hold frames that would keep
+        # the probed bytes alive for as long as the probe result lives.
+        out.error = PickleError(str(exc), exc.offset, exc.kind, exc.needed)
     except (ValueError, TypeError, RecursionError, MemoryError) as exc:  # hostile input in a deep corner
         out.error = PickleError(f"{type(exc).__name__}: {exc}", base + vm.op_pos)
     if keep_blobs and vm.blobs:

@@ -133,6 +133,12 @@ def probe_members(path: str, src: Source, zd: ZipDirectory, skip: ZipEntry | Non
             for step in HEAD_STEPS:
                 head = src.pread(min(step, e.compressed_size), e.data_offset)
                 p = probe(head, e.data_offset)
+                # Read on only while the pickle could still end inside this member.
+                needed = p.error.needed if p.error is not None else None
+                if needed is not None and needed > e.data_end:
+                    out.append((e, p))
+                    done = True
+                    break
                 if not (p.error is not None and p.error.kind == "truncated" and e.compressed_size > len(head)):
                     out.append((e, p))
                     done = True
