@@ -402,11 +402,17 @@ def _cast(buf: bytearray, out: int, ref: TensorRef, t: OutTensor) -> int:
 
 
 class _Copier:
-    """``copy_file_range`` from an input fd into the output's current position; pread/write otherwise."""
+    """Copy input bytes to the output's current position without passing them through Python.
+
+    ``copy_file_range`` first (a reflink or an in-kernel copy); where the kernel refuses it (across
+    file systems since Linux 5.19, or on file systems without it) ``sendfile``; and where that is
+    refused too, ``pread``/``write`` through one reused ``CHUNK``-sized buffer.
+    """
 
     def __init__(self, fd: int):
         self.fd = fd
         self.kernel = hasattr(os, "copy_file_range")
+        self.sendfile = hasattr(os, "sendfile")
         self.chunk: bytearray | None = None
 
     def copy(self, src_fd: int, offset: int, count: int, src_path: str) -> None:
@@ -422,9 +428,20 @@ class _Copier:
             if n == 0:
                 raise FormatError(src_path, f"the file ends at byte {offset + done}, inside tensor data")
             done += n
+        while done < count and self.sendfile:
+            try:
+                n = os.sendfile(self.fd, src_fd, offset + done, count - done)
+            except OSError as exc:
+                if exc.errno not in _NO_COPY_RANGE:
+                    raise
+                self.sendfile = False
+                break
+            if n == 0:
+                raise FormatError(src_path, f"the file ends at byte {offset + done}, inside tensor data")
+            done += n
         while done < count:
             if self.chunk is None:
-                self.chunk = bytearray(min(CHUNK, max(count, 1)))
+                self.chunk = bytearray(CHUNK)
             size = min(len(self.chunk), count - done)
             part = memoryview(self.chunk)[:size]
             got = os.preadv(src_fd, [part], offset + done)

@@ -94,19 +94,46 @@ def test_numpy_sources_big_endian_fortran_and_deflated(tmp_path: Path) -> None:
     assert load_file(r.output)["array"].tolist() == [[0, 1, 2], [3, 4, 5]]
 
 
-def test_copy_file_range_unavailable_falls_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("refuse", [("copy_file_range",), ("copy_file_range", "sendfile")])
+def test_copy_file_range_unavailable_falls_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                refuse: tuple[str, ...]) -> None:
     import errno
 
     def no_copy(*a: object, **k: object) -> int:
         raise OSError(errno.EXDEV, "Invalid cross-device link")
 
-    monkeypatch.setattr(os, "copy_file_range", no_copy)
+    for name in refuse:
+        monkeypatch.setattr(os, name, no_copy)
     src = tmp_path / "m.pt"
     build.save_torch(SAVEABLE, str(src), "zip")
     r = modelkit.convert(src)
     got = load_file(r.output)
     for k, v in SAVEABLE.items():
         assert same_bits(got[k], v.detach()), k
+
+
+def test_plain_copy_uses_whole_chunks_after_a_tiny_tensor(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without kernel copies, a 1-byte first tensor must not shrink the buffer for the rest."""
+    import errno
+
+    def no_copy(*a: object, **k: object) -> int:
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    for name in ("copy_file_range", "sendfile"):
+        monkeypatch.setattr(os, name, no_copy)
+    tensors = {"a": torch.zeros(1, dtype=torch.uint8), "b": torch.arange(3 << 20, dtype=torch.float32)}
+    src = tmp_path / "m.pt"
+    build.save_torch(tensors, str(src), "zip")
+    real_write, writes = os.write, [0]
+
+    def counting(fd: int, data: bytes) -> int:
+        writes[0] += 1
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", counting)
+    got = load_file(modelkit.convert(src).output)
+    assert same_bits(got["b"], tensors["b"])
+    assert writes[0] < 10  # 12 MB in 8 MB chunks plus the header, not millions of 1-byte writes
 
 
 def test_non_contiguous_views_of_every_dtype(tmp_path: Path) -> None:
