@@ -1,7 +1,7 @@
 """The training config: typed, frozen dataclasses loaded from TOML, with dotted ``--set`` overrides.
 
 A config file has one table per section (``[model]``, ``[dataset]``, ``[network]``, ``[ti]``,
-``[optimizer]``, ``[scheduler]``, ``[train]``, ``[output]``); every key is a plain value, never a
+``[optimizer]``, ``[scheduler]``, ``[train]``, ``[output]``, ``[sample]``); every key is a plain value, never a
 dotted class name. Unknown keys, wrong types and out-of-range values are refused with one line that
 names the key. Relative paths are taken from the config file's folder.
 
@@ -52,7 +52,16 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DatasetConfig:
-    """``[dataset]``: images with same-name captions; kohya ``N_name`` folders repeat N times."""
+    """``[dataset]``: images with same-name captions; kohya ``N_name`` folders repeat N times.
+
+    Attributes:
+        cache_latents: encode every image with the VAE once, before training, and keep the latent
+            distribution (mean and std) on disk as ``.safetensors``; each entry is keyed by the
+            image's path, size and mtime, its bucket, the flip and the VAE's weights, so a change to
+            any of them rebuilds it. With ``flip`` both orientations are cached.
+        cache_dir: where the latent cache lives; default ``<output.dir>/.modelkit-latents``. Several
+            runs (or datasets) may share one folder.
+    """
 
     path: str = ""
     resolution: int = 512
@@ -69,6 +78,8 @@ class DatasetConfig:
     caption_dropout: float = 0.0
     flip: bool = False
     min_image_size: int = 64
+    cache_latents: bool = False
+    cache_dir: str | None = None
 
 
 @dataclass(frozen=True)
@@ -114,12 +125,24 @@ class HypernetworkConfig:
 
 @dataclass(frozen=True)
 class DreamBoothConfig:
-    """``[dreambooth]``: full UNet fine-tuning; class images (``class_path``) add a prior-preservation loss."""
+    """``[dreambooth]``: full UNet fine-tuning; class images (``class_path``) add a prior-preservation loss.
+
+    Attributes:
+        num_class_images: when ``class_path`` holds fewer usable images, the base model generates
+            the rest from ``class_prompt`` before training (``class-NNNNNN.png`` + ``.txt``; seeds
+            from ``train.seed`` and the image number), with ``class_steps`` steps of the
+            ``[sample] sampler`` at ``class_guidance_scale``, ``dataset.resolution`` square. 0: use
+            what is there.
+    """
 
     class_path: str | None = None
     class_prompt: str = ""
     prior_loss_weight: float = 1.0
     train_text_encoder: bool = False
+    num_class_images: int = 0
+    class_steps: int = 30
+    class_guidance_scale: float = 7.5
+    class_negative_prompt: str = ""
 
 
 @dataclass(frozen=True)
@@ -167,7 +190,13 @@ class TrainingConfig:
 
 @dataclass(frozen=True)
 class OutputConfig:
-    """``[output]``: where and how often to write. ``resume`` names a state folder written by a save."""
+    """``[output]``: where and how often to write. ``resume`` names a state folder written by a save.
+
+    Attributes:
+        tensorboard: write TensorBoard logs (loss, learning rate, steps/s, sample images) to
+            ``log_dir``; needs ``pip install tensorboard``.
+        log_dir: the TensorBoard folder; default ``<output.dir>/logs``.
+    """
 
     dir: str = "output"
     name: str = ""
@@ -177,6 +206,36 @@ class OutputConfig:
     dtype: str = field(default="float16", metadata=_choice("float16", "bfloat16", "float32"))
     force: bool = False
     resume: str | None = None
+    tensorboard: bool = False
+    log_dir: str | None = None
+
+
+SAMPLERS = ("ddim", "euler", "euler_a", "dpm++")
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    """``[sample]``: images from fixed prompts every ``every_steps`` optimizer steps (0: never).
+
+    Each prompt gives one PNG, ``<output.dir>/samples/<name>-step<NNNNNN>-<prompt index>.png``, made
+    by the diffusers pipeline of the base from the modules being trained (the LoRA, embedding or
+    hypernetwork in effect), with its own generator (``seed`` + prompt index): the training's random
+    state is left exactly as it was.
+
+    Attributes:
+        width, height: image size in pixels, multiples of 8; 0: ``dataset.resolution``.
+        sampler: the scheduler, built from the base's scheduler config.
+    """
+
+    every_steps: int = 0
+    prompts: tuple[str, ...] = ()
+    negative_prompt: str = ""
+    steps: int = 20
+    guidance_scale: float = 7.0
+    seed: int = 0
+    width: int = 0
+    height: int = 0
+    sampler: str = field(default="ddim", metadata=_choice(*SAMPLERS))
 
 
 @dataclass(frozen=True)
@@ -194,6 +253,7 @@ class Config:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     train: TrainingConfig = field(default_factory=TrainingConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dicts (tuples as lists), in section order."""
@@ -207,7 +267,8 @@ class Config:
 SECTIONS: dict[str, type[Any]] = {f.name: f.default_factory for f in fields(Config)[1:]}  # type: ignore[misc]
 #: Path-valued keys, resolved against the config file's folder.
 PATH_KEYS = {("model", "path"), ("model", "configs"), ("model", "tokenizer"), ("dataset", "path"),
-             ("output", "dir"), ("output", "resume"), ("dreambooth", "class_path")}
+             ("output", "dir"), ("output", "resume"), ("dreambooth", "class_path"), ("dataset", "cache_dir"),
+             ("output", "log_dir")}
 
 
 def _plain(value: Any) -> Any:
@@ -368,6 +429,9 @@ def check(config: Config, source: str | None = None) -> None:
         "train.noise_offset": c.train.noise_offset, "optimizer.weight_decay": c.optimizer.weight_decay,
         "optimizer.max_grad_norm": c.optimizer.max_grad_norm, "dataset.min_image_size": c.dataset.min_image_size,
         "dreambooth.prior_loss_weight": c.dreambooth.prior_loss_weight,
+        "dreambooth.num_class_images": c.dreambooth.num_class_images, "sample.every_steps": c.sample.every_steps,
+        "sample.width": c.sample.width, "sample.height": c.sample.height, "sample.guidance_scale": c.sample.guidance_scale,
+        "dreambooth.class_guidance_scale": c.dreambooth.class_guidance_scale,
     }
     for key, num in at_least_zero.items():
         if num < 0:
@@ -393,6 +457,23 @@ def check(config: Config, source: str | None = None) -> None:
     ls = c.hypernetwork.layer_structure
     if c.method == "hypernetwork" and (len(ls) < 2 or ls[0] != 1.0 or ls[-1] != 1.0 or min(ls) <= 0):
         raise _bad(source, "hypernetwork.layer_structure", f"must start and end with 1 and be positive, got {list(ls)}")
+    for key, side in (("sample.width", c.sample.width), ("sample.height", c.sample.height)):
+        if side % 8:
+            raise _bad(source, key, f"must be a multiple of 8 (or 0 for dataset.resolution), got {side}")
+    if c.sample.every_steps:
+        if not any(p.strip() for p in c.sample.prompts):
+            raise _bad(source, "sample.prompts", "is empty but sample.every_steps is set; give at least one prompt")
+        if c.sample.steps < 1:
+            raise _bad(source, "sample.steps", f"must be at least 1, got {c.sample.steps}")
+    if c.dreambooth.num_class_images and c.method == "dreambooth":
+        if not c.dreambooth.class_path:
+            raise _bad(source, "dreambooth.class_path", "is required when dreambooth.num_class_images is set "
+                       "(the folder that generated class images go to)")
+        if not c.dreambooth.class_prompt.strip():
+            raise _bad(source, "dreambooth.class_prompt", "is required when dreambooth.num_class_images is set "
+                       "(the prompt class images are generated from)")
+        if c.dreambooth.class_steps < 1:
+            raise _bad(source, "dreambooth.class_steps", f"must be at least 1, got {c.dreambooth.class_steps}")
     if c.method == "ti":
         if not c.ti.token.strip() or " " in c.ti.token.strip():
             raise _bad(source, "ti.token", f"must be one word without spaces, got {c.ti.token!r}")
@@ -410,5 +491,5 @@ def resolved(config: Config) -> Config:
 
 
 __all__ = ["BASES", "METHODS", "SECTIONS", "Config", "DatasetConfig", "DreamBoothConfig", "HypernetworkConfig",
-           "ModelConfig", "NetworkConfig", "OptimizerConfig", "OutputConfig", "SchedulerConfig", "TIConfig", "TrainingConfig", "build_config",
+           "ModelConfig", "NetworkConfig", "OptimizerConfig", "OutputConfig", "SAMPLERS", "SampleConfig", "SchedulerConfig", "TIConfig", "TrainingConfig", "build_config",
            "check", "load_config", "parse_override", "render_toml", "resolved"]

@@ -85,12 +85,16 @@ def make_optimizer(config: Config, groups: list[dict[str, Any]]) -> Any:
     return torch.optim.AdamW(groups, **kwargs)
 
 
+#: DreamBooth keys a resume may change: where class images are and how missing ones are generated.
+_DB_FREE = ("class_path", "num_class_images", "class_steps", "class_guidance_scale", "class_negative_prompt")
+
+
 def _fingerprint(config: Config) -> dict[str, Any]:
     """Settings a resume must keep (the rest may change, e.g. max_steps or the save cadence)."""
     c = config
     d = c.to_dict()
     return {"method": c.method, "network": d["network"], "ti": d["ti"], "hypernetwork": d["hypernetwork"],
-            "dreambooth": {k: v for k, v in d["dreambooth"].items() if k != "class_path"}, "seed": c.train.seed,
+            "dreambooth": {k: v for k, v in d["dreambooth"].items() if k not in _DB_FREE}, "seed": c.train.seed,
             "batch_size": c.train.batch_size, "grad_accum": c.train.grad_accum, "optimizer": c.optimizer.name}
 
 
@@ -161,6 +165,9 @@ def train(config: Config, progress: Progress | None = None,
     for m in (base.vae, *base.text_encoders):
         m.to(device)
     base.unet.to(device)
+    notes = list(base.notes)
+    if cfg.dataset.cache_latents:
+        method.latents = _cache_latents(cfg, base, ds, method, accelerator, notes)
     text_grad = any(method.train_text)
     meta = _metadata(cfg, base, ds, method.adapter)
     saved: list[str] = []
@@ -174,7 +181,7 @@ def train(config: Config, progress: Progress | None = None,
         epoch, index = divmod(micro, per_epoch)
         if epoch not in epoch_batches:
             epoch_batches = {epoch: ds.batches(cfg.train.batch_size, cfg.train.seed, epoch)}
-        batch = load_batch(ds, epoch_batches[epoch][index * world + rank], cfg, micro, method.caption)
+        batch = load_batch(ds, epoch_batches[epoch][index * world + rank], cfg, micro, method.caption, method.latents)
         prior = method.prior_batch(micro)
         with accelerator.autocast():
             loss = compute_loss(cfg, base, unet, batch, micro, device, weight_dtype, text_grad)
@@ -218,7 +225,23 @@ def train(config: Config, progress: Progress | None = None,
     return TrainResult(cfg.method, base.family, base.prediction, saved[-1] if saved else final, step,
                        round(micro / per_epoch, 3), losses[-1] if losses else float("nan"),
                        time.monotonic() - started, tuple(saved), tuple(states), len(ds.items), tuple(ds.skipped),
-                       tuple(base.notes), tuple(losses))
+                       tuple(notes), tuple(losses))
+
+
+def _cache_latents(cfg: Config, base: Any, ds: data.Dataset, method: Any, accelerator: Any, notes: list[str]) -> Any:
+    """Build the latent cache (main process; the others wait), then move the VAE off the GPU if
+    nothing else needs it."""
+    from .latents import LatentCache, cache_folder, vae_identity
+
+    cache = LatentCache(cache_folder(cfg), vae_identity(base.vae))
+    if accelerator.is_main_process:
+        stats = cache.build([*ds.items, *method.cache_items()], cfg.dataset.flip, base.vae, accelerator.autocast)
+        notes.append(f"latent cache {cache.folder}: {stats.built} encoded, {stats.reused} reused, "
+                     f"{stats.removed} stale removed")
+    accelerator.wait_for_everyone()
+    if not cfg.sample.every_steps:
+        base.vae.to("cpu")
+    return cache
 
 
 def _configure(cfg: Config, base: Any, method: Any, weight_dtype: Any) -> None:

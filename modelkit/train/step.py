@@ -16,30 +16,47 @@ from .config import Config
 
 @dataclass
 class Batch:
-    """One micro-batch, on the CPU."""
+    """One micro-batch, on the CPU: pixels, or (with a latent cache) the cached latent distribution."""
 
-    pixels: Any  # [B, 3, H, W] in [-1, 1]
+    pixels: Any  # [B, 3, H, W] in [-1, 1], or None when the latents come from the cache
     captions: list[str]
     original_sizes: list[tuple[int, int]]  # (height, width)
     crops: list[tuple[int, int]]  # (top, left)
+    latent_mean: Any = None  # [B, C, H/8, W/8], unscaled
+    latent_std: Any = None
+
+    def target_size(self) -> tuple[int, int]:
+        """``(height, width)`` in pixels."""
+        if self.pixels is not None:
+            return int(self.pixels.shape[-2]), int(self.pixels.shape[-1])
+        return int(self.latent_mean.shape[-2]) * 8, int(self.latent_mean.shape[-1]) * 8
 
 
-def load_batch(ds: Any, indices: list[int], config: Config, micro: int, caption: Callable[[str], str]) -> Batch:
-    """Read one micro-batch: pixels cropped to the bucket, captions processed with the sample's own RNG."""
+def load_batch(ds: Any, indices: list[int], config: Config, micro: int, caption: Callable[[str], str],
+               latents: Any = None) -> Batch:
+    """Read one micro-batch: pixels cropped to the bucket (or their cached latents, from the
+    ``LatentCache`` ``latents``), captions processed with the sample's own RNG."""
     import torch
 
     from . import data
 
-    pixels, captions, sizes, crops = [], [], [], []
+    pixels, captions, sizes, crops, means, stds = [], [], [], [], [], []
     for slot, i in enumerate(indices):
         item = ds.items[i]
         rng = data.sample_rng(config.train.seed, micro, slot)
         flip = config.dataset.flip and rng.random() < 0.5
-        px, crop = data.load_pixels(item, flip)
-        pixels.append(px)
+        if latents is not None:
+            mean, std, crop = latents.load(item, flip)
+            means.append(mean)
+            stds.append(std)
+        else:
+            px, crop = data.load_pixels(item, flip)
+            pixels.append(px)
         captions.append(caption(data.process_caption(item.caption, config.dataset, rng)))
         sizes.append((item.size[1], item.size[0]))
         crops.append(crop)
+    if latents is not None:
+        return Batch(None, captions, sizes, crops, torch.stack(means), torch.stack(stds))
     return Batch(torch.stack(pixels), captions, sizes, crops)
 
 
@@ -82,7 +99,7 @@ def time_ids(batch: Batch, device: Any, dtype: Any) -> Any:
     """SDXL's size conditioning: original size, crop corner, target size, per sample."""
     import torch
 
-    h, w = batch.pixels.shape[-2:]
+    h, w = batch.target_size()
     rows = [[*orig, *crop, int(h), int(w)] for orig, crop in zip(batch.original_sizes, batch.crops)]
     return torch.tensor(rows, device=device, dtype=dtype)
 
@@ -97,9 +114,13 @@ def compute_loss(config: Config, base: BaseModel, unet: Any, batch: Batch, micro
     gen = generator(tc.seed, micro)
     vae = base.vae
     with torch.no_grad():
-        pixels = batch.pixels.to(device=device, dtype=vae.dtype)
-        dist = vae.encode(pixels).latent_dist
-        latents = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=gen).to(device, dist.mean.dtype)
+        if batch.latent_mean is not None:
+            mean, std = batch.latent_mean.to(device), batch.latent_std.to(device)
+        else:
+            pixels = batch.pixels.to(device=device, dtype=vae.dtype)
+            dist = vae.encode(pixels).latent_dist
+            mean, std = dist.mean, dist.std
+        latents = mean + std * torch.randn(mean.shape, generator=gen).to(device, mean.dtype)
         latents = (latents * vae.config.scaling_factor).to(weight_dtype)
     noise = torch.randn(latents.shape, generator=gen).to(device, weight_dtype)
     if tc.noise_offset:

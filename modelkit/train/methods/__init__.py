@@ -21,6 +21,7 @@ class Method:
         name: the method name from the command line.
         adapter: the ``modelspec.architecture`` suffix of its output.
         train_text: per text encoder, whether gradients flow through it.
+        latents: the loop's ``LatentCache`` when ``dataset.cache_latents`` is on (for class images).
     """
 
     name = ""
@@ -30,6 +31,7 @@ class Method:
         self.config = config
         self.base = base
         self.train_text = [False] * len(base.text_encoders)
+        self.latents: Any = None
 
     def prepare(self) -> list[dict[str, Any]]:
         """Make the trainable parameters (fp32) and return the optimizer's parameter groups."""
@@ -50,6 +52,10 @@ class Method:
     def prior_batch(self, micro: int) -> Any:
         """A class-image batch for prior preservation at this micro-step (DreamBooth), else None."""
         return None
+
+    def cache_items(self) -> list[Any]:
+        """Dataset items beyond the training set whose latents the cache must hold (class images)."""
+        return []
 
     def modules_in_training(self) -> list[Any]:
         """The modules to put in train mode (the rest stay in eval mode)."""

@@ -73,7 +73,10 @@ class DreamBooth(Method):
         if not self.class_batches:
             self.class_batches = self.class_data.batches(tc.batch_size, tc.seed + 1, 0)
         indices = self.class_batches[micro % len(self.class_batches)]
-        return load_batch(self.class_data, indices, self.config, -1 - micro, lambda text: text)
+        return load_batch(self.class_data, indices, self.config, -1 - micro, lambda text: text, self.latents)
+
+    def cache_items(self) -> list[Any]:
+        return list(self.class_data.items) if self.class_data is not None else []
 
     def ldm_state(self) -> dict[str, Any]:
         """The trained tensors under their LDM names."""
