@@ -14,11 +14,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import TrainingError, UsageError
+from ..errors import OutputExistsError, TrainingError, UsageError
 from ..paths import check_output
 from . import data
 from .config import Config, resolved
 from .export import common_metadata
+from .sample import sample_images, sample_paths
 from .state import Counters, load_state, save_state
 from .step import compute_loss, load_batch
 
@@ -44,12 +45,14 @@ class TrainResult:
     skipped: tuple[data.Skipped, ...] = ()
     notes: tuple[str, ...] = ()
     losses: tuple[float, ...] = field(default=(), repr=False)
+    samples: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, "base": self.base, "prediction": self.prediction, "output": self.output,
                 "steps": self.steps, "epochs": self.epochs, "loss": self.loss, "seconds": round(self.seconds, 3),
                 "saved": list(self.saved), "states": list(self.states), "images": self.images,
-                "skipped": [s.to_dict() for s in self.skipped], "notes": list(self.notes)}
+                "skipped": [s.to_dict() for s in self.skipped], "notes": list(self.notes),
+                "samples": list(self.samples)}
 
 
 def _weight_dtype(precision: str) -> Any:
@@ -130,6 +133,8 @@ def train(config: Config, progress: Progress | None = None,
         check_output(os.path.join(final_state, "state.safetensors"), force=oc.force)
     # Saves past the resumed step belong to the abandoned run: a resume may replace them.
     replace_saves = oc.force or oc.resume is not None
+    if cfg.sample.every_steps and not replace_saves:
+        _check_samples(cfg)
     accelerator = _accelerator(cfg)
     weight_dtype = _weight_dtype(cfg.train.mixed_precision)
     ds = data.scan(cfg.dataset, on_skip)
@@ -173,6 +178,7 @@ def train(config: Config, progress: Progress | None = None,
     saved: list[str] = []
     states: list[str] = []
     losses: list[float] = []
+    samples: list[str] = []
     epoch_batches: dict[int, list[list[int]]] = {}
     step, micro = counters.step, counters.micro
     running = 0.0
@@ -206,6 +212,8 @@ def train(config: Config, progress: Progress | None = None,
         if progress is not None:
             progress(step, total, running, float(scheduler.get_last_lr()[0]))
         running = 0.0
+        if cfg.sample.every_steps and step % cfg.sample.every_steps == 0 and accelerator.is_main_process:
+            samples.extend(sample_images(cfg, base, method, step, replace_saves, accelerator.autocast))
         epoch_done = micro // per_epoch > (micro - cfg.train.grad_accum) // per_epoch
         due = (oc.save_every_steps and step % oc.save_every_steps == 0) or (
             oc.save_every_epochs and epoch_done and (micro // per_epoch) % oc.save_every_epochs == 0)
@@ -225,7 +233,22 @@ def train(config: Config, progress: Progress | None = None,
     return TrainResult(cfg.method, base.family, base.prediction, saved[-1] if saved else final, step,
                        round(micro / per_epoch, 3), losses[-1] if losses else float("nan"),
                        time.monotonic() - started, tuple(saved), tuple(states), len(ds.items), tuple(ds.skipped),
-                       tuple(notes), tuple(losses))
+                       tuple(notes), tuple(losses), tuple(samples))
+
+
+def _check_samples(cfg: Config) -> None:
+    """Refuse to start when sample images of this output name exist (they would be replaced).
+
+    Raises:
+        OutputExistsError: one does, and neither ``output.force`` nor ``output.resume`` is set.
+    """
+    folder = os.path.dirname(sample_paths(cfg, 0)[0])
+    prefix = f"{cfg.output.name}-step"
+    found = sorted(n for n in os.listdir(folder) if n.startswith(prefix) and n.endswith(".png")) \
+        if os.path.isdir(folder) else []
+    if found:
+        raise OutputExistsError(os.path.join(folder, found[0]), f"exists ({len(found)} sample images of an earlier run)",
+                                "Set output.force = true to replace them, or choose another output.dir or output.name")
 
 
 def _cache_latents(cfg: Config, base: Any, ds: data.Dataset, method: Any, accelerator: Any, notes: list[str]) -> Any:

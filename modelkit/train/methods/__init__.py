@@ -45,6 +45,10 @@ class Method:
         """The caption as the text encoder should see it."""
         return text
 
+    def prompt(self, text: str) -> str:
+        """A sample prompt as the text encoder should see it (no caption options, nothing prepended)."""
+        return text
+
     def export(self, path: str, metadata: dict[str, str], dtype: Any, force: bool) -> Written:
         """Write the trained result as ``.safetensors`` to ``path``."""
         raise NotImplementedError

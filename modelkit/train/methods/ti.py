@@ -94,6 +94,10 @@ class TextualInversion(Method):
             return f"{expanded}, {text}" if text else expanded
         return text
 
+    def prompt(self, text: str) -> str:
+        expanded = " ".join(self.words)
+        return re.sub(re.escape(self.token) + r"(?!_\d)", lambda _: expanded, text)
+
     def export(self, path: str, metadata: dict[str, str], dtype: Any, force: bool) -> Written:
         if self.base.family == "sdxl":
             tensors = {"clip_l": self.extras[0], "clip_g": self.extras[1]}
