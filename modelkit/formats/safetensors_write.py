@@ -390,8 +390,10 @@ def _cast(buf: bytearray, out: int, ref: TensorRef, t: OutTensor) -> int:
     if fmax >= torch.finfo(src_dt).max:
         return 0
     try:
-        lo, hi = torch.aminmax(src)
-        if float(hi) <= fmax and float(lo) >= -fmax:  # false for NaN and inf: those are counted below
+        # One reduction over the narrower result: finite extremes mean nothing became inf. False
+        # for NaN and inf (either overflow or already in the source): those are counted below.
+        lo, hi = torch.aminmax(dst)
+        if float(hi) <= fmax and float(lo) >= -fmax:
             return 0
     except RuntimeError:  # aminmax lacks this dtype
         pass

@@ -19,11 +19,12 @@ The tensors themselves are bit-exact: views and shared storages are written as c
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -210,11 +211,24 @@ def check_scan(src: str, ignore_scan: bool) -> tuple[str | None, list[str]]:
     return report.verdict, []
 
 
+@contextlib.contextmanager
+def early_hash(hasher: md.SourceHash | None) -> Iterator[None]:
+    """Stop ``hasher`` (if the write never used it) when the block ends, normally or not."""
+    try:
+        yield
+    finally:
+        if hasher is not None:
+            hasher.cancel()
+
+
 def write_plan(
     src: str, target: str, plan: Plan, *, force: bool, dry_run: bool,
-    progress: Progress | None = None, extra_changes: Sequence[str] = (),
+    progress: Progress | None = None, extra_changes: Sequence[str] = (), hasher: md.SourceHash | None = None,
 ) -> tuple[Header, dict[str, str], WriteStats | None, list[str]]:
     """Lay out the header, then (unless ``dry_run``) stream the file and copy its sidecars.
+
+    ``hasher`` is the sha256 of ``src`` already under way (started before the scan and the imports,
+    so that it overlaps them); by default it starts here.
 
     Returns:
         (header, final metadata, write stats or None, sidecar outputs).
@@ -228,9 +242,10 @@ def write_plan(
     if dry_run:
         return header, meta, None, [b for _, b in cars]
     ensure_room(target, header.size)
-    hasher = md.SourceHash(src)
+    hasher = hasher or md.SourceHash(src)
     try:
-        with atomic_output(target, force=force, inputs=[src]) as fd:
+        with md.core_for_hash(any(t.is_cast for t in plan.tensors)), \
+                atomic_output(target, force=force, inputs=[src]) as fd:
             stats = write_stream(fd, header, meta, late={"modelkit.source_sha256": hasher.hexdigest},
                                  on_tensor=progress, path=target)
     except BaseException:
@@ -285,20 +300,23 @@ def convert(
     s = os.fspath(src)
     target = default_output(s, out, out_dir)
     check_output(target, force=force, inputs=[s])
-    verdict, warnings = check_scan(s, ignore_scan)
-    with open_model(s, allow_hidden_pickles=ignore_scan) as mf:
-        plan = plan_convert(mf)
-        header, meta, stats, cars = write_plan(s, target, plan, force=force, dry_run=dry_run, progress=progress)
-        warnings += plan.warnings
-        if plan.dropped:
-            warnings.append(f"{len(plan.dropped)} non-tensor values not carried over: "
-                            + ", ".join(list(plan.dropped)[:5]) + (" ..." if len(plan.dropped) > 5 else ""))
-        return ConvertResult(
-            source=s, output=target, status="dry-run" if dry_run else "written", container=mf.container,
-            kind=plan.kind, tensors=len(plan.tensors), size=header.size, changes=tuple(meta_changes(meta)),
-            metadata=meta, dropped=plan.dropped, sidecars=tuple(cars), warnings=tuple(warnings), stats=stats,
-            scan=verdict, seconds=time.perf_counter() - t0,
-        )
+    hasher = None if dry_run else md.SourceHash(s)
+    with early_hash(hasher):
+        verdict, warnings = check_scan(s, ignore_scan)
+        with open_model(s, allow_hidden_pickles=ignore_scan) as mf:
+            plan = plan_convert(mf)
+            header, meta, stats, cars = write_plan(s, target, plan, force=force, dry_run=dry_run,
+                                                   progress=progress, hasher=hasher)
+            warnings += plan.warnings
+            if plan.dropped:
+                warnings.append(f"{len(plan.dropped)} non-tensor values not carried over: "
+                                + ", ".join(list(plan.dropped)[:5]) + (" ..." if len(plan.dropped) > 5 else ""))
+            return ConvertResult(
+                source=s, output=target, status="dry-run" if dry_run else "written", container=mf.container,
+                kind=plan.kind, tensors=len(plan.tensors), size=header.size, changes=tuple(meta_changes(meta)),
+                metadata=meta, dropped=plan.dropped, sidecars=tuple(cars), warnings=tuple(warnings), stats=stats,
+                scan=verdict, seconds=time.perf_counter() - t0,
+            )
 
 
 def default_output(src: str, out: str | os.PathLike[str] | None, out_dir: str | os.PathLike[str] | None,

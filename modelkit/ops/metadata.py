@@ -14,11 +14,12 @@ Keys modelkit writes:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from .. import __version__
@@ -149,3 +150,38 @@ class SourceHash:
     def cancel(self) -> None:
         self._stop.set()
         self._thread.join()
+
+
+_threads_lock = threading.Lock()
+_threads_users = 0
+_threads_saved = 0
+
+
+@contextlib.contextmanager
+def core_for_hash(uses_torch: bool) -> Iterator[None]:
+    """While a ``SourceHash`` runs beside torch maths, give torch's intra-op pool one core fewer.
+
+    The hash thread keeps one core busy; a torch pool as wide as the machine then fights it for
+    that core and both slow down (on 2 cores a prune took 3.2-4.0 s instead of 2.2 s). Nested and
+    concurrent users share one saved setting, restored when the last one leaves. Nothing happens
+    when ``uses_torch`` is false (torch is then not even imported) or on a single core.
+    """
+    global _threads_users, _threads_saved
+    if not uses_torch:
+        yield
+        return
+    import torch
+
+    with _threads_lock:
+        if _threads_users == 0:
+            _threads_saved = torch.get_num_threads()
+            if _threads_saved > 1:
+                torch.set_num_threads(_threads_saved - 1)
+        _threads_users += 1
+    try:
+        yield
+    finally:
+        with _threads_lock:
+            _threads_users -= 1
+            if _threads_users == 0 and _threads_saved > 1:
+                torch.set_num_threads(_threads_saved)

@@ -37,6 +37,7 @@ from .convert import (
     _note_layout_changes,
     check_scan,
     default_output,
+    early_hash,
     meta_changes,
     write_plan,
 )
@@ -301,25 +302,28 @@ def prune(
     s = os.fspath(src)
     target = default_output(s, out, out_dir, default_tag(part))
     check_output(target, force=force, inputs=[s])
-    verdict, warnings = check_scan(s, ignore_scan)
-    with open_model(s, allow_hidden_pickles=ignore_scan) as mf:
-        plan, st = plan_prune(mf, ema=ema, dtype=dtype, part=part)
-        header, meta, stats, cars = write_plan(s, target, plan, force=force, dry_run=dry_run, progress=progress)
-        warnings += st.warnings
-        overflow = dict(stats.overflow) if stats else {}
-        if overflow:
-            warnings.append(f"{sum(overflow.values()):,} values in {len(overflow)} tensors overflowed to inf in "
-                            f"{dtype}: " + ", ".join(f"{k} ({v})" for k, v in list(overflow.items())[:3]))
-        if plan.dropped:
-            warnings.append(f"{len(plan.dropped)} non-tensor values dropped: "
-                            + ", ".join(list(plan.dropped)[:5]) + (" ..." if len(plan.dropped) > 5 else ""))
-        return PruneResult(
-            source=s, output=target, status="dry-run" if dry_run else "written", container=mf.container,
-            tensors=len(plan.tensors), size=header.size, input_size=mf.size, ema=ema, dtype=dtype, part=part,
-            removed=st.removed, ema_swapped=st.swapped, casts=st.casts, overflow=overflow, fixed=st.fixed,
-            changes=tuple(meta_changes(meta)), metadata=meta, dropped=plan.dropped, sidecars=tuple(cars),
-            warnings=tuple(warnings), stats=stats, scan=verdict, seconds=time.perf_counter() - t0,
-        )
+    hasher = None if dry_run else md.SourceHash(s)
+    with early_hash(hasher):
+        verdict, warnings = check_scan(s, ignore_scan)
+        with open_model(s, allow_hidden_pickles=ignore_scan) as mf:
+            plan, st = plan_prune(mf, ema=ema, dtype=dtype, part=part)
+            header, meta, stats, cars = write_plan(s, target, plan, force=force, dry_run=dry_run,
+                                                   progress=progress, hasher=hasher)
+            warnings += st.warnings
+            overflow = dict(stats.overflow) if stats else {}
+            if overflow:
+                warnings.append(f"{sum(overflow.values()):,} values in {len(overflow)} tensors overflowed to inf in "
+                                f"{dtype}: " + ", ".join(f"{k} ({v})" for k, v in list(overflow.items())[:3]))
+            if plan.dropped:
+                warnings.append(f"{len(plan.dropped)} non-tensor values dropped: "
+                                + ", ".join(list(plan.dropped)[:5]) + (" ..." if len(plan.dropped) > 5 else ""))
+            return PruneResult(
+                source=s, output=target, status="dry-run" if dry_run else "written", container=mf.container,
+                tensors=len(plan.tensors), size=header.size, input_size=mf.size, ema=ema, dtype=dtype, part=part,
+                removed=st.removed, ema_swapped=st.swapped, casts=st.casts, overflow=overflow, fixed=st.fixed,
+                changes=tuple(meta_changes(meta)), metadata=meta, dropped=plan.dropped, sidecars=tuple(cars),
+                warnings=tuple(warnings), stats=stats, scan=verdict, seconds=time.perf_counter() - t0,
+            )
 
 
 def default_tag(part: str | None) -> str:

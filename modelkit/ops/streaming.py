@@ -283,7 +283,7 @@ def write_output(
     try:
         if ahead is not None:
             ahead.start(header)
-        with atomic_output(target, force=force, inputs=inputs) as fd:
+        with md.core_for_hash(True), atomic_output(target, force=force, inputs=inputs) as fd:
             stats = write_stream(fd, header, meta, late={"modelkit.source_sha256": hasher.hexdigest},
                                  on_tensor=progress, path=target)
     except BaseException:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
 import tracemalloc
 from collections import OrderedDict
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import modelkit
 from fixtures import build
@@ -147,3 +149,32 @@ def test_memory_tracks_the_largest_tensor_not_the_model(tmp_path: Path) -> None:
     assert peak < 12 << 20, peak  # the model is 64 MiB
     got = load_file(r.output)
     assert got["w31"].dtype == torch.float16 and float(got["w31"][0, 0]) == 31.0
+
+
+def test_torch_leaves_a_core_to_the_source_hash_and_gets_it_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """During a cast-heavy write the background sha256 keeps one core; torch's pool is restored after."""
+    from modelkit.formats import safetensors_write
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        _prune_and_count_threads(tmp_path, monkeypatch)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def _prune_and_count_threads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[int] = []
+    real = safetensors_write._cast
+
+    def spy(*a: Any, **k: Any) -> int:
+        seen.append(torch.get_num_threads())
+        return real(*a, **k)
+
+    monkeypatch.setattr(safetensors_write, "_cast", spy)
+    src = tmp_path / "m.safetensors"
+    save_file({"w": torch.randn(64, 64), "b": torch.randn(64)}, str(src))
+    r = modelkit.prune(src, dtype="fp16")
+    assert seen == [1, 1]
+    assert r.metadata["modelkit.source_sha256"] == hashlib.sha256(src.read_bytes()).hexdigest()
