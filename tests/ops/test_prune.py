@@ -153,8 +153,6 @@ def test_memory_tracks_the_largest_tensor_not_the_model(tmp_path: Path) -> None:
 
 def test_torch_leaves_a_core_to_the_source_hash_and_gets_it_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """During a cast-heavy write the background sha256 keeps one core; torch's pool is restored after."""
-    from modelkit.formats import safetensors_write
-
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
@@ -165,6 +163,8 @@ def test_torch_leaves_a_core_to_the_source_hash_and_gets_it_back(tmp_path: Path,
 
 
 def _prune_and_count_threads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from modelkit.formats import safetensors_write
+
     seen: list[int] = []
     real = safetensors_write._cast
 
