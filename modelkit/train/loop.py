@@ -19,6 +19,7 @@ from ..paths import check_output
 from . import data
 from .config import Config, resolved
 from .export import common_metadata
+from .logs import TensorBoard, log_dir, require_tensorboard
 from .sample import sample_images, sample_paths
 from .state import Counters, load_state, save_state
 from .step import compute_loss, load_batch
@@ -125,6 +126,8 @@ def train(config: Config, progress: Progress | None = None,
     started = time.monotonic()
     cfg = resolved(config)
     oc = cfg.output
+    if oc.tensorboard:
+        require_tensorboard()
     os.makedirs(oc.dir, exist_ok=True)
     final = os.path.join(oc.dir, f"{oc.name}.safetensors")
     final_state = os.path.join(oc.dir, f"{oc.name}-state")
@@ -183,47 +186,57 @@ def train(config: Config, progress: Progress | None = None,
     step, micro = counters.step, counters.micro
     running = 0.0
     trainable = [p for g in groups for p in g["params"]]
-    while step < total:
-        epoch, index = divmod(micro, per_epoch)
-        if epoch not in epoch_batches:
-            epoch_batches = {epoch: ds.batches(cfg.train.batch_size, cfg.train.seed, epoch)}
-        batch = load_batch(ds, epoch_batches[epoch][index * world + rank], cfg, micro, method.caption, method.latents)
-        prior = method.prior_batch(micro)
-        with accelerator.autocast():
-            loss = compute_loss(cfg, base, unet, batch, micro, device, weight_dtype, text_grad)
-            if prior is not None:  # DreamBooth's prior preservation, with its own noise stream
-                loss = loss + cfg.dreambooth.prior_loss_weight * compute_loss(
-                    cfg, base, unet, prior, -1 - micro, device, weight_dtype, text_grad)
-        if not torch.isfinite(loss):
-            raise TrainingError(None, f"the loss became {loss.detach().item()} at step {step + 1} (micro-batch {micro})",
-                                "Lower optimizer.lr, use bf16 rather than fp16, or check the images and captions")
-        accelerator.backward(loss / cfg.train.grad_accum)
-        running += float(loss.detach()) / cfg.train.grad_accum
-        micro += 1
-        if micro % cfg.train.grad_accum:
-            continue
-        if cfg.optimizer.max_grad_norm:
-            accelerator.clip_grad_norm_(trainable, cfg.optimizer.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        losses.append(running)
-        if progress is not None:
-            progress(step, total, running, float(scheduler.get_last_lr()[0]))
-        running = 0.0
-        if cfg.sample.every_steps and step % cfg.sample.every_steps == 0 and accelerator.is_main_process:
-            samples.extend(sample_images(cfg, base, method, step, replace_saves, accelerator.autocast))
-        epoch_done = micro // per_epoch > (micro - cfg.train.grad_accum) // per_epoch
-        due = (oc.save_every_steps and step % oc.save_every_steps == 0) or (
-            oc.save_every_epochs and epoch_done and (micro // per_epoch) % oc.save_every_epochs == 0)
-        if due and step < total and accelerator.is_main_process:
-            tag = f"{oc.name}-step{step:06d}"
-            out = os.path.join(oc.dir, tag + ".safetensors")
-            saved.append(_export(method, out, meta, cfg, step, micro / per_epoch, replace_saves))
-            if oc.save_state:
-                states.append(save_state(os.path.join(oc.dir, tag + "-state"), Counters(step, micro), params, optimizer,
-                                         scheduler, accelerator.scaler, _fingerprint(cfg), force=replace_saves))
+    board = TensorBoard(log_dir(cfg)) if oc.tensorboard and accelerator.is_main_process else None
+    try:
+        while step < total:
+            epoch, index = divmod(micro, per_epoch)
+            if epoch not in epoch_batches:
+                epoch_batches = {epoch: ds.batches(cfg.train.batch_size, cfg.train.seed, epoch)}
+            batch = load_batch(ds, epoch_batches[epoch][index * world + rank], cfg, micro, method.caption, method.latents)
+            prior = method.prior_batch(micro)
+            with accelerator.autocast():
+                loss = compute_loss(cfg, base, unet, batch, micro, device, weight_dtype, text_grad)
+                if prior is not None:  # DreamBooth's prior preservation, with its own noise stream
+                    loss = loss + cfg.dreambooth.prior_loss_weight * compute_loss(
+                        cfg, base, unet, prior, -1 - micro, device, weight_dtype, text_grad)
+            if not torch.isfinite(loss):
+                raise TrainingError(None, f"the loss became {loss.detach().item()} at step {step + 1} (micro-batch {micro})",
+                                    "Lower optimizer.lr, use bf16 rather than fp16, or check the images and captions")
+            accelerator.backward(loss / cfg.train.grad_accum)
+            running += float(loss.detach()) / cfg.train.grad_accum
+            micro += 1
+            if micro % cfg.train.grad_accum:
+                continue
+            if cfg.optimizer.max_grad_norm:
+                accelerator.clip_grad_norm_(trainable, cfg.optimizer.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            losses.append(running)
+            if progress is not None:
+                progress(step, total, running, float(scheduler.get_last_lr()[0]))
+            if board is not None:
+                board.step(step, running, [float(x) for x in scheduler.get_last_lr()], micro / per_epoch)
+            running = 0.0
+            if cfg.sample.every_steps and step % cfg.sample.every_steps == 0 and accelerator.is_main_process:
+                samples.extend(sample_images(cfg, base, method, step, replace_saves, accelerator.autocast,
+                                             board.writer if board is not None else None))
+            epoch_done = micro // per_epoch > (micro - cfg.train.grad_accum) // per_epoch
+            due = (oc.save_every_steps and step % oc.save_every_steps == 0) or (
+                oc.save_every_epochs and epoch_done and (micro // per_epoch) % oc.save_every_epochs == 0)
+            if due and step < total and accelerator.is_main_process:
+                tag = f"{oc.name}-step{step:06d}"
+                out = os.path.join(oc.dir, tag + ".safetensors")
+                saved.append(_export(method, out, meta, cfg, step, micro / per_epoch, replace_saves))
+                if oc.save_state:
+                    states.append(save_state(os.path.join(oc.dir, tag + "-state"), Counters(step, micro), params, optimizer,
+                                             scheduler, accelerator.scaler, _fingerprint(cfg), force=replace_saves))
+            if board is not None:
+                board.resume_clock()
+    finally:
+        if board is not None:
+            board.close()
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         saved.append(_export(method, final, meta, cfg, step, micro / per_epoch, oc.force))

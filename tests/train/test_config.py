@@ -37,7 +37,7 @@ def test_pyproject_train_extra_lists_the_training_stack() -> None:
     data = _toml().loads((ROOT / "pyproject.toml").read_text())
     extra = data["project"]["optional-dependencies"]["train"]
     names = {re.split(r"[<>=;\[ ]", req, maxsplit=1)[0].lower(): req for req in extra}
-    for dist in ("diffusers", "peft", "transformers", "accelerate", "pillow", "tomli"):
+    for dist in ("diffusers", "peft", "transformers", "accelerate", "pillow", "tensorboard", "tomli"):
         assert dist in names, f"the [train] extra lacks {dist}"
     assert "python_version" in names["tomli"] and "3.11" in names["tomli"]
     assert set(TRAIN_MODULES.values()) <= set(names)

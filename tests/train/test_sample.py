@@ -125,3 +125,35 @@ def test_sdxl_samples_with_the_xl_pipeline(tmp_path: Path) -> None:
     image = generate(pipe, ImageSpec("a cat", "", 2, 2.0, 0, 64, 48, "dpm++"), base.family)
     assert image.size == (64, 48)
     shutil.rmtree(tmp_path / "images")
+
+
+def test_tensorboard_logs_loss_lr_speed_and_samples(tiny_model: dict[str, str], tmp_path: Path) -> None:
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    result = train(_config(tiny_model, tmp_path, "lora", "train.max_steps=3", "output.tensorboard=true",
+                           "output.save_state=false", "sample.every_steps=2", 'sample.prompts=["red"]',
+                           "sample.steps=1", "sample.width=32", "sample.height=32", "scheduler.name=linear"))
+    logs = tmp_path / "logs"
+    events = EventAccumulator(str(logs), size_guidance={"scalars": 0, "images": 0})
+    events.Reload()
+    tags = events.Tags()
+    assert {"train/loss", "train/lr", "train/steps_per_s", "train/epoch"} <= set(tags["scalars"])
+    loss = events.Scalars("train/loss")
+    assert [e.step for e in loss] == [1, 2, 3]
+    assert [e.value for e in loss] == pytest.approx(list(result.losses), rel=1e-6)
+    assert [e.value for e in events.Scalars("train/lr")] == pytest.approx([1e-3 * 2 / 3, 1e-3 / 3, 0.0], abs=1e-9)
+    assert all(e.value > 0 for e in events.Scalars("train/steps_per_s"))
+    images = events.Images("samples/00")
+    assert [(e.step, e.width, e.height) for e in images] == [(2, 32, 32)]
+
+
+def test_tensorboard_missing_is_one_config_error(tiny_model: dict[str, str], tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # as if not installed
+    with pytest.raises(ConfigError, match=r"output.tensorboard.*pip install tensorboard") as info:
+        train(_config(tiny_model, tmp_path, "lora", "output.tensorboard=true", "model.path=/nonexistent"))
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "logs").exists()
