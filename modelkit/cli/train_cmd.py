@@ -116,5 +116,9 @@ def _render(out: Output, r: Any) -> None:
     out.line(f"  wrote {r.output} ({human_bytes(size)})")
     for p in r.saved[:-1]:
         out.line(f"  saved {p}")
+    if r.class_images:
+        out.line(f"  generated {len(r.class_images)} class images in {os.path.dirname(r.class_images[0])}")
+    if r.samples:
+        out.line(f"  {len(r.samples)} sample images in {os.path.dirname(r.samples[0])}")
     for p in r.states:
         out.line(f"  state {p}  (resume with --set output.resume={p})")

@@ -47,13 +47,14 @@ class TrainResult:
     notes: tuple[str, ...] = ()
     losses: tuple[float, ...] = field(default=(), repr=False)
     samples: tuple[str, ...] = ()
+    class_images: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, "base": self.base, "prediction": self.prediction, "output": self.output,
                 "steps": self.steps, "epochs": self.epochs, "loss": self.loss, "seconds": round(self.seconds, 3),
                 "saved": list(self.saved), "states": list(self.states), "images": self.images,
                 "skipped": [s.to_dict() for s in self.skipped], "notes": list(self.notes),
-                "samples": list(self.samples)}
+                "samples": list(self.samples), "class_images": list(self.class_images)}
 
 
 def _weight_dtype(precision: str) -> Any:
@@ -142,6 +143,9 @@ def train(config: Config, progress: Progress | None = None,
     weight_dtype = _weight_dtype(cfg.train.mixed_precision)
     ds = data.scan(cfg.dataset, on_skip)
     base = load_base(cfg.model, dtype=weight_dtype)
+    generated: list[str] = []
+    if cfg.method == "dreambooth" and cfg.dreambooth.num_class_images:
+        generated = _class_images(cfg, base, accelerator)
     method = make_method(cfg, base)
     groups = method.prepare()
     _configure(cfg, base, method, weight_dtype)
@@ -246,7 +250,7 @@ def train(config: Config, progress: Progress | None = None,
     return TrainResult(cfg.method, base.family, base.prediction, saved[-1] if saved else final, step,
                        round(micro / per_epoch, 3), losses[-1] if losses else float("nan"),
                        time.monotonic() - started, tuple(saved), tuple(states), len(ds.items), tuple(ds.skipped),
-                       tuple(notes), tuple(losses), tuple(samples))
+                       tuple(notes), tuple(losses), tuple(samples), tuple(generated))
 
 
 def _check_samples(cfg: Config) -> None:
@@ -262,6 +266,21 @@ def _check_samples(cfg: Config) -> None:
     if found:
         raise OutputExistsError(os.path.join(folder, found[0]), f"exists ({len(found)} sample images of an earlier run)",
                                 "Set output.force = true to replace them, or choose another output.dir or output.name")
+
+
+def _class_images(cfg: Config, base: Any, accelerator: Any) -> list[str]:
+    """DreamBooth: generate the missing class images with the base, before anything is trained
+    (main process; the others wait)."""
+    from .sample import generate_class_images
+
+    written: list[str] = []
+    if accelerator.is_main_process:
+        for m in (base.unet, base.vae, *base.text_encoders):
+            m.to(accelerator.device)
+        written = generate_class_images(cfg, base, accelerator.autocast)
+        base.notes.append(f"generated {len(written)} class images in {cfg.dreambooth.class_path}")
+    accelerator.wait_for_everyone()
+    return written
 
 
 def _cache_latents(cfg: Config, base: Any, ds: data.Dataset, method: Any, accelerator: Any, notes: list[str]) -> Any:

@@ -1,4 +1,5 @@
-"""Images from the model being trained: sample prompts every N steps, and DreamBooth class images.
+"""Images from the model being trained: sample prompts every N steps, and DreamBooth class images
+(``generate_class_images``, from the untouched base before training starts).
 
 The pipeline is diffusers' own (``StableDiffusionPipeline`` for SD1/SD2,
 ``StableDiffusionXLPipeline`` for SDXL) assembled from the modules in memory, so whatever is being
@@ -209,5 +210,54 @@ def sample_images(config: Any, base: BaseModel, method: Any, step: int, force: b
     return paths
 
 
-__all__ = ["SAMPLER_CLASSES", "ImageSpec", "build_pipeline", "generate", "make_scheduler", "parameters_text",
-           "sample_images", "sample_paths", "sample_specs", "untouched_training", "write_bytes", "write_png"]
+def usable_images(folder: str, min_size: int) -> list[str]:
+    """The images under ``folder`` that training would use (same walk and checks as the dataset)."""
+    from .data import _walk, check_image
+
+    if not os.path.isdir(folder):
+        return []
+    return [path for path, _, _ in _walk(folder, 1) if check_image(path, min_size)[1] is None]
+
+
+def class_seed(seed: int, index: int) -> int:
+    """The seed of class image number ``index``: a pure function of ``train.seed`` and the number."""
+    return (seed * 1_000_003 + 7_919 * (index + 1)) % (2**63)
+
+
+def generate_class_images(config: Any, base: BaseModel, autocast: Callable[[], Any] = contextlib.nullcontext,
+                          force: bool = False) -> list[str]:
+    """Fill ``dreambooth.class_path`` up to ``num_class_images`` usable images, from ``class_prompt``.
+
+    Each new image is ``class-NNNNNN.png`` (the first free numbers) with a ``.txt`` caption holding
+    the class prompt, written atomically (caption first); image ``N`` is seeded by ``class_seed``,
+    so the same settings give the same pictures. Nothing is generated when the folder already
+    holds enough images.
+
+    Returns:
+        The PNG paths written.
+    """
+    db = config.dreambooth
+    folder = db.class_path
+    have = len(usable_images(folder, config.dataset.min_image_size))
+    missing = db.num_class_images - have
+    if missing <= 0:
+        return []
+    os.makedirs(folder, exist_ok=True)
+    res, written = config.dataset.resolution, []
+    numbers = (i for i in range(10**6) if not any(os.path.exists(os.path.join(folder, f"class-{i:06d}{ext}"))
+                                                  for ext in (".png", ".txt")))
+    with untouched_training(base):
+        pipe = build_pipeline(base, config.sample.sampler)
+        for _, index in zip(range(missing), numbers):
+            spec = ImageSpec(db.class_prompt, db.class_negative_prompt, db.class_steps, db.class_guidance_scale,
+                             class_seed(config.train.seed, index), res, res, config.sample.sampler)
+            image = generate(pipe, spec, base.family, config.model.clip_skip, autocast)
+            stem = os.path.join(folder, f"class-{index:06d}")
+            write_bytes(stem + ".txt", (db.class_prompt + "\n").encode("utf-8"), force)
+            written.append(write_png(stem + ".png", image, parameters_text(spec, "class image"), force))
+    return written
+
+
+__all__ = ["SAMPLER_CLASSES", "ImageSpec", "build_pipeline", "class_seed", "generate", "generate_class_images",
+           "make_scheduler", "parameters_text", "sample_images", "sample_paths", "sample_specs", "untouched_training",
+           "usable_images", "write_bytes", "write_png"]

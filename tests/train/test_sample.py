@@ -157,3 +157,43 @@ def test_tensorboard_missing_is_one_config_error(tiny_model: dict[str, str], tmp
         train(_config(tiny_model, tmp_path, "lora", "output.tensorboard=true", "model.path=/nonexistent"))
     assert "\n" not in str(info.value)
     assert not (tmp_path / "logs").exists()
+
+
+def test_dreambooth_fills_the_class_folder_once(tiny_model: dict[str, str], tmp_path: Path) -> None:
+    from modelkit.train.base import load_base
+    from modelkit.train.sample import generate_class_images
+
+    from . import tiny
+
+    classes = tmp_path / "class"
+    tiny.write_images(str(classes), sizes=((64, 64),), captions=("a shape",))
+    extra = (f"dreambooth.class_path={classes}", "dreambooth.class_prompt=a photo of a shape",
+             "dreambooth.num_class_images=3", "dreambooth.class_steps=2", "dreambooth.class_guidance_scale=2",
+             "train.max_steps=1", "output.save_state=false", "dataset.default_caption=sks shape")
+    first = train(_config(tiny_model, tmp_path / "a", "dreambooth", *extra))
+    made = [str(classes / "class-000000.png"), str(classes / "class-000001.png")]
+    assert list(first.class_images) == made
+    assert sorted(p.name for p in classes.iterdir()) == ["class-000000.png", "class-000000.txt", "class-000001.png",
+                                                         "class-000001.txt", "img0.png", "img0.txt"]
+    for path in made:
+        with Image.open(path) as im:
+            assert im.format == "PNG" and im.size == (64, 64) and im.mode == "RGB"
+        assert Path(path).with_suffix(".txt").read_text() == "a photo of a shape\n"
+    stamps = {p.name: p.stat().st_mtime_ns for p in classes.iterdir()}
+
+    second = train(_config(tiny_model, tmp_path / "b", "dreambooth", *extra))
+    assert second.class_images == () and {p.name: p.stat().st_mtime_ns for p in classes.iterdir()} == stamps
+
+    # the same settings give the same pictures: image N depends on train.seed and N only
+    cfg = resolved(_config(tiny_model, tmp_path / "c", "dreambooth", *extra, f"dreambooth.class_path={tmp_path / 'new'}",
+                           "dreambooth.num_class_images=1"))
+    again = generate_class_images(cfg, load_base(cfg.model))
+    assert again == [str(tmp_path / "new" / "class-000000.png")]
+    assert np.array_equal(*_pixels([again[0], made[0]]))
+
+
+def test_class_generation_keys_are_checked(tiny_model: dict[str, str], tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="key dreambooth.class_prompt: is required"):
+        _config(tiny_model, tmp_path, "dreambooth", "dreambooth.num_class_images=4", f"dreambooth.class_path={tmp_path}")
+    with pytest.raises(ConfigError, match="key dreambooth.class_path: is required"):
+        _config(tiny_model, tmp_path, "dreambooth", "dreambooth.num_class_images=4", "dreambooth.class_prompt=a dog")

@@ -1,8 +1,9 @@
 """DreamBooth: fine-tune the whole UNet (optionally the text encoders), with prior preservation.
 
 Class images (``dreambooth.class_path``, captioned with ``class_prompt`` or their own captions) add
-``prior_loss_weight`` times their own diffusion loss at every micro-step; they must be supplied
-(this version does not generate them).
+``prior_loss_weight`` times their own diffusion loss at every micro-step. With
+``num_class_images`` the loop first fills the folder up to that many with images the base model
+generates from ``class_prompt`` (``modelkit.train.sample.generate_class_images``).
 
 Output, from a single-file base: a single-file checkpoint in the original LDM layout, A1111-loadable:
 every tensor of the base file is streamed through unchanged except the trained ones, which take
