@@ -20,7 +20,7 @@ Rows, each a fresh child process (wall time including a final ``sync``; peak RSS
   (both checkpoints loaded, ``(1 - a) * A + a * B`` per tensor in fp16, ``save_file``).
 
 The two bakes are compared tensor by tensor (bit-identical or not; element counts and the largest
-difference in fp16 ulps otherwise). Usage: ``python bench/bench_merge.py [--out bench/out]``.
+difference in fp16 ulps otherwise). Usage: ``python bench/bench_merge.py [--out bench/out] [--runs N]``.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -105,14 +106,25 @@ def measure(argv: list[str]) -> None:
     print(json.dumps({"wall": wall, "rss": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024}))
 
 
-def run(argv: list[str], out: str) -> tuple[float, int]:
-    if os.path.exists(out):
-        os.unlink(out)
-    os.sync()
-    res = subprocess.run([sys.executable, __file__, "--measure", "--", *argv], check=True, capture_output=True,
-                         text=True, cwd=ROOT)
-    doc = json.loads(res.stdout.strip().splitlines()[-1])
-    return doc["wall"], doc["rss"]
+Result = tuple[float, float, int]  # median wall, min wall, max peak RSS
+
+
+def run(cases: list[tuple[list[str], str]], runs: int) -> list[Result]:
+    """Run ``(argv, output)`` cases round-robin ``runs`` times, so the machine's noise falls on
+    every row alike. The outputs of the last round are kept (for ``compare``)."""
+    walls: list[list[float]] = [[] for _ in cases]
+    rss: list[list[int]] = [[] for _ in cases]
+    for _ in range(runs):
+        for i, (argv, out) in enumerate(cases):
+            if os.path.exists(out):
+                os.unlink(out)
+            os.sync()
+            res = subprocess.run([sys.executable, __file__, "--measure", "--", *argv], check=True,
+                                 capture_output=True, text=True, cwd=ROOT)
+            doc = json.loads(res.stdout.strip().splitlines()[-1])
+            walls[i].append(doc["wall"])
+            rss[i].append(doc["rss"])
+    return [(statistics.median(w), min(w), max(r)) for w, r in zip(walls, rss)]
 
 
 def compare(a: str, b: str) -> str:
@@ -154,9 +166,10 @@ def _ordered(t):  # noqa: ANN001 - fp16 bits -> integers in value order (+0 = -0
     return bits.where(bits >= 0, -(bits & 0x7FFF))
 
 
-def row(label: str, wall: float, rss: int, base: float | None = None, note: str = "") -> None:
-    ratio = f"{wall / base:6.2f}x" if base else "      "
-    print(f"  {label:<40} {wall:8.2f} s  {ratio}  peak RSS {rss / 2**30:6.3f} GiB  {note}")
+def row(label: str, res: Result, base: Result | None = None, note: str = "") -> None:
+    med, low, rss = res
+    ratio = f"{med / base[0]:5.2f}x (min {low / base[1]:4.2f}x)" if base else " " * 20
+    print(f"  {label:<42} {med:7.2f} s (min {low:5.2f})  {ratio}  peak RSS {rss / 2**30:6.3f} GiB  {note}")
 
 
 MECHA_SUM = """
@@ -178,6 +191,7 @@ def main() -> None:
         return
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="bench/out")
+    ap.add_argument("--runs", type=int, default=1, help="rounds of every row (median and min are printed)")
     ap.add_argument("--mecha-python", default=None, help="a python with sd-mecha installed (default: this one)")
     args = ap.parse_args()
     ckpt = os.path.join(args.out, "sd15-full-fp16.ckpt")
@@ -197,21 +211,22 @@ def main() -> None:
         targets = "attention/MLP + 3x3 convs" if convs else "attention/MLP only (the issue's spec)"
         print(f"merge lora: {base} ({os.path.getsize(base) / 1e9:.2f} GB fp16, {what}) + rank-{RANK} LoRA on "
               f"{targets}, {n} modules ({os.path.getsize(lora) / 1e6:.0f} MB)")
-        mk_s, mk_rss = run([py, "-m", "modelkit", "merge", "lora", base, lora, "-o", ours, "-q"], ours)
-        nv_s, nv_rss = run([py, "-c", NAIVE_BAKE, base, lora, naive, pairs], naive)
+        mk, nv = run([([py, "-m", "modelkit", "merge", "lora", base, lora, "-o", ours, "-q"], ours),
+                      ([py, "-c", NAIVE_BAKE, base, lora, naive, pairs], naive)], args.runs)
         same = compare(ours, naive)
-        row("modelkit merge lora", mk_s, mk_rss, nv_s, "of naive")
-        row("naive kohya-style (load, fp32, merge, save)", nv_s, nv_rss, nv_s)
+        row("modelkit merge lora", mk, nv, "of naive")
+        row("naive kohya-style (load, fp32, merge, save)", nv, nv)
         print(f"  result: {same}")
         for p in (ours, naive):
             os.unlink(p)
     if os.path.exists(other):
         print(f"merge models (weighted sum, alpha 0.3): {ckpt} + {other}")
-        ws_s, ws_rss = run([py, "-m", "modelkit", "merge", "models", ckpt, other, "--alpha", "0.3", "-o", ours, "-q"], ours)
-        a1_s, a1_rss = run([py, "-c", NAIVE_SUM, ckpt, other, naive], naive)
+        ws, a1 = run([([py, "-m", "modelkit", "merge", "models", ckpt, other, "--alpha", "0.3", "-o", ours, "-q"],
+                       ours),
+                      ([py, "-c", NAIVE_SUM, ckpt, other, naive], naive)], args.runs)
         same = compare(ours, naive)
-        row("modelkit merge models", ws_s, ws_rss, a1_s, "of A1111-style")
-        row("naive A1111-style (both in RAM, fp16)", a1_s, a1_rss, a1_s)
+        row("modelkit merge models", ws, a1, "of A1111-style")
+        row("naive A1111-style (both in RAM, fp16)", a1, a1)
         print(f"  result vs A1111-style: {same}\n    (modelkit keeps A's schedule buffers and rounds once from fp32; "
               "the naive merges every float tensor, rounding after each fp16 op)")
         mecha_py = _mecha_python(args.mecha_python)
@@ -223,17 +238,17 @@ def main() -> None:
             for src, dst in ((ckpt, sa), (other, sb)):
                 if not os.path.exists(dst):
                     subprocess.run([py, "-m", "modelkit", "convert", src, "-o", dst, "-q"], check=True, cwd=ROOT)
-            mk2_s, mk2_rss = run([py, "-m", "modelkit", "merge", "models", sa, sb, "--alpha", "0.3", "-o", ours, "-q"],
-                                 ours)
-            me_s, me_rss = run([mecha_py, "-c", MECHA_SUM, sa, sb, naive], naive)
+            mk2, me = run([([py, "-m", "modelkit", "merge", "models", sa, sb, "--alpha", "0.3", "-o", ours, "-q"],
+                            ours),
+                           ([mecha_py, "-c", MECHA_SUM, sa, sb, naive], naive)], args.runs)
             print("merge models (weighted sum, alpha 0.3) on the same two checkpoints as .safetensors:")
-            row("modelkit merge models", mk2_s, mk2_rss, me_s, "of sd-mecha")
-            row("sd-mecha weighted_sum (threads=2)", me_s, me_rss, me_s)
+            row("modelkit merge models", mk2, me, "of sd-mecha")
+            row("sd-mecha weighted_sum (threads=2)", me, me)
         for p in (ours, naive):
             if os.path.exists(p):
                 os.unlink(p)
-    print("one run per row; page cache warm; each time includes a final sync; "
-          f"{os.cpu_count()} CPU cores")
+    print(f"median (and min) of {args.runs} round-robin runs per row; page cache warm; each time includes a "
+          f"final sync; {os.cpu_count()} CPU cores")
 
 
 if __name__ == "__main__":
