@@ -39,6 +39,7 @@ bench: setup
 	$(BIN)/python bench/bench_load.py
 	$(BIN)/python bench/bench_convert.py
 	$(BIN)/python bench/bench_merge.py
+	$(BIN)/python bench/bench_train.py
 
 clean:
 	rm -rf $(VENV) fixtures/demo build *.egg-info
