@@ -39,7 +39,6 @@ from .streaming import (
     Ahead,
     Slots,
     chunks,
-    collect_garbage,
     default_jobs,
     float_dtype,
     tensor_bytes,
@@ -283,12 +282,10 @@ def merge_models(
         verdicts.append(v)
         warnings += w
     verdict = next((v for v in ("unsafe", "suspicious", "error") if v in verdicts), verdicts[0])
-    collect_garbage()
     mfs: list[ModelFile] = []
     try:
         for p in inputs:
             mfs.append(open_model(p))
-        collect_garbage()
         res = _merge(mfs, paths, vae_path, target, t0, mode, alpha, block_weights, tuple(components), cast,
                      compute.torch(), compute.name, warnings, force=force, dry_run=dry_run, jobs=jobs, progress=progress)
         return replace(res, scan=verdict)

@@ -46,31 +46,6 @@ def float_dtype(name: str | None, allowed: Sequence[str], option: str) -> DType 
     return dt
 
 
-def collect_garbage() -> None:
-    """Free what the readers left in reference cycles (a refused pickle probe keeps its traceback,
-    and with it the bytes it read: tens of MB for a large ``.ckpt``) before the streaming starts,
-    since the streaming loop allocates too few objects to trigger the cyclic collector itself."""
-    import gc
-
-    gc.collect()
-    _trim()
-
-
-def _trim() -> None:
-    """Give freed heap pages back to the system (glibc only; elsewhere nothing)."""
-    import ctypes
-    import ctypes.util
-    import sys
-
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 def default_jobs() -> int:
     """Worker threads computing ahead of the writer: one. torch's own threads already use every
     core for each tensor's maths (``addmm_``, the casts), and the writer's I/O runs beside them."""

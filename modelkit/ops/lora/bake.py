@@ -31,7 +31,6 @@ from ..streaming import (
     OUTPUT_DTYPES,
     Ahead,
     Slots,
-    collect_garbage,
     default_jobs,
     float_dtype,
     narrow_in_place,
@@ -272,10 +271,8 @@ def merge_lora(
     verdict, warnings = check_scan(src, ignore_scan)
     for p, _ in specs:
         warnings += check_scan(p, ignore_scan)[1]
-    collect_garbage()
     loaded = [(load_lora(p), r) for p, r in specs]
     with open_model(src) as mf:
-        collect_garbage()
         det = detect_modelfile(mf)
         if det.kind != "checkpoint":
             raise UsageError(src, f"is not a checkpoint (detected as {det.kind})", "Pass the checkpoint first, then the LoRAs")
