@@ -79,6 +79,8 @@ def run_train(method: str, config_path: str | None, overrides: tuple[str, ...], 
     except ModelkitError as exc:
         out.error(exc)
         sys.exit(EXIT_ERROR)
+    if not result.main:  # another process of a multi-process launch: the main one reports
+        sys.exit(EXIT_OK)
     if json_mode:
         out.json(result.to_dict())
     else:

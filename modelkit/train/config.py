@@ -447,7 +447,7 @@ def check(config: Config, source: str | None = None) -> None:
     for i, beta in enumerate(c.optimizer.betas):
         if not 0.0 <= beta < 1.0:
             raise _bad(source, f"optimizer.betas[{i}]", f"must be in [0, 1), got {beta}")
-    if not c.dataset.min_bucket <= c.dataset.resolution <= c.dataset.max_bucket:
+    if c.dataset.bucketing and not c.dataset.min_bucket <= c.dataset.resolution <= c.dataset.max_bucket:
         raise _bad(source, "dataset.resolution", f"{c.dataset.resolution} is outside [min_bucket, max_bucket] = "
                    f"[{c.dataset.min_bucket}, {c.dataset.max_bucket}]")
     if c.dataset.resolution % 8:

@@ -48,6 +48,8 @@ class TrainResult:
     losses: tuple[float, ...] = field(default=(), repr=False)
     samples: tuple[str, ...] = ()
     class_images: tuple[str, ...] = ()
+    #: False in the other processes of ``accelerate launch``/``torchrun``: they write nothing and report nothing.
+    main: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, "base": self.base, "prediction": self.prediction, "output": self.output,
@@ -196,13 +198,19 @@ def train(config: Config, progress: Progress | None = None,
             epoch, index = divmod(micro, per_epoch)
             if epoch not in epoch_batches:
                 epoch_batches = {epoch: ds.batches(cfg.train.batch_size, cfg.train.seed, epoch)}
-            batch = load_batch(ds, epoch_batches[epoch][index * world + rank], cfg, micro, method.caption, method.latents)
-            prior = method.prior_batch(micro)
+            # This process's micro-batch, numbered across all processes: its random draws (noise,
+            # timesteps, caption shuffles, flips) are those micro-batch ``sample`` gets in a single
+            # process with ``grad_accum`` x ``world``, so N processes train like one, and no two
+            # processes share noise.
+            sample = micro * world + rank
+            batch = load_batch(ds, epoch_batches[epoch][index * world + rank], cfg, sample, method.caption,
+                               method.latents)
+            prior = method.prior_batch(sample)
             with accelerator.autocast():
-                loss = compute_loss(cfg, base, unet, batch, micro, device, weight_dtype, text_grad)
+                loss = compute_loss(cfg, base, unet, batch, sample, device, weight_dtype, text_grad)
                 if prior is not None:  # DreamBooth's prior preservation, with its own noise stream
                     loss = loss + cfg.dreambooth.prior_loss_weight * compute_loss(
-                        cfg, base, unet, prior, -1 - micro, device, weight_dtype, text_grad)
+                        cfg, base, unet, prior, -1 - sample, device, weight_dtype, text_grad)
             if not torch.isfinite(loss):
                 raise TrainingError(None, f"the loss became {loss.detach().item()} at step {step + 1} (micro-batch {micro})",
                                     "Lower optimizer.lr, use bf16 rather than fp16, or check the images and captions")
@@ -218,7 +226,7 @@ def train(config: Config, progress: Progress | None = None,
             optimizer.zero_grad(set_to_none=True)
             step += 1
             losses.append(running)
-            if progress is not None:
+            if progress is not None and accelerator.is_main_process:
                 progress(step, total, running, float(scheduler.get_last_lr()[0]))
             if board is not None:
                 board.step(step, running, [float(x) for x in scheduler.get_last_lr()], micro / per_epoch)
@@ -250,7 +258,7 @@ def train(config: Config, progress: Progress | None = None,
     return TrainResult(cfg.method, base.family, base.prediction, saved[-1] if saved else final, step,
                        round(micro / per_epoch, 3), losses[-1] if losses else float("nan"),
                        time.monotonic() - started, tuple(saved), tuple(states), len(ds.items), tuple(ds.skipped),
-                       tuple(notes), tuple(losses), tuple(samples), tuple(generated))
+                       tuple(notes), tuple(losses), tuple(samples), tuple(generated), accelerator.is_main_process)
 
 
 def _check_samples(cfg: Config) -> None:
