@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 import struct
 
 from ..errors import InputNotFoundError, NotAFileError, TruncatedFileError, UnsupportedFormatError
@@ -63,6 +64,35 @@ def sniff_bytes(head: bytes, size: int) -> str:
     return "unknown:not a model file"
 
 
+def check_file(path: str | os.PathLike[str]) -> os.stat_result:
+    """Stat an input that must be a regular file; the user-facing errors for anything else.
+
+    A FIFO, socket or device (``/dev/zero``, ``/dev/urandom``) is refused before it is opened, so a
+    read can never block forever or run without end.
+
+    Raises:
+        InputNotFoundError: the path does not exist or cannot be reached (a symlink loop, ...).
+        NotAFileError: it is a folder, FIFO, socket or device.
+    """
+    p = os.fspath(path)
+    try:
+        st = os.stat(p)
+    except FileNotFoundError:
+        raise InputNotFoundError(p, "no such file") from None
+    except OSError as exc:
+        raise InputNotFoundError(p, f"cannot be read ({exc.strerror or exc})") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise NotAFileError(p, "is a folder, not a file")
+    if not stat.S_ISREG(st.st_mode):
+        what = _SPECIAL.get(stat.S_IFMT(st.st_mode), "a special file")
+        raise NotAFileError(p, f"is {what}, not a regular file", "Pass a model file saved on disk")
+    return st
+
+
+_SPECIAL = {stat.S_IFIFO: "a FIFO (named pipe)", stat.S_IFSOCK: "a socket", stat.S_IFCHR: "a character device",
+            stat.S_IFBLK: "a block device"}
+
+
 def sniff(path: str | os.PathLike[str], wrappers: bool = False, unknown_ok: bool = False) -> str:
     """Sniff a path; raises the user-facing errors for missing files, folders and empty files.
 
@@ -73,23 +103,19 @@ def sniff(path: str | os.PathLike[str], wrappers: bool = False, unknown_ok: bool
             still probes such a file, since torch.load unpickles any non-zip file).
     """
     p = os.fspath(path)
-    try:
-        st = os.stat(p)
-    except FileNotFoundError:
-        raise InputNotFoundError(p, "no such file") from None
-    except OSError as exc:
-        raise InputNotFoundError(p, f"cannot be read ({exc.strerror})") from None
-    if os.path.isdir(p):
-        raise NotAFileError(p, "is a folder, not a file")
-    if not os.path.isfile(p):
-        raise NotAFileError(p, "is not a regular file")
+    st = check_file(p)
     if st.st_size == 0:
         raise TruncatedFileError(p, "the file is empty (0 bytes)")
-    with open(p, "rb") as f:
-        head = f.read(HEAD)
+    try:
+        with open(p, "rb") as f:
+            head = f.read(HEAD)
+    except OSError as exc:
+        raise InputNotFoundError(p, f"cannot be read ({exc.strerror or exc})") from None
     kind = sniff_bytes(head, st.st_size)
     if kind.startswith("wrapped:") and not wrappers:
         raise UnsupportedFormatError(p, f"this is a {kind[8:]}-compressed file, not a model file; decompress it first")
     if kind.startswith("unknown:") and not unknown_ok:
-        raise UnsupportedFormatError(p, f"this is not a model file: it looks like {kind[8:]}")
+        what = kind[8:]
+        raise UnsupportedFormatError(p, "this is not a model file: " + (
+            "its first bytes match no known container" if what == "not a model file" else f"it looks like {what}"))
     return kind

@@ -23,7 +23,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import FormatError, InputNotFoundError, NotAFileError
+from ..errors import FormatError, InputNotFoundError
+from ..formats.sniff import check_file
 
 ALGOS = ("sha256", "autov1", "autov2", "autov3", "crc32", "blake3")
 DEFAULT_ALGOS = ("sha256", "autov1", "autov2", "autov3", "crc32")
@@ -88,7 +89,8 @@ def hash_file(path: str | os.PathLike[str], algos: tuple[str, ...] = DEFAULT_ALG
         A HashResult with lowercase hex digests, shortened the way A1111 and Civitai show them.
 
     Raises:
-        FormatError: an unknown algorithm or a missing optional package.
+        FormatError: an unknown algorithm, a missing optional package, or a read error.
+        InputNotFoundError, NotAFileError: the path is missing, or a folder, FIFO or device.
 
     Example:
         >>> modelkit.hash_file("model.safetensors").hashes["autov2"]  # doctest: +SKIP
@@ -100,11 +102,7 @@ def hash_file(path: str | os.PathLike[str], algos: tuple[str, ...] = DEFAULT_ALG
             raise FormatError(None, f"unknown hash {a!r}", f"Choose from {', '.join(ALGOS)}")
     if "blake3" in algos and not blake3_available():
         raise FormatError(None, "the blake3 hash needs the blake3 package", "Run: pip install blake3")
-    if os.path.isdir(p):
-        raise NotAFileError(p, "is a folder, not a file")
-    if not os.path.exists(p):
-        raise InputNotFoundError(p, "no such file")
-    size = os.path.getsize(p)
+    size = check_file(p).st_size
     full = hashlib.sha256() if {"sha256", "autov2"} & set(algos) else None
     v1 = hashlib.sha256() if "autov1" in algos else None
     v3 = hashlib.sha256() if "autov3" in algos else None
@@ -118,9 +116,17 @@ def hash_file(path: str | os.PathLike[str], algos: tuple[str, ...] = DEFAULT_ALG
     buf = bytearray(CHUNK)
     view = memoryview(buf)
     pos = 0
-    with open(p, "rb", buffering=0) as f:
+    try:
+        f = open(p, "rb", buffering=0)  # noqa: SIM115 - closed below; an OSError here is the user's
+    except OSError as exc:
+        raise InputNotFoundError(p, f"cannot be read ({exc.strerror or exc})") from None
+    with f:
         while True:
-            n = f.readinto(buf)
+            try:
+                n = f.readinto(buf)
+            except OSError as exc:
+                raise FormatError(p, f"could not be read at byte {pos:,} ({exc.strerror or exc})",
+                                  "Check the disk or copy the file again") from None
             if not n:
                 break
             chunk = view[:n]

@@ -18,6 +18,7 @@ import contextlib
 import hashlib
 import json
 import os
+import stat
 import threading
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -129,7 +130,11 @@ class SourceHash:
             h = hashlib.sha256()
             buf = bytearray(self.CHUNK)
             view = memoryview(buf)
-            with open(self.path, "rb", buffering=0) as f:
+            # O_NONBLOCK: a FIFO must not block this thread (cancel() joins it); only regular files are read.
+            fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+            with open(fd, "rb", buffering=0) as f:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    raise OSError(f"{self.path} is not a regular file")
                 while not self._stop.is_set():
                     n = f.readinto(buf)
                     if not n:

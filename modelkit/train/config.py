@@ -11,6 +11,7 @@ This module needs only the standard library (``tomllib``, or ``tomli`` on Python
 from __future__ import annotations
 
 import os
+import stat
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -334,6 +335,10 @@ def build_config(method: str, data: Mapping[str, Any], overrides: Iterable[str] 
     return config
 
 
+#: A TOML config larger than this is not a config file.
+MAX_CONFIG_BYTES = 16 << 20
+
+
 def load_config(path: str | os.PathLike[str] | None, method: str, overrides: Iterable[str] = ()) -> Config:
     """Read a TOML config file (or none) and apply overrides.
 
@@ -343,6 +348,14 @@ def load_config(path: str | os.PathLike[str] | None, method: str, overrides: Ite
     if path is None:
         return build_config(method, {}, overrides, os.getcwd())
     p = os.fspath(path)
+    try:
+        st = os.stat(p)
+    except OSError as exc:
+        raise ConfigError(p, f"cannot be read ({exc.strerror or exc})", "Check the --config path") from None
+    if not stat.S_ISREG(st.st_mode):  # a FIFO or a device would block or never end
+        raise ConfigError(p, "is not a regular file", "Pass a .toml file with --config")
+    if st.st_size > MAX_CONFIG_BYTES:
+        raise ConfigError(p, f"is {st.st_size:,} bytes, too big for a config file", "Pass a .toml file with --config")
     try:
         data = read_toml(p)
     except OSError as exc:
