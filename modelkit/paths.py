@@ -7,7 +7,7 @@ import os
 import secrets
 import signal
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from .errors import InputNotFoundError, ModelkitError, OutputExistsError, OutputWriteError, UsageError
 
@@ -21,11 +21,17 @@ def is_model_name(name: str) -> bool:
     return name.lower().endswith(MODEL_EXTENSIONS)
 
 
-def iter_inputs(paths: Iterable[str | os.PathLike[str]]) -> Iterator[str]:
+def iter_inputs(
+    paths: Iterable[str | os.PathLike[str]], on_empty: Callable[[str], None] | None = None
+) -> Iterator[str]:
     """Yield files: each path given, or the model files under each folder, sorted.
 
     Folders are walked without following symlinks, so a link cannot lead the walk outside the
     tree; hidden files and folders are skipped.
+
+    Args:
+        on_empty: called with each folder that holds no model file (so a command can say so
+            rather than do nothing silently).
 
     Raises:
         InputNotFoundError: a path does not exist.
@@ -33,35 +39,62 @@ def iter_inputs(paths: Iterable[str | os.PathLike[str]]) -> Iterator[str]:
     for raw in paths:
         p = os.fspath(raw)
         if os.path.isdir(p):
-            for root, dirs, files in os.walk(p, followlinks=False):
-                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-                for name in sorted(files):
-                    full = os.path.join(root, name)
-                    if name.startswith(".") or not is_model_name(name) or os.path.islink(full):
-                        continue
-                    yield full
+            found = False
+            for full in _walk(p):
+                found = True
+                yield full
+            if not found and on_empty is not None:
+                on_empty(p)
         elif os.path.lexists(p):
             yield p
         else:
             raise InputNotFoundError(p, "no such file or folder")
 
 
+def empty_folder_warning(folder: str) -> str:
+    """The warning for a folder that holds no model file."""
+    return (f"{folder}: no model files in this folder (looked for {', '.join(MODEL_EXTENSIONS)}; "
+            "hidden files and symlinks are skipped)")
+
+
+def _walk(p: str) -> Iterator[str]:
+    for root, dirs, files in os.walk(p, followlinks=False):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            full = os.path.join(root, name)
+            if name.startswith(".") or not is_model_name(name) or os.path.islink(full):
+                continue
+            yield full
+
+
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
-    """Write a small text file atomically (temp file in the same folder, fsync, rename)."""
+    """Write a small text file atomically (temp file in the same folder, fsync, rename).
+
+    Raises:
+        OutputWriteError: the folder is missing or not writable, the target is a folder, the disk is full.
+    """
     import tempfile
 
     target = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(target))
-    fd, tmp = tempfile.mkstemp(prefix=".modelkit-", suffix=".tmp", dir=folder)
+    if os.path.isdir(target):
+        raise OutputWriteError(target, "is a folder", "Choose an output file name")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".modelkit-", suffix=".tmp", dir=folder)
+    except OSError as exc:
+        raise OutputWriteError(target, f"cannot create a file in {folder} ({exc.strerror or exc})",
+                               "Choose a folder you can write to") from None
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and not isinstance(exc, ModelkitError):
+            raise OutputWriteError(target, f"could not be written ({exc.strerror or exc})") from None
         raise
 
 
@@ -95,13 +128,14 @@ def plan_outputs(
     out: str | os.PathLike[str] | None = None,
     out_dir: str | os.PathLike[str] | None = None,
     tag: str = "",
+    on_empty: Callable[[str], None] | None = None,
 ) -> list[tuple[str, str]]:
     """Pair each input file with its output path.
 
     A file goes to ``out`` if given (one input file only), else to ``out_dir`` or beside itself,
     under ``output_name``. A folder's files go to the same relative places under ``out_dir``
     (``out`` is taken as ``out_dir`` for a single folder), or beside themselves. Folders are
-    walked as ``iter_inputs`` walks them.
+    walked as ``iter_inputs`` walks them (``on_empty`` as there).
 
     Raises:
         InputNotFoundError: an input does not exist.
@@ -117,7 +151,7 @@ def plan_outputs(
     pairs: list[tuple[str, str]] = []
     for g in given:
         if os.path.isdir(g):
-            for f in iter_inputs([g]):
+            for f in iter_inputs([g], on_empty):
                 rel = os.path.relpath(os.path.dirname(f), g)
                 base = os.path.join(os.fspath(out_dir), rel) if out_dir is not None else os.path.dirname(f)
                 pairs.append((f, os.path.normpath(os.path.join(base, output_name(f, tag)))))
@@ -295,7 +329,11 @@ def ensure_room(target: str | os.PathLike[str], size: int) -> None:
     try:
         os.makedirs(folder, exist_ok=True)
         free = shutil.disk_usage(folder).free
+    except (FileExistsError, NotADirectoryError):
+        raise OutputWriteError(t, f"cannot use {folder} as its folder: a file is in the way",
+                               "Choose another output folder") from None
     except OSError as exc:
-        raise OutputWriteError(t, f"cannot use the folder {folder} ({exc.strerror or exc})") from None
+        raise OutputWriteError(t, f"cannot use the folder {folder} ({exc.strerror or exc})",
+                               "Choose a folder you can write to; the input was not changed") from None
     if free < size:
         raise OutputWriteError(t, f"needs {size:,} bytes but {folder} has {free:,} free")

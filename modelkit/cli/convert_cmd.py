@@ -12,9 +12,9 @@ from typing import Any
 import click
 
 from .._exit import EXIT_ERROR, EXIT_FINDINGS, EXIT_OK
-from ..errors import ModelkitError, UnsafeFileError
+from ..errors import ModelkitError, UnsafeFileError, UsageError
 from ..ops.convert import ConvertResult, Progress, convert, run_many
-from ..paths import plan_outputs, signals_raise
+from ..paths import empty_folder_warning, plan_outputs, signals_raise
 from .output import Output, human_bytes
 
 #: Exit status after Ctrl-C or SIGTERM (128 + SIGINT, as shells expect).
@@ -72,13 +72,12 @@ def render_convert(out: Output, r: Any) -> None:
 def run_command(out: Output, schema: str, paths: Sequence[str], o: str | None, out_dir: str | None, tag: str,
                 jobs: int, job: Job, render: Callable[[Output, Any], None]) -> int:
     """Plan outputs, run ``job`` over them (``jobs`` at a time, with a progress bar), render; the exit code."""
-    if jobs < 1:
-        out.error("-j/--jobs must be 1 or more")
-        return EXIT_ERROR
     try:
-        pairs = plan_outputs(paths, o, out_dir, tag)
+        if jobs < 1:
+            raise UsageError(None, f"-j/--jobs must be 1 or more, not {jobs}")
+        pairs = plan_outputs(paths, o, out_dir, tag, lambda d: out.warn(empty_folder_warning(d)))
     except ModelkitError as exc:
-        out.error(exc)
+        out.fail(exc, f"modelkit.{schema}/1")
         return EXIT_ERROR
     explicit = {os.path.abspath(p) for p in paths if not os.path.isdir(p)}
     rows: list[dict[str, Any]] = [{} for _ in pairs]

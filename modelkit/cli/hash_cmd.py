@@ -10,7 +10,7 @@ import click
 from .._exit import EXIT_ERROR, EXIT_FINDINGS, EXIT_OK
 from ..errors import ModelkitError
 from ..ops.hashes import ALGOS, DEFAULT_ALGOS, check, hash_file
-from ..paths import iter_inputs
+from ..paths import empty_folder_warning, iter_inputs
 from .output import Output
 
 _LABEL = {"sha256": "SHA256", "autov1": "AutoV1", "autov2": "AutoV2", "autov3": "AutoV3", "crc32": "CRC32",
@@ -33,9 +33,9 @@ def hash_cmd(paths: tuple[str, ...], algos: tuple[str, ...], do_check: bool, jso
     rows: list[dict[str, object]] = []
     code = EXIT_OK
     try:
-        files = list(iter_inputs(paths))
+        files = list(iter_inputs(paths, lambda d: out.warn(empty_folder_warning(d))))
     except ModelkitError as exc:
-        out.error(exc)
+        out.fail(exc, "modelkit.hash/1")
         sys.exit(EXIT_ERROR)
     for f in files:
         try:

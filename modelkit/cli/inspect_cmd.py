@@ -10,7 +10,7 @@ import click
 from .._exit import EXIT_ERROR, EXIT_FINDINGS, EXIT_OK
 from ..errors import ModelkitError, UnsafeFileError
 from ..ops.inspect import InspectResult, inspect
-from ..paths import iter_inputs
+from ..paths import empty_folder_warning, iter_inputs
 from .output import Output, human_bytes
 
 
@@ -32,7 +32,7 @@ def inspect_cmd(paths: tuple[str, ...], json_mode: bool, keys: bool, hashes: boo
     for given in paths:
         is_dir = os.path.isdir(given)
         try:
-            files = list(iter_inputs([given]))
+            files = list(iter_inputs([given], lambda d: out.warn(empty_folder_warning(d))))
         except ModelkitError as exc:
             out.error(exc)
             rows.append({"path": given, **exc.to_dict()})

@@ -26,7 +26,7 @@ def load_cmd(path: str, device: str, dtype: str | None, bench: bool, repeat: int
     try:
         result = bench_load(path, device, dtype, repeat) if bench else time_modelkit(path, device, dtype)
     except ModelkitError as exc:
-        out.error(exc)
+        out.fail(exc, "modelkit.load/1")
         sys.exit(EXIT_FINDINGS if isinstance(exc, UnsafeFileError) else EXIT_ERROR)
     if json_mode:
         out.json(result.to_dict())

@@ -3,16 +3,66 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
+from typing import Any
 
 import click
 
 from .. import __version__
 from .._exit import EXIT_ERROR
-from ..errors import ModelkitError
+from ..errors import ModelkitError, UsageError
 from .output import Output
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class OneLineUsageError(click.ClickException):
+    """A click usage error (bad option value, unknown option, missing argument) shown the modelkit
+    way: one line on stderr and, with ``--json``, a JSON error object on stdout; exit 2."""
+
+    exit_code = EXIT_ERROR
+
+    def __init__(self, exc: click.UsageError, json_mode: bool):
+        super().__init__(exc.format_message())
+        words = ["modelkit", *(exc.ctx.command_path.split()[1:] if exc.ctx is not None else [])]
+        self.error = UsageError(None, exc.format_message().rstrip("."), f"Try '{' '.join(words)} -h' for help")
+        self.schema = ".".join(words) + "/1"
+        self.json_mode = json_mode
+
+    def show(self, file: Any = None) -> None:
+        Output(self.json_mode).fail(self.error, self.schema)
+
+
+_JSON_KEY = "modelkit.json_requested"
+
+
+def _json_requested(args: Sequence[str]) -> bool:
+    return "--json" in args[: args.index("--")] if "--" in args else "--json" in args
+
+
+class ModelkitGroup(click.Group):
+    """The root group: usage errors of any subcommand become ``OneLineUsageError``."""
+
+    def make_context(self, info_name: str | None, args: list[str], parent: click.Context | None = None,
+                     **extra: Any) -> click.Context:
+        json_mode = _json_requested(args)
+        try:
+            ctx = super().make_context(info_name, args, parent, **extra)
+        except click.exceptions.NoArgsIsHelpError:
+            raise
+        except click.UsageError as exc:
+            raise OneLineUsageError(exc, json_mode) from None
+        ctx.meta[_JSON_KEY] = json_mode
+        return ctx
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except click.exceptions.NoArgsIsHelpError:
+            raise
+        except click.UsageError as exc:
+            raise OneLineUsageError(exc, bool(ctx.meta.get(_JSON_KEY))) from None
+
+
+@click.group(cls=ModelkitGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="modelkit")
 def cli() -> None:
     """Scan, inspect, convert and load Stable Diffusion model files safely."""

@@ -41,9 +41,7 @@ def run_op(out: Output, schema: str, op: Callable[[Progress | None], Any], rende
     try:
         res = op((lambda _name, n: bar.update(n)) if bar is not None else None)
     except ModelkitError as exc:
-        out.error(exc)
-        if out.json_mode and not out.quiet:
-            out.json({"schema": schema, "error": exc.to_dict()})
+        out.fail(exc, schema)
         return EXIT_FINDINGS if isinstance(exc, UnsafeFileError) else EXIT_ERROR
     except KeyboardInterrupt:
         out.error("interrupted; no partial output was left behind")

@@ -38,6 +38,13 @@ class Output:
         msg = exc.message if isinstance(exc, ModelkitError) else exc
         click.echo(f"modelkit: error: {_one_line(msg)}", err=True)
 
+    def fail(self, exc: ModelkitError, schema: str) -> None:
+        """Report an error that ends the command: one line on stderr and, with ``--json``,
+        ``{"schema": schema, "error": exc.to_dict()}`` on stdout, so the output stays machine-readable."""
+        self.error(exc)
+        if self.json_mode and not self.quiet:
+            self.json({"schema": schema, "error": exc.to_dict()})
+
     def progress(self, items: Iterable[T], total: int | None = None, desc: str = "") -> Iterator[T]:
         if self.quiet or self.json_mode or not sys.stderr.isatty():
             yield from items

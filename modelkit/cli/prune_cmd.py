@@ -34,7 +34,7 @@ def prune_cmd(paths: tuple[str, ...], out: str | None, out_dir: str | None, forc
     try:
         check_options(ema, dtype, part)
     except ModelkitError as exc:
-        out_.error(exc)
+        out_.fail(exc, "modelkit.prune/1")
         sys.exit(EXIT_ERROR)
 
     def job(src: str, target: str, progress: Progress) -> PruneResult:

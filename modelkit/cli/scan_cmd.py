@@ -33,13 +33,13 @@ def scan_cmd(paths: tuple[str, ...], json_mode: bool, sarif_path: str | None, al
     Folders are walked recursively (no symlink is followed). Exit status: 0 all safe, 1 any
     unsafe (or suspicious with --strict), 2 usage error or a file that could not be scanned.
     """
-    from ..paths import iter_inputs
+    from ..paths import empty_folder_warning, iter_inputs
 
     out = Output(json_mode, quiet=False)
     try:
-        files = list(iter_inputs(paths))
+        files = list(iter_inputs(paths, lambda d: out.warn(empty_folder_warning(d))))
     except ModelkitError as exc:
-        out.error(exc)
+        out.fail(exc, "modelkit.scan/1")
         sys.exit(EXIT_ERROR)
     allowed = tuple(sorted(set(allow)))
     if allowed:
@@ -69,7 +69,11 @@ def scan_cmd(paths: tuple[str, ...], json_mode: bool, sarif_path: str | None, al
     if sarif_path:
         from ..scan.sarif import write_sarif
 
-        write_sarif(report, sarif_path)
+        try:
+            write_sarif(report, sarif_path)
+        except ModelkitError as exc:
+            out.fail(exc, "modelkit.scan/1")
+            sys.exit(EXIT_ERROR)
     if json_mode:
         out.json(report.to_dict())
     else:

@@ -11,8 +11,8 @@ from typing import Any
 
 import click
 
-from .._exit import EXIT_ERROR, EXIT_OK
-from ..errors import ModelkitError
+from .._exit import EXIT_ERROR, EXIT_FINDINGS, EXIT_OK
+from ..errors import ModelkitError, UnsafeFileError
 from .output import Output, human_bytes
 
 METHOD_HELP = {
@@ -77,8 +77,8 @@ def run_train(method: str, config_path: str | None, overrides: tuple[str, ...], 
         finally:
             bar.close()
     except ModelkitError as exc:
-        out.error(exc)
-        sys.exit(EXIT_ERROR)
+        out.fail(exc, "modelkit.train/1")
+        sys.exit(EXIT_FINDINGS if isinstance(exc, UnsafeFileError) else EXIT_ERROR)
     if not result.main:  # another process of a multi-process launch: the main one reports
         sys.exit(EXIT_OK)
     if json_mode:

@@ -23,7 +23,7 @@ def verify_cmd(source: str, output: str, json_mode: bool) -> None:
     try:
         r = verify(source, output)
     except ModelkitError as exc:
-        out.error(exc)
+        out.fail(exc, "modelkit.verify/1")
         sys.exit(EXIT_FINDINGS if isinstance(exc, UnsafeFileError) else EXIT_ERROR)
     if json_mode:
         out.json(r.to_dict())
@@ -50,7 +50,7 @@ def diff_cmd(a: str, b: str, no_values: bool, json_mode: bool) -> None:
     try:
         r = diff(a, b, values=not no_values)
     except ModelkitError as exc:
-        out.error(exc)
+        out.fail(exc, "modelkit.diff/1")
         sys.exit(EXIT_FINDINGS if isinstance(exc, UnsafeFileError) else EXIT_ERROR)
     if json_mode:
         out.json(r.to_dict())
