@@ -19,7 +19,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import FormatError, ModelkitError
+from .dtypes import ALIASES
+from .errors import FormatError, ModelkitError, UsageError
 from .formats import open_model
 from .model import ModelFile, TensorRef
 
@@ -35,11 +36,57 @@ def _torch() -> Any:
 
 
 def _target_dtype(ref: TensorRef, dtype: Any) -> Any:
-    torch = _torch()
     src = ref.dtype.torch()
     if dtype is None or not (src.is_floating_point and not src.is_complex):
         return src
-    return dtype if isinstance(dtype, torch.dtype) else getattr(torch, str(dtype))
+    return dtype
+
+
+def resolve_dtype(dtype: Any) -> Any:
+    """``dtype`` (a torch dtype or a name such as ``float16``/``fp16``/``bf16``) as a floating-point
+    torch dtype, or ``None``.
+
+    Raises:
+        UsageError: not a floating-point dtype name.
+    """
+    if dtype is None:
+        return None
+    torch = _torch()
+    if isinstance(dtype, torch.dtype):
+        target = dtype
+    else:
+        d = ALIASES.get(str(dtype).lower())
+        target = d.torch() if d is not None and d.is_float else None
+    if target is None or not target.is_floating_point:
+        names = ", ".join(sorted(k for k, v in ALIASES.items() if v.is_float and not k.startswith("float8")))
+        raise UsageError(None, f"--dtype {dtype!s} is not a floating-point type to cast to", f"Use one of {names}")
+    return target
+
+
+def resolve_device(device: str) -> Any:
+    """``device`` as a ``torch.device`` that this machine has.
+
+    Raises:
+        UsageError: the name is not a device, or this torch build or machine lacks it.
+    """
+    torch = _torch()
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise UsageError(None, f"--device {device!r} is not a device name", "Use cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(None, f"--device {device}: CUDA is not available (no GPU, or a CPU-only torch build)",
+                             "Use --device cpu, or install a CUDA build of torch on a machine with a GPU")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UsageError(None, f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)",
+                             "Use cuda:0 .. cuda:N-1")
+    elif dev.type == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise UsageError(None, f"--device {device}: MPS is not available on this machine", "Use --device cpu")
+    elif dev.type != "cpu":
+        raise UsageError(None, f"--device {device}: modelkit loads onto cpu, cuda or mps only", "Use cpu, cuda, cuda:N or mps")
+    return dev
 
 
 def _select(mf: ModelFile, keys: Iterable[str] | None) -> list[TensorRef]:
@@ -67,12 +114,13 @@ def load(path: str | os.PathLike[str], device: str = "cpu", dtype: Any = None,
 
     Raises:
         UnsafeFileError, FormatError: from the safe readers.
+        UsageError: an unknown or unavailable device, or a dtype that is not floating-point.
 
     Example:
         >>> sd = modelkit.load("model.safetensors", device="cuda", dtype="float16")  # doctest: +SKIP
     """
-    torch = _torch()
-    dev = torch.device(device)
+    dev = resolve_device(device)
+    dtype = resolve_dtype(dtype)
     with open_model(path) as mf:
         refs = _select(mf, keys)
         if dev.type == "cuda":

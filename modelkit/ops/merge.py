@@ -17,6 +17,7 @@ they are; a weighted-sum weight of 1 copies B's (cast if needed). EMA weights ar
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import time
@@ -143,6 +144,8 @@ def parse_block_weights(weights: str | Sequence[float] | None, names: Sequence[s
             raise UsageError(None, f"--block-weights must be comma-separated numbers, not {weights!r}") from None
     else:
         values = [float(v) for v in weights]
+    if not all(math.isfinite(v) for v in values):
+        raise UsageError(None, f"--block-weights must be finite numbers, not {weights!r}")
     n = len(names)
     if len(values) == n + 1:
         return values[0], dict(zip(names, values[1:]))
@@ -268,6 +271,8 @@ def merge_models(
     bad = [x for x in components if x not in COMPONENTS]
     if bad or not components:
         raise UsageError(None, f"components must be among {', '.join(COMPONENTS)}, not {', '.join(bad) or 'none'}")
+    if not math.isfinite(alpha):
+        raise UsageError(None, f"--alpha must be a finite number, not {alpha}")
     compute = float_dtype(compute_dtype, COMPUTE_DTYPES, "--compute-dtype")
     cast = float_dtype(dtype, OUTPUT_DTYPES, "--dtype")
     assert compute is not None
@@ -369,7 +374,17 @@ def _merge(mfs: list[ModelFile], paths: list[str], vae_path: str | None, target:
 
 
 def _check_shapes(ma: ModelFile, others: list[ModelFile], paths: list[str], components: tuple[str, ...]) -> None:
+    mergeable = [k for k, r in ma.items() if component_of(k) in components and r.dtype.is_float]
+    if not mergeable:
+        kind = detect_modelfile(ma).kind
+        raise UsageError(paths[0], f"has no {'/'.join(components)} weights of an LDM checkpoint to merge (detected as "
+                                   f"{kind})", "Pass full checkpoints; bake a LoRA in with `modelkit merge lora`")
     for mf, path in zip(others, paths[1:]):
+        if not any(k in mf for k in mergeable):
+            kind = detect_modelfile(mf).kind
+            raise UsageError(path, f"shares none of the {len(mergeable)} {'/'.join(components)} weights of "
+                                   f"{paths[0]} (detected as {kind})",
+                             "Merge checkpoints of the same layout; bake a LoRA in with `modelkit merge lora`")
         bad = [k for k, r in ma.items() if component_of(k) in components and k in mf and tuple(mf[k].shape) != tuple(r.shape)]
         if bad:
             da, db = detect_modelfile(ma).base, detect_modelfile(mf).base

@@ -11,6 +11,7 @@ and rounded once to its output dtype just before the writer needs it.
 from __future__ import annotations
 
 import json
+import math
 import os
 import threading
 import time
@@ -263,6 +264,9 @@ def merge_lora(
     specs = [parse_spec(s) for s in loras]
     if not specs:
         raise UsageError(None, "no LoRA given", "Name at least one LoRA file, e.g. style.safetensors:0.8")
+    for opt, value in (("--unet-ratio", unet_ratio), ("--te-ratio", te_ratio)):
+        if not math.isfinite(value):
+            raise UsageError(None, f"{opt} must be a finite number, not {value}")
     compute = float_dtype(compute_dtype, COMPUTE_DTYPES, "--compute-dtype")
     cast = float_dtype(dtype, OUTPUT_DTYPES, "--dtype")
     assert compute is not None

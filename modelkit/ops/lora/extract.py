@@ -12,6 +12,7 @@ three modules, ``q_proj``, ``k_proj``, ``v_proj``. The checkpoints are read one 
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from collections.abc import Callable
@@ -162,6 +163,8 @@ def extract_lora(
     t0 = time.perf_counter()
     if rank < 1 or (conv_rank is not None and conv_rank < 1):
         raise UsageError(None, "--rank and --conv-rank must be 1 or more")
+    if not math.isfinite(min_diff):
+        raise UsageError(None, f"--min-diff must be a finite number, not {min_diff}")
     compute = float_dtype(compute_dtype, COMPUTE_DTYPES, "--compute-dtype")
     cast = float_dtype(dtype, OUTPUT_DTYPES, "--dtype")
     assert compute is not None and cast is not None
