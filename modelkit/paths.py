@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import secrets
 import signal
@@ -261,7 +262,9 @@ def atomic_output(
         try:
             fd = os.open(tmp, flags, 0o666)
         except OSError as exc:
-            raise OutputWriteError(t, f"cannot create a file in {folder} ({exc.strerror})") from None
+            full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+            raise OutputWriteError(t, f"cannot create a file in {folder} ({exc.strerror})", None if full else
+                                   "Choose a folder you can write to; the input was not changed") from None
         try:
             try:
                 yield fd

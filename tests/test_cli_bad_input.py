@@ -282,3 +282,16 @@ def test_fifos_never_hang(tmp_path: Path, good: dict[str, str], bad: dict[str, s
     p = subprocess.run([sys.executable, "-c", code, json.dumps(runs)], capture_output=True, text=True, timeout=120,
                        cwd=Path(__file__).resolve().parents[1])
     assert p.returncode == 0 and p.stdout.strip() == "ok", p.stdout + p.stderr
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root may write anywhere")
+def test_unwritable_output_folder(tmp_path: Path, good: dict[str, str]) -> None:
+    ro = tmp_path / "read-only"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        target = str(ro / "out.safetensors")
+        line = _one_error_line(_run(["convert", good["a"], "-o", target]), target)
+        assert "Permission denied" in line and "Choose a folder you can write to" in line
+    finally:
+        ro.chmod(0o755)
