@@ -183,13 +183,25 @@ def sidecars(src: str | os.PathLike[str], target: str | os.PathLike[str]) -> lis
 
 # --- Atomic output -----------------------------------------------------------------------------
 
-def _same_file(a: str, b: str) -> bool:
+def same_file(a: str, b: str) -> bool:
+    """Whether two paths name one file (the same path resolved, or the same inode)."""
     if os.path.realpath(a) == os.path.realpath(b):
         return True
     try:
         return os.path.samefile(a, b)
     except OSError:
         return False
+
+
+def require_safetensors_name(target: str | os.PathLike[str]) -> str:
+    """Refuse an output name that does not end in ``.safetensors``: modelkit writes nothing else,
+    and A1111, ComfyUI and kohya pick the loader by extension (a ``.ckpt`` name would send
+    safetensors bytes to ``torch.load``)."""
+    t = os.fspath(target)
+    if not t.lower().endswith(".safetensors"):
+        raise UsageError(t, "is not a .safetensors name, and modelkit writes only safetensors",
+                         "Name the output *.safetensors")
+    return t
 
 
 def check_output(
@@ -202,7 +214,7 @@ def check_output(
     """
     t = os.fspath(target)
     for i in inputs:
-        if _same_file(t, os.fspath(i)):
+        if same_file(t, os.fspath(i)):
             raise OutputExistsError(t, "is the input file; modelkit never writes onto its input",
                                     "Choose another output name or --out-dir")
     if os.path.lexists(t):

@@ -33,7 +33,16 @@ from ..errors import ModelkitError, UnsafeFileError
 from ..formats import open_model
 from ..formats.safetensors_write import Header, OutTensor, WriteStats, layout, write_stream
 from ..model import ModelFile
-from ..paths import atomic_output, check_output, copy_file_atomic, ensure_room, output_name, sidecars
+from ..paths import (
+    atomic_output,
+    check_output,
+    copy_file_atomic,
+    ensure_room,
+    output_name,
+    require_safetensors_name,
+    same_file,
+    sidecars,
+)
 from . import metadata as md
 
 #: ``progress(tensor name, bytes)``, called after each tensor is written; may raise to stop.
@@ -202,10 +211,10 @@ def check_scan(src: str, ignore_scan: bool) -> tuple[str | None, list[str]]:
         if not ignore_scan:
             raise UnsafeFileError(
                 src, f"the scan found it unsafe ({what})",
-                "Run `modelkit scan` on it; --ignore-scan converts it anyway, still read only through the allow-list",
+                "Run `modelkit scan` on it; --ignore-scan reads it anyway, still only through the allow-list",
             )
-        return report.verdict, [f"the scan found it unsafe ({what}); converted anyway (--ignore-scan), "
-                                "reading only through the allow-list"]
+        return report.verdict, [f"the scan found it unsafe ({what}); read anyway (--ignore-scan), "
+                                "only through the allow-list"]
     if report.verdict == "suspicious":
         return report.verdict, ["the scan found it suspicious; run `modelkit scan` on it for details"]
     return report.verdict, []
@@ -321,9 +330,11 @@ def convert(
 
 def default_output(src: str, out: str | os.PathLike[str] | None, out_dir: str | os.PathLike[str] | None,
                    tag: str = "") -> str:
-    """``out``, else ``output_name(src, tag)`` in ``out_dir`` or beside ``src``."""
+    """``out`` (which must end in ``.safetensors``), else ``output_name(src, tag)`` in ``out_dir`` or beside ``src``."""
     if out is not None:
-        return os.fspath(out)
+        if same_file(os.fspath(out), src):
+            return os.fspath(out)  # check_output says what is wrong: it is the input
+        return require_safetensors_name(out)
     folder = os.fspath(out_dir) if out_dir is not None else os.path.dirname(src)
     return os.path.join(folder, output_name(src, tag))
 

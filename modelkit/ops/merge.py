@@ -30,7 +30,7 @@ from ..errors import UsageError
 from ..formats import open_model
 from ..formats.safetensors_write import OutTensor, WriteStats
 from ..model import ModelFile, TensorRef
-from ..paths import check_output
+from ..paths import check_output, same_file
 from . import metadata as md
 from .convert import Progress, check_scan, default_output
 from .streaming import (
@@ -281,6 +281,12 @@ def merge_models(
     target = default_output(paths[0], out, None, ".merged")
     check_output(target, force=force, inputs=inputs)
     warnings: list[str] = []
+    names = "ABC"
+    for i in range(len(paths)):
+        for j in range(i + 1, len(paths)):
+            if same_file(paths[i], paths[j]):
+                warnings.append(f"{names[i]} and {names[j]} are the same file ({paths[i]})"
+                                + ("; B - C is zero, so the result is A" if (i, j) == (1, 2) else ""))
     verdicts = []
     for p in inputs:
         v, w = check_scan(p, ignore_scan)

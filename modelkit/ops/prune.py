@@ -198,7 +198,8 @@ def _ema(mf: ModelFile, st: _State, mode: str) -> None:
         return
     if mode == "only":
         if not ema_keys:
-            st.warnings.append("there are no EMA weights (model_ema.*); --ema only changed nothing")
+            raise UsageError(mf.path, "has no EMA weights (model_ema.*), so --ema only has nothing to take",
+                             "Use --ema drop (the default) or keep")
         else:
             missing = 0
             for n in [n for n in st.out if n.startswith(UNET_PREFIX)]:

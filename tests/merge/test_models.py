@@ -90,6 +90,17 @@ def test_add_difference(tmp_path: Path, abc) -> None:
     _check(load_file(out), sds, lambda k: 0.7)
 
 
+def test_the_same_file_twice_is_said(tmp_path: Path, abc) -> None:
+    paths, sds = abc
+    res = modelkit.merge_models(paths[0], paths[1], paths[1], out=tmp_path / "ad.safetensors", alpha=0.7)
+    assert any("B and C are the same file" in w and "the result is A" in w for w in res.warnings)
+    got = load_file(tmp_path / "ad.safetensors")
+    differ = [k for k, t in sds[0].items() if not torch.equal(got[k], t)]  # +0 for -0 is fine
+    assert not differ, (differ[:3], [(got[k].dtype, sds[0][k].dtype) for k in differ[:3]])
+    res = modelkit.merge_models(paths[0], paths[0], out=tmp_path / "ws.safetensors", alpha=0.3)
+    assert any("A and B are the same file" in w for w in res.warnings)
+
+
 def test_block_weights_26_with_base_first(tmp_path: Path, abc) -> None:
     paths, sds = abc
     ws = [round(0.04 * i, 2) for i in range(25)]

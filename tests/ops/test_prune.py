@@ -178,3 +178,22 @@ def _prune_and_count_threads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     r = modelkit.prune(src, dtype="fp16")
     assert seen == [1, 1]
     assert r.metadata["modelkit.source_sha256"] == hashlib.sha256(src.read_bytes()).hexdigest()
+
+
+def test_ema_only_without_ema_is_refused(tmp_path: Path) -> None:
+    src = tmp_path / "m.safetensors"
+    save_file({"model.diffusion_model.out.2.weight": torch.randn(4, 4)}, str(src))
+    with pytest.raises(UsageError, match="has no EMA weights"):
+        modelkit.prune(src, ema="only")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]
+
+
+@pytest.mark.parametrize("name", ["out.ckpt", "out.pt", "out.safetensors.tmp", "out"])
+def test_outputs_must_be_named_safetensors(tmp_path: Path, name: str) -> None:
+    src = tmp_path / "m.safetensors"
+    save_file({"w": torch.randn(4, 4)}, str(src))
+    for call in (lambda: modelkit.convert(src, tmp_path / name), lambda: modelkit.prune(src, tmp_path / name)):
+        with pytest.raises(UsageError, match="is not a .safetensors name"):
+            call()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]
+    assert modelkit.convert(src, tmp_path / "OUT.SafeTensors").output.endswith("OUT.SafeTensors")

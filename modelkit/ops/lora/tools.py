@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ...errors import UsageError
-from ...paths import check_output
+from ...paths import check_output, require_safetensors_name
 from .. import metadata as md
 from ..convert import check_scan
 from ..streaming import COMPUTE_DTYPES, OUTPUT_DTYPES, float_dtype, write_output
@@ -110,7 +110,7 @@ def merge_loras(
     compute = float_dtype(compute_dtype, COMPUTE_DTYPES, "--compute-dtype")
     cast = float_dtype(dtype, OUTPUT_DTYPES, "--dtype")
     assert compute is not None and cast is not None
-    target = os.fspath(out)
+    target = require_safetensors_name(out)
     check_output(target, force=force, inputs=[p for p, _ in specs])
     warnings: list[str] = []
     for p, _ in specs:
@@ -207,7 +207,7 @@ def convert_lora(
     if to not in STYLES:
         raise UsageError(None, f"--to must be one of {', '.join(STYLES)}, not {to!r}")
     s = os.fspath(src)
-    target = os.fspath(out)
+    target = require_safetensors_name(out)
     check_output(target, force=force, inputs=[s])
     warnings = check_scan(s, ignore_scan)[1]
     lf = load_lora(s)
