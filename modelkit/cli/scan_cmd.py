@@ -8,7 +8,7 @@ import click
 
 from .._exit import EXIT_ERROR
 from ..errors import ModelkitError
-from ..scan.engine import scan_many
+from ..scan.engine import check_allow, scan_many
 from ..scan.report import FileReport, ScanReport
 from .output import Output
 
@@ -37,11 +37,11 @@ def scan_cmd(paths: tuple[str, ...], json_mode: bool, sarif_path: str | None, al
 
     out = Output(json_mode, quiet=False)
     try:
+        allowed = check_allow(allow)
         files = list(iter_inputs(paths, lambda d: out.warn(empty_folder_warning(d))))
     except ModelkitError as exc:
         out.fail(exc, "modelkit.scan/1")
         sys.exit(EXIT_ERROR)
-    allowed = tuple(sorted(set(allow)))
     if allowed:
         out.line(f"allowed by --allow (audited exceptions): {', '.join(allowed)}")
     reports: list[FileReport] = []

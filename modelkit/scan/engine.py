@@ -17,13 +17,14 @@ import gzip
 import lzma
 import mmap
 import os
+import re
 import struct
 import tarfile
 import zlib
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from ..errors import FormatError, ModelkitError, UnsafeFileError
+from ..errors import FormatError, ModelkitError, UnsafeFileError, UsageError
 from ..formats.numpy_file import NPY_MAGIC, parse_npy_header
 from ..formats.pickle_vm import COMPUTED, OPCODE_NAMES, PickleError, PickleVM
 from ..formats.probe import Probe, first_value, probe, probe_chain
@@ -132,6 +133,22 @@ def _qual(module: str, name: str) -> str:
     return ascii(q)[:200]
 
 
+_ALLOW_FORM = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+")
+
+
+def check_allow(allow: Iterable[str]) -> tuple[str, ...]:
+    """The ``--allow`` entries, sorted and de-duplicated, each checked to be ``module.name``.
+
+    Raises:
+        UsageError: an entry is not of that form (it could never match, so it would be a silent no-op).
+    """
+    out = tuple(sorted(set(allow)))
+    for entry in out:
+        if not _ALLOW_FORM.fullmatch(entry):
+            raise UsageError(None, f"--allow {entry!r} is not a MODULE.NAME global (for example collections.OrderedDict)")
+    return out
+
+
 def scan_file(path: str | os.PathLike[str], allow: Iterable[str] = (), require_safetensors: bool = False) -> FileReport:
     """Scan one file statically.
 
@@ -187,7 +204,7 @@ def scan(paths: Iterable[str | os.PathLike[str]], allow: Iterable[str] = (), job
     from ..paths import iter_inputs
 
     files = list(iter_inputs(paths))
-    allowed = tuple(sorted(set(allow)))
+    allowed = check_allow(allow)
     return ScanReport(tuple(scan_many(files, allowed, jobs, require_safetensors)), allowed, strict)
 
 

@@ -18,6 +18,7 @@ from click.testing import CliRunner
 import modelkit
 from fixtures import build, hostile
 from modelkit.cli.main import cli
+from modelkit.errors import UsageError
 
 
 def _verdict(path: Path, **kw: object) -> str:
@@ -79,6 +80,17 @@ def test_allow_is_audited_and_reported(tmp_path: Path) -> None:
     doc = json.loads(r.stdout.split("\n", 1)[1] if r.stdout.startswith("allowed") else r.stdout)
     assert r.exit_code == 0 and doc["allowed"] == ["my_trainer.config.Config"]
     assert doc["files"][0]["findings"][0]["rule"] == "MK-P008"
+
+
+@pytest.mark.parametrize("entry", ["nonsense", "os.system ", "os.", ".system", "os..system", "builtins.eval()"])
+def test_allow_entries_must_be_module_dot_name(tmp_path: Path, entry: str) -> None:
+    p = tmp_path / "ns.pt"
+    p.write_bytes(b"\x80\x02cmy_trainer.config\nConfig\n)\x81}b.")
+    r = CliRunner().invoke(cli, ["scan", "--allow", entry, "--json", str(p)])
+    assert r.exit_code == 2
+    assert "is not a MODULE.NAME global" in json.loads(r.stdout)["error"]["problem"]
+    with pytest.raises(UsageError):
+        modelkit.scan.scan([str(p)], allow=[entry])
 
 
 def test_strict_makes_suspicious_count(tmp_path: Path) -> None:
