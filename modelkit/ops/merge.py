@@ -182,7 +182,7 @@ class _Mixer:
                 x.copy_(next(readers[0]))
                 y.copy_(next(readers[1]))
                 if self.mode == "weighted-sum":
-                    x.mul_(1.0 - alpha).add_(y, alpha=alpha)
+                    x.lerp_(y, alpha)  # A + (B - A)·α, one pass: A·(1-α) + B·α within the compute dtype's rounding
                 else:
                     z = parts[2][: e - s]
                     z.copy_(next(readers[2]))
