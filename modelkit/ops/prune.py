@@ -311,6 +311,9 @@ def prune(
             header, meta, stats, cars = write_plan(s, target, plan, force=force, dry_run=dry_run,
                                                    progress=progress, hasher=hasher)
             warnings += st.warnings
+            if not (st.removed or st.casts or st.fixed or st.swapped or plan.dropped):
+                warnings.append("nothing to prune (no EMA, junk or optimizer state, no cast, no broken keys): "
+                                "the output holds the same tensors; `modelkit convert` does this too")
             overflow = dict(stats.overflow) if stats else {}
             if overflow:
                 warnings.append(f"{sum(overflow.values()):,} values in {len(overflow)} tensors overflowed to inf in "

@@ -197,3 +197,11 @@ def test_outputs_must_be_named_safetensors(tmp_path: Path, name: str) -> None:
             call()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]
     assert modelkit.convert(src, tmp_path / "OUT.SafeTensors").output.endswith("OUT.SafeTensors")
+
+
+def test_nothing_to_prune_is_said(tmp_path: Path) -> None:
+    src = tmp_path / "lora.safetensors"
+    save_file({"lora_unet_x.lora_down.weight": torch.randn(2, 4, dtype=torch.float16)}, str(src))
+    r = modelkit.prune(src)
+    assert any(w.startswith("nothing to prune") for w in r.warnings)
+    assert not any(w.startswith("nothing to prune") for w in modelkit.prune(src, dtype="fp32", force=True).warnings)
