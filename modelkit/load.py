@@ -227,6 +227,10 @@ def _load_staged(mf: ModelFile, refs: list[TensorRef], dev: Any, dtype: Any, sta
 
     for plan in _plans(direct):
         device_buf = torch.empty(max(plan.total, 1), dtype=torch.uint8, device=dev)
+        if stream is not None:
+            # The caching allocator may hand back memory that work queued on the current stream
+            # still uses; the side stream must not write into it before that work is done.
+            stream.wait_stream(torch.cuda.current_stream(dev))
         fill_start = 0  # device_buf offset of staging[slot][0]
         fill_len = 0
         for ref, off in zip(plan.refs, plan.offsets):
