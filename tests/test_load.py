@@ -124,3 +124,42 @@ def test_staged_pipeline_on_the_cpu(tmp_path: Path, staging: int) -> None:
         assert same_bits(sd[k], t), k
     assert half["big"].dtype == torch.float16 and torch.equal(half["big"], state["big"].half())
     assert half["t.int64"].dtype == torch.int64
+
+
+@CUDA
+@pytest.mark.cuda
+@pytest.mark.parametrize("staging", [64, 1000, 1 << 20])
+def test_staged_pipeline_on_cuda_with_tiny_staging(tmp_path: Path, staging: int) -> None:
+    """Many fills per tensor: every pinned staging buffer is reused while earlier copies may still
+    be in flight, so a missing event wait would show as wrong bytes."""
+    from modelkit.load import _load_staged
+
+    state = {k: v for k, v in build.all_dtypes_state().items() if v.dtype != torch.complex128}
+    state["big"] = torch.randn(70_000)
+    path = tmp_path / "m.pt"
+    build.save_torch(state, str(path), "zip")
+    dev = torch.device("cuda")
+    with modelkit.open_model(path) as mf:
+        junk = torch.full((1 << 20,), 7, dtype=torch.uint8, device=dev)  # queued work on freed memory
+        del junk
+        sd = _load_staged(mf, list(mf.values()), dev, None, staging)
+        half = _load_staged(mf, list(mf.values()), dev, torch.float16, staging)
+    for k, t in state.items():
+        assert sd[k].device.type == "cuda" and same_bits(sd[k].cpu(), t), k
+    assert torch.equal(half["big"].cpu(), state["big"].half())
+
+
+@CUDA
+@pytest.mark.cuda
+def test_cuda_load_into_and_key_subset(tmp_path: Path) -> None:
+    module = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.Linear(4, 2)).cuda()
+    want = {k: torch.randn_like(v.cpu()) for k, v in module.state_dict().items()}
+    path = tmp_path / "m.safetensors"
+    from safetensors.torch import save_file
+
+    save_file(want, str(path))
+    assert load_into(module, path) == []
+    for k, v in module.state_dict().items():
+        assert v.device.type == "cuda" and torch.equal(v.cpu(), want[k]), k
+    sub = load(path, device="cuda:0", keys=["0.weight"])
+    assert list(sub) == ["0.weight"] and torch.equal(sub["0.weight"].cpu(), want["0.weight"])
