@@ -149,3 +149,44 @@ def test_non_contiguous_views_of_every_dtype(tmp_path: Path) -> None:
     got = load_file(modelkit.convert(src).output)
     for k, v in views.items():
         assert same_bits(got[k], v), k
+
+
+def test_disk_writes_start_while_streaming(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every STEP bytes the writer asks the kernel to start writing them out (sync_file_range
+    WRITE, no wait), so the final fsync waits only for the tail; the bytes are unchanged."""
+    from modelkit.formats import safetensors_write as sw
+
+    calls: list[tuple[int, int, int]] = []
+
+    def record(fd: int, offset: int, nbytes: int, flags: int) -> int:
+        calls.append((offset, nbytes, flags))
+        return 0
+
+    monkeypatch.setattr(sw._Writeback, "_fn", record)
+    monkeypatch.setattr(sw._Writeback, "STEP", 1 << 20)
+    tensors = {f"t{i}": torch.full((1 << 18,), float(i)) for i in range(8)}  # 8 x 1 MiB
+    src = tmp_path / "m.pt"
+    build.save_torch(tensors, str(src), "zip")
+    got = load_file(modelkit.convert(src).output)
+    assert all(same_bits(got[k], v) for k, v in tensors.items())
+    assert len(calls) >= 7 and all(flags == 2 for _, _, flags in calls)
+    assert all(a + n == b for (a, n, _), (b, _, _) in zip(calls, calls[1:]))  # back to back, no gaps
+
+
+def test_writeback_refused_is_harmless(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from modelkit.formats import safetensors_write as sw
+
+    calls: list[int] = []
+
+    def refuse(fd: int, offset: int, nbytes: int, flags: int) -> int:
+        calls.append(offset)
+        return -1
+
+    monkeypatch.setattr(sw._Writeback, "_fn", refuse)
+    monkeypatch.setattr(sw._Writeback, "STEP", 1 << 20)
+    tensors = {f"t{i}": torch.full((1 << 18,), float(i)) for i in range(4)}
+    src = tmp_path / "m.pt"
+    build.save_torch(tensors, str(src), "zip")
+    got = load_file(modelkit.convert(src).output)
+    assert all(same_bits(got[k], v) for k, v in tensors.items())
+    assert len(calls) == 1  # tried once, then left to the final fsync
