@@ -1,4 +1,4 @@
-"""The key names and tensor shapes of an original-format Stable Diffusion 1.x checkpoint.
+"""The key names and tensor shapes of original-format Stable Diffusion 1.x, 2.x and SDXL checkpoints.
 
 A single-file SD 1.x checkpoint (for example ``v1-5-pruned-emaonly.ckpt`` as AUTOMATIC1111 loads
 it) is the ``state_dict`` of CompVis's ``LatentDiffusion`` module. This module rebuilds that
@@ -12,6 +12,11 @@ Order follows ``state_dict``: a module's own parameters and buffers come before 
 so the diffusion-schedule buffers (registered on the top module) come first, then
 ``model.diffusion_model.*``, ``model_ema.*`` (when asked for), ``first_stage_model.*`` and
 ``cond_stage_model.*``.
+
+SD 2.x (:func:`sd2_layout`) and SDXL base (:func:`sdxl_layout`) are built by the same writers from
+their configs (``v2-inference.yaml``, SGM's ``sd_xl_base.yaml``): the UNet with linear projections,
+64-channel heads and per-level transformer depths, the OpenCLIP text towers with their fused
+``in_proj``. ``keysets`` turns these layouts into the keys a genuine file must have.
 """
 
 from __future__ import annotations
@@ -37,6 +42,11 @@ MAX_POSITIONS = 77
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 TEXT_PREFIX = "cond_stage_model.transformer.text_model."
+SD2_TEXT_PREFIX = "cond_stage_model.model."
+SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer."
+SDXL_BIGG_PREFIX = "conditioner.embedders.1.model."
+#: Residual blocks of SD 2.x's OpenCLIP ViT-H/14 text tower.
+SD2_TEXT_LAYERS = 24
 
 
 class _Writer:
@@ -86,27 +96,43 @@ def _attention(w: _Writer, name: str, dim: int, inner: int, context: int) -> Non
     w.linear(f"{name}.to_out.0", dim, inner)
 
 
-def _spatial_transformer(w: _Writer, name: str, c: int, heads: int, context: int) -> None:
+def _spatial_transformer(w: _Writer, name: str, c: int, heads: int, context: int, depth: int = 1,
+                         linear: bool = False) -> None:
+    """A ``SpatialTransformer`` of ``depth`` blocks; ``linear`` projections (SD 2.x/SDXL) or 1x1 convs (SD 1.x)."""
     if c % heads:
         raise ValueError(f"{c} channels do not split into {heads} heads")
     inner = heads * (c // heads)
     w.norm(f"{name}.norm", c)
-    w.conv(f"{name}.proj_in", inner, c, 1)  # use_linear_in_transformer=False: 1x1 conv
-    block = f"{name}.transformer_blocks.0"
-    _attention(w, f"{block}.attn1", inner, inner, inner)
-    w.linear(f"{block}.ff.net.0.proj", 2 * 4 * inner, inner)  # GEGLU: value and gate halves
-    w.linear(f"{block}.ff.net.2", inner, 4 * inner)
-    _attention(w, f"{block}.attn2", inner, inner, context)
-    for i in (1, 2, 3):
-        w.norm(f"{block}.norm{i}", inner)
-    w.conv(f"{name}.proj_out", c, inner, 1)
+    (w.linear(f"{name}.proj_in", inner, c) if linear else w.conv(f"{name}.proj_in", inner, c, 1))
+    for d in range(depth):
+        block = f"{name}.transformer_blocks.{d}"
+        _attention(w, f"{block}.attn1", inner, inner, inner)
+        w.linear(f"{block}.ff.net.0.proj", 2 * 4 * inner, inner)  # GEGLU: value and gate halves
+        w.linear(f"{block}.ff.net.2", inner, 4 * inner)
+        _attention(w, f"{block}.attn2", inner, inner, context)
+        for i in (1, 2, 3):
+            w.norm(f"{block}.norm{i}", inner)
+    (w.linear(f"{name}.proj_out", c, inner) if linear else w.conv(f"{name}.proj_out", c, inner, 1))
 
 
 def _unet(w: _Writer, *, mc: int, mult: Sequence[int], nrb: int, attn: Sequence[int], heads: int,
-          context: int, cin: int, cout: int) -> None:
+          context: int, cin: int, cout: int, depth: Sequence[int] | None = None, linear: bool = False,
+          head_channels: int | None = None, adm: int | None = None) -> None:
+    """``UNetModel``: ``depth`` gives the transformer depth per level (the middle block takes the
+    last level's), ``head_channels`` fixes the head width instead of the head count, ``adm`` adds
+    the ``label_emb`` of an SDXL-style UNet."""
     emb = 4 * mc
+    depths = list(depth) if depth is not None else [1] * len(mult)
+
+    def transformer(name: str, c: int, level: int) -> None:
+        n = c // head_channels if head_channels else heads
+        _spatial_transformer(w, name, c, n, context, depths[level], linear)
+
     w.linear("time_embed.0", emb, mc)
     w.linear("time_embed.2", emb, emb)
+    if adm:
+        w.linear("label_emb.0.0", emb, adm)
+        w.linear("label_emb.0.2", emb, emb)
     w.conv("input_blocks.0.0", mc, cin, 3)
     skips = [mc]  # channels of every input block's output, consumed by the output blocks
     ch, idx = mc, 1
@@ -115,7 +141,7 @@ def _unet(w: _Writer, *, mc: int, mult: Sequence[int], nrb: int, attn: Sequence[
             _res_block(w, f"input_blocks.{idx}.0", ch, mc * m, emb)
             ch = mc * m
             if level in attn:
-                _spatial_transformer(w, f"input_blocks.{idx}.1", ch, heads, context)
+                transformer(f"input_blocks.{idx}.1", ch, level)
             skips.append(ch)
             idx += 1
         if level != len(mult) - 1:
@@ -123,7 +149,7 @@ def _unet(w: _Writer, *, mc: int, mult: Sequence[int], nrb: int, attn: Sequence[
             skips.append(ch)
             idx += 1
     _res_block(w, "middle_block.0", ch, ch, emb)
-    _spatial_transformer(w, "middle_block.1", ch, heads, context)
+    transformer("middle_block.1", ch, len(mult) - 1)
     _res_block(w, "middle_block.2", ch, ch, emb)
     idx = 0
     for level, m in reversed(list(enumerate(mult))):
@@ -131,7 +157,7 @@ def _unet(w: _Writer, *, mc: int, mult: Sequence[int], nrb: int, attn: Sequence[
             _res_block(w, f"output_blocks.{idx}.0", ch + skips.pop(), mc * m, emb)
             ch, layer = mc * m, 1
             if level in attn:
-                _spatial_transformer(w, f"output_blocks.{idx}.1", ch, heads, context)
+                transformer(f"output_blocks.{idx}.1", ch, level)
                 layer = 2
             if level and i == nrb:
                 w.conv(f"output_blocks.{idx}.{layer}.conv", ch, ch, 3)
@@ -214,6 +240,28 @@ def _text(w: _Writer, *, width: int, layers: int, ff: int, vocab: int) -> None:
     w.norm("final_layer_norm", width)
 
 
+def _openclip(w: _Writer, *, width: int, layers: int, embed: int, vocab: int) -> None:
+    """The OpenCLIP ``CLIP`` model a ``FrozenOpenCLIPEmbedder`` keeps (its visual tower deleted).
+
+    The model's own parameters come first, then its children ``transformer``, ``token_embedding``
+    and ``ln_final``; ``attn_mask`` is a non-persistent buffer. q/k/v are one fused ``in_proj``.
+    """
+    w.tensor("positional_embedding", (MAX_POSITIONS, width))
+    w.tensor("text_projection", (width, embed))
+    w.tensor("logit_scale", ())
+    for n in range(layers):
+        block = f"transformer.resblocks.{n}"
+        w.norm(f"{block}.ln_1", width)
+        w.tensor(f"{block}.attn.in_proj_weight", (3 * width, width))
+        w.tensor(f"{block}.attn.in_proj_bias", (3 * width,))
+        w.linear(f"{block}.attn.out_proj", width, width)
+        w.norm(f"{block}.ln_2", width)
+        w.linear(f"{block}.mlp.c_fc", 4 * width, width)
+        w.linear(f"{block}.mlp.c_proj", width, 4 * width)
+    w.tensor("token_embedding.weight", (vocab, width))
+    w.norm("ln_final", width)
+
+
 # --- Public API -------------------------------------------------------------------------------
 
 def sd1_layout(*, model_channels: int = 320, channel_mult: Sequence[int] = (1, 2, 4, 4), num_res_blocks: int = 2,
@@ -265,13 +313,76 @@ def tiny_sd1_layout(**overrides: Any) -> Layout:
     return sd1_layout(**{**TINY, **overrides})
 
 
+def sd2_layout(*, model_channels: int = 320, head_channels: int = 64, context_dim: int = 1024,
+               in_channels: int = 4, vae_ch: int = 128, text_width: int = 1024, text_layers: int = SD2_TEXT_LAYERS,
+               text_embed: int = 1024, vocab: int = 49408, schedule: bool = True) -> Layout:
+    """The ordered layout of an SD 2.x LDM checkpoint (``v2-inference.yaml`` / ``v2-inference-v.yaml``).
+
+    The 512 eps and 768 v models share it. The UNet is SD 1.x's with 64-channel heads, linear
+    transformer projections and a 1024-wide context; the VAE is SD 1.x's; the text encoder is
+    OpenCLIP ViT-H/14 under ``cond_stage_model.model.``, all 24 layers, ``text_projection`` and
+    ``logit_scale`` included, as Stability's files keep it. ``in_channels=9`` gives the inpainting
+    UNet, 5 the depth one (whose ``depth_model.*`` is not generated).
+    """
+    out: Layout = {}
+    if schedule:
+        top = _Writer(out, "")
+        for name in SCHEDULE_BUFFERS:
+            top.tensor(name, (TIMESTEPS,))
+    _unet(_Writer(out, UNET_PREFIX), mc=model_channels, mult=(1, 2, 4, 4), nrb=2, attn=(0, 1, 2), heads=0,
+          head_channels=head_channels, linear=True, context=context_dim, cin=in_channels, cout=4)
+    _vae(_Writer(out, VAE_PREFIX), ch=vae_ch, mult=(1, 2, 4, 4), nrb=2, z=4, embed=4)
+    _openclip(_Writer(out, SD2_TEXT_PREFIX), width=text_width, layers=text_layers, embed=text_embed, vocab=vocab)
+    return out
+
+
+def sdxl_layout(*, model_channels: int = 320, head_channels: int = 64, context_dim: int = 2048,
+                adm_in_channels: int = 2816, in_channels: int = 4, vae_ch: int = 128, clip_width: int = 768,
+                clip_ff: int = 3072, big_width: int = 1280, big_embed: int = 1280, vocab: int = 49408) -> Layout:
+    """The ordered layout of an SDXL base checkpoint (``sd_xl_base.yaml``, SGM ``DiffusionEngine``).
+
+    UNet: three levels (320/640/1280), attention at the second and third with transformer depths
+    2 and 10 (10 in the middle block), linear projections, 64-channel heads, ``label_emb`` for the
+    2816-wide ADM vector. Then the conditioner: CLIP ViT-L/14 in Hugging Face naming
+    (``conditioner.embedders.0.transformer.``) and OpenCLIP ViT-bigG/14
+    (``conditioner.embedders.1.model.``); then the VAE (SD 1.x's layout). SGM keeps no schedule
+    buffers. ``in_channels=9`` gives the inpainting UNet.
+    """
+    out: Layout = {}
+    _unet(_Writer(out, UNET_PREFIX), mc=model_channels, mult=(1, 2, 4), nrb=2, attn=(1, 2), depth=(1, 2, 10),
+          heads=0, head_channels=head_channels, linear=True, context=context_dim, cin=in_channels, cout=4,
+          adm=adm_in_channels)
+    _text(_Writer(out, SDXL_CLIP_PREFIX + "text_model."), width=clip_width, layers=12, ff=clip_ff, vocab=vocab)
+    _openclip(_Writer(out, SDXL_BIGG_PREFIX), width=big_width, layers=32, embed=big_embed, vocab=vocab)
+    _vae(_Writer(out, VAE_PREFIX), ch=vae_ch, mult=(1, 2, 4, 4), nrb=2, z=4, embed=4)
+    return out
+
+
+#: Settings of :func:`tiny_sd2_layout` and :func:`tiny_sdxl_layout`: every key of the full-size
+#: layout, tiny widths, and the real context and ADM widths detection decides on.
+TINY_SD2: dict[str, Any] = {"model_channels": 4, "head_channels": 4, "vae_ch": 4, "text_width": 8, "text_embed": 8,
+                            "vocab": 16}
+TINY_SDXL: dict[str, Any] = {"model_channels": 4, "head_channels": 4, "vae_ch": 4, "clip_width": 8, "clip_ff": 16,
+                             "big_width": 8, "big_embed": 8, "vocab": 16}
+
+
+def tiny_sd2_layout(**overrides: Any) -> Layout:
+    """:func:`sd2_layout` with the same key names and tiny shapes."""
+    return sd2_layout(**{**TINY_SD2, **overrides})
+
+
+def tiny_sdxl_layout(**overrides: Any) -> Layout:
+    """:func:`sdxl_layout` with the same key names and tiny shapes."""
+    return sdxl_layout(**{**TINY_SDXL, **overrides})
+
+
 def param_count(layout: Layout) -> int:
     """Total number of elements over every tensor in ``layout``."""
     return sum(math.prod(shape) for shape, _ in layout.values())
 
 
 def sd1_keys() -> frozenset[str]:
-    """The key set of a standard SD 1.x checkpoint (no EMA), for missing-key checks."""
+    """The key set of a standard SD 1.x checkpoint (no EMA); ``keysets.required_keys`` is what a file must have."""
     return _SD1_KEYS
 
 

@@ -46,23 +46,14 @@ def defects(mf: ModelFile, detection: Any | None = None) -> list[str]:
 
 
 def _missing_keys(mf: ModelFile, det: Any) -> list[str]:
-    """SD 1.x full checkpoints: compare with the architecture's own key set, per component present."""
-    if det.kind != "checkpoint" or det.base != "sd1" or det.subtype not in (None, "standard"):
-        return []
-    from ..detect.layouts import sd1_keys
+    """Full SD 1.x/2.x/SDXL checkpoints: compare with the base's required keys, per component present."""
+    from ..detect import keysets
 
-    expected = sd1_keys()
-    out = []
-    for prefix, label in (("model.diffusion_model.", "UNet"), ("first_stage_model.", "VAE"),
-                          ("cond_stage_model.", "text encoder")):
-        want = {k for k in expected if k.startswith(prefix)}
-        have = {k for k in mf.tensors if k.startswith(prefix)}
-        if not have:
-            continue
-        missing = sorted(want - have)
-        if missing:
-            out.append(f"{label}: {len(missing)} keys of the SD 1.x architecture are missing (first: {missing[0]})")
-    return out
+    if det.kind != "checkpoint" or det.base not in keysets.KEYSETS or det.subtype not in keysets.CHECKED_SUBTYPES:
+        return []
+    name = keysets.KEYSETS[det.base].name
+    return [f"{label}: {len(gone)} keys of the {name} architecture are missing (first: {gone[0]})"
+            for label, gone in keysets.missing(mf.tensors.keys(), det.base)]
 
 
 def decode_metadata(meta: dict[str, str]) -> dict[str, Any]:
