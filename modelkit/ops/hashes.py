@@ -111,42 +111,33 @@ def hash_file(path: str | os.PathLike[str], algos: tuple[str, ...] = DEFAULT_ALG
         import blake3
 
         b3 = blake3.blake3()
-    crc = 0
-    data_start: int | None = None
-    buf = bytearray(CHUNK)
-    view = memoryview(buf)
-    pos = 0
+    state = _Digests(algos, full, v1, v3, b3)
     try:
         f = open(p, "rb", buffering=0)  # noqa: SIM115 - closed below; an OSError here is the user's
     except OSError as exc:
         raise InputNotFoundError(p, f"cannot be read ({exc.strerror or exc})") from None
-    with f:
+    with f, _Lanes(state.lanes()) as lanes:
+        bufs = [bytearray(CHUNK), bytearray(CHUNK)]
+        pos = i = 0
         while True:
+            lanes.wait(i)  # the lanes are done with this buffer
             try:
-                n = f.readinto(buf)
+                n = f.readinto(bufs[i])
             except OSError as exc:
                 raise FormatError(p, f"could not be read at byte {pos:,} ({exc.strerror or exc})",
                                   "Check the disk or copy the file again") from None
             if not n:
                 break
-            chunk = view[:n]
+            chunk = memoryview(bufs[i])[:n]
             if pos == 0 and v3 is not None:
-                data_start = _safetensors_data_start(bytes(chunk[:16]), size)
-            if full is not None:
-                full.update(chunk)
-            if b3 is not None:
-                b3.update(chunk)
-            if "crc32" in algos:
-                crc = zlib.crc32(chunk, crc)
-            if v1 is not None:
-                lo, hi = max(pos, V1_START), min(pos + n, V1_START + V1_LEN)
-                if lo < hi:
-                    v1.update(chunk[lo - pos : hi - pos])
-            if v3 is not None and data_start is not None and pos + n > data_start:
-                v3.update(chunk[max(0, data_start - pos) :])
+                state.data_start = _safetensors_data_start(bytes(chunk[:16]), size)
+            lanes.submit(i, chunk, pos)
             pos += n
+            i ^= 1
             if progress is not None:
                 progress(n)
+        lanes.wait_all()
+    crc, data_start = state.crc, state.data_start
     out: dict[str, str] = {}
     if full is not None:
         digest = full.hexdigest()
@@ -164,6 +155,72 @@ def hash_file(path: str | os.PathLike[str], algos: tuple[str, ...] = DEFAULT_ALG
     if b3 is not None:
         out["blake3"] = b3.hexdigest()
     return HashResult(p, size, out)
+
+
+class _Digests:
+    """The running hashes of one file, split into lanes that can run side by side."""
+
+    def __init__(self, algos: tuple[str, ...], full: Any, v1: Any, v3: Any, b3: Any):
+        self.algos, self.full, self.v1, self.v3, self.b3 = algos, full, v1, v3, b3
+        self.crc = 0
+        self.data_start: int | None = None
+
+    def lanes(self) -> list[Callable[[memoryview, int], None]]:
+        """Functions of (chunk, position); each keeps its hashes in file order when called in order."""
+        def whole(chunk: memoryview, pos: int) -> None:
+            if self.full is not None:
+                self.full.update(chunk)
+            if "crc32" in self.algos:
+                self.crc = zlib.crc32(chunk, self.crc)
+
+        def parts(chunk: memoryview, pos: int) -> None:
+            n = len(chunk)
+            if self.v1 is not None:
+                lo, hi = max(pos, V1_START), min(pos + n, V1_START + V1_LEN)
+                if lo < hi:
+                    self.v1.update(chunk[lo - pos : hi - pos])
+            if self.v3 is not None and self.data_start is not None and pos + n > self.data_start:
+                self.v3.update(chunk[max(0, self.data_start - pos) :])
+            if self.b3 is not None:
+                self.b3.update(chunk)
+
+        return [whole, parts]
+
+
+class _Lanes:
+    """Run each lane on its own thread (``hashlib``, ``zlib`` and ``blake3`` release the GIL), one
+    chunk after another, so a file's sha256 and its AutoV3 (a second sha256 of nearly the same
+    bytes) take one core each; with one core, inline."""
+
+    def __init__(self, fns: list[Callable[[memoryview, int], None]]):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.fns = fns
+        self.pools = [ThreadPoolExecutor(1, thread_name_prefix="modelkit-hash") for _ in fns] \
+            if (os.cpu_count() or 1) > 1 else []
+        self.pending: dict[int, list[Any]] = {}
+
+    def __enter__(self) -> _Lanes:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for pool in self.pools:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def submit(self, slot: int, chunk: memoryview, pos: int) -> None:
+        if not self.pools:
+            for fn in self.fns:
+                fn(chunk, pos)
+            return
+        self.pending[slot] = [pool.submit(fn, chunk, pos) for pool, fn in zip(self.pools, self.fns)]
+
+    def wait(self, slot: int) -> None:
+        for fut in self.pending.pop(slot, []):
+            fut.result()
+
+    def wait_all(self) -> None:
+        for slot in list(self.pending):
+            self.wait(slot)
 
 
 def check(result: HashResult, metadata: dict[str, str]) -> HashResult:
