@@ -98,3 +98,21 @@ def test_scan_folder_walks_model_files(tmp_path: Path, marker: str) -> None:
 def test_usage_errors_exit_2() -> None:
     assert _run("inspect").exit_code == 2
     assert _run("frobnicate").exit_code == 2
+
+
+def test_a_closed_pipe_is_not_a_finding(tmp_path: Path) -> None:
+    """`modelkit inspect --keys big.ckpt | head -1`: exit 141 (as a SIGPIPE death), no traceback; never 1."""
+    import subprocess
+    import sys
+
+    ckpt = tmp_path / "sd.ckpt"
+    build.sd_checkpoint(str(ckpt), tiny_sd1_layout())
+    proc = subprocess.Popen([sys.executable, "-m", "modelkit", "inspect", "--keys", str(ckpt)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.readline()
+    proc.stdout.close()  # the reader goes away with ~100 KB still to print
+    err = proc.stderr.read().decode()
+    proc.stderr.close()
+    assert proc.wait(timeout=60) == 141, err
+    assert "Traceback" not in err

@@ -96,9 +96,18 @@ def _register() -> None:
 _register()
 
 
+#: The exit status of a command whose reader went away (``modelkit scan . | head``): what a shell
+#: reports for a process ended by SIGPIPE, never 1, which means findings.
+EXIT_BROKEN_PIPE = 128 + 13
+
+
 def main() -> None:
     try:
         cli.main(prog_name="modelkit", standalone_mode=True)
     except ModelkitError as exc:  # a command that did not handle its own error
         Output().error(exc)
         sys.exit(EXIT_ERROR)
+    except SystemExit:
+        if type(sys.stdout).__name__.lstrip("_") == "PacifyFlushWrapper":  # click met EPIPE, exits 1: no finding
+            sys.exit(EXIT_BROKEN_PIPE)
+        raise
