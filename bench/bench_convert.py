@@ -27,17 +27,16 @@ the figures and what remains is each tool's own work.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import resource
 import shutil
-import statistics
 import subprocess
 import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+from bench.rounds import row, run  # noqa: E402
 
 SCALED = {"model_channels": 160}
 
@@ -75,50 +74,7 @@ def build(path: str, layout: dict, dtype: str) -> None:
     os.replace(tmp, path)
 
 
-def measure(argv: list[str]) -> None:
-    """Wrapper mode: run one command as the only child; print its wall time (with sync) and peak RSS."""
-    t0 = time.perf_counter()
-    subprocess.run(argv, check=True)
-    os.sync()
-    wall = time.perf_counter() - t0
-    rss_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    print(json.dumps({"wall": wall, "rss": rss_kib * 1024}))
-
-
-def run(cases: list[list[str]], out: str, runs: int) -> list[tuple[float, float, int]]:
-    """Run the cases round-robin (so the machine's noise falls on every row alike).
-
-    Returns:
-        per case: (median wall, min wall, max peak RSS).
-    """
-    walls: list[list[float]] = [[] for _ in cases]
-    rss: list[list[int]] = [[] for _ in cases]
-    for _ in range(runs):
-        for i, argv in enumerate(cases):
-            if os.path.exists(out):
-                os.unlink(out)
-            os.sync()
-            res = subprocess.run([sys.executable, __file__, "--measure", "--", *argv], check=True,
-                                 capture_output=True, text=True, cwd=ROOT)
-            doc = json.loads(res.stdout.strip().splitlines()[-1])
-            walls[i].append(doc["wall"])
-            rss[i].append(doc["rss"])
-    if os.path.exists(out):
-        os.unlink(out)
-    return [(statistics.median(w), min(w), max(r)) for w, r in zip(walls, rss)]
-
-
-def row(label: str, res: tuple[float, float, int], base: tuple[float, float, int] | None = None,
-        note: str = "") -> None:
-    med, low, rss = res
-    ratio = f"{med / base[0]:5.2f}x (min {low / base[1]:4.2f}x)" if base else " " * 20
-    print(f"  {label:<42} {med:7.2f} s (min {low:5.2f})  {ratio}  peak RSS {rss / 2**30:6.3f} GiB  {note}")
-
-
 def main() -> None:
-    if len(sys.argv) > 2 and sys.argv[1] == "--measure":
-        measure(sys.argv[3:])
-        return
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="bench/out")
     ap.add_argument("--runs", type=int, default=3)
@@ -144,12 +100,13 @@ def main() -> None:
         print(f"convert: {fp16}  {size / 1e9:.2f} GB, {len(sd1_layout())} tensors"
               + (f" (built in {built:.0f} s)" if built > 1 else ""))
         subprocess.run(["cat", fp16], stdout=subprocess.DEVNULL, check=True)  # warm the page cache
-        cp, mk, nv = run([["cp", fp16, out], [py, "-c", CONVERT, fp16, out], [py, "-c", NAIVE_CONVERT, fp16, out]],
-                         out, args.runs)
+        cp, mk, nv = run([(["cp", fp16, out], out), ([py, "-c", CONVERT, fp16, out], out),
+                          ([py, "-c", NAIVE_CONVERT, fp16, out], out)], args.runs)
         row("cp", cp, cp)
         row("modelkit convert (same dtype)", mk, cp,
             f"{nv[0] / mk[0]:.1f}x faster than naive (min {nv[1] / mk[1]:.1f}x)")
         row("naive torch.load + save_file", nv, cp)
+        os.unlink(out)
     if args.only == "convert":
         return
     layout = sd1_layout(ema=True)
@@ -170,9 +127,10 @@ def main() -> None:
           + (f" (built in {built:.0f} s)" if built > 1 else ""))
     runs = args.runs
     subprocess.run(["cat", fp32], stdout=subprocess.DEVNULL, check=True)
-    pr, nprune = run([[py, "-c", PRUNE, fp32, out], [py, "-c", NAIVE_PRUNE, fp32, out]], out, runs)
+    pr, nprune = run([([py, "-c", PRUNE, fp32, out], out), ([py, "-c", NAIVE_PRUNE, fp32, out], out)], runs)
     row("modelkit prune (--ema drop --dtype fp16)", pr, nprune, "of naive")
     row("naive load + filter + half + save_file", nprune, nprune)
+    os.unlink(out)
     print(f"median (and min) of {runs} runs per row, rows run round-robin (peak RSS: the max); page cache "
           "warm; each time includes a final sync")
 

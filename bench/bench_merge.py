@@ -28,14 +28,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
-import statistics
 import subprocess
 import sys
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+from bench.rounds import row, run  # noqa: E402
 
 RANK, ALPHA = 32, 16.0
 
@@ -97,36 +96,6 @@ def make_lora(ckpt: str, path: str, pairs_path: str, convs: bool) -> int:
     return len(pairs)
 
 
-def measure(argv: list[str]) -> None:
-    """Wrapper mode: run one command as the only child; print its wall time (with sync) and peak RSS."""
-    t0 = time.perf_counter()
-    subprocess.run(argv, check=True)
-    os.sync()
-    wall = time.perf_counter() - t0
-    print(json.dumps({"wall": wall, "rss": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024}))
-
-
-Result = tuple[float, float, int]  # median wall, min wall, max peak RSS
-
-
-def run(cases: list[tuple[list[str], str]], runs: int) -> list[Result]:
-    """Run ``(argv, output)`` cases round-robin ``runs`` times, so the machine's noise falls on
-    every row alike. The outputs of the last round are kept (for ``compare``)."""
-    walls: list[list[float]] = [[] for _ in cases]
-    rss: list[list[int]] = [[] for _ in cases]
-    for _ in range(runs):
-        for i, (argv, out) in enumerate(cases):
-            if os.path.exists(out):
-                os.unlink(out)
-            os.sync()
-            res = subprocess.run([sys.executable, __file__, "--measure", "--", *argv], check=True,
-                                 capture_output=True, text=True, cwd=ROOT)
-            doc = json.loads(res.stdout.strip().splitlines()[-1])
-            walls[i].append(doc["wall"])
-            rss[i].append(doc["rss"])
-    return [(statistics.median(w), min(w), max(r)) for w, r in zip(walls, rss)]
-
-
 def compare(a: str, b: str) -> str:
     """Tensor-by-tensor comparison of two safetensors files, in words."""
     import torch
@@ -166,12 +135,6 @@ def _ordered(t):  # noqa: ANN001 - fp16 bits -> integers in value order (+0 = -0
     return bits.where(bits >= 0, -(bits & 0x7FFF))
 
 
-def row(label: str, res: Result, base: Result | None = None, note: str = "") -> None:
-    med, low, rss = res
-    ratio = f"{med / base[0]:5.2f}x (min {low / base[1]:4.2f}x)" if base else " " * 20
-    print(f"  {label:<42} {med:7.2f} s (min {low:5.2f})  {ratio}  peak RSS {rss / 2**30:6.3f} GiB  {note}")
-
-
 MECHA_SUM = """
 import sys, sd_mecha
 recipe = sd_mecha.weighted_sum(sd_mecha.model(sys.argv[1]), sd_mecha.model(sys.argv[2]), alpha=0.3)
@@ -186,9 +149,6 @@ def _mecha_python(given: str | None) -> str | None:
 
 
 def main() -> None:
-    if len(sys.argv) > 2 and sys.argv[1] == "--measure":
-        measure(sys.argv[3:])
-        return
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="bench/out")
     ap.add_argument("--runs", type=int, default=1, help="rounds of every row (median and min are printed)")

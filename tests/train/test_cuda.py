@@ -4,7 +4,6 @@ without a GPU (CI); run them with ``pytest -m cuda`` on a GPU machine."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
@@ -16,23 +15,16 @@ from safetensors.torch import load_file  # noqa: E402
 
 import modelkit  # noqa: E402
 from modelkit.train import train  # noqa: E402
-from modelkit.train.config import Config, build_config  # noqa: E402
+from modelkit.train.config import Config  # noqa: E402
+
+from .test_train import _config as train_config  # noqa: E402
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
 def _config(tiny_model: dict[str, str], out: Path, method: str, *overrides: str) -> Config:
-    data: dict[str, Any] = {
-        "model": {"path": tiny_model["checkpoint"], "base": "sd1", "configs": tiny_model["configs"]},
-        "dataset": {"path": tiny_model["images"], "resolution": 64, "min_bucket": 32, "max_bucket": 128,
-                    "bucket_step": 32},
-        "network": {"dim": 4, "alpha": 2.0},
-        "train": {"max_steps": 3, "device": "cuda", "seed": 3},
-        "optimizer": {"lr": 1e-3},
-        "output": {"dir": str(out)},
-    }
-    return build_config(method, data, overrides)
+    return train_config(tiny_model, out, method, "train.device=cuda", *overrides)
 
 
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
