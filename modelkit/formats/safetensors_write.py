@@ -457,31 +457,25 @@ class _Copier:
 
     def __init__(self, fd: int):
         self.fd = fd
-        self.kernel = hasattr(os, "copy_file_range")
-        self.sendfile = hasattr(os, "sendfile")
+        #: the in-kernel ways still worth trying, best first
+        self.kernel = [k for k in ("copy_file_range", "sendfile") if hasattr(os, k)]
         self.chunk: bytearray | None = None
+
+    def _kernel_copy(self, kind: str, src_fd: int, offset: int, count: int) -> int:
+        if kind == "copy_file_range":
+            return os.copy_file_range(src_fd, self.fd, count, offset)
+        return os.sendfile(self.fd, src_fd, offset, count)
 
     def copy(self, src_fd: int, offset: int, count: int, src_path: str) -> None:
         done = 0
         while done < count and self.kernel:
             try:
-                n = os.copy_file_range(src_fd, self.fd, count - done, offset + done)
+                n = self._kernel_copy(self.kernel[0], src_fd, offset + done, count - done)
             except OSError as exc:
                 if exc.errno not in _NO_COPY_RANGE:
                     raise
-                self.kernel = False
-                break
-            if n == 0:
-                raise FormatError(src_path, f"the file ends at byte {offset + done}, inside tensor data")
-            done += n
-        while done < count and self.sendfile:
-            try:
-                n = os.sendfile(self.fd, src_fd, offset + done, count - done)
-            except OSError as exc:
-                if exc.errno not in _NO_COPY_RANGE:
-                    raise
-                self.sendfile = False
-                break
+                self.kernel.pop(0)  # refused here (another file system, no support): try the next way
+                continue
             if n == 0:
                 raise FormatError(src_path, f"the file ends at byte {offset + done}, inside tensor data")
             done += n
