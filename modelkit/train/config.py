@@ -224,11 +224,14 @@ class SampleConfig:
     state is left exactly as it was.
 
     Attributes:
+        at_start: also sample before the first step (step 0: the base as it is, for comparison);
+            not on a resume.
         width, height: image size in pixels, multiples of 8; 0: ``dataset.resolution``.
         sampler: the scheduler, built from the base's scheduler config.
     """
 
     every_steps: int = 0
+    at_start: bool = False
     prompts: tuple[str, ...] = ()
     negative_prompt: str = ""
     steps: int = 20
@@ -237,6 +240,11 @@ class SampleConfig:
     width: int = 0
     height: int = 0
     sampler: str = field(default="ddim", metadata=_choice(*SAMPLERS))
+
+    @property
+    def enabled(self) -> bool:
+        """Whether this run makes any sample images."""
+        return bool(self.every_steps or self.at_start)
 
 
 @dataclass(frozen=True)
@@ -473,9 +481,10 @@ def check(config: Config, source: str | None = None) -> None:
     for key, side in (("sample.width", c.sample.width), ("sample.height", c.sample.height)):
         if side % 8:
             raise _bad(source, key, f"must be a multiple of 8 (or 0 for dataset.resolution), got {side}")
-    if c.sample.every_steps:
+    if c.sample.enabled:
         if not any(p.strip() for p in c.sample.prompts):
-            raise _bad(source, "sample.prompts", "is empty but sample.every_steps is set; give at least one prompt")
+            raise _bad(source, "sample.prompts", "is empty but sample.every_steps or sample.at_start is set; "
+                                                 "give at least one prompt")
         if c.sample.steps < 1:
             raise _bad(source, "sample.steps", f"must be at least 1, got {c.sample.steps}")
     if c.dreambooth.num_class_images and c.method == "dreambooth":

@@ -139,7 +139,7 @@ def train(config: Config, progress: Progress | None = None,
         check_output(os.path.join(final_state, "state.safetensors"), force=oc.force)
     # Saves past the resumed step belong to the abandoned run: a resume may replace them.
     replace_saves = oc.force or oc.resume is not None
-    if cfg.sample.every_steps and not replace_saves:
+    if cfg.sample.enabled and not replace_saves:
         _check_samples(cfg)
     accelerator = _accelerator(cfg)
     weight_dtype = _weight_dtype(cfg.train.mixed_precision)
@@ -193,6 +193,11 @@ def train(config: Config, progress: Progress | None = None,
     running = 0.0
     trainable = [p for g in groups for p in g["params"]]
     board = TensorBoard(log_dir(cfg)) if oc.tensorboard and accelerator.is_main_process else None
+    if cfg.sample.at_start and step == 0 and accelerator.is_main_process:
+        samples.extend(sample_images(cfg, base, method, 0, replace_saves, accelerator.autocast,
+                                     board.writer if board is not None else None))
+        if board is not None:
+            board.resume_clock()
     try:
         while step < total:
             epoch, index = divmod(micro, per_epoch)
@@ -302,7 +307,7 @@ def _cache_latents(cfg: Config, base: Any, ds: data.Dataset, method: Any, accele
         notes.append(f"latent cache {cache.folder}: {stats.built} encoded, {stats.reused} reused, "
                      f"{stats.removed} stale removed")
     accelerator.wait_for_everyone()
-    if not cfg.sample.every_steps:
+    if not cfg.sample.enabled:
         base.vae.to("cpu")
     return cache
 

@@ -57,6 +57,19 @@ def test_samples_are_pngs_and_do_not_change_training(tiny_model: dict[str, str],
         train(_config(tiny_model, tmp_path / "a", "lora", *extra, *SAMPLE))
 
 
+def test_samples_at_start_show_the_base_and_change_nothing(tiny_model: dict[str, str], tmp_path: Path) -> None:
+    extra = ("train.max_steps=2", "network.dropout=0.2", "output.dtype=float32", "output.save_state=false")
+    start_only = (*(k for k in SAMPLE if not k.startswith("sample.every_steps")), "sample.at_start=true")
+    sampled = train(_config(tiny_model, tmp_path / "a", "lora", *extra, *start_only))
+    assert [Path(p).name for p in sampled.samples] == ["lora-step000000-00.png", "lora-step000000-01.png"]
+    plain = train(_config(tiny_model, tmp_path / "b", "lora", *extra))
+    assert sampled.losses == plain.losses
+    a, b = modelkit.load(sampled.output), modelkit.load(plain.output)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ConfigError, match="sample.prompts"):
+        _config(tiny_model, tmp_path, "lora", "sample.at_start=true")
+
+
 def test_sample_keys_are_checked(tiny_model: dict[str, str], tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="sample.prompts"):
         _config(tiny_model, tmp_path, "lora", "sample.every_steps=5")
