@@ -65,7 +65,7 @@ class ModelkitGroup(click.Group):
 @click.group(cls=ModelkitGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="modelkit")
 def cli() -> None:
-    """Scan, inspect, convert and load Stable Diffusion model files safely."""
+    """Scan, inspect, convert, prune, merge, load and train Stable Diffusion model files safely."""
 
 
 def _register() -> None:
