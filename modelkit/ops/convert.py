@@ -97,11 +97,9 @@ class ConvertResult:
         }
 
 
-def _kind(mf: ModelFile) -> str:
-    """What kind of file this is, for the type-aware rules: embedding, hypernetwork, checkpoint, other.
-
-    Deliberately small; the detection module will replace it.
-    """
+def _kind(mf: ModelFile, detected: str | None = None) -> str:
+    """What kind of file this is, for the type-aware rules: embedding, hypernetwork, checkpoint, or
+    what detection calls it (lora, vae, controlnet, ...), else other."""
     names = set(mf)
     if any(n.startswith("string_to_param.") for n in names) or names in ({"clip_l", "clip_g"}, {"emb_params"}):
         return "embedding"
@@ -110,7 +108,9 @@ def _kind(mf: ModelFile) -> str:
         return "hypernetwork"
     if any(n.startswith("model.diffusion_model.") for n in names):
         return "checkpoint"
-    return "other"
+    if detected in ("embedding", "hypernetwork", "checkpoint"):
+        return detected  # a layout the key rules above do not know (a diffusers embedding, ...)
+    return detected if detected and detected != "unknown" else "other"
 
 
 def _architecture(mf: ModelFile, kind: str) -> str | None:
@@ -150,7 +150,10 @@ class Plan:
 
 def plan_convert(mf: ModelFile) -> Plan:
     """Decide the output tensors and metadata of ``convert`` for an open file (reads no data)."""
-    kind = _kind(mf)
+    from ..detect import detect_modelfile
+
+    det = detect_modelfile(mf)
+    kind = _kind(mf, det.kind)
     changes: list[str] = []
     warnings: list[str] = []
     if mf.container != "safetensors":
@@ -160,6 +163,7 @@ def plan_convert(mf: ModelFile) -> Plan:
     tensors = [OutTensor.of(ref) for ref in mf.values()]
     keep: tuple[str, ...] = ()
     as_json: tuple[str, ...] = ()
+    token_meta: dict[str, str] = {}
     if kind == "embedding":
         params = [ref for ref in mf.values() if ref.name.startswith("string_to_param.")]
         if len(params) == 1:
@@ -167,10 +171,19 @@ def plan_convert(mf: ModelFile) -> Plan:
             changes.append(f"{params[0].name} -> emb_params")
         elif len(params) > 1:
             warnings.append(f"{len(params)} string_to_param tensors; A1111 reads only one, so names were kept")
+        elif det.subtype == "diffusers" and len(tensors) == 1:
+            # {"<token>": [vectors, width] or [width]}: the token goes to the metadata, the vectors
+            # to emb_params (2-D), the layout A1111 and ComfyUI both read.
+            (ref,) = mf.values()
+            shape = ref.shape if len(ref.shape) == 2 else (1, *ref.shape)
+            tensors = [OutTensor(name="emb_params", dtype=ref.dtype, shape=shape, ref=ref)]
+            token_meta["name"] = ref.name
+            changes.append(f"{ref.name!r} (a diffusers embedding) -> emb_params {list(shape)}, token in metadata")
         keep = md.EMBEDDING_EXTRAS
     elif kind == "hypernetwork":
         as_json = md.HYPERNETWORK_EXTRAS
     meta, dropped = md.split_extras(mf.extras, keep=keep, as_json=as_json)
+    meta = {**token_meta, **meta}
     if kind == "hypernetwork":
         meta["modelkit.layout"] = "a1111-hypernetwork/1"
     if meta:

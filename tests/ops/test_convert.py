@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, safe_open
+from safetensors.torch import load_file, safe_open, save_file
 
 import modelkit
 from fixtures import build, hostile
@@ -90,6 +90,35 @@ def test_embedding_becomes_emb_params(tmp_path: Path, mode: str) -> None:
     assert meta["modelspec.title"] == "my-style"
     assert "string_to_param.* -> emb_params" in r.changes
     assert "string_to_token.*" in r.dropped  # reported, not silently lost
+
+
+@pytest.mark.parametrize("shape", [(768,), (3, 768)])
+def test_diffusers_embedding_becomes_emb_params(tmp_path: Path, shape: tuple[int, ...]) -> None:
+    """diffusers' learned_embeds.bin ({"<token>": vectors}) gets the layout A1111 and ComfyUI read:
+    a 2-D emb_params, the token in the metadata."""
+    src = tmp_path / "learned_embeds.bin"
+    vec = torch.randn(*shape)
+    build.save_torch({"<cat-toy>": vec}, str(src))
+    r = modelkit.convert(src)
+    assert r.kind == "embedding"
+    got = load_file(r.output)
+    assert list(got) == ["emb_params"] and same_bits(got["emb_params"], vec.reshape(-1, 768))
+    meta = _meta(r.output)
+    assert meta["name"] == "<cat-toy>"
+    assert meta["modelspec.architecture"] == "stable-diffusion-v1/textual-inversion"
+    assert modelkit.detect(r.output).kind == "embedding"
+
+
+def test_lora_keeps_its_keys_and_says_what_it_is(tmp_path: Path) -> None:
+    src = tmp_path / "style.safetensors"
+    lora = {"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.randn(4, 320),
+            "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": torch.randn(320, 4),
+            "lora_unet_down_blocks_0_attentions_0_proj_in.alpha": torch.tensor(4.0)}
+    save_file(lora, str(src))
+    r = modelkit.convert(src, tmp_path / "out.safetensors")
+    assert r.kind == "lora"
+    got = load_file(r.output)
+    assert set(got) == set(lora) and all(same_bits(got[k], v) for k, v in lora.items())
 
 
 def test_sdxl_embedding_pair_keeps_names(tmp_path: Path) -> None:
