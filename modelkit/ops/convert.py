@@ -149,7 +149,8 @@ class Plan:
 
 
 def plan_convert(mf: ModelFile) -> Plan:
-    """Decide the output tensors and metadata of ``convert`` for an open file (reads no data)."""
+    """Decide the output tensors and metadata of ``convert`` for an open file (reads no tensor data but
+    the few small ones detection probes)."""
     from ..detect import detect_modelfile
 
     det = detect_modelfile(mf)
