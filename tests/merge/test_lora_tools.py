@@ -65,6 +65,18 @@ def test_extract_recovers_a_low_rank_fine_tune(tmp_path: Path) -> None:
         assert torch.allclose(back[key], ref[key], atol=1e-6)
 
 
+def test_extract_rank_above_every_layer_is_said(tmp_path: Path) -> None:
+    base, tuned = tmp_path / "base.safetensors", tmp_path / "tuned.safetensors"
+    sd = ml.checkpoint(str(base), ml.sd1(), dtype=torch.float32)
+    build.write_safetensors(str(tuned), {**sd, Q: (sd[Q].double() + _lowrank(tuple(sd[Q].shape), 3, 1)).float()})
+    out = tmp_path / "x.safetensors"
+    res = modelkit.extract_lora(base, tuned, out, rank=100_000, dtype="fp32")
+    full = min(sd[Q].shape)
+    assert any("more than any layer's full rank" in w for w in res.warnings)
+    assert modelkit.open_model(out).metadata["ss_network_dim"] == str(full)
+    assert load_file(out)["lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight"].shape[0] == full
+
+
 def test_extract_truncates_to_the_best_rank(tmp_path: Path) -> None:
     base, tuned = tmp_path / "base.safetensors", tmp_path / "tuned.safetensors"
     sd = ml.checkpoint(str(base), ml.sd1(), dtype=torch.float32)

@@ -181,11 +181,18 @@ def extract_lora(
     if not tensors:
         raise UsageError(t, f"no adaptable layer differs from {b}", "Check that these are two different checkpoints")
     modules = len(tensors) // 3
+    linear = [t.shape[0] for t in tensors
+              if t.name.endswith(".lora_down.weight") and (len(t.shape) == 2 or tuple(t.shape[2:]) == (1, 1))]
+    dim = rank
+    if linear and max(linear) < rank:  # every layer is smaller than the rank asked for: it kept its full rank
+        dim = max(linear)
+        warnings.append(f"--rank {rank} is more than any layer's full rank; the modules have rank {dim} at most, "
+                        "and ss_network_dim says so")
     changes = [f"extracted {modules} modules at rank {rank}" + (f", conv rank {conv_rank}" if conv_rank else "")
                + f" from {os.path.basename(t)} - {os.path.basename(b)}"]
     record = {"base": os.path.basename(b), "tuned": os.path.basename(t), "rank": rank, "conv_rank": conv_rank,
               "compute_dtype": compute.name}
-    meta = md.combine(lora_metadata(det.base, rank, conv_rank), md.provenance(t, changes),
+    meta = md.combine(lora_metadata(det.base, dim, conv_rank), md.provenance(t, changes),
                       {"modelkit.extract": json.dumps(record, separators=(",", ":"))})
     header, meta, stats = write_output(target, tensors, meta, source=t, inputs=[b, t], force=force, dry_run=dry_run)
     return LoraOutResult("extract", (b, t), target, "dry-run" if dry_run else "written", det.base, "kohya", modules,
