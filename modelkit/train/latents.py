@@ -41,7 +41,10 @@ def vae_identity(vae: Any) -> str:
     import torch
 
     h = hashlib.blake2b(digest_size=16)
-    h.update(json.dumps(dict(vae.config), sort_keys=True, default=str).encode())
+    # Private entries are bookkeeping, not the model: diffusers' ``_use_default_values`` is a list
+    # built from a set, in a different order in every process, which made every run re-encode.
+    config = {k: v for k, v in dict(vae.config).items() if not k.startswith("_")}
+    h.update(json.dumps(config, sort_keys=True, default=str).encode())
     for name, tensor in vae.state_dict().items():
         t = tensor.detach().contiguous().cpu()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())

@@ -121,3 +121,24 @@ def test_cached_batch_gives_the_same_loss_and_stale_entries_are_rebuilt(tiny_mod
     assert other.vae_id != cache.vae_id
     assert other.build(ds.items, False, base.vae) == latents.CacheStats(3, 0, 3)
     assert len(_entries(folder)) == 3
+
+
+def test_vae_identity_ignores_private_config_entries() -> None:
+    """diffusers' ``_use_default_values`` comes in a different order in every process; the cache key must not."""
+    import torch
+
+    from modelkit.train.latents import vae_identity
+
+    class FakeVAE:
+        def __init__(self, config: dict[str, Any], weight: torch.Tensor):
+            self.config, self.weight = config, weight
+
+        def state_dict(self) -> dict[str, torch.Tensor]:
+            return {"w": self.weight}
+
+    w = torch.arange(6, dtype=torch.float32)
+    a = FakeVAE({"latent_channels": 4, "_use_default_values": ["act_fn", "shift_factor"]}, w)
+    b = FakeVAE({"latent_channels": 4, "_use_default_values": ["shift_factor", "act_fn"]}, w)
+    assert vae_identity(a) == vae_identity(b)
+    assert vae_identity(a) != vae_identity(FakeVAE({"latent_channels": 8}, w))
+    assert vae_identity(a) != vae_identity(FakeVAE({"latent_channels": 4}, w + 1))
