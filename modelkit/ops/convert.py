@@ -44,6 +44,7 @@ from ..paths import (
     sidecars,
 )
 from . import metadata as md
+from .result import result_dict
 
 #: ``progress(tensor name, bytes)``, called after each tensor is written; may raise to stop.
 Progress = Callable[[str, int], None]
@@ -87,14 +88,7 @@ class ConvertResult:
     scan: str | None = None
     seconds: float = 0.0
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "source": self.source, "output": self.output, "status": self.status, "container": self.container,
-            "kind": self.kind, "tensors": self.tensors, "size": self.size, "changes": list(self.changes),
-            "metadata": dict(self.metadata), "dropped": dict(self.dropped), "sidecars": list(self.sidecars),
-            "warnings": list(self.warnings), "stats": self.stats.to_dict() if self.stats else None,
-            "scan": self.scan, "seconds": round(self.seconds, 3),
-        }
+    to_dict = result_dict
 
 
 def _kind(mf: ModelFile, detected: str | None = None) -> str:

@@ -33,6 +33,7 @@ from ..model import ModelFile, TensorRef
 from ..paths import check_output, same_file
 from . import metadata as md
 from .convert import Progress, check_scan, default_output
+from .result import result_dict
 from .streaming import (
     CHUNK,
     COMPUTE_DTYPES,
@@ -90,16 +91,7 @@ class MergeModelsResult:
     scan: str | None = None
     seconds: float = 0.0
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "sources": list(self.sources), "output": self.output, "status": self.status, "scan": self.scan,
-            "mode": self.mode,
-            "alpha": self.alpha, "block_weights": dict(self.block_weights), "components": list(self.components),
-            "vae": self.vae, "tensors": self.tensors, "merged": self.merged, "from_a": self.from_a,
-            "from_b": self.from_b, "vae_tensors": self.vae_tensors, "size": self.size, "changes": list(self.changes),
-            "metadata": dict(self.metadata), "warnings": list(self.warnings),
-            "stats": self.stats.to_dict() if self.stats else None, "seconds": round(self.seconds, 3),
-        }
+    to_dict = result_dict
 
 
 def block_names(keys: Sequence[str]) -> list[str]:

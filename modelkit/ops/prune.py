@@ -41,6 +41,7 @@ from .convert import (
     meta_changes,
     write_plan,
 )
+from .result import result_dict
 
 EMA_MODES = ("keep", "drop", "only")
 PARTS = {
@@ -96,17 +97,7 @@ class PruneResult:
     scan: str | None = None
     seconds: float = 0.0
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "source": self.source, "output": self.output, "status": self.status, "container": self.container,
-            "tensors": self.tensors, "size": self.size, "input_size": self.input_size, "ema": self.ema,
-            "dtype": self.dtype, "part": self.part, "removed": dict(self.removed), "ema_swapped": self.ema_swapped,
-            "casts": self.casts, "overflow": dict(self.overflow), "fixed": dict(self.fixed),
-            "changes": list(self.changes), "metadata": dict(self.metadata), "dropped": dict(self.dropped),
-            "sidecars": list(self.sidecars), "warnings": list(self.warnings),
-            "stats": self.stats.to_dict() if self.stats else None, "scan": self.scan,
-            "seconds": round(self.seconds, 3),
-        }
+    to_dict = result_dict
 
 
 def ema_name(name: str) -> str:

@@ -27,6 +27,7 @@ from ...model import TensorRef
 from ...paths import check_output
 from .. import metadata as md
 from ..convert import Progress, check_scan, default_output
+from ..result import result_dict
 from ..streaming import (
     COMPUTE_DTYPES,
     OUTPUT_DTYPES,
@@ -108,15 +109,7 @@ class MergeLoraResult:
     scan: str | None = None
     seconds: float = 0.0
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "source": self.source, "output": self.output, "status": self.status, "base": self.base, "scan": self.scan,
-            "loras": [u.to_dict() for u in self.loras], "unet_ratio": self.unet_ratio, "te_ratio": self.te_ratio,
-            "compute_dtype": self.compute_dtype, "dtype": self.dtype, "tensors": self.tensors,
-            "touched": self.touched, "size": self.size, "overflow": dict(self.overflow),
-            "changes": list(self.changes), "metadata": dict(self.metadata), "warnings": list(self.warnings),
-            "stats": self.stats.to_dict() if self.stats else None, "seconds": round(self.seconds, 3),
-        }
+    to_dict = result_dict
 
 
 def parse_spec(spec: str | tuple[str | os.PathLike[str], float]) -> tuple[str, float]:

@@ -26,6 +26,7 @@ from ...formats.safetensors_write import OutTensor, WriteStats
 from ...paths import check_output
 from .. import metadata as md
 from ..convert import Progress, check_scan, default_output
+from ..result import result_dict
 from ..streaming import COMPUTE_DTYPES, OUTPUT_DTYPES, float_dtype, tensor_bytes, write_output
 from .keymap import KeyMap, Target
 
@@ -67,14 +68,7 @@ class LoraOutResult:
     stats: WriteStats | None = None
     seconds: float = 0.0
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "operation": self.operation, "sources": list(self.sources), "output": self.output, "status": self.status,
-            "base": self.base, "style": self.style, "modules": self.modules, "skipped": self.skipped,
-            "rank": self.rank, "conv_rank": self.conv_rank, "tensors": self.tensors, "size": self.size,
-            "changes": list(self.changes), "metadata": dict(self.metadata), "warnings": list(self.warnings),
-            "stats": self.stats.to_dict() if self.stats else None, "seconds": round(self.seconds, 3),
-        }
+    to_dict = result_dict
 
 
 def svd_factors(delta: Any, shape: tuple[int, ...], rank: int) -> tuple[Any, Any]:
