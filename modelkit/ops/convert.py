@@ -229,10 +229,12 @@ def check_scan(src: str, ignore_scan: bool) -> tuple[str | None, list[str]]:
 
 
 @contextlib.contextmanager
-def early_hash(hasher: md.SourceHash | None) -> Iterator[None]:
-    """Stop ``hasher`` (if the write never used it) when the block ends, normally or not."""
+def early_hash(src: str, dry_run: bool) -> Iterator[md.SourceHash | None]:
+    """The sha256 of ``src``, started now (before the scan and the imports, so that it overlaps
+    them) unless ``dry_run``; stopped when the block ends, normally or not, if nothing waited for it."""
+    hasher = None if dry_run else md.SourceHash(src)
     try:
-        yield
+        yield hasher
     finally:
         if hasher is not None:
             hasher.cancel()
@@ -244,8 +246,7 @@ def write_plan(
 ) -> tuple[Header, dict[str, str], WriteStats | None, list[str]]:
     """Lay out the header, then (unless ``dry_run``) stream the file and copy its sidecars.
 
-    ``hasher`` is the sha256 of ``src`` already under way (started before the scan and the imports,
-    so that it overlaps them); by default it starts here.
+    ``hasher`` is the sha256 of ``src`` already under way (``early_hash``); needed unless ``dry_run``.
 
     Returns:
         (header, final metadata, write stats or None, sidecar outputs).
@@ -258,16 +259,12 @@ def write_plan(
     cars = sidecars(src, target)
     if dry_run:
         return header, meta, None, [b for _, b in cars]
+    assert hasher is not None, "write_plan needs the source hash (early_hash) unless dry_run"
     ensure_room(target, header.size)
-    hasher = hasher or md.SourceHash(src)
-    try:
-        with md.core_for_hash(any(t.is_cast for t in plan.tensors)), \
-                atomic_output(target, force=force, inputs=[src]) as fd:
-            stats = write_stream(fd, header, meta, late={"modelkit.source_sha256": hasher.hexdigest},
-                                 on_tensor=progress, path=target)
-    except BaseException:
-        hasher.cancel()
-        raise
+    with md.core_for_hash(any(t.is_cast for t in plan.tensors)), \
+            atomic_output(target, force=force, inputs=[src]) as fd:
+        stats = write_stream(fd, header, meta, late={"modelkit.source_sha256": hasher.hexdigest},
+                             on_tensor=progress, path=target)
     meta["modelkit.source_sha256"] = hasher.hexdigest()
     copied = []
     for a, b in cars:
@@ -317,8 +314,7 @@ def convert(
     s = os.fspath(src)
     target = default_output(s, out, out_dir)
     check_output(target, force=force, inputs=[s])
-    hasher = None if dry_run else md.SourceHash(s)
-    with early_hash(hasher):
+    with early_hash(s, dry_run) as hasher:
         verdict, warnings = check_scan(s, ignore_scan)
         with open_model(s, allow_hidden_pickles=ignore_scan) as mf:
             plan = plan_convert(mf)

@@ -294,8 +294,7 @@ def prune(
     s = os.fspath(src)
     target = default_output(s, out, out_dir, default_tag(part))
     check_output(target, force=force, inputs=[s])
-    hasher = None if dry_run else md.SourceHash(s)
-    with early_hash(hasher):
+    with early_hash(s, dry_run) as hasher:
         verdict, warnings = check_scan(s, ignore_scan)
         with open_model(s, allow_hidden_pickles=ignore_scan) as mf:
             plan, st = plan_prune(mf, ema=ema, dtype=dtype, part=part)
