@@ -12,11 +12,17 @@ Rows, each a fresh child process (peak RSS from ``getrusage(RUSAGE_CHILDREN)`` i
 process whose only child is the command); every timing includes a final ``sync`` so all rows are
 compared on durable output (modelkit fsyncs its output; cp and save_file do not):
 
-* ``convert`` same dtype: ``modelkit.convert`` (sha256 of the input included);
+* ``convert`` same dtype: ``modelkit.convert``, with the sha256 of the input that goes into the
+  provenance metadata computed (the hash cache turned off: a file seen for the first time), and
+  with that sha256 taken from the hash cache (the file was hashed, converted or pruned before);
 * ``cp`` of the same file;
 * naive: ``torch.load(weights_only=True)`` + ``safetensors.torch.save_file``;
-* ``prune`` fp32+EMA -> fp16, EMA dropped: ``modelkit.prune(ema="drop", dtype="fp16")``;
+* ``prune`` fp32+EMA -> fp16, EMA dropped: ``modelkit.prune(ema="drop", dtype="fp16")``, hash
+  computed and hash cached as for convert;
 * naive prune: load, drop ``model_ema.*``, ``.half()`` the floats, ``save_file``.
+
+modelkit's bytecode is compiled first (``compileall``), as a pip install does: with
+``PYTHONDONTWRITEBYTECODE`` set, every run would otherwise compile it again (about 70 ms).
 
 Usage: ``python bench/bench_convert.py [--out bench/out] [--runs 3] [--big] [--dest /dev/shm]``
 
@@ -39,6 +45,7 @@ sys.path.insert(0, ROOT)
 from bench.rounds import row, run  # noqa: E402
 
 SCALED = {"model_channels": 160}
+COLD = ["env", "MODELKIT_HASH_CACHE=0"]
 
 CONVERT = "import modelkit, sys; modelkit.convert(sys.argv[1], sys.argv[2], force=True)"
 PRUNE = "import modelkit, sys; modelkit.prune(sys.argv[1], sys.argv[2], ema='drop', dtype='fp16', force=True)"
@@ -91,6 +98,14 @@ def main() -> None:
     os.makedirs(dest, exist_ok=True)
     out = os.path.join(dest, "out.safetensors")
     print(f"outputs in {dest}")
+    subprocess.run([py, "-m", "compileall", "-q", os.path.join(ROOT, "modelkit")], check=True)
+    # the "hash cached" rows: a cache of their own, filled once per input
+    warm = ["env", "MODELKIT_HASH_CACHE=1", f"MODELKIT_CACHE_DIR={os.path.abspath(os.path.join(args.out, 'hashcache'))}"]
+
+    def fill_cache(path: str) -> None:
+        subprocess.run([*warm, py, "-m", "modelkit", "hash", "--algo", "sha256", "--quiet", path], check=True,
+                       stdout=subprocess.DEVNULL)
+
     if args.only != "prune":
         fp16 = os.path.join(args.out, "sd15-fp16.ckpt")
         t0 = time.perf_counter()
@@ -100,11 +115,15 @@ def main() -> None:
         print(f"convert: {fp16}  {size / 1e9:.2f} GB, {len(sd1_layout())} tensors"
               + (f" (built in {built:.0f} s)" if built > 1 else ""))
         subprocess.run(["cat", fp16], stdout=subprocess.DEVNULL, check=True)  # warm the page cache
-        cp, mk, nv = run([(["cp", fp16, out], out), ([py, "-c", CONVERT, fp16, out], out),
-                          ([py, "-c", NAIVE_CONVERT, fp16, out], out)], args.runs)
+        fill_cache(fp16)
+        cp, mk, mkw, nv = run([(["cp", fp16, out], out), ([*COLD, py, "-c", CONVERT, fp16, out], out),
+                               ([*warm, py, "-c", CONVERT, fp16, out], out),
+                               ([py, "-c", NAIVE_CONVERT, fp16, out], out)], args.runs)
         row("cp", cp, cp)
-        row("modelkit convert (same dtype)", mk, cp,
+        row("modelkit convert (same dtype), sha256 read", mk, cp,
             f"{nv[0] / mk[0]:.1f}x faster than naive (min {nv[1] / mk[1]:.1f}x)")
+        row("modelkit convert, sha256 cached", mkw, cp,
+            f"{nv[0] / mkw[0]:.1f}x faster than naive (min {nv[1] / mkw[1]:.1f}x)")
         row("naive torch.load + save_file", nv, cp)
         os.unlink(out)
     if args.only == "convert":
@@ -127,8 +146,11 @@ def main() -> None:
           + (f" (built in {built:.0f} s)" if built > 1 else ""))
     runs = args.runs
     subprocess.run(["cat", fp32], stdout=subprocess.DEVNULL, check=True)
-    pr, nprune = run([([py, "-c", PRUNE, fp32, out], out), ([py, "-c", NAIVE_PRUNE, fp32, out], out)], runs)
-    row("modelkit prune (--ema drop --dtype fp16)", pr, nprune, "of naive")
+    fill_cache(fp32)
+    pr, prw, nprune = run([([*COLD, py, "-c", PRUNE, fp32, out], out), ([*warm, py, "-c", PRUNE, fp32, out], out),
+                           ([py, "-c", NAIVE_PRUNE, fp32, out], out)], runs)
+    row("modelkit prune (--ema drop --dtype fp16)", pr, nprune, "of naive; sha256 read")
+    row("modelkit prune, sha256 cached", prw, nprune, "of naive")
     row("naive load + filter + half + save_file", nprune, nprune)
     os.unlink(out)
     print(f"median (and min) of {runs} runs per row, rows run round-robin (peak RSS: the max); page cache "

@@ -40,3 +40,12 @@ def same_bits(a, b) -> bool:
 def _no_marker_left(tmp_path: Path):
     yield
     assert not os.path.exists(tmp_path / "PWNED"), "a hostile payload was executed"
+
+
+@pytest.fixture(autouse=True)
+def _own_hash_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Each test gets an empty hash cache of its own (never the user's ~/.cache)."""
+    folder = tmp_path_factory.mktemp("hashcache")
+    monkeypatch.setenv("MODELKIT_CACHE_DIR", str(folder))
+    monkeypatch.delenv("MODELKIT_HASH_CACHE", raising=False)
+    return folder

@@ -22,9 +22,13 @@ _LABEL = {"sha256": "SHA256", "autov1": "AutoV1", "autov2": "AutoV2", "autov3": 
 @click.option("--algo", "algos", multiple=True, type=click.Choice(ALGOS),
               help=f"Hashes to compute (repeatable; default: {', '.join(DEFAULT_ALGOS)}).")
 @click.option("--check", "do_check", is_flag=True, help="Compare hashes embedded in the metadata with the computed ones.")
+@click.option("--no-cache", is_flag=True,
+              help="Read the file even when its hashes are cached (the cache keeps the hashes of files "
+                   "unchanged since; MODELKIT_HASH_CACHE=0 turns it off).")
 @click.option("--json", "json_mode", is_flag=True, help="Print JSON (schema modelkit.hash/1).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def hash_cmd(paths: tuple[str, ...], algos: tuple[str, ...], do_check: bool, json_mode: bool, quiet: bool) -> None:
+def hash_cmd(paths: tuple[str, ...], algos: tuple[str, ...], do_check: bool, no_cache: bool, json_mode: bool,
+             quiet: bool) -> None:
     """Hash model files in one streaming read each (the hashes A1111 and Civitai show)."""
     out = Output(json_mode, quiet)
     chosen = tuple(algos) or DEFAULT_ALGOS
@@ -39,7 +43,7 @@ def hash_cmd(paths: tuple[str, ...], algos: tuple[str, ...], do_check: bool, jso
         sys.exit(EXIT_ERROR)
     for f in files:
         try:
-            res = _hash_one(out, f, chosen)
+            res = _hash_one(out, f, chosen, not no_cache)
             if do_check:
                 res = check(res, _metadata(f))
         except ModelkitError as exc:
@@ -50,7 +54,7 @@ def hash_cmd(paths: tuple[str, ...], algos: tuple[str, ...], do_check: bool, jso
         if res.mismatches:
             code = max(code, EXIT_FINDINGS)
         rows.append(res.to_dict())
-        out.line(f)
+        out.line(f + ("  (hashes from the cache)" if res.cached else ""))
         for k in chosen:
             if k in res.hashes:
                 out.line(f"  {_LABEL[k]:<7} {res.hashes[k]}")
@@ -63,11 +67,11 @@ def hash_cmd(paths: tuple[str, ...], algos: tuple[str, ...], do_check: bool, jso
     sys.exit(code)
 
 
-def _hash_one(out: Output, path: str, algos: tuple[str, ...]):  # type: ignore[no-untyped-def]
+def _hash_one(out: Output, path: str, algos: tuple[str, ...], use_cache: bool):  # type: ignore[no-untyped-def]
     size = os.path.getsize(path) if os.path.isfile(path) else 0
     bar = out.bar(size, os.path.basename(path))
     try:
-        return hash_file(path, algos, progress=bar.update if bar else None)
+        return hash_file(path, algos, progress=bar.update if bar else None, use_cache=use_cache)
     finally:
         if bar:
             bar.close()

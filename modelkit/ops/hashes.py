@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import os
 import struct
+import time
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from typing import Any
 
 from ..errors import FormatError, InputNotFoundError
 from ..formats.sniff import check_file
+from . import hashcache
 
 ALGOS = ("sha256", "autov1", "autov2", "autov3", "crc32", "blake3")
 DEFAULT_ALGOS = ("sha256", "autov1", "autov2", "autov3", "crc32")
@@ -51,6 +53,8 @@ class HashResult:
     size: int
     hashes: dict[str, str]
     checks: tuple[HashCheck, ...] = field(default=())
+    #: the hashes came from the hash cache (``hashcache``), not from reading the file
+    cached: bool = False
 
     @property
     def mismatches(self) -> int:
@@ -58,7 +62,7 @@ class HashResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {"path": self.path, "size": self.size, "hashes": dict(self.hashes),
-                "checks": [c.to_dict() for c in self.checks]}
+                "checks": [c.to_dict() for c in self.checks], "cached": self.cached}
 
 
 def blake3_available() -> bool:
@@ -77,13 +81,15 @@ def _safetensors_data_start(head: bytes, size: int) -> int | None:
 
 
 def hash_file(path: str | os.PathLike[str], algos: tuple[str, ...] = DEFAULT_ALGOS,
-              progress: Callable[[int], None] | None = None) -> HashResult:
+              progress: Callable[[int], None] | None = None, *, use_cache: bool = True) -> HashResult:
     """Compute the requested hashes in one read of the file.
 
     Args:
         path: the file.
         algos: any of ``ALGOS``; ``blake3`` needs the ``blake3`` package.
         progress: called with the number of bytes read after each chunk.
+        use_cache: take the hashes from the hash cache (``hashcache``) when the file is known
+            there unchanged; False reads the file again (the result is cached either way).
 
     Returns:
         A HashResult with lowercase hex digests, shortened the way A1111 and Civitai show them.
@@ -102,7 +108,15 @@ def hash_file(path: str | os.PathLike[str], algos: tuple[str, ...] = DEFAULT_ALG
             raise FormatError(None, f"unknown hash {a!r}", f"Choose from {', '.join(ALGOS)}")
     if "blake3" in algos and not blake3_available():
         raise FormatError(None, "the blake3 hash needs the blake3 package", "Run: pip install blake3")
-    size = check_file(p).st_size
+    st = check_file(p)
+    size = st.st_size
+    hit = hashcache.lookup(st, algos) if use_cache else None
+    if hit is not None:
+        if progress is not None:
+            progress(size)
+        want = {*algos, *(("autov3_full",) if "autov3" in algos else ())}
+        return HashResult(p, size, {k: v for k, v in hit.items() if k in want}, cached=True)
+    started = time.time_ns()
     full = hashlib.sha256() if {"sha256", "autov2"} & set(algos) else None
     v1 = hashlib.sha256() if "autov1" in algos else None
     v3 = hashlib.sha256() if "autov3" in algos else None
@@ -117,6 +131,7 @@ def hash_file(path: str | os.PathLike[str], algos: tuple[str, ...] = DEFAULT_ALG
     except OSError as exc:
         raise InputNotFoundError(p, f"cannot be read ({exc.strerror or exc})") from None
     with f, _Lanes(state.lanes()) as lanes:
+        before = os.fstat(f.fileno())
         bufs = [bytearray(CHUNK), bytearray(CHUNK)]
         pos = i = 0
         while True:
@@ -137,6 +152,7 @@ def hash_file(path: str | os.PathLike[str], algos: tuple[str, ...] = DEFAULT_ALG
             if progress is not None:
                 progress(n)
         lanes.wait_all()
+        after = os.fstat(f.fileno())
     crc, data_start = state.crc, state.data_start
     out: dict[str, str] = {}
     if full is not None:
@@ -154,6 +170,7 @@ def hash_file(path: str | os.PathLike[str], algos: tuple[str, ...] = DEFAULT_ALG
         out["crc32"] = f"{crc:08x}"
     if b3 is not None:
         out["blake3"] = b3.hexdigest()
+    hashcache.store(p, before, after, started, algos, out)
     return HashResult(p, size, out)
 
 

@@ -20,10 +20,12 @@ import json
 import os
 import stat
 import threading
+import time
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 from .. import __version__
+from . import hashcache
 
 #: Same length as a sha256 hex digest, so the header can be patched in place.
 SHA_PLACEHOLDER = "0" * 64
@@ -108,7 +110,8 @@ def combine(existing: Mapping[str, str], *layers: Mapping[str, str], defaults: M
 
 
 class SourceHash:
-    """The sha256 of a file, computed in a background thread (``hashlib`` releases the GIL).
+    """The sha256 of a file, computed in a background thread (``hashlib`` releases the GIL), or
+    taken from the hash cache (``hashcache``) when the file is known there.
 
     Example:
         >>> h = SourceHash("model.ckpt")  # doctest: +SKIP
@@ -122,31 +125,49 @@ class SourceHash:
         self._digest: str | None = None
         self._error: BaseException | None = None
         self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        #: whether the digest came from the hash cache
+        self.cached = False
+        try:
+            st = os.stat(path)
+        except OSError:
+            st = None
+        hit = hashcache.lookup(st, ("sha256",)) if st is not None and stat.S_ISREG(st.st_mode) else None
+        if hit is not None and "sha256" in hit:
+            self._digest, self.cached = hit["sha256"], True
+            return
         self._thread = threading.Thread(target=self._run, name="modelkit-sha256", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         try:
+            started = time.time_ns()
             h = hashlib.sha256()
             buf = bytearray(self.CHUNK)
             view = memoryview(buf)
             # O_NONBLOCK: a FIFO must not block this thread (cancel() joins it); only regular files are read.
             fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
             with open(fd, "rb", buffering=0) as f:
-                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                before = os.fstat(fd)
+                if not stat.S_ISREG(before.st_mode):
                     raise OSError(f"{self.path} is not a regular file")
                 while not self._stop.is_set():
                     n = f.readinto(buf)
                     if not n:
                         break
                     h.update(view[:n])
+                else:
+                    return  # cancelled: no digest
+                after = os.fstat(fd)
             self._digest = h.hexdigest()
+            hashcache.store(self.path, before, after, started, ("sha256",), {"sha256": self._digest})
         except OSError as exc:
             self._error = exc
 
     def hexdigest(self) -> str:
         """Wait for the hash; raises the OSError that stopped it, if any."""
-        self._thread.join()
+        if self._thread is not None:
+            self._thread.join()
         if self._error is not None:
             raise self._error
         assert self._digest is not None
@@ -154,7 +175,8 @@ class SourceHash:
 
     def cancel(self) -> None:
         self._stop.set()
-        self._thread.join()
+        if self._thread is not None:
+            self._thread.join()
 
 
 _threads_lock = threading.Lock()

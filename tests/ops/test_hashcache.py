@@ -1,0 +1,148 @@
+"""The hash cache: a file's hashes are read once, and never reused once the file changed."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import modelkit
+from fixtures import build
+from fixtures.sd_layout import tiny_sd1_layout
+from modelkit.cli.main import cli
+from modelkit.formats import open_model
+from modelkit.ops import hashcache, hashes
+from modelkit.ops.metadata import SourceHash
+
+
+@pytest.fixture
+def no_racy_margin(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Files made by a test are younger than a second; let them be cached (see ``RACY_NS``)."""
+    monkeypatch.setattr(hashcache, "RACY_NS", 0)
+
+
+class _NoRead:
+    """Stands in for the hash lanes: any read of the file fails the test."""
+
+    def __init__(self, *a: object) -> None:
+        raise AssertionError("the file was read although its hashes were cached")
+
+
+def _model(path: Path, n: int = 50_000, value: float = 1.0) -> bytes:
+    build.write_safetensors(str(path), {"w": torch.full((n,), value)})
+    return path.read_bytes()
+
+
+def test_second_hash_comes_from_the_cache(tmp_path: Path, no_racy_margin: None,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    p = tmp_path / "m.safetensors"
+    data = _model(p)
+    first = hashes.hash_file(p)
+    assert not first.cached and first.hashes["sha256"] == hashlib.sha256(data).hexdigest()
+    monkeypatch.setattr(hashes, "_Lanes", _NoRead)
+    second = hashes.hash_file(p)
+    assert second.cached and second.hashes == first.hashes
+    # a subset is served too; use_cache=False reads the file
+    assert hashes.hash_file(p, ("autov2",)).hashes == {"autov2": first.hashes["autov2"]}
+    with pytest.raises(AssertionError, match="was read"):
+        hashes.hash_file(p, use_cache=False)
+
+
+def test_a_changed_file_is_hashed_again(tmp_path: Path, no_racy_margin: None) -> None:
+    p = tmp_path / "m.safetensors"
+    _model(p)
+    old = hashes.hash_file(p).hashes["sha256"]
+    st = os.stat(p)
+    data = _model(p, value=2.0)  # same size, other bytes
+    os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    res = hashes.hash_file(p)
+    assert not res.cached and res.hashes["sha256"] == hashlib.sha256(data).hexdigest() != old
+    data = _model(p, n=60_000)  # another size
+    res = hashes.hash_file(p)
+    assert not res.cached and res.hashes["sha256"] == hashlib.sha256(data).hexdigest()
+
+
+def test_a_file_just_written_is_not_cached(tmp_path: Path) -> None:
+    """A change in the same clock tick could leave mtime and ctime unchanged: fresh files wait."""
+    p = tmp_path / "m.safetensors"
+    _model(p)
+    hashes.hash_file(p)
+    assert hashcache.lookup(os.stat(p), ("sha256",)) is None
+    assert not hashes.hash_file(p).cached
+
+
+def test_a_file_that_changes_while_hashed_is_not_cached(tmp_path: Path, no_racy_margin: None) -> None:
+    p = tmp_path / "m.safetensors"
+    _model(p)
+    before = os.stat(p)
+    with open(p, "ab") as f:
+        f.write(b"x")
+    after = os.stat(p)
+    assert not hashcache.store(str(p), before, after, 2**62, ("sha256",), {"sha256": "0" * 64})
+    assert hashcache.lookup(before, ("sha256",)) is None
+
+
+def test_the_sha256_of_a_convert_is_reused(tmp_path: Path, no_racy_margin: None) -> None:
+    """convert's provenance hash fills the cache, and a later convert (or ``hash --algo sha256``)
+    takes it from there; the recorded sha256 is the file's either way."""
+    src = tmp_path / "m.ckpt"
+    build.sd_checkpoint(str(src), tiny_sd1_layout())
+    real = hashlib.sha256(src.read_bytes()).hexdigest()
+    assert hashcache.lookup(os.stat(src), ("sha256",)) is None
+    a = modelkit.convert(src, tmp_path / "a.safetensors")
+    hit = SourceHash(str(src))
+    assert hit.cached and hit.hexdigest() == real
+    b = modelkit.convert(src, tmp_path / "b.safetensors")
+    for r in (a, b):
+        with open_model(r.output) as mf:
+            assert mf.metadata["modelkit.source_sha256"] == real
+    assert hashes.hash_file(src, ("sha256",)).cached
+    assert not hashes.hash_file(src).cached  # the default set needs more than the sha256
+
+
+def test_turned_off_corrupt_or_unwritable(tmp_path: Path, no_racy_margin: None, monkeypatch: pytest.MonkeyPatch,
+                                          _own_hash_cache: Path) -> None:
+    p = tmp_path / "m.safetensors"
+    data = _model(p)
+    want = hashlib.sha256(data).hexdigest()
+    cache = _own_hash_cache / hashcache.FILE
+    monkeypatch.setenv("MODELKIT_HASH_CACHE", "0")
+    hashes.hash_file(p)
+    assert not cache.exists() and not SourceHash(str(p)).cached
+    monkeypatch.delenv("MODELKIT_HASH_CACHE")
+    cache.write_text("{not json")
+    assert not hashes.hash_file(p).cached  # a corrupt cache is a miss ...
+    assert json.loads(cache.read_text())["version"] == hashcache.VERSION  # ... and is rewritten
+    assert hashes.hash_file(p).cached
+    cache.write_text(json.dumps({"version": 1, "entries": {"x": 5, f"{os.stat(p).st_dev}:{os.stat(p).st_ino}": []}}))
+    assert not hashes.hash_file(p).cached
+    monkeypatch.setenv("MODELKIT_CACHE_DIR", str(p))  # a file where the folder should be
+    res = hashes.hash_file(p)
+    assert res.hashes["sha256"] == want and not res.cached
+    assert SourceHash(str(p)).hexdigest() == want
+
+
+def test_the_oldest_entries_go(tmp_path: Path, no_racy_margin: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(hashcache, "MAX_ENTRIES", 2)
+    files = [tmp_path / f"{i}.safetensors" for i in range(3)]
+    for i, f in enumerate(files):
+        _model(f, n=1000 + i)
+        hashes.hash_file(f, ("sha256",))
+    assert [hashcache.lookup(os.stat(f), ("sha256",)) is not None for f in files] == [False, True, True]
+
+
+def test_cli_says_cached_and_no_cache_reads(tmp_path: Path, no_racy_margin: None) -> None:
+    p = tmp_path / "m.safetensors"
+    _model(p)
+    runner = CliRunner()
+    docs = [json.loads(runner.invoke(cli, ["hash", str(p), "--json", *extra]).output)
+            for extra in ([], [], ["--no-cache"])]
+    assert [d["files"][0]["cached"] for d in docs] == [False, True, False]
+    assert docs[0]["files"][0]["hashes"] == docs[1]["files"][0]["hashes"] == docs[2]["files"][0]["hashes"]
+    text = runner.invoke(cli, ["hash", str(p)]).output
+    assert "(hashes from the cache)" in text
