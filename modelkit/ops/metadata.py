@@ -18,13 +18,17 @@ import contextlib
 import hashlib
 import json
 import os
+import signal
 import stat
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 from .. import __version__
+from ..errors import FormatError
 from . import hashcache
 
 #: Same length as a sha256 hex digest, so the header can be patched in place.
@@ -109,9 +113,33 @@ def combine(existing: Mapping[str, str], *layers: Mapping[str, str], defaults: M
     return out
 
 
+#: The hash of a big file runs in a child process that maps the file instead of reading it: it
+#: saves a copy of every byte (on 2 cores a 7.7 GB prune went from 7.2 s to 5.5-6.5 s), and if the
+#: file shrinks under the mapping, the SIGBUS ends the child, not modelkit (which then says so).
+_CHILD_CODE = """
+import hashlib, mmap, os, sys
+fd, size, step = int(sys.argv[1]), int(sys.argv[2]), 16 << 20
+flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+h, off = hashlib.sha256(), 0
+while off < size:
+    n = min(step, size - off)
+    m = mmap.mmap(fd, n, flags=flags, prot=mmap.PROT_READ, offset=off)
+    h.update(m)
+    m.close()
+    off += n
+sys.stdout.write(h.hexdigest())
+"""
+
+
+_WAIT = "Wait until the download or copy has finished, then run again"
+
+
 class SourceHash:
-    """The sha256 of a file, computed in a background thread (``hashlib`` releases the GIL), or
-    taken from the hash cache (``hashcache``) when the file is known there.
+    """The sha256 of a file, started at once and computed beside the caller's work: taken from the
+    hash cache (``hashcache``) when the file is known there; else, for a big file, in a child
+    process over a mapping of the file (``_CHILD_CODE``); else (a small file, or no child could be
+    started: a frozen app, no ``fork``/``exec``, a file system without ``mmap``) with ``pread``
+    in a thread (``hashlib`` releases the GIL).
 
     Example:
         >>> h = SourceHash("model.ckpt")  # doctest: +SKIP
@@ -119,12 +147,16 @@ class SourceHash:
     """
 
     CHUNK = 4 << 20
+    #: files at least this big are hashed in a child process
+    CHILD_MIN = 256 << 20
 
     def __init__(self, path: str):
         self.path = path
         self._digest: str | None = None
         self._error: BaseException | None = None
         self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._proc: subprocess.Popen[bytes] | None = None
         self._thread: threading.Thread | None = None
         #: whether the digest came from the hash cache
         self.cached = False
@@ -142,30 +174,69 @@ class SourceHash:
     def _run(self) -> None:
         try:
             started = time.time_ns()
-            h = hashlib.sha256()
-            buf = bytearray(self.CHUNK)
-            view = memoryview(buf)
             # O_NONBLOCK: a FIFO must not block this thread (cancel() joins it); only regular files are read.
             fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
-            with open(fd, "rb", buffering=0) as f:
+            try:
                 before = os.fstat(fd)
                 if not stat.S_ISREG(before.st_mode):
                     raise OSError(f"{self.path} is not a regular file")
-                while not self._stop.is_set():
-                    n = f.readinto(buf)
-                    if not n:
-                        break
-                    h.update(view[:n])
-                else:
-                    return  # cancelled: no digest
+                digest = self._in_child(fd, before.st_size) if before.st_size >= self.CHILD_MIN else None
+                if digest is None and not self._stop.is_set():
+                    digest = self._here(fd)
+                if digest is None:
+                    return  # cancelled
                 after = os.fstat(fd)
-            self._digest = h.hexdigest()
-            hashcache.store(self.path, before, after, started, ("sha256",), {"sha256": self._digest})
+            finally:
+                os.close(fd)
+            if hashcache.identity(before) != hashcache.identity(after):
+                raise FormatError(self.path, "changed while it was being read", _WAIT)
+            self._digest = digest
+            hashcache.store(self.path, before, after, started, ("sha256",), {"sha256": digest})
         except OSError as exc:
+            self._error = FormatError(self.path, f"could not be read ({exc.strerror or exc})",
+                                      "Check the disk or copy the file again")
+        except BaseException as exc:  # noqa: BLE001 - handed to the thread that waits for the digest
             self._error = exc
 
+    def _in_child(self, fd: int, size: int) -> str | None:
+        """The digest from a child process; None if no child could compute it (or cancelled)."""
+        if os.name != "posix" or getattr(sys, "frozen", False) or not sys.executable:
+            return None
+        try:
+            proc = subprocess.Popen([sys.executable, "-I", "-S", "-c", _CHILD_CODE, str(fd), str(size)],
+                                    pass_fds=(fd,), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                    stderr=subprocess.DEVNULL)
+        except (OSError, ValueError):
+            return None
+        with self._lock:
+            self._proc = proc
+            if self._stop.is_set():
+                proc.kill()
+        out, _ = proc.communicate()
+        if self._stop.is_set():
+            return None
+        if proc.returncode == -signal.SIGBUS:
+            raise FormatError(self.path, "got shorter while it was being read", _WAIT)
+        text = out.decode("ascii", "replace").strip()
+        return text if proc.returncode == 0 and len(text) == 64 else None
+
+    def _here(self, fd: int) -> str | None:
+        """The digest read with ``pread`` in this thread; None if cancelled."""
+        h = hashlib.sha256()
+        buf = bytearray(self.CHUNK)
+        view = memoryview(buf)
+        pos = 0
+        while not self._stop.is_set():
+            n = os.preadv(fd, [buf], pos)
+            if not n:
+                return h.hexdigest()
+            h.update(view[:n])
+            pos += n
+        return None
+
     def hexdigest(self) -> str:
-        """Wait for the hash; raises the OSError that stopped it, if any."""
+        """Wait for the hash; raises the error that stopped it, if any (a ``FormatError`` naming
+        the file for a read error)."""
         if self._thread is not None:
             self._thread.join()
         if self._error is not None:
@@ -175,6 +246,9 @@ class SourceHash:
 
     def cancel(self) -> None:
         self._stop.set()
+        with self._lock:
+            if self._proc is not None and self._proc.returncode is None:
+                self._proc.kill()
         if self._thread is not None:
             self._thread.join()
 

@@ -146,3 +146,117 @@ def test_cli_says_cached_and_no_cache_reads(tmp_path: Path, no_racy_margin: None
     assert docs[0]["files"][0]["hashes"] == docs[1]["files"][0]["hashes"] == docs[2]["files"][0]["hashes"]
     text = runner.invoke(cli, ["hash", str(p)]).output
     assert "(hashes from the cache)" in text
+
+
+# -- the source hash of convert/prune/merge: a child process over a mapping, for big files --------
+
+@pytest.fixture
+def child_for_all(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
+    """Every file goes to the child process; returns the argv of each child started."""
+    from modelkit.ops import metadata as md
+
+    monkeypatch.setattr(md.SourceHash, "CHILD_MIN", 0)
+    started: list[list[str]] = []
+    real = md.subprocess.Popen
+
+    def popen(argv: list[str], **kw: object) -> object:
+        started.append(argv)
+        return real(argv, **kw)
+
+    monkeypatch.setattr(md.subprocess, "Popen", popen)
+    return started
+
+
+def test_big_files_are_hashed_in_a_child(tmp_path: Path, child_for_all: list[list[str]]) -> None:
+    p = tmp_path / "m.safetensors"
+    data = _model(p, n=3_000_000)  # 12 MB: a child maps it in 16 MB steps
+    assert SourceHash(str(p)).hexdigest() == hashlib.sha256(data).hexdigest()
+    empty = tmp_path / "empty.bin"
+    empty.write_bytes(b"")
+    assert SourceHash(str(empty)).hexdigest() == hashlib.sha256(b"").hexdigest()
+    assert len(child_for_all) == 2
+
+
+def test_a_child_that_fails_is_replaced_by_a_read(tmp_path: Path, child_for_all: list[list[str]],
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from modelkit.ops import metadata as md
+
+    monkeypatch.setattr(md, "_CHILD_CODE", "import sys; print('not a digest'); sys.exit(1)")
+    p = tmp_path / "m.safetensors"
+    data = _model(p)
+    assert SourceHash(str(p)).hexdigest() == hashlib.sha256(data).hexdigest()
+    assert child_for_all
+
+
+def test_a_file_cut_short_under_the_child_is_a_clear_error(tmp_path: Path, child_for_all: list[list[str]],
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """The file is truncated after the child mapped it: the child's read faults (SIGBUS) and it
+    dies; modelkit lives and says what happened, and convert leaves no output behind."""
+    from modelkit.errors import FormatError
+    from modelkit.ops import metadata as md
+
+    src = tmp_path / "m.ckpt"
+    build.sd_checkpoint(str(src), tiny_sd1_layout())
+    cut = ("import mmap, os\n_map = mmap.mmap\n"
+           f"def _cut(*a, **k):\n    m = _map(*a, **k)\n    os.truncate({str(src)!r}, 0)\n    return m\n"
+           "mmap.mmap = _cut\n")
+    monkeypatch.setattr(md, "_CHILD_CODE", cut + md._CHILD_CODE)
+    with pytest.raises(FormatError, match="got shorter while it was being read"):
+        SourceHash(str(src)).hexdigest()
+    assert src.stat().st_size == 0
+    build.sd_checkpoint(str(src), tiny_sd1_layout())
+    res = CliRunner().invoke(cli, ["convert", str(src), "-o", str(tmp_path / "out.safetensors")])
+    # the scan or the copy may see the cut first: whichever does, one line naming the file, exit 2
+    assert res.exit_code == 2 and "m.ckpt" in res.output, res.output
+    assert len(res.output.strip().splitlines()) == 1 and "Traceback" not in res.output
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["m.ckpt"]
+
+
+def test_a_file_that_changes_before_it_is_mapped_is_a_clear_error(tmp_path: Path, child_for_all: list[list[str]],
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Cut before the child maps it: the child refuses, the read here sees the change."""
+    from modelkit.errors import FormatError
+    from modelkit.ops import metadata as md
+
+    p = tmp_path / "m.safetensors"
+    _model(p)
+    real = md.subprocess.Popen
+
+    def cut_then_start(argv: list[str], **kw: object) -> object:
+        os.truncate(p, 1000)
+        return real(argv, **kw)
+
+    monkeypatch.setattr(md.subprocess, "Popen", cut_then_start)
+    with pytest.raises(FormatError, match="changed while it was being read"):
+        SourceHash(str(p)).hexdigest()
+
+
+def test_cancel_stops_the_child(tmp_path: Path, child_for_all: list[list[str]],
+                                monkeypatch: pytest.MonkeyPatch) -> None:
+    from modelkit.ops import metadata as md
+
+    monkeypatch.setattr(md, "_CHILD_CODE", "import time; time.sleep(600)")
+    p = tmp_path / "m.safetensors"
+    _model(p)
+    h = SourceHash(str(p))
+    while h._proc is None:  # the thread is starting the child
+        h._thread.join(0.01)  # type: ignore[union-attr]
+    h.cancel()
+    assert h._proc.returncode is not None  # killed and reaped, not left running
+
+
+def test_a_read_error_names_the_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    from modelkit.errors import FormatError
+    from modelkit.ops import metadata as md
+
+    p = tmp_path / "m.safetensors"
+    _model(p)
+
+    def eio(*a: object) -> int:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(md.os, "preadv", eio)
+    with pytest.raises(FormatError, match=r"m\.safetensors.*could not be read \(Input/output error\)"):
+        SourceHash(str(p)).hexdigest()
