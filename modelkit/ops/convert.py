@@ -261,7 +261,7 @@ def write_plan(
         return header, meta, None, [b for _, b in cars]
     assert hasher is not None, "write_plan needs the source hash (early_hash) unless dry_run"
     ensure_room(target, header.size)
-    with md.core_for_hash(any(t.is_cast for t in plan.tensors)), \
+    with md.core_for_hash(any(t.is_cast for t in plan.tensors) and not hasher.cached), \
             atomic_output(target, force=force, inputs=[src]) as fd:
         stats = write_stream(fd, header, meta, late={"modelkit.source_sha256": hasher.hexdigest},
                              on_tensor=progress, path=target)

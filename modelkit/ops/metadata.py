@@ -262,7 +262,7 @@ _threads_saved = 0
 def core_for_hash(uses_torch: bool) -> Iterator[None]:
     """While a ``SourceHash`` runs beside torch maths, give torch's intra-op pool one core fewer.
 
-    The hash thread keeps one core busy; a torch pool as wide as the machine then fights it for
+    The hash (a thread or a child process) keeps one core busy; a torch pool as wide as the machine then fights it for
     that core and both slow down (on 2 cores a prune took 3.2-4.0 s instead of 2.2 s). Nested and
     concurrent users share one saved setting, restored when the last one leaves. Nothing happens
     when ``uses_torch`` is false (torch is then not even imported) or on a single core.

@@ -166,13 +166,13 @@ def _prune_and_count_threads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     from modelkit.formats import safetensors_write
 
     seen: list[int] = []
-    real = safetensors_write._cast
+    real = safetensors_write._cast_stepped
 
     def spy(*a: Any, **k: Any) -> int:
         seen.append(torch.get_num_threads())
         return real(*a, **k)
 
-    monkeypatch.setattr(safetensors_write, "_cast", spy)
+    monkeypatch.setattr(safetensors_write, "_cast_stepped", spy)
     src = tmp_path / "m.safetensors"
     save_file({"w": torch.randn(64, 64), "b": torch.randn(64)}, str(src))
     r = modelkit.prune(src, dtype="fp16")

@@ -190,3 +190,33 @@ def test_writeback_refused_is_harmless(tmp_path: Path, monkeypatch: pytest.Monke
     got = load_file(modelkit.convert(src).output)
     assert all(same_bits(got[k], v) for k, v in tensors.items())
     assert len(calls) == 1  # tried once, then left to the final fsync
+
+
+@pytest.mark.parametrize("step", [4, 6, 4096, None])
+def test_stepped_casts_match_a_whole_tensor_cast(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                 step: int | None) -> None:
+    """Casts run CAST_STEP source bytes at a time: same bits as one torch cast of the whole
+    tensor, overflow counted across the steps, a step that does not divide the tensor, and a
+    big-endian source swapped step by step."""
+    from modelkit.formats import safetensors_write
+
+    if step is not None:
+        monkeypatch.setattr(safetensors_write, "CAST_STEP", step)
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(37, 41, generator=g) * 3e4  # about 3% beyond the fp16 range, in many steps
+    w[0, 0], w[5, 5], w[36, 40] = float("inf"), float("nan"), -1e6
+    tensors = {"w": w, "b": torch.randn(1001, generator=g, dtype=torch.float64), "i": torch.arange(10)}
+    src = tmp_path / "m.safetensors"
+    save_file(tensors, str(src))
+    lost = int((torch.isinf(w.half()) & ~torch.isinf(w)).sum())
+    assert lost > 10
+    for name, tdt in (("fp16", torch.float16), ("bf16", torch.bfloat16)):
+        r = modelkit.prune(src, tmp_path / f"{name}.safetensors", dtype=name)
+        got = load_file(r.output)
+        for k, v in tensors.items():
+            assert same_bits(got[k], v.to(tdt) if v.is_floating_point() else v), (name, k)
+        assert r.overflow == ({"w": lost} if name == "fp16" else {})
+    build.numpy_files(str(tmp_path))
+    r = modelkit.prune(tmp_path / "f16be.npy", tmp_path / "be.safetensors", dtype="fp32")
+    got = load_file(r.output)["array"]
+    assert got.dtype == torch.float32 and got.tolist() == [[0, 1, 2], [3, 4, 5]]
