@@ -10,9 +10,9 @@ rewritten or replaced in any way no longer matches. Two rules keep a stale hash 
 
 * the file's stat must be the same before and after it was hashed (it did not change meanwhile);
 * its mtime and ctime must be older than the start of the hash by ``RACY_NS``: file times come
-  from a coarse clock, so a change made in the same clock tick as an earlier one could leave the
-  times as they were (git's "racily clean" problem). A file written in the last second is simply
-  not cached.
+  from a coarse clock (a few ms on ext4, 2 s on FAT), so a change made in the same tick as an
+  earlier one could leave the times as they were (git's "racily clean" problem). A file written
+  in the last 3 seconds is simply not cached.
 
 The cache is one JSON file (``hashes.json``) in ``$MODELKIT_CACHE_DIR``, else
 ``$XDG_CACHE_HOME/modelkit``, else ``~/.cache/modelkit``; ``MODELKIT_HASH_CACHE=0`` turns it off.
@@ -35,7 +35,7 @@ ENV_SWITCH = "MODELKIT_HASH_CACHE"
 FILE = "hashes.json"
 VERSION = 1
 #: how much older than the start of a hash a file's mtime and ctime must be for it to be cached
-RACY_NS = 1_000_000_000
+RACY_NS = 3_000_000_000
 #: entries kept; the oldest go first
 MAX_ENTRIES = 2048
 
