@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import stat
 import tempfile
 import time
 from typing import Any
@@ -65,7 +66,7 @@ def _load(path: str) -> dict[str, Any]:
     try:
         with open(path, encoding="utf-8") as f:
             doc = json.load(f)
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return {}
     if not isinstance(doc, dict) or doc.get("version") != VERSION or not isinstance(doc.get("entries"), dict):
         return {}
@@ -78,15 +79,36 @@ def lookup(st: os.stat_result, algos: tuple[str, ...] | list[str]) -> dict[str, 
     path = cache_path()
     if path is None:
         return None
-    entry = _load(path).get(_key(st))
-    if not isinstance(entry, dict) or entry.get("id") != identity(st):
+    try:
+        entry = _load(path).get(_key(st))
+        if not isinstance(entry, dict) or entry.get("id") != identity(st):
+            return None
+        hashes, done = entry.get("hashes"), entry.get("algos")
+        if not isinstance(hashes, dict) or not isinstance(done, list) or \
+                not all(isinstance(a, str) for a in done) or not set(algos) <= set(done):
+            return None
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in hashes.items()):
+            return None
+        return dict(hashes)
+    except Exception:  # noqa: BLE001 - a cache is best effort: whatever is wrong with it is a miss
         return None
-    hashes, done = entry.get("hashes"), entry.get("algos")
-    if not isinstance(hashes, dict) or not isinstance(done, list) or not set(algos) <= set(done):
+
+
+def lookup_path(file: str, algos: tuple[str, ...] | list[str]) -> dict[str, str] | None:
+    """``lookup`` for a path: the stat comes from an open file (on NFS that revalidates it); None
+    for anything but a regular file, or a file that cannot be opened."""
+    if cache_path() is None:
         return None
-    if not all(isinstance(k, str) and isinstance(v, str) for k, v in hashes.items()):
+    try:
+        # O_NONBLOCK: opening a FIFO must not block
+        fd = os.open(file, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
         return None
-    return dict(hashes)
+    try:
+        st = os.fstat(fd)
+    finally:
+        os.close(fd)
+    return lookup(st, algos) if stat.S_ISREG(st.st_mode) else None
 
 
 def store(file: str, before: os.stat_result, after: os.stat_result, started_ns: int,
@@ -108,9 +130,9 @@ def store(file: str, before: os.stat_result, after: os.stat_result, started_ns: 
         if isinstance(old, dict) and old.get("id") == identity(before) and isinstance(old.get("hashes"), dict) \
                 and isinstance(old.get("algos"), list):
             hashes = {**old["hashes"], **hashes}
-            algos = sorted({*old["algos"], *algos})
-        entries[_key(before)] = {"id": identity(before), "path": os.path.abspath(file), "algos": sorted(algos),
-                                 "hashes": hashes, "used": time.time()}
+            algos = [*old["algos"], *algos]
+        entries[_key(before)] = {"id": identity(before), "path": os.path.abspath(file),
+                                 "algos": sorted({str(a) for a in algos}), "hashes": hashes, "used": time.time()}
         if len(entries) > MAX_ENTRIES:
             ranked = sorted(entries, key=lambda k: _used(entries[k]), reverse=True)
             entries = {k: entries[k] for k in ranked[:MAX_ENTRIES]}
@@ -123,11 +145,11 @@ def store(file: str, before: os.stat_result, after: os.stat_result, started_ns: 
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
-    except OSError:
+    except Exception:  # noqa: BLE001 - best effort: a cache that cannot be written is skipped
         return False
     return True
 
 
 def _used(entry: Any) -> float:
     used = entry.get("used") if isinstance(entry, dict) else None
-    return float(used) if isinstance(used, (int, float)) else 0.0
+    return float(used) if isinstance(used, float) and used == used else 0.0

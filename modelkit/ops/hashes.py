@@ -110,7 +110,7 @@ def hash_file(path: str | os.PathLike[str], algos: tuple[str, ...] = DEFAULT_ALG
         raise FormatError(None, "the blake3 hash needs the blake3 package", "Run: pip install blake3")
     st = check_file(p)
     size = st.st_size
-    hit = hashcache.lookup(st, algos) if use_cache else None
+    hit = hashcache.lookup_path(p, algos) if use_cache else None
     if hit is not None:
         if progress is not None:
             progress(size)

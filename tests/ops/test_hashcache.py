@@ -119,8 +119,18 @@ def test_turned_off_corrupt_or_unwritable(tmp_path: Path, no_racy_margin: None, 
     assert not hashes.hash_file(p).cached  # a corrupt cache is a miss ...
     assert json.loads(cache.read_text())["version"] == hashcache.VERSION  # ... and is rewritten
     assert hashes.hash_file(p).cached
-    cache.write_text(json.dumps({"version": 1, "entries": {"x": 5, f"{os.stat(p).st_dev}:{os.stat(p).st_ino}": []}}))
+    key = f"{os.stat(p).st_dev}:{os.stat(p).st_ino}"
+    ident = hashcache.identity(os.stat(p))
+    for junk in ([], {"id": ident, "algos": [[1]], "hashes": {}}, {"id": ident, "algos": ["sha256", 1], "hashes": {}},
+                 {"id": ident, "algos": ["sha256"], "hashes": {"sha256": 5}}):
+        cache.write_text(json.dumps({"version": 1, "entries": {"x": 5, key: junk}}))
+        res = hashes.hash_file(p, ("sha256",))
+        assert not res.cached and res.hashes["sha256"] == want
+        assert hashes.hash_file(p, ("sha256",)).cached  # stored again over the junk
+    cache.write_text("[" * 200_000)  # too deep for the json module
     assert not hashes.hash_file(p).cached
+    cache.write_text(json.dumps({"version": 1, "entries": {"x": {"used": 10**400}, "y": {"used": "z"}}}))
+    assert not hashes.hash_file(p).cached and hashes.hash_file(p).cached
     monkeypatch.setenv("MODELKIT_CACHE_DIR", str(p))  # a file where the folder should be
     res = hashes.hash_file(p)
     assert res.hashes["sha256"] == want and not res.cached
@@ -239,8 +249,11 @@ def test_cancel_stops_the_child(tmp_path: Path, child_for_all: list[list[str]],
     p = tmp_path / "m.safetensors"
     _model(p)
     h = SourceHash(str(p))
-    while h._proc is None:  # the thread is starting the child
+    for _ in range(3000):  # the thread is starting the child
+        if h._proc is not None:
+            break
         h._thread.join(0.01)  # type: ignore[union-attr]
+    assert h._proc is not None, "no child was started"
     h.cancel()
     assert h._proc.returncode is not None  # killed and reaped, not left running
 
@@ -260,3 +273,55 @@ def test_a_read_error_names_the_source(tmp_path: Path, monkeypatch: pytest.Monke
     monkeypatch.setattr(md.os, "preadv", eio)
     with pytest.raises(FormatError, match=r"m\.safetensors.*could not be read \(Input/output error\)"):
         SourceHash(str(p)).hexdigest()
+
+
+def test_ctrl_c_does_not_stop_the_child_and_a_read_error_is_not_a_cut(tmp_path: Path, child_for_all: list[list[str]],
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The child ignores SIGINT (modelkit handles Ctrl-C and cancels it); a SIGBUS while the file
+    kept its size is a read error, not a cut: the read in modelkit then tells which."""
+
+    from modelkit.ops import metadata as md
+
+    p = tmp_path / "m.safetensors"
+    data = _model(p)
+    monkeypatch.setattr(md, "_CHILD_CODE", md._CHILD_CODE.replace(
+        "h, off = hashlib.sha256(), 0", "h, off = hashlib.sha256(), 0\nos.kill(os.getpid(), signal.SIGINT)"))
+    h = SourceHash(str(p))
+    assert h.hexdigest() == hashlib.sha256(data).hexdigest()
+    monkeypatch.setattr(md, "_CHILD_CODE", "import os, signal; os.kill(os.getpid(), signal.SIGBUS)")
+    reads: list[int] = []
+    real = md.SourceHash._here
+
+    def here(self: SourceHash, fd: int) -> str | None:
+        reads.append(fd)
+        return real(self, fd)
+
+    monkeypatch.setattr(md.SourceHash, "_here", here)
+    assert SourceHash(str(p)).hexdigest() == hashlib.sha256(data).hexdigest() and len(reads) == 1
+
+
+def test_a_chmod_while_hashing_is_not_a_change(tmp_path: Path, child_for_all: list[list[str]],
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from modelkit.ops import metadata as md
+
+    p = tmp_path / "m.safetensors"
+    data = _model(p)
+    real = md.subprocess.Popen
+
+    def chmod_then_start(argv: list[str], **kw: object) -> object:
+        os.chmod(p, 0o600)
+        return real(argv, **kw)
+
+    monkeypatch.setattr(md.subprocess, "Popen", chmod_then_start)
+    assert SourceHash(str(p)).hexdigest() == hashlib.sha256(data).hexdigest()
+
+
+def test_no_child_where_the_executable_is_not_python(tmp_path: Path, child_for_all: list[list[str]],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from modelkit.ops import metadata as md
+
+    monkeypatch.setattr(md.sys, "executable", "/usr/bin/uwsgi")
+    p = tmp_path / "m.safetensors"
+    data = _model(p)
+    assert SourceHash(str(p)).hexdigest() == hashlib.sha256(data).hexdigest()
+    assert child_for_all == []
