@@ -295,3 +295,21 @@ def test_unwritable_output_folder(tmp_path: Path, good: dict[str, str]) -> None:
         assert "Permission denied" in line and "Choose a folder you can write to" in line
     finally:
         ro.chmod(0o755)
+
+
+def test_names_that_are_not_utf8_print_on_a_strict_stdout(tmp_path: Path) -> None:
+    """A damaged pickle names a global with bytes that are not UTF-8; with a strict UTF-8 stdout
+    (a UTF-8 locale, not C.UTF-8) the JSON and the error line still print, escaped."""
+    import json
+    import subprocess
+    import sys
+
+    p = tmp_path / "broken.pt"
+    p.write_bytes(b"\x80\x02ccoll\xdaections\nOrderedDict\nq\x00)Rq\x01.")
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8:strict"}
+    r = subprocess.run([sys.executable, "-m", "modelkit", "inspect", str(p), "--json"], capture_output=True, env=env)
+    assert r.returncode == 1, r.stderr
+    doc = json.loads(r.stdout)
+    assert "coll\udcdaections" in doc["files"][0]["problem"]
+    err = r.stderr.decode()
+    assert "Traceback" not in err and err.count("\n") == 1 and "coll\\udcdaections" in err

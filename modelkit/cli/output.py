@@ -24,19 +24,19 @@ class Output:
         self.quiet = quiet
 
     def json(self, payload: Any) -> None:
-        click.echo(json.dumps(payload, indent=2, ensure_ascii=False, default=str))
+        click.echo(_printable(json.dumps(payload, indent=2, ensure_ascii=False, default=str)))
 
     def line(self, text: str = "") -> None:
         if not self.quiet and not self.json_mode:
-            click.echo(text)
+            click.echo(_printable(text))
 
     def warn(self, text: str) -> None:
         if not self.quiet:
-            click.echo(f"modelkit: warning: {text}", err=True)
+            click.echo(_printable(f"modelkit: warning: {text}"), err=True)
 
     def error(self, exc: ModelkitError | str) -> None:
         msg = exc.message if isinstance(exc, ModelkitError) else exc
-        click.echo(f"modelkit: error: {_one_line(msg)}", err=True)
+        click.echo(_printable(f"modelkit: error: {_one_line(msg)}"), err=True)
 
     def fail(self, exc: ModelkitError, schema: str) -> None:
         """Report an error that ends the command: one line on stderr and, with ``--json``,
@@ -70,6 +70,13 @@ class Output:
         from tqdm import tqdm
 
         return tqdm(total=total, initial=initial, desc=desc, unit="step", file=sys.stderr, dynamic_ncols=True)
+
+
+def _printable(text: str) -> str:
+    """``text`` with lone surrogates as ``\\udcXX``: names read from a damaged or hostile file can
+    hold bytes that are not UTF-8 (kept as surrogates), and a strict UTF-8 stdout would raise on
+    them. In JSON the result is the standard escape of the same character."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _one_line(text: str) -> str:
