@@ -61,7 +61,8 @@ class TensorRef:
         storage_nbytes: size of the storage in bytes.
         storage_key: the storage's key inside its container (tensors may share one).
         byteorder: ``"little"`` or ``"big"``.
-        compressed: ``(member offset, compressed size)`` for a deflated zip member (``.npz``).
+        compressed: ``(member offset, compressed size, size, CRC-32)`` for a deflated zip member
+            (``.npz``, a deflated torch zip).
         inline: the storage's bytes, for the rare storage that is not verbatim in the file
             (protocol-2 plain pickles); ``byte_range`` is then relative to these bytes.
     """
@@ -75,7 +76,7 @@ class TensorRef:
     storage_nbytes: int
     storage_key: str | None = None
     byteorder: str = "little"
-    compressed: tuple[int, int] | None = None
+    compressed: tuple[int, int, int, int] | None = None
     inline: bytes | None = field(default=None, repr=False, compare=False)
     source: Source | None = field(default=None, repr=False, compare=False)
 
@@ -114,6 +115,8 @@ class TensorRef:
         """The bytes of the spanned region, in file byte order."""
         if self.inline is not None:
             begin, end = self.byte_range
+            if end > len(self.inline):
+                raise FormatError(None, f"tensor {self.name!r} runs past the end of its data")
             return bytearray(self.inline[begin:end])
         if self.source is None:
             raise FormatError(None, f"tensor {self.name} is not attached to an open file")
@@ -121,6 +124,8 @@ class TensorRef:
         if self.compressed is not None:
             data = _inflate(self.source, *self.compressed)
             rel = begin - self.storage_start
+            if rel + (end - begin) > len(data):
+                raise FormatError(self.source.path, f"tensor {self.name!r} runs past its compressed member")
             return bytearray(data[rel : rel + (end - begin)])
         buf = bytearray(end - begin)
         self.source.read_into(buf, begin)
@@ -182,12 +187,18 @@ def _byteswap(buf: bytearray, dtype: DType) -> None:
     np.frombuffer(buf, dtype=np.dtype(f"u{width}")).byteswap(inplace=True)
 
 
-def _inflate(source: Source, offset: int, size: int) -> bytes:
+def _inflate(source: Source, offset: int, size: int, full: int, crc: int) -> bytes:
+    """Inflate a deflated zip member and check it against the size and CRC-32 the archive records
+    (raw deflate has no checksum of its own: a flipped bit can inflate to other, shorter bytes)."""
     raw = source.pread(size, offset)
     try:
-        return zlib.decompress(raw, -15)
+        data = zlib.decompress(raw, -15)
     except zlib.error as exc:
         raise FormatError(source.path, f"a compressed member is corrupt ({exc})") from None
+    if len(data) != full or zlib.crc32(data) != crc:
+        raise FormatError(source.path, "a compressed member is corrupt (its bytes do not match the size and "
+                                       "CRC-32 the archive records)")
+    return data
 
 
 @dataclass

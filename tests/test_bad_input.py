@@ -135,3 +135,27 @@ def test_corrupted_bytes_give_a_clean_error(tmp_path: Path, mode: str) -> None:
                     t.read()
         except ModelkitError:
             pass
+
+
+def test_deflated_members_are_checked_against_their_crc(tmp_path: Path) -> None:
+    """Raw deflate has no checksum: a damaged .npz member can inflate to other bytes. The size and
+    CRC-32 the archive records catch it."""
+    import numpy as np
+
+    npz = tmp_path / "c.npz"
+    np.savez_compressed(npz, w=np.arange(300, dtype="<f4"))
+    with modelkit.open_model(npz) as mf:
+        assert mf["w"].read().tolist() == list(range(300))
+    data = bytearray(npz.read_bytes())
+    with zipfile.ZipFile(npz) as z:
+        (info,) = z.infolist()
+    wrong = (info.CRC ^ 1).to_bytes(4, "little")
+    data[info.header_offset + 14 : info.header_offset + 18] = wrong  # the local header's CRC-32
+    central = data.index(b"PK\x01\x02")
+    data[central + 16 : central + 20] = wrong  # the central directory's
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(ModelkitError, match="do not match the size and CRC-32"), modelkit.open_model(bad) as mf:
+        mf["w"].read()
+    r = CliRunner().invoke(cli, ["convert", str(bad), "-o", str(tmp_path / "out.safetensors")])
+    assert r.exit_code == 2 and "CRC-32" in r.stderr and not (tmp_path / "out.safetensors").exists()

@@ -127,7 +127,7 @@ def read_npz(path: str, src: Source, zd: ZipDirectory | None = None) -> ModelFil
             # Deflated: the tensor is read by inflating the member; it starts ``hend`` bytes in.
             if hend % dt.itemsize:
                 raise FormatError(path, f"member {e.name!r}: its header length is not a multiple of the item size")
-            t = _ref(name, src, dt, order, shape, fortran, e.data_offset, e.size, (e.data_offset, e.compressed_size))
+            t = _ref(name, src, dt, order, shape, fortran, e.data_offset, e.size, (e.data_offset, e.compressed_size, e.size, e.crc))
             tensors[name] = replace(t, storage_offset=hend // dt.itemsize)
     return ModelFile(path=path, container="npz", size=src.size, tensors=tensors,
                      key_paths={k: (k,) for k in tensors}, source=src)

@@ -113,7 +113,7 @@ def _member_location(path: str, entry: ZipEntry) -> tuple[int, int, Any]:
     if entry.method == 0:
         return entry.data_offset, entry.size, None
     if entry.method == 8:
-        return entry.data_offset, entry.size, (entry.data_offset, entry.compressed_size)
+        return entry.data_offset, entry.size, (entry.data_offset, entry.compressed_size, entry.size, entry.crc)
     raise FormatError(path, f"zip member {entry.name!r} uses compression method {entry.method}")
 
 
