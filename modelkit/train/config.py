@@ -10,6 +10,7 @@ This module needs only the standard library (``tomllib``, or ``tomli`` on Python
 
 from __future__ import annotations
 
+import math
 import os
 import stat
 import types
@@ -409,7 +410,13 @@ def _coerce(key: str, value: Any, hint: Any, where: str | None) -> Any:
         raise ConfigError(where, f"key {key}: expected an integer, got {value!r}")
     if hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            try:
+                number = float(value)
+            except OverflowError:
+                number = math.inf
+            if not math.isfinite(number):
+                raise ConfigError(where, f"key {key}: expected a finite number, got {value!r}")
+            return number
         raise ConfigError(where, f"key {key}: expected a number, got {value!r}")
     if hint is str:
         if isinstance(value, str):

@@ -127,3 +127,16 @@ def test_readme_training_example_is_a_valid_config() -> None:
     block = text.split("### Training: `modelkit train`", 1)[1].split("```toml", 1)[1].split("```", 1)[0]
     c = build_config("lora", _toml().loads(block))
     assert c.network.alpha == 8.0 and c.train.mixed_precision == "bf16" and c.dataset.keep_tokens == 1
+
+
+@pytest.mark.parametrize("override", ["optimizer.lr=nan", "network.alpha=inf", "network.alpha=-inf",
+                                      "optimizer.betas=[0.9, nan]", "network.alpha=1e400", f"network.alpha={10**400}"])
+def test_numbers_must_be_finite(tmp_path: Path, override: str) -> None:
+    """nan passed every range check (nan <= 0 is false): every float key refuses what is not finite."""
+    cfg = _write(tmp_path, '[model]\npath = "x"\n[dataset]\npath = "d"\n')
+    r = CliRunner().invoke(cli, ["train", "lora", "--config", str(cfg), "--set", override, "--print-config"])
+    key = override.split("=")[0]
+    assert r.exit_code == 2 and f"key {key}: expected a finite number" in r.stderr and r.stderr.count("\n") == 1
+    text = '[model]\npath = "x"\n[dataset]\npath = "d"\n[optimizer]\nlr = nan\n'
+    r = CliRunner().invoke(cli, ["train", "lora", "--config", str(_write(tmp_path, text)), "--print-config"])
+    assert r.exit_code == 2 and "key optimizer.lr: expected a finite number" in r.stderr
