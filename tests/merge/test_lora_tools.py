@@ -173,3 +173,25 @@ def test_convert_sdxl_diffusers_names_to_kohya_ldm_names(tmp_path: Path) -> None
         "lora_te2_text_model_encoder_layers_3_mlp_fc1.lora_up.weight"}
     with pytest.raises(UsageError, match="peft style has no names for te2"):
         convert_lora(src, tmp_path / "p.safetensors", to="peft")
+
+
+@pytest.mark.parametrize("side", ["tuned", "base"])
+def test_extract_from_a_checkpoint_with_nan_names_it(tmp_path: Path, side: str) -> None:
+    """A NaN or inf weight made the SVD raise a LinAlgError traceback; now one line naming the file."""
+    from click.testing import CliRunner
+
+    from modelkit.cli.main import cli
+
+    base, tuned = tmp_path / "base.safetensors", tmp_path / "tuned.safetensors"
+    sd = ml.checkpoint(str(base), ml.sd1(), dtype=torch.float32)
+    damaged = sd[Q].clone()
+    damaged[0, 0] = float("nan") if side == "tuned" else float("inf")
+    build.write_safetensors(str(tuned), {**sd, Q: (sd[Q] + 0.01) if side == "base" else damaged})
+    if side == "base":
+        build.write_safetensors(str(base), {**sd, Q: damaged})
+    out = tmp_path / "x.safetensors"
+    r = CliRunner().invoke(cli, ["lora", "extract", str(base), str(tuned), "-o", str(out), "--rank", "2"])
+    bad = tuned if side == "tuned" else base
+    assert r.exit_code == 2 and r.stderr.count("\n") == 1, r.output
+    assert str(bad) in r.stderr and "holds NaN or inf values" in r.stderr and Q in r.stderr
+    assert not out.exists()

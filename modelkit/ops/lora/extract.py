@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ...detect import detect_modelfile
-from ...errors import UsageError
+from ...errors import FormatError, UsageError
 from ...formats import open_model
 from ...formats.safetensors_write import OutTensor, WriteStats
 from ...paths import check_output
@@ -211,7 +211,13 @@ def _extract(km: KeyMap, mb: Any, mt: Any, tuned: str, rank: int, conv_rank: int
             got = "missing" if ref_t is None else f"{list(ref_t.shape)}"
             raise UsageError(tuned, f"{key} is {got} but the base's is {list(ref_b.shape)}",
                              "Extract from two checkpoints of the same base model")
-        diff = ref_t.read("torch").to(compute) - ref_b.read("torch").to(compute)
+        tuned_w, base_w = ref_t.read("torch").to(compute), ref_b.read("torch").to(compute)
+        for path, w in ((tuned, tuned_w), (mb.path, base_w)):
+            if not bool(torch.isfinite(w).all()):
+                raise FormatError(path, f"tensor {key!r} holds NaN or inf values, so no LoRA can be taken from it",
+                                  "The checkpoint is damaged (or was saved after a diverged training run); "
+                                  "use a good copy")
+        diff = tuned_w - base_w
         for tg, r in group:
             d = diff if tg.rows is None else diff[tg.rows[0]:tg.rows[1]]
             if float(d.abs().max()) <= min_diff:
