@@ -112,13 +112,14 @@ def lookup_path(file: str, algos: tuple[str, ...] | list[str]) -> dict[str, str]
 
 
 def store(file: str, before: os.stat_result, after: os.stat_result, started_ns: int,
-          algos: tuple[str, ...] | list[str], hashes: dict[str, str]) -> bool:
+          algos: tuple[str, ...] | list[str], hashes: dict[str, str], cache: str | None = None) -> bool:
     """Remember ``hashes`` (computed for ``algos``) of ``file``, if the two rules allow it.
 
     ``before``/``after``: the file's stat when the hash started and ended; ``started_ns``:
-    ``time.time_ns()`` when it started. Returns whether an entry was written.
+    ``time.time_ns()`` when it started; ``cache``: the ``cache_path()`` taken when the hash
+    started (default: now). Returns whether an entry was written.
     """
-    path = cache_path()
+    path = cache or cache_path()
     if path is None or identity(before) != identity(after):
         return False
     if max(before.st_mtime_ns, before.st_ctime_ns) >= started_ns - RACY_NS:

@@ -168,6 +168,8 @@ class SourceHash:
         self._thread: threading.Thread | None = None
         #: whether the digest came from the hash cache
         self.cached = False
+        #: where the digest is cached, as set now (the hash may end after the setting changed)
+        self._cache = hashcache.cache_path()
         hit = hashcache.lookup_path(path, ("sha256",))
         if hit is not None and "sha256" in hit:
             self._digest, self.cached = hit["sha256"], True
@@ -195,7 +197,8 @@ class SourceHash:
             if _content_id(before) != _content_id(after):
                 raise FormatError(self.path, "changed while it was being read", _WAIT)
             self._digest = digest
-            hashcache.store(self.path, before, after, started, ("sha256",), {"sha256": digest})
+            if self._cache is not None:
+                hashcache.store(self.path, before, after, started, ("sha256",), {"sha256": digest}, self._cache)
         except OSError as exc:
             self._error = FormatError(self.path, f"could not be read ({exc.strerror or exc})",
                                       "Check the disk or copy the file again")

@@ -113,7 +113,9 @@ def test_turned_off_corrupt_or_unwritable(tmp_path: Path, no_racy_margin: None, 
     cache = _own_hash_cache / hashcache.FILE
     monkeypatch.setenv("MODELKIT_HASH_CACHE", "0")
     hashes.hash_file(p)
-    assert not cache.exists() and not SourceHash(str(p)).cached
+    off = SourceHash(str(p))
+    assert off.hexdigest() == want and not off.cached  # (waited for: its thread must not outlive the switch)
+    assert not cache.exists()
     monkeypatch.delenv("MODELKIT_HASH_CACHE")
     cache.write_text("{not json")
     assert not hashes.hash_file(p).cached  # a corrupt cache is a miss ...
