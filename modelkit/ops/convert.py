@@ -24,7 +24,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -228,16 +228,10 @@ def check_scan(src: str, ignore_scan: bool) -> tuple[str | None, list[str]]:
     return report.verdict, []
 
 
-@contextlib.contextmanager
-def early_hash(src: str, dry_run: bool) -> Iterator[md.SourceHash | None]:
+def early_hash(src: str, dry_run: bool) -> contextlib.AbstractContextManager[md.SourceHash | None]:
     """The sha256 of ``src``, started now (before the scan and the imports, so that it overlaps
     them) unless ``dry_run``; stopped when the block ends, normally or not, if nothing waited for it."""
-    hasher = None if dry_run else md.SourceHash(src)
-    try:
-        yield hasher
-    finally:
-        if hasher is not None:
-            hasher.cancel()
+    return contextlib.nullcontext() if dry_run else md.SourceHash(src)
 
 
 def write_plan(

@@ -17,19 +17,18 @@ rewritten or replaced in any way no longer matches. Two rules keep a stale hash 
 The cache is one JSON file (``hashes.json``) in ``$MODELKIT_CACHE_DIR``, else
 ``$XDG_CACHE_HOME/modelkit``, else ``~/.cache/modelkit``; ``MODELKIT_HASH_CACHE=0`` turns it off.
 It is best effort: a missing, unreadable or corrupt cache is a miss, and a cache that cannot be
-written is skipped without a word (the hash itself is still right). Writes are atomic (temp file,
-rename); two processes writing at once can lose one entry, never corrupt the file.
+written is skipped without a word (the hash itself is still right). Writes are atomic
+(``paths.write_text_atomic``); two processes writing at once can lose one entry, never corrupt the file.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import stat
-import tempfile
 import time
 from typing import Any
+
+from ..paths import write_text_atomic
 
 ENV_DIR = "MODELKIT_CACHE_DIR"
 ENV_SWITCH = "MODELKIT_HASH_CACHE"
@@ -94,23 +93,6 @@ def lookup(st: os.stat_result, algos: tuple[str, ...] | list[str]) -> dict[str, 
         return None
 
 
-def lookup_path(file: str, algos: tuple[str, ...] | list[str]) -> dict[str, str] | None:
-    """``lookup`` for a path: the stat comes from an open file (on NFS that revalidates it); None
-    for anything but a regular file, or a file that cannot be opened."""
-    if cache_path() is None:
-        return None
-    try:
-        # O_NONBLOCK: opening a FIFO must not block
-        fd = os.open(file, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
-    except OSError:
-        return None
-    try:
-        st = os.fstat(fd)
-    finally:
-        os.close(fd)
-    return lookup(st, algos) if stat.S_ISREG(st.st_mode) else None
-
-
 def store(file: str, before: os.stat_result, after: os.stat_result, started_ns: int,
           algos: tuple[str, ...] | list[str], hashes: dict[str, str], cache: str | None = None) -> bool:
     """Remember ``hashes`` (computed for ``algos``) of ``file``, if the two rules allow it.
@@ -137,15 +119,7 @@ def store(file: str, before: os.stat_result, after: os.stat_result, started_ns: 
         if len(entries) > MAX_ENTRIES:
             ranked = sorted(entries, key=lambda k: _used(entries[k]), reverse=True)
             entries = {k: entries[k] for k in ranked[:MAX_ENTRIES]}
-        fd, tmp = tempfile.mkstemp(prefix=".hashes-", suffix=".tmp", dir=os.path.dirname(path))
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump({"version": VERSION, "entries": entries}, f)
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        write_text_atomic(path, json.dumps({"version": VERSION, "entries": entries}))
     except Exception:  # noqa: BLE001 - best effort: a cache that cannot be written is skipped
         return False
     return True

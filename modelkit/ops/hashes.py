@@ -108,15 +108,28 @@ def hash_file(path: str | os.PathLike[str], algos: tuple[str, ...] = DEFAULT_ALG
             raise FormatError(None, f"unknown hash {a!r}", f"Choose from {', '.join(ALGOS)}")
     if "blake3" in algos and not blake3_available():
         raise FormatError(None, "the blake3 hash needs the blake3 package", "Run: pip install blake3")
-    st = check_file(p)
-    size = st.st_size
-    hit = hashcache.lookup_path(p, algos) if use_cache else None
-    if hit is not None:
-        if progress is not None:
-            progress(size)
-        want = {*algos, *(("autov3_full",) if "autov3" in algos else ())}
-        return HashResult(p, size, {k: v for k, v in hit.items() if k in want}, cached=True)
+    check_file(p)
+    try:
+        f = open(p, "rb", buffering=0)  # noqa: SIM115 - closed below; an OSError here is the user's
+    except OSError as exc:
+        raise InputNotFoundError(p, f"cannot be read ({exc.strerror or exc})") from None
+    with f:
+        before = os.fstat(f.fileno())  # the file opened: the identity the cache is keyed by
+        size = before.st_size
+        hit = hashcache.lookup(before, algos) if use_cache else None
+        if hit is not None:
+            if progress is not None:
+                progress(size)
+            want = {*algos, *(("autov3_full",) if "autov3" in algos else ())}
+            return HashResult(p, size, {k: v for k, v in hit.items() if k in want}, cached=True)
+        return _hash_open(p, f, before, algos, progress)
+
+
+def _hash_open(p: str, f: Any, before: os.stat_result, algos: tuple[str, ...],
+               progress: Callable[[int], None] | None) -> HashResult:
+    """``hash_file`` past the cache: read the open file ``f`` once, every lane beside the read."""
     started = time.time_ns()
+    size = before.st_size
     full = hashlib.sha256() if {"sha256", "autov2"} & set(algos) else None
     v1 = hashlib.sha256() if "autov1" in algos else None
     v3 = hashlib.sha256() if "autov3" in algos else None
@@ -126,12 +139,7 @@ def hash_file(path: str | os.PathLike[str], algos: tuple[str, ...] = DEFAULT_ALG
 
         b3 = blake3.blake3()
     state = _Digests(algos, full, v1, v3, b3)
-    try:
-        f = open(p, "rb", buffering=0)  # noqa: SIM115 - closed below; an OSError here is the user's
-    except OSError as exc:
-        raise InputNotFoundError(p, f"cannot be read ({exc.strerror or exc})") from None
-    with f, _Lanes(state.lanes()) as lanes:
-        before = os.fstat(f.fileno())
+    with _Lanes(state.lanes()) as lanes:
         bufs = [bytearray(CHUNK), bytearray(CHUNK)]
         pos = i = 0
         while True:

@@ -137,6 +137,10 @@ sys.stdout.write(h.hexdigest())
 _WAIT = "Wait until the download or copy has finished, then run again"
 
 
+def _read_error(path: str, exc: OSError) -> FormatError:
+    return FormatError(path, f"could not be read ({exc.strerror or exc})", "Check the disk or copy the file again")
+
+
 def _content_id(st: os.stat_result) -> tuple[int, int, int, int]:
     """What changes when the bytes do (not ctime: a chmod or a new link changes that)."""
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
@@ -170,22 +174,40 @@ class SourceHash:
         self.cached = False
         #: where the digest is cached, as set now (the hash may end after the setting changed)
         self._cache = hashcache.cache_path()
-        hit = hashcache.lookup_path(path, ("sha256",))
+        started = time.time_ns()
+        try:
+            # O_NONBLOCK: opening a FIFO must not block; only regular files are read.
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+        except OSError as exc:
+            self._error = _read_error(path, exc)  # raised by hexdigest(), if anything waits for it
+            return
+        try:
+            before = os.fstat(fd)
+            if not stat.S_ISREG(before.st_mode):
+                raise OSError(f"{path} is not a regular file")
+            hit = hashcache.lookup(before, ("sha256",)) if self._cache is not None else None
+        except OSError as exc:
+            os.close(fd)
+            self._error = _read_error(path, exc)
+            return
         if hit is not None and "sha256" in hit:
+            os.close(fd)
             self._digest, self.cached = hit["sha256"], True
             return
-        self._thread = threading.Thread(target=self._run, name="modelkit-sha256", daemon=True)
+        self._thread = threading.Thread(target=self._run, args=(fd, before, started), name="modelkit-sha256",
+                                        daemon=True)
         self._thread.start()
 
-    def _run(self) -> None:
+    def __enter__(self) -> SourceHash:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.cancel()
+
+    def _run(self, fd: int, before: os.stat_result, started: int) -> None:
+        """Hash the open ``fd`` (closed here): in a child for a big file, else (or if no child could) here."""
         try:
-            started = time.time_ns()
-            # O_NONBLOCK: a FIFO must not block this thread (cancel() joins it); only regular files are read.
-            fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
             try:
-                before = os.fstat(fd)
-                if not stat.S_ISREG(before.st_mode):
-                    raise OSError(f"{self.path} is not a regular file")
                 digest = self._in_child(fd, before.st_size) if before.st_size >= self.CHILD_MIN else None
                 if digest is None and not self._stop.is_set():
                     digest = self._here(fd)
@@ -200,8 +222,7 @@ class SourceHash:
             if self._cache is not None:
                 hashcache.store(self.path, before, after, started, ("sha256",), {"sha256": digest}, self._cache)
         except OSError as exc:
-            self._error = FormatError(self.path, f"could not be read ({exc.strerror or exc})",
-                                      "Check the disk or copy the file again")
+            self._error = _read_error(self.path, exc)
         except BaseException as exc:  # noqa: BLE001 - handed to the thread that waits for the digest
             self._error = exc
 

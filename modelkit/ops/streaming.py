@@ -254,21 +254,17 @@ def write_output(
     if dry_run:
         return header, meta, None
     ensure_room(target, header.size)
-    hasher = md.SourceHash(source)
     try:
         # The look-ahead workers start inside: torch fixes a thread's pool size at its first op, so
-        # they keep one core fewer for the whole write (main thread writing, hash thread hashing).
-        with md.core_for_hash(True):
+        # they keep one core fewer for the whole write (main thread writing, the hash beside it).
+        with md.SourceHash(source) as hasher, md.core_for_hash(True):
             if ahead is not None:
                 ahead.start(header)
             with atomic_output(target, force=force, inputs=inputs) as fd:
                 stats = write_stream(fd, header, meta, late={"modelkit.source_sha256": hasher.hexdigest},
                                      on_tensor=progress, path=target)
-    except BaseException:
-        hasher.cancel()
-        raise
+            meta["modelkit.source_sha256"] = hasher.hexdigest()
     finally:
         if ahead is not None:
             ahead.close()
-    meta["modelkit.source_sha256"] = hasher.hexdigest()
     return header, meta, stats
