@@ -102,8 +102,7 @@ def _kind(mf: ModelFile, detected: str | None = None) -> str:
         return "hypernetwork"
     if any(n.startswith("model.diffusion_model.") for n in names):
         return "checkpoint"
-    if detected in ("embedding", "hypernetwork", "checkpoint"):
-        return detected  # a layout the key rules above do not know (a diffusers embedding, ...)
+    # a layout the key rules above do not know (a diffusers embedding, ...), or lora, vae, controlnet ...
     return detected if detected and detected != "unknown" else "other"
 
 
