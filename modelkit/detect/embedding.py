@@ -65,7 +65,8 @@ def a1111(view: KeyView) -> Detection | None:
     if vw is None:
         return None
     evidence = [f"{keys[0]} {list(shape)} (A1111 string_to_param)"]
-    details: dict[str, Any] = {"token": keys[0].split(".", 1)[1]}
+    details: dict[str, Any] = {"token": keys[0].rsplit(".", 1)[1] if keys[0].startswith("string_to_param._parameters.")
+                               else keys[0].split(".", 1)[1]}
     subtype = "a1111"
     name = view.extras.get("name")
     if isinstance(name, str) and name.endswith("-neg"):

@@ -21,7 +21,9 @@ SIGNATURES: dict[str, dict[str, tuple[str, ...] | int]] = {
         "any": (r"^\d+\.[01]\.linear(?:\.\d+|[12])\.(?:weight|bias)$",),
         "only": (r"^\d+\.[01]\.linear(?:\.\d+|[12])\.(?:weight|bias)$", r"^optimizer_state_dict\."),
     },
-    "embedding.a1111": {"any": (r"^string_to_param\.",), "only": (r"^string_to_param\.",)},
+    # the original textual-inversion layout (rinongal) keeps its token ids as tensors and its
+    # vectors in an nn.ParameterDict: string_to_token.* and string_to_param._parameters.*
+    "embedding.a1111": {"any": (r"^string_to_param\.",), "only": (r"^string_to_param\.", r"^string_to_token\.")},
     "embedding.emb_params": {"only": (r"^emb_params$",), "any": (r"^emb_params$",)},
     "embedding.sdxl": {"all": (r"^clip_l$", r"^clip_g$"), "only": (r"^clip_[lg]$",)},
     "embedding.single": {"max_keys": 1},

@@ -10,27 +10,32 @@ from __future__ import annotations
 import mmap
 from typing import Any
 
-from ..errors import FormatError, TruncatedFileError, UnsafeFileError
+from ..errors import FormatError, UnsafeFileError
 from ..model import ModelFile, Source
 from .flatten import assemble, flatten
 from .pickle_vm import PickleError
-from .probe import first_value, probe_chain
-from .torch_legacy import MAGIC
-from .unpickler import StorageRef, make_policy, refuse, run_pickle
+from .probe import probe, probe_chain
+from .torch_legacy import magic_kind
+from .unpickler import StorageRef, make_policy, reader_error, refuse, run_pickle
 
 
 def read_pickle(path: str, src: Source) -> ModelFile:
     """Open a plain pickle (the caller owns ``src``)."""
     with mmap.mmap(src.fd, 0, access=mmap.ACCESS_READ) as mm:
-        if first_value(mm) == MAGIC:  # a legacy torch stream, whatever protocol spells its magic
+        first = probe(mm)
+        kind = magic_kind(first.value) if first.is_pickle and not first.refused and not first.unsafe else "no"
+        if kind == "exact":  # a legacy torch stream, whatever protocol spells its magic
             from .torch_legacy import read_torch_legacy
 
             return read_torch_legacy(path, src)
+        if kind == "maybe":
+            raise UnsafeFileError(path, "refused to load: torch could take its first pickle "
+                                        f"({type(first.value).__name__}) for the legacy magic number and read on "
+                                        "as a torch stream")
         try:
             root, end = run_pickle(mm, make_policy(refuse(path), None))
         except PickleError as exc:
-            cls = TruncatedFileError if exc.kind == "truncated" else FormatError
-            raise cls(path, f"the pickle is corrupt at byte {exc.offset}: {exc}") from None
+            raise reader_error(path, exc, "the pickle") from None
         refuse_trailing(path, mm, end)
     flat = flatten(path, root)
 
@@ -50,5 +55,7 @@ def refuse_trailing(path: str, data: Any, end: int) -> None:
     for p in probe_chain(data[end:], end):
         if p.dangerous:
             module, name, off = p.dangerous[0]
+            if module == "<call>":
+                raise UnsafeFileError(path, f"refused to load: a pickle after the first one at byte {off}: {name}")
             raise UnsafeFileError(path, f"refused to load: a pickle after the first one names {module}.{name} "
                                         f"(at byte {off})", global_name=f"{module}.{name}")

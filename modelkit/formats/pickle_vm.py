@@ -52,12 +52,24 @@ class Limits:
     max_objects: int = 5_000_000
     max_long_bytes: int = 64 * 1024
     max_container_items: int = 10_000_000
+    #: How deep tuples and frozensets may nest. Hashing one (as a dict key or set item) recurses
+    #: in C without a depth check, so a deeper one would crash the process, not raise.
+    max_nesting: int = 500
 
 
 class FileBytes(bytes):
     """A ``bytes`` value that remembers where its payload sits in the file."""
 
     offset: int
+
+
+class BigInt(int):
+    """An integer too long to print in decimal (Python refuses past 4300 digits)."""
+
+    def __repr__(self) -> str:
+        return f"<a {(self.bit_length() + 7) // 8}-byte integer>"
+
+    __str__ = __repr__
 
 
 class Symbolic:
@@ -102,11 +114,17 @@ class Policy:
         find_global: (module, name, offset) -> a VMCallable, a constant, or a Symbolic.
         persistent_load: pid -> object; ``None`` means the stream may not use persistent ids.
         extension: EXT code -> object; ``None`` treats EXT opcodes as errors.
+        on_unsafe: (message, offset, kind) -> a stand-in value, for a call or state that CPython
+            would run and that is unsafe although every global involved is allowed (a
+            ``__setstate__`` planted by a BUILD, run-time bytes handed to a nested load, a frame
+            that two readers decode differently). ``None`` raises ``PickleError`` of kind
+            ``"unsafe"`` (the loader); the scanner records a finding and goes on.
     """
 
     find_global: Callable[[str, str, int], Any]
     persistent_load: Callable[[Any], Any] | None = None
     extension: Callable[[int, int], Any] | None = None
+    on_unsafe: Callable[[str, int, str], Any] | None = None
 
 
 #: The module name the VM reports for a STACK_GLOBAL whose operands are not constant strings.
@@ -148,6 +166,23 @@ def _strtol0(text: str) -> tuple[int, int]:
     return sign * int(text[start:i], base), i
 
 
+def c_int(text: str, base: int) -> int:
+    """``PyLong_FromString(s, NULL, base)`` on the C string of ``text``: what CPython's C
+    unpickler does with the argument of INT (its fallback), LONG, PUT and GET.
+
+    The C string ends at the first NUL. ASCII spaces may lead and trail, ``_`` may separate
+    digits, a sign may lead, and base 0 takes ``0x``/``0o``/``0b``. Unlike Python's ``int()``,
+    non-ASCII digits and the separators ``\x1c``..``\x1f`` are not accepted.
+
+    Raises:
+        ValueError: where CPython raises.
+    """
+    s = _cstr(text)
+    if not s.isascii() or any(c in s for c in "\x1c\x1d\x1e\x1f"):
+        raise ValueError("invalid literal")
+    return int(s, base)
+
+
 def parse_int_line(line: str) -> int | bool:
     """The protocol-0 INT opcode exactly as CPython's C unpickler reads it (``load_int``).
 
@@ -159,7 +194,7 @@ def parse_int_line(line: str) -> int | bool:
     value, end = _strtol0(s)
     overflow = not (-(2**63) <= value < 2**63)
     if overflow or end < len(s):
-        return int(s, 0)  # raises ValueError where CPython raises
+        return c_int(s, 0)  # raises ValueError where CPython raises
     if len(line) + 1 == 3 and value in (0, 1):
         return bool(value)
     return value
@@ -175,7 +210,8 @@ class PickleVM:
         limits: resource bounds.
     """
 
-    def __init__(self, data: Any, policy: Policy, *, base_offset: int = 0, limits: Limits | None = None):
+    def __init__(self, data: Any, policy: Policy, *, base_offset: int = 0, limits: Limits | None = None,
+                 drop_frames: bool = False):
         # ``data`` is ``bytes`` or an ``mmap``: both index to ints, slice to bytes and have find().
         self.data = data
         self.policy = policy
@@ -193,28 +229,92 @@ class PickleVM:
         self.globals_seen: list[tuple[str, str, int]] = []
         #: When a list, byte constants that look like a pickle or a zip are kept here (scanner).
         self.blobs: list[bytes] | None = None
+        #: Byte values handed to ``torch.storage._load_from_bytes``: torch.load runs each one as a
+        #: whole file (zip, tar or legacy stream), so the scanner scans each as a file.
+        self.nested_loads: list[bytes] = []
+        #: The reading of FRAMEs. CPython's C unpickler over ``bytes`` (``pickle.loads``) or a file
+        #: with ``peek`` reads the stream contiguously; over a file without ``peek``
+        #: (``io.BytesIO``, as torch reads zip members and nested streams, or an unbuffered file,
+        #: as its tar loader does) a read that runs past the end of a frame's buffer drops the
+        #: rest of that buffer and reads on after the frame. ``drop_frames`` selects the latter.
+        self.drop_frames = drop_frames
+        #: End of the current frame's buffer (relative), while one is being read.
+        self.frame_end: int | None = None
+        #: Offsets (absolute) where the two readings of the frames part.
+        self.frame_anomalies: list[int] = []
+        #: Nesting depth of tuples and frozensets deeper than 1, by id (the object is kept alive).
+        self._depth: dict[int, tuple[int, Any]] = {}
+        #: Values visited by state checks (bounded like objects).
+        self.state_walk = 0
+
+    @property
+    def scanning(self) -> bool:
+        """The scanner's VM: findings are recorded and the walk goes on."""
+        return self.policy.on_unsafe is not None
 
     # -- errors and raw reads -------------------------------------------------------------
     def error(self, message: str, kind: str = "format") -> PickleError:
         return PickleError(message, self.base + self.op_pos, kind)
 
+    def unsafe(self, message: str, kind: str = "call") -> Any:
+        """A call or state that CPython would run and that is unsafe: the loader stops, the
+        scanner records it and goes on with a stand-in."""
+        if self.policy.on_unsafe is None:
+            raise PickleError(message, self.base + self.op_pos, "unsafe")
+        return self.policy.on_unsafe(message, self.base + self.op_pos, kind)
+
+    def _frame_anomaly(self, what: str) -> None:
+        self.frame_anomalies.append(self.base + self.op_pos)
+        if not self.drop_frames or not self.scanning:  # the scanner reports it once, in the contiguous reading
+            self.unsafe(f"{what}: CPython decodes these bytes one way from a file or io.BytesIO (as torch reads "
+                        "them) and another way from bytes in memory", "frame")
+
     def _read(self, n: int) -> bytes:
-        end = self.pos + n
+        pos = self.pos
+        end = pos + n
+        fe = self.frame_end
+        if fe is not None and end > fe:
+            if pos >= fe:
+                self.frame_end = None  # the frame was read to its end
+            elif n >= 0:
+                self._frame_anomaly("an opcode's argument runs past the end of its FRAME")
+                self.frame_end = None
+                if self.drop_frames:
+                    pos, end = fe, fe + n
         if n < 0 or end > len(self.data):
             err = self.error("pickle data was truncated", "truncated")
             err.needed = self.base + end if n >= 0 else None
             raise err
-        chunk = self.data[self.pos : end]
+        chunk = self.data[pos:end]
         self.pos = end
         return bytes(chunk)
 
     def _readline(self) -> str:
         start = self.pos
+        fe = self.frame_end
+        if fe is not None:
+            if start >= fe:
+                self.frame_end = None
+            else:
+                nl = self.data.find(b"\n", start, fe)
+                if nl < 0:
+                    self._frame_anomaly("a text line runs past the end of its FRAME")
+                    self.frame_end = None
+                    if self.drop_frames:
+                        start = fe
         end = self.data.find(b"\n", start, len(self.data))
         if end < 0:
             raise self.error("pickle data was truncated (no end of line)", "truncated")
         self.pos = end + 1
         return bytes(self.data[start:end]).decode("utf-8", "surrogateescape")
+
+    @property
+    def end_pos(self) -> int:
+        """Where the next reader of the same file starts: after STOP, or, in the dropping
+        reading, after the rest of the frame buffer that STOP was read from."""
+        if self.drop_frames and self.frame_end is not None and self.frame_end > self.pos:
+            return self.frame_end
+        return self.pos
 
     def _u(self, fmt: str, n: int) -> int:
         return int(struct.unpack(fmt, self._read(n))[0])
@@ -259,6 +359,19 @@ class PickleVM:
         self.items += n
         if self.items > self.limits.max_container_items:
             raise self.error("pickle containers grow past the limit", "limit")
+
+    def nested(self, value: tuple[Any, ...] | frozenset[Any], items: Any) -> Any:
+        """Record how deep a new tuple or frozenset nests; refuse one too deep to hash safely."""
+        depth = 1
+        for x in items:
+            if type(x) is tuple or type(x) is frozenset:
+                d = self._depth.get(id(x))
+                depth = max(depth, 1 + (d[0] if d is not None and d[1] is x else 1))
+        if depth > 1:
+            if depth > self.limits.max_nesting:
+                raise self.error(f"tuples nest deeper than {self.limits.max_nesting} levels", "limit")
+            self._depth[id(value)] = (depth, value)
+        return value
 
     # -- globals, calls -------------------------------------------------------------------
     def find_global(self, module: Any, name: Any) -> Any:
@@ -313,7 +426,10 @@ class PickleVM:
             if handler is None:
                 raise self.error(f"unknown pickle opcode 0x{code:02x}")
             if handler is _op_stop:
-                return self.pop()
+                value = self.pop()
+                if self.frame_end is not None and self.frame_end > self.pos:
+                    self._frame_anomaly("the pickle stops before the end of its FRAME")
+                return value
             handler(self)
 
 
@@ -354,8 +470,15 @@ def _op_proto(vm: PickleVM) -> None:
 
 def _op_frame(vm: PickleVM) -> None:
     size = vm._u("<Q", 8)
-    if vm.pos + size > len(vm.data):
-        raise vm.error("pickle data was truncated (FRAME runs past the end)", "truncated")
+    fe = vm.frame_end
+    if fe is not None and vm.pos < fe:
+        # The C unpickler reads on in the current buffer; Python's own unpickler refuses.
+        vm._frame_anomaly("a FRAME begins before the previous one ends")
+        if vm.pos + size <= fe:
+            return  # the new frame lies inside the current buffer: C just reads on
+    vm._read(size)  # the C unpickler reads the whole frame (a straddle drops the old buffer) ...
+    vm.pos -= size  # ... and rewinds to its start
+    vm.frame_end = vm.pos + size
 
 
 def _op_int(vm: PickleVM) -> None:
@@ -374,9 +497,8 @@ def _op_long(vm: PickleVM) -> None:
         raise vm.error("pickle data was truncated (empty LONG line)")
     if line.endswith("L"):
         line = line[:-1]
-    line = _cstr(line)
     try:
-        vm.push(int(line, 0))
+        vm.push(c_int(line, 0))
     except ValueError:
         raise vm.error(f"invalid literal for LONG: {line[:40]!r}") from None
 
@@ -396,12 +518,9 @@ def _op_binint2(vm: PickleVM) -> None:
 def _long_bytes(vm: PickleVM, size: int) -> None:
     if size < 0:
         raise vm.error("LONG pickle has negative byte count")
-    if size > vm.limits.max_long_bytes:
-        # CPython builds it; so do we (linear time), but it is never shown as a number.
-        vm._read(size)
-        vm.push(Symbolic(f"a {size}-byte integer"))
-        return
-    vm.push(int.from_bytes(vm._read(size), "little", signed=True))
+    value = int.from_bytes(vm._read(size), "little", signed=True)
+    # CPython builds it; so do we (linear time), but a huge one is never rendered as digits.
+    vm.push(BigInt(value) if size > vm.limits.max_long_bytes else value)
 
 
 def _op_long1(vm: PickleVM) -> None:
@@ -533,7 +652,7 @@ def _op_empty_tuple(vm: PickleVM) -> None:
 def _op_tuple(vm: PickleVM) -> None:
     items = vm.pop_mark()
     vm._count()
-    vm.push(tuple(items))
+    vm.push(vm.nested(tuple(items), items))
 
 
 def _make_tupleN(n: int) -> Callable[[PickleVM], None]:
@@ -543,7 +662,7 @@ def _make_tupleN(n: int) -> Callable[[PickleVM], None]:
         items = tuple(vm.stack[-n:])
         del vm.stack[-n:]
         vm._count()
-        vm.push(items)
+        vm.push(vm.nested(items, items))
 
     return op
 
@@ -641,7 +760,7 @@ def _op_frozenset(vm: PickleVM) -> None:
     items = vm.pop_mark()
     vm._count()
     try:
-        vm.push(frozenset(items))
+        vm.push(vm.nested(frozenset(items), items))
     except TypeError:
         raise vm.error("unhashable set item") from None
 
@@ -666,8 +785,10 @@ def _memo_get(vm: PickleVM, index: int) -> None:
 
 def _op_put(vm: PickleVM) -> None:
     line = vm._readline()
+    if not line:
+        raise vm.error("pickle data was truncated (empty PUT line)")
     try:
-        index = int(line)
+        index = c_int(line, 10)
     except ValueError:
         raise vm.error("invalid PUT argument") from None
     _memo_put(vm, index)
@@ -687,8 +808,10 @@ def _op_memoize(vm: PickleVM) -> None:
 
 def _op_get(vm: PickleVM) -> None:
     line = vm._readline()
+    if not line:
+        raise vm.error("pickle data was truncated (empty GET line)")
     try:
-        index = int(line)
+        index = c_int(line, 10)
     except ValueError:
         raise vm.error("invalid GET argument") from None
     _memo_get(vm, index)
@@ -768,6 +891,69 @@ def _op_inst(vm: PickleVM) -> None:
     vm.push(vm.instantiate(cls, tuple(items), {}))
 
 
+def is_dunder(key: Any) -> bool:
+    """A state key that could reach Python's object protocol (``__setstate__``, ``__class__``...)."""
+    return isinstance(key, str) and (key.startswith("__") or key.endswith("__"))
+
+
+def check_state(vm: PickleVM, state: Any, target: str, *, slots: bool = True, data_only: bool = True) -> bool:
+    """Check state that CPython or torch would apply to ``target`` (BUILD, ``_set_obj_state``).
+
+    CPython's BUILD calls ``inst.__setstate__(state)`` when ``getattr`` finds one, which searches
+    the instance dict as well, which an earlier BUILD can fill; without one it writes the dict
+    state into ``__dict__`` and ``setattr``s each slot state item, which reaches descriptors.
+    torch's ``_set_obj_state`` ``setattr``s both. So a state is accepted only as ``None``, a dict
+    of ordinary string keys, or (with ``slots``) a pair of those; a dunder key, or (with
+    ``data_only``) a callable anywhere in the values, is unsafe.
+
+    Returns:
+        True when the state is plain; False when it was reported unsafe (scanner) -- the loader
+        raises instead.
+    """
+    parts = list(state) if slots and isinstance(state, tuple) and len(state) == 2 else [state]
+    for part in parts:
+        if part is None or isinstance(part, Symbolic):
+            continue
+        if not isinstance(part, dict):
+            vm.unsafe(f"state of type {type(part).__name__} applied to {target} (only a dict of plain data is safe)",
+                      "state")
+            return False
+        for key in part:
+            if not isinstance(key, str) or is_dunder(key):
+                vm.unsafe(f"state key {str(key)[:60]!r} applied to {target}: CPython would set it as an attribute "
+                          "(a planted __setstate__ or __reduce__ runs on the next BUILD)", "state")
+                return False
+        if data_only:
+            bad = _first_callable(vm, part)
+            if bad is not None:
+                vm.unsafe(f"state applied to {target} holds {bad}, a callable (only plain data is safe)", "state")
+                return False
+    return True
+
+
+def _first_callable(vm: PickleVM, root: Any) -> str | None:
+    """The qualname of the first callable reachable from ``root``, or None (bounded walk)."""
+    todo = [root]
+    seen: set[int] = set()
+    while todo:
+        node = todo.pop()
+        vm.state_walk += 1
+        if vm.state_walk > vm.limits.max_objects:
+            raise vm.error("object states are too large to check", "limit")
+        if isinstance(node, VMCallable):
+            return node.qualname
+        if id(node) in seen:
+            continue
+        if isinstance(node, dict):
+            seen.add(id(node))
+            todo.extend(node.keys())
+            todo.extend(node.values())
+        elif isinstance(node, (list, tuple, set, frozenset)):
+            seen.add(id(node))
+            todo.extend(node)
+    return None
+
+
 def _op_build(vm: PickleVM) -> None:
     state = vm.pop()
     inst = vm.top()
@@ -776,13 +962,19 @@ def _op_build(vm: PickleVM) -> None:
     if isinstance(inst, VMObject):
         inst.build(vm, state)
         return
+    if isinstance(inst, VMCallable):
+        # A function or class: BUILD sets attributes on it, for the whole process.
+        vm.unsafe(f"BUILD on {inst.qualname} changes that function or class for the whole process", "state")
+        return
     if isinstance(inst, OrderedDict):
-        # torch state dicts carry ``_metadata`` this way; keep it aside, never setattr dunders.
-        if isinstance(state, tuple) and len(state) == 2:
-            state = state[0]
-        if isinstance(state, dict) and all(isinstance(k, str) and not k.startswith("__") for k in state):
-            inst.__dict__.update(state)
-            return
+        # torch state dicts carry ``_metadata`` this way; never setattr dunders.
+        if check_state(vm, state, "an OrderedDict"):
+            for part in (state if isinstance(state, tuple) and len(state) == 2 else (state,)):
+                if isinstance(part, dict):
+                    inst.__dict__.update(part)
+        return
+    if not check_state(vm, state, f"a {type(inst).__name__}", data_only=False):
+        return
     raise vm.error(f"BUILD is not allowed on a {type(inst).__name__}")
 
 

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .pickle_vm import COMPUTED, Limits, PickleError, PickleVM
+from .pickle_vm import COMPUTED, Limits, PickleError, PickleVM, Symbolic
 from .unpickler import collect, make_policy
 
 #: Bytes of a zip member read at first, then at second; the whole member only if the probe
@@ -46,6 +46,12 @@ class Probe:
     seen: list[tuple[str, str, int]] = field(default_factory=list)
     error: PickleError | None = None
     blobs: list[bytes] = field(default_factory=list)
+    #: Unsafe calls or states that involve only allowed globals: (message, offset, kind).
+    unsafe: list[tuple[str, int, str]] = field(default_factory=list)
+    #: The value of the pickle, when it ran to STOP.
+    value: Any = None
+    #: Where a dropping reader (io.BytesIO) would start the next pickle (relative).
+    next_pos: int | None = None
 
     @property
     def is_pickle(self) -> bool:
@@ -53,28 +59,48 @@ class Probe:
 
     @property
     def dangerous(self) -> list[tuple[str, str, int]]:
-        return [r for r in self.refused if importable(r[0], r[1])]
+        """Globals that could be imported, and unsafe calls (as ``("<call>", message, offset)``).
+
+        A frame anomaly counts only in a pickle that ran to STOP: tensor bytes can look like a
+        FRAME opcode by chance, never like a whole pickle.
+        """
+        calls = [("<call>", m, off) for m, off, kind in self.unsafe if kind != "frame" or self.is_pickle]
+        return [r for r in self.refused if importable(r[0], r[1])] + calls
+
+
+def unsafe_collector(found: list[tuple[str, int, str]]) -> Callable[[str, int, str], Any]:
+    """An ``on_unsafe`` hook that records (message, offset, kind) and goes on."""
+
+    def hook(message: str, offset: int, kind: str) -> Any:
+        found.append((message, offset, kind))
+        return Symbolic(f"unsafe: {message[:60]}")
+
+    return hook
 
 
 def probe(data: Any, base: int = 0, persistent_load: Callable[[Any], Any] | None = None,
-          limits: Limits | None = None, keep_blobs: bool = False) -> Probe:
+          limits: Limits | None = None, keep_blobs: bool = False, drop_frames: bool = False) -> Probe:
     """Run the VM over ``data`` in collect mode; never raises for bad input."""
     found: list[tuple[str, str, int]] = []
-    vm = PickleVM(data, make_policy(collect(found), persistent_load), base_offset=base, limits=limits)
+    unsafe: list[tuple[str, int, str]] = []
+    policy = make_policy(collect(found), persistent_load, on_unsafe=unsafe_collector(unsafe))
+    vm = PickleVM(data, policy, base_offset=base, limits=limits, drop_frames=drop_frames)
     if keep_blobs:
         vm.blobs = []
-    out = Probe(None, found, vm.globals_seen)
+    out = Probe(None, found, vm.globals_seen, unsafe=unsafe)
     try:
-        vm.run()
+        out.value = vm.run()
         out.end = vm.pos
+        out.next_pos = vm.end_pos
     except PickleError as exc:
         # Keep a bare copy: the raised error's traceback and context hold frames that would keep
         # the probed bytes alive for as long as the probe result lives.
         out.error = PickleError(str(exc), exc.offset, exc.kind, exc.needed)
     except (ValueError, TypeError, RecursionError, MemoryError) as exc:  # hostile input in a deep corner
         out.error = PickleError(f"{type(exc).__name__}: {exc}", base + vm.op_pos)
-    if keep_blobs and vm.blobs:
-        out.blobs = vm.blobs
+    if keep_blobs:
+        seen_ids = {id(b) for b in vm.blobs or ()}
+        out.blobs = list(vm.blobs or ()) + [b for b in vm.nested_loads if id(b) not in seen_ids]
     return out
 
 
@@ -92,11 +118,9 @@ def probe_chain(data: Any, base: int = 0, max_pickles: int = 64) -> list[Probe]:
 
 
 def first_value(data: Any) -> Any:
-    """The value of the first pickle under the allow-list, or None if it does not parse cleanly."""
-    found: list[tuple[str, str, int]] = []
-    vm = PickleVM(data, make_policy(collect(found), None), limits=Limits(max_ops=10_000))
-    try:
-        value = vm.run()
-    except (PickleError, ValueError, TypeError):
+    """The value of the first pickle under the allow-list (no budget below the VM's own
+    limits), or None if it does not parse cleanly or reaches anything outside the allow-list."""
+    p = probe(data)
+    if not p.is_pickle or p.refused or p.unsafe:
         return None
-    return None if found else value
+    return p.value

@@ -18,11 +18,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .. import dtypes
-from ..errors import FormatError, TruncatedFileError
+from ..errors import TruncatedFileError
 from ..model import ModelFile, Source
 from .flatten import assemble, flatten
-from .pickle_vm import FileBytes, Limits, PickleError, PickleVM, Policy
-from .unpickler import RefusedHook, StorageRef, StorageType, make_policy, refuse
+from .pickle_vm import FileBytes, Limits, PickleError, PickleVM, Policy, Symbolic
+from .unpickler import Placeholder, RefusedHook, StorageRef, StorageType, make_policy, reader_error, refuse
 
 MAGIC = 0x1950A86A20F9469CFC6C
 PROTOCOL = 1001
@@ -39,6 +39,31 @@ class LegacyStream:
     end: int = 0
 
 
+def magic_kind(value: Any) -> str:
+    """How torch's ``if magic_number != MAGIC_NUMBER: raise`` treats a first pickle's value.
+
+    ``"exact"``: the int itself. ``"no"``: a value that is never equal (other ints, text,
+    containers). ``"maybe"``: a value whose ``!=`` could come out False: a float near the magic
+    (a numpy scalar compares after rounding the int, so ``numpy.float64(1.19e23)`` and even a
+    float16 ``inf`` pass), or an object (tensor, array) that compares element-wise. The scanner
+    reads a "maybe" both ways; the loader refuses it.
+    """
+    if type(value) is int:
+        return "exact" if value == MAGIC else "no"
+    if value is None or isinstance(value, (bool, int, str, bytes, bytearray, list, tuple, dict, set, frozenset)):
+        return "no"
+    if isinstance(value, (float, complex)):
+        v = complex(value)
+        if v.imag == 0 and (v.real in (float("inf"), float("-inf")) or abs(v.real - MAGIC) <= MAGIC * 1e-2):
+            return "maybe"
+        return "no"
+    from .unpickler import NumpyArray, TensorSpec
+
+    if isinstance(value, (TensorSpec, NumpyArray, Symbolic)):
+        return "maybe"  # element-wise comparison; a Symbolic is already a finding
+    return "no"  # placeholders, storages, dtypes, functions and classes compare by identity
+
+
 def is_legacy(head: bytes) -> bool:
     """A legacy stream starts with a pickled MAGIC number (protocol 2 by default)."""
     return head.startswith(b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19.")
@@ -46,6 +71,10 @@ def is_legacy(head: bytes) -> bool:
 
 def _legacy_pid(storages: dict[str, StorageRef], views: dict[str, tuple[str, int, int]]) -> Any:
     def persistent_load(pid: Any) -> Any:
+        if isinstance(pid, tuple) and len(pid) == 4 and pid[0] == "module" and isinstance(pid[1], Placeholder):
+            # torch's legacy saver names an nn.Module class with its source (to warn when it
+            # changed); its loader returns the class. Only an allowed placeholder class passes.
+            return pid[1]
         if not (isinstance(pid, tuple) and len(pid) == 6 and pid[0] == "storage"):
             if isinstance(pid, tuple) and pid and pid[0] == "module":
                 raise ValueError("the file pickles whole nn.Module classes with their source code")
@@ -76,7 +105,9 @@ def _legacy_pid(storages: dict[str, StorageRef], views: dict[str, tuple[str, int
 
 def parse_stream(
     data: Any, hook: RefusedHook, *, base_offset: int = 0, limits: Limits | None = None,
-    outer_find_global: Any = None, scan_globals: list[tuple[str, str, int]] | None = None,
+    outer: Policy | None = None, scan_globals: list[tuple[str, str, int]] | None = None,
+    on_unsafe: Any = None, drop_frames: bool = False, lenient_magic: bool = False,
+    nested_loads: list[bytes] | None = None,
 ) -> LegacyStream:
     """Run the five pickles of a legacy stream and locate every storage.
 
@@ -84,42 +115,53 @@ def parse_stream(
         data: the stream (bytes or mmap), starting at the magic pickle.
         hook: what a refused global becomes (loader: raise; scanner: record).
         base_offset: where ``data[0]`` sits in the file; storage offsets come out absolute.
+        outer: the policy of an enclosing pickle (a nested ``_load_from_bytes`` stream): its
+            globals and unsafe-call hooks apply here too.
+        on_unsafe: the policy's ``on_unsafe`` hook (scanner: record; loader: ``None``, raise).
+        drop_frames: read FRAMEs as a reader without ``peek`` does (see ``PickleVM``).
+        lenient_magic: accept a first pickle that torch might take for the magic number (the
+            scanner, which must follow torch); the loader accepts only the int itself.
+        nested_loads: where the byte values handed to ``_load_from_bytes`` are collected.
 
     Raises:
         PickleError: a malformed stream (with ``kind`` "truncated" when it ends early).
     """
     storages: dict[str, StorageRef] = {}
     views: dict[str, tuple[str, int, int]] = {}
-    plain_policy = make_policy(hook, None)
-    if outer_find_global is not None:
-        plain_policy = Policy(find_global=outer_find_global, persistent_load=None, extension=plain_policy.extension)
+    plain_policy = make_policy(hook, None, on_unsafe)
+    if outer is not None:
+        plain_policy = Policy(find_global=outer.find_global, persistent_load=None, extension=outer.extension,
+                              on_unsafe=outer.on_unsafe)
     pos = 0
     spans: list[tuple[int, int]] = []
 
     def one(policy: Policy) -> Any:
         nonlocal pos
         window = data[pos:] if isinstance(data, bytes) else _Slice(data, pos)
-        vm = PickleVM(window, policy, base_offset=base_offset + pos, limits=limits)
+        vm = PickleVM(window, policy, base_offset=base_offset + pos, limits=limits, drop_frames=drop_frames)
         try:
             value = vm.run()
         finally:
             if scan_globals is not None:
                 scan_globals.extend(vm.globals_seen)
-        spans.append((pos, pos + vm.pos))
-        pos += vm.pos
+            if nested_loads is not None:
+                nested_loads.extend(vm.nested_loads)
+        spans.append((pos, pos + vm.end_pos))
+        pos += vm.end_pos
         return value
 
     magic = one(plain_policy)
-    if magic != MAGIC:
+    kind = magic_kind(magic)
+    if kind == "no" or (kind == "maybe" and not lenient_magic):
         raise PickleError("not a torch legacy stream (wrong magic number)", base_offset + pos)
     protocol = one(plain_policy)
     if protocol != PROTOCOL:
         raise PickleError(f"unsupported torch legacy protocol {protocol!r}", base_offset + pos)
     sys_info = one(plain_policy)
-    obj_policy = make_policy(hook, _legacy_pid(storages, views))
-    if outer_find_global is not None:
-        obj_policy = Policy(find_global=outer_find_global, persistent_load=obj_policy.persistent_load,
-                            extension=obj_policy.extension)
+    obj_policy = make_policy(hook, _legacy_pid(storages, views), on_unsafe)
+    if outer is not None:
+        obj_policy = Policy(find_global=outer.find_global, persistent_load=obj_policy.persistent_load,
+                            extension=outer.extension, on_unsafe=outer.on_unsafe)
     root = one(obj_policy)
     keys = one(plain_policy)
     if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
@@ -183,7 +225,8 @@ def storage_from_nested_stream(vm: PickleVM, raw: bytes) -> StorageRef:
     """
     in_file = isinstance(raw, FileBytes)
     stream = parse_stream(bytes(raw), _refuse_unreachable, base_offset=raw.offset if isinstance(raw, FileBytes) else 0,
-                          limits=vm.limits, outer_find_global=vm.policy.find_global, scan_globals=vm.globals_seen)
+                          limits=vm.limits, outer=vm.policy, scan_globals=vm.globals_seen,
+                          nested_loads=vm.nested_loads)
     root = stream.root
     if not isinstance(root, StorageRef):
         raise vm.error("torch.storage._load_from_bytes does not hold a storage")
@@ -206,8 +249,7 @@ def read_torch_legacy(path: str, src: Source) -> ModelFile:
         try:
             stream = parse_stream(mm, refuse(path))
         except PickleError as exc:
-            cls = TruncatedFileError if exc.kind == "truncated" else FormatError
-            raise cls(path, f"the legacy torch stream is corrupt at byte {exc.offset}: {exc}") from None
+            raise reader_error(path, exc, "the legacy torch stream") from None
         from .pickle_file import refuse_trailing
 
         refuse_trailing(path, mm, stream.end)

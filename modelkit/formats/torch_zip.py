@@ -17,7 +17,7 @@ from ..model import ModelFile, Source
 from .flatten import assemble, flatten
 from .pickle_vm import Limits, PickleError
 from .probe import HEAD_STEPS, Probe, probe
-from .unpickler import RefusedHook, StorageRef, StorageType, make_policy, refuse, run_pickle
+from .unpickler import RefusedHook, StorageRef, StorageType, make_policy, reader_error, refuse, run_pickle
 from .zipdir import ZipDirectory, ZipEntry, anomalies, read_directory, read_member, torch_prefix
 
 
@@ -88,7 +88,7 @@ def read_torch_zip(path: str, src: Source, zd: ZipDirectory | None = None, allow
     try:
         root, storages = run_data_pkl(path, src, zd, prefix, refuse(path))
     except PickleError as exc:
-        raise FormatError(path, f"data.pkl is corrupt at byte {exc.offset}: {exc}") from None
+        raise reader_error(path, exc, "data.pkl") from None
     for ref in storages.values():
         ref.byteorder = byteorder
     if not allow_hidden:

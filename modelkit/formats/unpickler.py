@@ -20,7 +20,17 @@ from typing import Any
 
 from .. import dtypes
 from ..dtypes import DType
-from .pickle_vm import FileBytes, Limits, PickleError, PickleVM, Policy, Symbolic, VMCallable, VMObject
+from .pickle_vm import (
+    FileBytes,
+    Limits,
+    PickleError,
+    PickleVM,
+    Policy,
+    Symbolic,
+    VMCallable,
+    VMObject,
+    check_state,
+)
 
 # ---------------------------------------------------------------------------------------------
 # Records the allowed callables produce.
@@ -79,8 +89,13 @@ class TensorSpec(VMObject):
         self.dtype = dtype
 
     def build(self, vm: PickleVM, state: Any) -> None:
-        # _rebuild_from_type_v2 sets Python attributes; a plain tensor has none worth keeping.
-        return None
+        # BUILD on a tensor calls Tensor.__setstate__ (unless an instance-dict one shadows it),
+        # whose 3-tuple form sets requires_grad and _backward_hooks. torch never writes it; only
+        # its harmless form (no hooks) passes.
+        if isinstance(state, tuple) and len(state) == 3 and isinstance(state[0], bool) and _no_hooks(state[2]):
+            return
+        vm.unsafe("BUILD on a tensor runs Tensor.__setstate__ with state torch never writes (it can install hooks)",
+                  "state")
 
     def __repr__(self) -> str:
         return f"<tensor {self.dtype} {list(self.shape)}>"
@@ -94,10 +109,22 @@ class NumpyDType(VMObject):
         self.byteorder = byteorder
 
     def build(self, vm: PickleVM, state: Any) -> None:
-        if not isinstance(state, tuple) or len(state) < 2 or state[1] not in ("<", ">", "|", "="):
-            raise vm.error("unexpected numpy dtype state")
-        if len(state) > 2 and state[2] is not None:
-            raise vm.error("structured numpy dtypes are not allowed")
+        # numpy.dtype.__setstate__: (version, byteorder, subarray, names, fields, elsize,
+        # alignment, flags[, metadata]). Plain numeric dtypes have no subarray, names or fields,
+        # elsize and alignment -1 and flags 0. Object flags (NPY_ITEM_HASOBJECT, NPY_LIST_PICKLE,
+        # ...) make numpy keep Python objects in the array: numpy accepts them and then unpickles
+        # objects, so any flag is unsafe.
+        if not isinstance(state, tuple) or len(state) not in (8, 9) or state[1] not in ("<", ">", "|", "="):
+            vm.unsafe("a numpy dtype state of a form numpy's own pickles never have", "state")
+            return
+        flags = state[7]
+        if type(flags) is not int or flags != 0:
+            vm.unsafe(f"a numpy dtype state with flags {flags!r} (object flags make numpy unpickle objects)", "state")
+            return
+        if state[2] is not None or state[3] is not None or state[4] is not None or state[5] != -1 or state[6] != -1 \
+                or (len(state) == 9 and state[8] is not None):
+            vm.unsafe("a structured, sub-array or sized numpy dtype state (only plain numeric dtypes are safe)", "state")
+            return
         self.byteorder = state[1]
 
     def __repr__(self) -> str:
@@ -156,7 +183,14 @@ class PlaceholderObject(VMObject):
         self.state: Any = None
 
     def build(self, vm: PickleVM, state: Any) -> None:
-        self.state = state
+        # A placeholder stands for a class we do not run: it takes a plain data dict of ordinary
+        # string keys and nothing else (no slot state, no dunders, no callables).
+        if not check_state(vm, state, self.qualname, slots=False):
+            return
+        if isinstance(self.state, dict) and isinstance(state, dict):
+            self.state.update(state)
+        else:
+            self.state = state
 
     def __repr__(self) -> str:
         return f"<placeholder {self.qualname}>"
@@ -225,34 +259,62 @@ class _Fn(VMCallable):
         return self.qualname
 
 
+def _no_hooks(hooks: Any) -> bool:
+    """Backward hooks as torch writes them: none (an empty OrderedDict, or None)."""
+    return hooks is None or (isinstance(hooks, dict) and not hooks)
+
+
+def _check_hooks(vm: PickleVM, hooks: Any, fn: str) -> None:
+    # torch sets tensor._backward_hooks to this value; hooks are called during backward(). torch
+    # never pickles hooks ("Don't serialize hooks"), so anything but an empty mapping is planted.
+    if not _no_hooks(hooks) and not isinstance(hooks, Symbolic):
+        vm.unsafe(f"{fn} installs backward hooks ({type(hooks).__name__}), which torch never saves", "call")
+
+
 def _rebuild_v1(vm: PickleVM, a: tuple[Any, ...]) -> Any:
     return _tensor(vm, a[0], a[1], a[2], a[3], None)
 
 
 def _rebuild_v2(vm: PickleVM, a: tuple[Any, ...]) -> Any:
+    if len(a) > 5:
+        _check_hooks(vm, a[5], "torch._utils._rebuild_tensor_v2")
     return _tensor(vm, a[0], a[1], a[2], a[3], None)
 
 
 def _rebuild_v3(vm: PickleVM, a: tuple[Any, ...]) -> Any:
+    _check_hooks(vm, a[5], "torch._utils._rebuild_tensor_v3")
     if not isinstance(a[6], DTypeConst):
         raise vm.error("_rebuild_tensor_v3 needs a torch dtype")
     return _tensor(vm, a[0], a[1], a[2], a[3], a[6].dtype)
 
 
 def _rebuild_parameter(vm: PickleVM, a: tuple[Any, ...]) -> Any:
+    # (data, requires_grad, backward_hooks); torch sets param._backward_hooks = backward_hooks.
+    _check_hooks(vm, a[2], "torch._utils._rebuild_parameter")
     if not isinstance(a[0], TensorSpec):
         raise vm.error("_rebuild_parameter needs a tensor")
     return a[0]
 
 
+def _rebuild_parameter_with_state(vm: PickleVM, a: tuple[Any, ...]) -> Any:
+    # (data, requires_grad, backward_hooks, state): the state goes through _set_obj_state, which
+    # setattr()s every key of the dict state and of the slot state on the new Parameter.
+    param = _rebuild_parameter(vm, a[:3])
+    check_state(vm, a[3], "a Parameter (torch._utils._set_obj_state)")
+    return param
+
+
 def _rebuild_from_type_v2(vm: PickleVM, a: tuple[Any, ...]) -> Any:
-    func, new_type, args, _state = a
+    # ret = func(*args); ret.as_subclass(new_type); then the state: through new_type.__setstate__
+    # if it has its own, else torch._utils._set_obj_state (setattr of every key).
+    func, new_type, args, state = a
     if not isinstance(func, _Fn) or not func.qualname.startswith("torch._utils._rebuild_"):
         raise vm.error("_rebuild_from_type_v2 may only wrap a tensor rebuild")
     if not (isinstance(new_type, _TypeConst) and new_type.qualname in _TENSOR_TYPES):
         raise vm.error("_rebuild_from_type_v2 may only build torch.Tensor or Parameter")
     if not isinstance(args, tuple):
         raise vm.error("_rebuild_from_type_v2 arguments must be a tuple")
+    check_state(vm, state, f"a {new_type.qualname} (torch._utils._set_obj_state)")
     return vm.call(func, args)
 
 
@@ -290,14 +352,34 @@ def _bytes(vm: PickleVM, a: tuple[Any, ...]) -> Any:
     return bytes(_bytearray(vm, a))
 
 
+class CodecBytes(bytes):
+    """Bytes from ``_codecs.encode`` of a string constant: a constant too (how protocol 2 spells
+    ``bytes``), unlike bytes built from lists or joins at run time."""
+
+
+#: Encodings ``_codecs.encode`` is modelled for, by the name ``codecs.lookup`` normalises to.
+_CODECS = {"latin_1": "latin1", "latin1": "latin1", "iso_8859_1": "latin1", "iso8859_1": "latin1", "8859": "latin1",
+           "cp819": "latin1", "latin": "latin1", "l1": "latin1", "utf_8": "utf-8", "utf8": "utf-8", "u8": "utf-8",
+           "utf": "utf-8", "utf8_ucs2": "utf-8", "utf8_ucs4": "utf-8"}
+
+
 def _codecs_encode(vm: PickleVM, a: tuple[Any, ...]) -> Any:
-    # Protocol-2 pickles spell ``bytes`` as _codecs.encode(text, "latin1").
-    if not isinstance(a[0], str) or (len(a) == 2 and a[1] not in ("latin1", "latin-1")):
-        raise vm.error("_codecs.encode is only allowed for latin1 text")
+    # Protocol-2 pickles spell ``bytes`` as _codecs.encode(text, "latin1"). The signature is
+    # encode(obj, encoding="utf-8", errors="strict"): with one argument the text is UTF-8 encoded.
+    if not isinstance(a[0], str):
+        raise vm.error("_codecs.encode needs text")
+    name = a[1] if len(a) > 1 else "utf-8"
+    errors = a[2] if len(a) > 2 else "strict"
+    if not isinstance(name, str) or not isinstance(errors, str):
+        raise vm.error("_codecs.encode needs an encoding name")
+    codec = _CODECS.get(name.strip().lower().replace("-", "_").replace(" ", "_"))
+    if codec is None or errors != "strict":
+        return vm.unsafe(f"_codecs.encode with encoding {name[:40]!r} and errors {errors[:20]!r}, whose bytes "
+                         "modelkit does not model", "call")
     try:
-        value = a[0].encode("latin1")
+        value = CodecBytes(a[0].encode(codec))
     except UnicodeEncodeError:
-        raise vm.error("_codecs.encode text is not latin1") from None
+        raise vm.error(f"_codecs.encode text cannot be encoded as {codec}") from None
     vm.note_blob(value)
     return value
 
@@ -349,12 +431,27 @@ def _copyreg_reconstructor(vm: PickleVM, a: tuple[Any, ...]) -> Any:
 
 
 def _load_from_bytes(vm: PickleVM, a: tuple[Any, ...]) -> Any:
-    # A plain pickle of a tensor holds its storage as a nested legacy torch.save stream.
-    if not isinstance(a[0], bytes):
-        raise vm.error("torch.storage._load_from_bytes needs raw bytes")
+    # A plain pickle of a tensor holds its storage as a nested legacy torch.save stream. torch
+    # hands it to torch's unrestricted loader (weights_only off) as a file of its own: zip, tar or
+    # legacy, unrestricted. Only a constant (bytes spelled in the stream, or _codecs.encode of a
+    # string constant) can be scanned before it runs; bytes built at run time cannot.
+    raw = a[0]
+    if not isinstance(raw, (FileBytes, CodecBytes)):
+        if isinstance(raw, Symbolic):
+            return raw
+        return vm.unsafe(f"torch.storage._load_from_bytes on a {type(raw).__name__} built at run time (it runs "
+                         "torch.load on it; only a constant can be scanned)", "call")
     from .torch_legacy import storage_from_nested_stream
 
-    return storage_from_nested_stream(vm, a[0])
+    if not vm.scanning:
+        return storage_from_nested_stream(vm, raw)
+    vm.nested_loads.append(raw)  # the scanner scans it as a whole file too
+    try:
+        return storage_from_nested_stream(vm, raw)
+    except PickleError:
+        # Not a legacy stream of one storage (a zip, a tar, something broken): its own scan says
+        # what torch.load would run; this stream goes on with a stand-in.
+        return StorageRef(key=f"@nested{len(vm.nested_loads)}", dtype=dtypes.UINT8, numel=0, inline=b"")
 
 
 class _TypeConst(VMCallable):
@@ -398,7 +495,7 @@ def _build_table() -> dict[tuple[str, str], Allowed]:
     fn("torch._utils", "_rebuild_tensor_v2", "tensor", _rebuild_v2, 6, 7)
     fn("torch._utils", "_rebuild_tensor_v3", "tensor", _rebuild_v3, 7, 8)
     fn("torch._utils", "_rebuild_parameter", "tensor", _rebuild_parameter, 3, 3)
-    fn("torch._utils", "_rebuild_parameter_with_state", "tensor", _rebuild_parameter, 4, 4)
+    fn("torch._utils", "_rebuild_parameter_with_state", "tensor", _rebuild_parameter_with_state, 4, 4)
     fn("torch._tensor", "_rebuild_from_type_v2", "tensor", _rebuild_from_type_v2, 4, 4)
     fn("torch.storage", "_load_from_bytes", "storage", _load_from_bytes, 1, 1)
     for dt in dtypes.BY_STORAGE.values():
@@ -418,7 +515,7 @@ def _build_table() -> dict[tuple[str, str], Allowed]:
         fn(module, "bytearray", "container", _bytearray, 0, 1)
         fn(module, "bytes", "container", _bytes, 0, 1)
         rows.append(Allowed(module, "object", "type", _TypeConst("builtins.object")))
-    fn("_codecs", "encode", "codec", _codecs_encode, 1, 2)
+    fn("_codecs", "encode", "codec", _codecs_encode, 1, 3)
     for module in ("copyreg", "copy_reg"):
         fn(module, "_reconstructor", "placeholder", _copyreg_reconstructor, 3, 3)
     for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
@@ -440,6 +537,9 @@ PLACEHOLDERS: tuple[tuple[str, str], ...] = (
     ("pytorch_lightning.callbacks.early_stopping", "EarlyStopping"),
     ("argparse", "Namespace"),
     ("torch.torch_version", "TorchVersion"),
+    # the original textual-inversion embeddings (rinongal/textual_inversion) pickle their
+    # string_to_param as a whole nn.ParameterDict; AUTOMATIC1111 allows it too
+    ("torch.nn.modules.container", "ParameterDict"),
 )
 
 ALLOWED: dict[tuple[str, str], Allowed] = _build_table()
@@ -459,8 +559,10 @@ RefusedHook = Callable[[str, str, int], Any]
 def make_policy(
     on_refused: RefusedHook,
     persistent_load: Callable[[Any], Any] | None,
+    on_unsafe: Callable[[str, int, str], Any] | None = None,
 ) -> Policy:
-    """A Policy over ``ALLOWED``; ``on_refused`` decides what a refused global becomes."""
+    """A Policy over ``ALLOWED``; ``on_refused`` decides what a refused global becomes and
+    ``on_unsafe`` what an unsafe call of allowed globals becomes (``None``: the VM raises)."""
 
     def find_global(module: str, name: str, offset: int) -> Any:
         entry = ALLOWED.get((module, name))
@@ -471,7 +573,7 @@ def make_policy(
     def extension(code: int, offset: int) -> Any:
         return on_refused("copyreg.extension", str(code), offset)
 
-    return Policy(find_global=find_global, persistent_load=persistent_load, extension=extension)
+    return Policy(find_global=find_global, persistent_load=persistent_load, extension=extension, on_unsafe=on_unsafe)
 
 
 def refuse(path: str) -> RefusedHook:
@@ -497,6 +599,16 @@ def collect(found: list[tuple[str, str, int]]) -> RefusedHook:
         return Symbolic(f"{module}.{name}")
 
     return hook
+
+
+def reader_error(path: str, exc: PickleError, what: str) -> Exception:
+    """The user-facing error for a pickle the safe reader stopped at: unsafe, truncated or corrupt."""
+    from ..errors import FormatError, TruncatedFileError, UnsafeFileError
+
+    if exc.kind == "unsafe":
+        return UnsafeFileError(path, f"refused to load: {what} at byte {exc.offset}: {exc}")
+    cls = TruncatedFileError if exc.kind == "truncated" else FormatError
+    return cls(path, f"{what} is corrupt at byte {exc.offset}: {exc}")
 
 
 def run_pickle(
@@ -527,6 +639,7 @@ __all__ = [
     "collect",
     "lookup",
     "make_policy",
+    "reader_error",
     "refuse",
     "run_pickle",
 ]

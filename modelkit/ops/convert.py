@@ -161,8 +161,14 @@ def plan_convert(mf: ModelFile) -> Plan:
     if kind == "embedding":
         params = [ref for ref in mf.values() if ref.name.startswith("string_to_param.")]
         if len(params) == 1:
-            tensors = [OutTensor.of(params[0], "emb_params")] + [t for t in tensors if t.name != params[0].name]
+            # token ids kept as tensors (the original textual-inversion layout) are the tokenizer's
+            # business, not the embedding's: A1111 and ComfyUI read emb_params alone
+            ids = [t.name for t in tensors if t.name.startswith("string_to_token.")]
+            tensors = [OutTensor.of(params[0], "emb_params")] + [t for t in tensors
+                                                                 if t.name != params[0].name and t.name not in ids]
             changes.append(f"{params[0].name} -> emb_params")
+            if ids:
+                changes.append(f"token id tensor{'s' if len(ids) > 1 else ''} {', '.join(ids)} dropped")
         elif len(params) > 1:
             warnings.append(f"{len(params)} string_to_param tensors; A1111 reads only one, so names were kept")
         elif det.subtype == "diffusers" and len(tensors) == 1:

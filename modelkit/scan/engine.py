@@ -27,7 +27,7 @@ from typing import Any
 from ..errors import FormatError, ModelkitError, UnsafeFileError, UsageError
 from ..formats.numpy_file import NPY_MAGIC, parse_npy_header
 from ..formats.pickle_vm import COMPUTED, OPCODE_NAMES, PickleError, PickleVM
-from ..formats.probe import Probe, first_value, probe, probe_chain
+from ..formats.probe import Probe, probe, probe_chain, unsafe_collector
 from ..formats.sniff import sniff, sniff_bytes
 from ..formats.unpickler import ALLOWED, collect, make_policy
 from ..model import MemorySource, Source
@@ -58,39 +58,70 @@ class _Ctx:
         return self.run_pickle_value(data, member, base, persistent_load, depth)[0]
 
     def run_pickle_value(self, data: Any, member: str, base: int, persistent_load: Callable[[Any], Any] | None,
-                         depth: int = 0) -> tuple[int | None, Any]:
+                         depth: int = 0, drop_frames: bool = False) -> tuple[int | None, Any]:
+        """Scan one pickle stream, as read from memory; when its frames read differently from a
+        file or io.BytesIO, scan that reading too. Returns (end, value)."""
         found: list[tuple[str, str, int]] = []
-        vm = PickleVM(data, make_policy(collect(found), persistent_load), base_offset=base)
+        unsafe: list[tuple[str, int, str]] = []
+        policy = make_policy(collect(found), persistent_load, unsafe_collector(unsafe))
+        vm = PickleVM(data, policy, base_offset=base, drop_frames=drop_frames)
         vm.blobs = []
         self.pickles += 1
         end: int | None = None
         value: Any = None
         try:
             value = vm.run()
-            end = vm.pos
+            end = vm.end_pos
         except PickleError as exc:
             rule = R.RESOURCE_LIMIT if exc.kind == "limit" else R.PICKLE_ERROR
             self.add(rule, f"{exc}", member, exc.offset, opcode=_opcode_at(data, exc.offset - base))
-        self.note_globals(vm.globals_seen, found, member, lambda off: _opcode_at(data, off - base))
-        for blob in vm.blobs:
-            self.scan_blob(blob, member, depth + 1)
+        opcode_at: Callable[[int], str | None] = lambda off: _opcode_at(data, off - base)  # noqa: E731
+        self.note_globals(vm.globals_seen, found, member, opcode_at)
+        self.note_unsafe(unsafe, member, opcode_at)
+        self.scan_nested(vm.blobs, vm.nested_loads, member, depth)
+        if vm.frame_anomalies and not drop_frames:
+            self.run_pickle_value(data, f"{member} (read as torch reads io.BytesIO)", base, persistent_load, depth,
+                                  drop_frames=True)
         return end, value
 
     def note_probe(self, p: Probe, member: str, data: Any, base: int, depth: int) -> None:
         """Findings of a probe: only globals that could be imported (tensor bytes make noise)."""
-        self.note_globals([], p.dangerous, member, lambda off: _opcode_at(data, off - base))
-        for blob in p.blobs:
-            self.scan_blob(blob, member, depth + 1)
+        self.note_globals([], [r for r in p.dangerous if r[0] != "<call>"], member,
+                          lambda off: _opcode_at(data, off - base))
+        self.note_unsafe([u for u in p.unsafe if u[2] != "frame" or p.is_pickle], member,
+                         lambda off: _opcode_at(data, off - base))
+        self.scan_nested(p.blobs, [], member, depth)
 
-    def scan_blob(self, blob: bytes, member: str, depth: int) -> None:
+    def note_unsafe(self, unsafe: list[tuple[str, int, str]], member: str,
+                    opcode_at: Callable[[int], str | None] = lambda off: None) -> None:
+        for message, off, kind in unsafe:
+            self.add(R.FRAME_ANOMALY if kind == "frame" else R.UNSAFE_CALL, message, member, off, opcode=opcode_at(off))
+
+    def scan_nested(self, blobs: list[bytes] | None, loads: list[bytes], member: str, depth: int) -> None:
+        """Scan byte constants that are files of their own: those that look like a pickle or a
+        zip, and every value torch.load would run (``_load_from_bytes``), whatever it looks like."""
+        done: set[int] = set()
+        for blob in loads:
+            if id(blob) not in done:
+                done.add(id(blob))
+                self.scan_blob(blob, member, depth + 1, force=True)
+        for blob in blobs or ():
+            if id(blob) not in done:
+                done.add(id(blob))
+                self.scan_blob(blob, member, depth + 1)
+
+    def scan_blob(self, blob: bytes, member: str, depth: int, force: bool = False) -> None:
         if depth > MAX_DEPTH:
-            self.add(R.RESOURCE_LIMIT, f"nesting deeper than {MAX_DEPTH} levels was not scanned", member)
+            self.add(R.RESOURCE_LIMIT, f"nesting deeper than {MAX_DEPTH} levels was not scanned (it exceeds a "
+                                       "resource bound)", member)
             return
         offset = getattr(blob, "offset", None)
         label = f"{member} > bytes@{offset}" if offset is not None else f"{member} > bytes"
         kind = sniff_bytes(bytes(blob[:512]), len(blob))
         if kind.startswith("unknown"):
-            return
+            if not force:
+                return
+            kind = "pickle"  # torch.load tries it as a tar, then unpickles it from byte 0
         self.add(R.NESTED, f"a {len(blob)}-byte constant is a {kind} stream; scanned", member, offset)
         _scan_source(self, MemorySource(bytes(blob), label), kind, depth)
 
@@ -338,21 +369,29 @@ def _scan_stream_chain(ctx: _Ctx, data: Any, member: str, base: int, pload: Any,
 
 def _scan_byte0(ctx: _Ctx, src: Source, kind: str, depth: int) -> None:
     """Unpickle from byte 0 as torch.load's legacy path does: a legacy stream when the first
-    pickle is the magic number (however it is spelled), else pickles as far as they go."""
-    from ..formats.torch_legacy import MAGIC
+    pickle passes torch's magic-number check (however it is spelled), else pickles as far as
+    they go. A first pickle that torch might or might not take for the magic is read both ways."""
+    from ..formats.torch_legacy import magic_kind
 
     label = _m(src, "pickle")
     data = _data(src)
     try:
         claimed = kind in ("pickle", "torch-legacy")
-        first = probe(data, 0, keep_blobs=True)
-        if first.is_pickle and not first.refused and first_value(data) == MAGIC:
-            _scan_legacy(ctx, src, data, depth)
-        elif first.is_pickle or claimed:
+        first = probe(data, 0)
+        magic = magic_kind(first.value) if first.is_pickle else "no"
+        if magic != "no":
+            if magic == "maybe" and not first.refused and not first.unsafe:
+                ctx.add(R.MAGIC_SPELLING, f"the first pickle is a {type(first.value).__name__}, which torch's check "
+                                          "could take for the legacy magic number", label, 0)
+            # read as torch would if it took the magic; when it might not, a failure of that
+            # reading is no evidence (the other reading below is what runs then)
+            _scan_legacy(ctx, src, data, depth, quiet_errors=magic == "maybe")
+        if magic != "exact" and (first.is_pickle or claimed):
             end = _scan_stream_chain(ctx, data, label, 0, None, depth)
             _after_stop(ctx, src, data, end, label, depth)
-        else:
+        elif magic == "no":
             # Not a pickle; still report what a loader would have reached before failing.
+            first = probe(data, 0, keep_blobs=True)
             ctx.note_probe(first, label, data, 0, depth)
             if not first.dangerous and kind.startswith("unknown") and not ctx.findings:
                 ctx.add(R.NOT_MODEL, f"not a model file ({kind.split(':', 1)[-1]})")
@@ -368,22 +407,33 @@ def _after_stop(ctx: _Ctx, src: Source, data: Any, end: int, label: str, depth: 
         ctx.add(R.TRAILING_PICKLE, f"{rest} bytes follow the pickle's STOP", label, end)
 
 
-def _scan_legacy(ctx: _Ctx, src: Source, data: Any, depth: int) -> None:
+def _scan_legacy(ctx: _Ctx, src: Source, data: Any, depth: int, drop_frames: bool = False,
+                 quiet_errors: bool = False) -> None:
     from ..formats.torch_legacy import parse_stream
 
     found: list[tuple[str, str, int]] = []
+    unsafe: list[tuple[str, int, str]] = []
     seen: list[tuple[str, str, int]] = []
-    label = _m(src, "legacy stream")
+    nested: list[bytes] = []
+    label = _m(src, "legacy stream" if not drop_frames else "legacy stream (read as from io.BytesIO)")
     end = len(data)
     try:
-        stream = parse_stream(data, collect(found), scan_globals=seen)
+        stream = parse_stream(data, collect(found), scan_globals=seen, on_unsafe=unsafe_collector(unsafe),
+                              drop_frames=drop_frames, lenient_magic=True, nested_loads=nested)
         ctx.pickles += len(stream.pickle_spans)
         end = stream.end
     except PickleError as exc:
-        rule = R.RESOURCE_LIMIT if exc.kind == "limit" else R.PICKLE_ERROR
-        ctx.add(rule, str(exc), label, exc.offset, opcode=_opcode_at(data, exc.offset))
+        if quiet_errors and exc.kind != "limit":
+            end = len(data)  # not a legacy stream after all: nothing more to read this way
+        else:
+            rule = R.RESOURCE_LIMIT if exc.kind == "limit" else R.PICKLE_ERROR
+            ctx.add(rule, str(exc), label, exc.offset, opcode=_opcode_at(data, exc.offset))
     ctx.note_globals(seen, found, label, lambda off: _opcode_at(data, off))
-    if end < len(data):
+    ctx.note_unsafe(unsafe, label, lambda off: _opcode_at(data, off))
+    ctx.scan_nested([], nested, label, depth)
+    if any(kind == "frame" for _m_, _o, kind in unsafe) and not drop_frames:
+        _scan_legacy(ctx, src, data, depth, drop_frames=True, quiet_errors=quiet_errors)
+    if end < len(data) and not drop_frames:
         for p in probe_chain(data[end:], end):
             ctx.note_probe(p, label, data[end:], end, depth)
         _after_stop(ctx, src, data, end, label, depth)

@@ -113,6 +113,26 @@ NOT_MODEL = rule(
     "MK-F001", "low", "error", "Not a model file",
     "The content is not a container modelkit knows; it was not scanned.",
 )
+UNSAFE_CALL = rule(
+    "MK-P010", "critical", "unsafe", "Unsafe call through allowed globals",
+    "The pickle uses only allowed globals, but CPython or torch would make a call no opcode names: "
+    "a BUILD plants __setstate__ (or another dunder) in an object's state, slot state is set with "
+    "setattr, torch's state rebuilders or backward hooks get callables, a nested torch.load gets "
+    "bytes built at run time, or a numpy dtype carries object flags. Do not load the file.",
+)
+FRAME_ANOMALY = rule(
+    "MK-P011", "high", "unsafe", "Frames that readers decode differently",
+    "An opcode straddles the end of a protocol-4 FRAME, a frame starts inside another, or the pickle "
+    "stops before its frame ends. CPython decodes such bytes one way from memory and another from a "
+    "file or io.BytesIO (as torch reads zip members), a way to show a scanner one stream and run "
+    "another. No writer produces it; both readings are scanned.",
+)
+MAGIC_SPELLING = rule(
+    "MK-P012", "medium", "suspicious", "Unusual legacy magic number",
+    "The first pickle is not the int torch writes, but torch's `!=` check could still take it for "
+    "the legacy magic number (a numpy scalar or an array compares after rounding), so torch.load "
+    "would read on as a legacy stream. The stream was scanned both ways.",
+)
 INTERNAL = rule(
     "MK-X001", "medium", "error", "Scanner error",
     "The scanner failed on this file. This is a bug in modelkit; the file is not reported clean.",
