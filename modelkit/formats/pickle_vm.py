@@ -690,6 +690,9 @@ def _set_items(vm: PickleVM, target: Any, pairs: list[Any]) -> None:
     vm._grow(len(pairs) // 2)
     if isinstance(target, Symbolic):
         return
+    if isinstance(target, (VMObject, VMCallable)):
+        _foreign_container_call(vm, target, "__setitem__")
+        return
     if not isinstance(target, dict):
         raise vm.error(f"SETITEM on a {type(target).__name__} is not allowed")
     try:
@@ -697,6 +700,13 @@ def _set_items(vm: PickleVM, target: Any, pairs: list[Any]) -> None:
             target[pairs[i]] = pairs[i + 1]
     except TypeError:
         raise vm.error("unhashable dictionary key") from None
+
+
+def _foreign_container_call(vm: PickleVM, target: Any, method: str) -> None:
+    # On anything but a real dict/list/set, CPython looks the method up on the object (the
+    # instance dict included) and calls it: nn.ParameterDict.__setitem__ setattr()s its key.
+    what = getattr(target, "qualname", type(target).__name__)
+    vm.unsafe(f"SETITEM/APPEND/ADDITEMS on {what}: CPython calls its {method} with the pickle's values", "call")
 
 
 def _op_dict(vm: PickleVM) -> None:
@@ -721,6 +731,9 @@ def _op_setitems(vm: PickleVM) -> None:
 def _append(vm: PickleVM, target: Any, items: list[Any]) -> None:
     vm._grow(len(items))
     if isinstance(target, Symbolic):
+        return
+    if isinstance(target, (VMObject, VMCallable)):
+        _foreign_container_call(vm, target, "append/extend")
         return
     if not isinstance(target, list):
         raise vm.error(f"APPEND on a {type(target).__name__} is not allowed")
@@ -747,6 +760,9 @@ def _op_additems(vm: PickleVM) -> None:
     target = vm.top()
     vm._grow(len(items))
     if isinstance(target, Symbolic):
+        return
+    if isinstance(target, (VMObject, VMCallable)):
+        _foreign_container_call(vm, target, "add")
         return
     if not isinstance(target, set):
         raise vm.error(f"ADDITEMS on a {type(target).__name__} is not allowed")
@@ -876,11 +892,17 @@ def _op_newobj_ex(vm: PickleVM) -> None:
     vm.push(vm.instantiate(cls, args, kwargs))
 
 
+def _instantiate_old(vm: PickleVM, cls: Any, args: tuple[Any, ...]) -> Any:
+    # OBJ/INST (_pickle.c instantiate): with no arguments a class is only __new__'d; with
+    # arguments it is called, __init__ and all (and a function is simply called).
+    return vm.call(cls, args) if args else vm.instantiate(cls, args, {})
+
+
 def _op_obj(vm: PickleVM) -> None:
     items = vm.pop_mark()
     if not items:
         raise vm.error("OBJ without a class")
-    vm.push(vm.instantiate(items[0], tuple(items[1:]), {}))
+    vm.push(_instantiate_old(vm, items[0], tuple(items[1:])))
 
 
 def _op_inst(vm: PickleVM) -> None:
@@ -888,7 +910,7 @@ def _op_inst(vm: PickleVM) -> None:
     name = vm._readline()
     items = vm.pop_mark()
     cls = vm.find_global(module, name)
-    vm.push(vm.instantiate(cls, tuple(items), {}))
+    vm.push(_instantiate_old(vm, cls, tuple(items)))
 
 
 def is_dunder(key: Any) -> bool:

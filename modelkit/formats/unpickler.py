@@ -168,7 +168,22 @@ class Placeholder(VMCallable):
         self.qualname = qualname
 
     def call(self, vm: PickleVM, args: tuple[Any, ...]) -> Any:
+        # REDUCE (and OBJ/INST with arguments) runs the real class's __init__ on the arguments.
+        # Files build these with no arguments (copyreg.__newobj__, _reconstructor) or, for
+        # TorchVersion (a str), from one string; arguments handed to any other __init__ are not
+        # plain data any more (ModelCheckpoint opens file systems, ParameterDict calls .keys()).
+        if args and not self._text_ok(args):
+            return vm.unsafe(f"{self.qualname} is called with arguments: its real __init__ would run on them", "call")
         return PlaceholderObject(self.qualname, args)
+
+    def new(self, vm: PickleVM, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        # NEWOBJ / NEWOBJ_EX / OBJ and INST without arguments: cls.__new__(cls, *args, **kwargs).
+        if kwargs or (args and not self._text_ok(args)):
+            return vm.unsafe(f"{self.qualname}.__new__ is given arguments no file of this kind has", "call")
+        return PlaceholderObject(self.qualname, args)
+
+    def _text_ok(self, args: tuple[Any, ...]) -> bool:
+        return self.qualname == "torch.torch_version.TorchVersion" and len(args) == 1 and isinstance(args[0], str)
 
     def __repr__(self) -> str:
         return f"<placeholder {self.qualname}>"
