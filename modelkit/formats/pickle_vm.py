@@ -269,7 +269,9 @@ class PickleVM:
             self.unsafe(f"{what}: CPython decodes these bytes one way from a file or io.BytesIO (as torch reads "
                         "them) and another way from bytes in memory", "frame")
 
-    def _read(self, n: int) -> bytes:
+    def _read(self, n: int, into: bool = False) -> bytes:
+        """Read ``n`` bytes. ``into``: as ``_Unpickler_ReadInto`` does for BINBYTES and
+        BYTEARRAY8 payloads, which take the rest of the buffer and go on in the file (no drop)."""
         pos = self.pos
         end = pos + n
         fe = self.frame_end
@@ -279,7 +281,7 @@ class PickleVM:
             elif n >= 0:
                 self._frame_anomaly("an opcode's argument runs past the end of its FRAME")
                 self.frame_end = None
-                if self.drop_frames:
+                if self.drop_frames and not into:
                     pos, end = fe, fe + n
         if n < 0 or end > len(self.data):
             err = self.error("pickle data was truncated", "truncated")
@@ -569,7 +571,7 @@ def _push_bytes(vm: PickleVM, size: int) -> None:
     if size < 0:
         raise vm.error("negative byte count")
     start = vm.pos
-    value = FileBytes(vm._read(size))
+    value = FileBytes(vm._read(size, into=True))
     value.offset = vm.base + start
     vm.note_blob(value)
     vm.push(value)
@@ -588,7 +590,7 @@ def _op_binbytes8(vm: PickleVM) -> None:
 
 
 def _op_bytearray8(vm: PickleVM) -> None:
-    value = vm._read(vm._u("<Q", 8))
+    value = vm._read(vm._u("<Q", 8), into=True)
     vm.note_blob(value)
     vm.push(bytearray(value))
 
