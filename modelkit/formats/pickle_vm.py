@@ -997,7 +997,9 @@ def _op_build(vm: PickleVM) -> None:
                 if isinstance(part, dict):
                     inst.__dict__.update(part)
         return
-    if not check_state(vm, state, f"a {type(inst).__name__}", data_only=False):
+    # A str, int, dict, list ... has neither __setstate__ nor __dict__: CPython's BUILD does
+    # nothing with a None state and raises for any other.
+    if state is None:
         return
     raise vm.error(f"BUILD is not allowed on a {type(inst).__name__}")
 
@@ -1026,7 +1028,10 @@ def _op_next_buffer(vm: PickleVM) -> None:
 
 
 def _op_readonly_buffer(vm: PickleVM) -> None:
-    vm.top()
+    # CPython makes a memoryview of the top: anything without the buffer protocol raises.
+    top = vm.top()
+    if not isinstance(top, (bytes, bytearray, VMObject, Symbolic)):
+        raise vm.error(f"READONLY_BUFFER on a {type(top).__name__}, which is not a buffer")
 
 
 _DISPATCH: dict[int, Callable[[PickleVM], None]] = {
