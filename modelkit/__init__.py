@@ -16,7 +16,6 @@ __version__ = "0.1.0"
 from . import scan  # the package is callable: modelkit.scan(paths)
 from .detect import Detection, detect
 from .errors import FormatError, ModelkitError, UnsafeFileError
-from .formats import open_model
 from .load import load, load_into
 from .model import ModelFile, TensorRef
 from .ops.convert import ConvertResult, convert
@@ -27,6 +26,7 @@ from .ops.lora.extract import LoraOutResult, extract_lora
 from .ops.merge import MergeModelsResult, merge_models
 from .ops.prune import PruneResult, prune
 from .ops.verify import diff, verify
+from .reading import open_model
 
 __all__ = [
     "ConvertResult",

@@ -21,8 +21,8 @@ from typing import Any
 
 from .dtypes import ALIASES
 from .errors import FormatError, ModelkitError, UsageError
-from .formats import open_model
 from .model import ModelFile, TensorRef
+from .reading import open_model
 
 ALIGN = 256
 STAGING_BYTES = 64 * 1024 * 1024

@@ -78,7 +78,7 @@ def _hash_one(out: Output, path: str, algos: tuple[str, ...], use_cache: bool): 
 
 
 def _metadata(path: str) -> dict[str, str]:
-    from ..formats import open_model
+    from ..reading import open_model
 
     with open_model(path) as mf:
         return dict(mf.metadata)

@@ -12,8 +12,8 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-from ..formats import open_model
 from ..model import ModelFile
+from ..reading import open_model
 from . import adapters, checkpoint, embedding, hypernetwork, lora, misc, tables, vae
 from .result import _RANK, Detection, unknown
 from .view import KeyView, rx

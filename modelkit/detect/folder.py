@@ -14,7 +14,7 @@ import os
 from dataclasses import replace
 from typing import Any
 
-from ..formats import open_model
+from ..reading import open_model
 from . import tables
 from .result import Detection, unknown, weakest
 from .view import KeyView

@@ -6,8 +6,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..formats import open_model
 from ..model import ModelFile
+from ..reading import open_model
 
 #: The containers each extension is normally used for; a mismatch is reported, never trusted.
 _EXPECTED = {

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..formats import open_model
+from ..reading import open_model
 
 
 @dataclass(frozen=True)

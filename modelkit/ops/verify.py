@@ -17,8 +17,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..formats import open_model
 from ..model import ModelFile, TensorRef
+from ..reading import open_model
 
 
 @dataclass(frozen=True)
