@@ -547,13 +547,18 @@ def _op_false(vm: PickleVM) -> None:
 
 def _op_float(vm: PickleVM) -> None:
     line = _cstr(vm._readline())
-    # PyOS_string_to_double takes no surrounding spaces and no underscores, unlike float().
-    if not line or line[0] in _SPACE or line[-1] in _SPACE or "_" in line:
+    # PyOS_string_to_double takes ASCII only, no surrounding spaces and no underscores, unlike
+    # float(); and an overflow (1e999) raises OverflowError where float() gives inf.
+    if not line or not line.isascii() or line[0] in _SPACE or line[-1] in _SPACE or "_" in line \
+            or any(c in line for c in "\x1c\x1d\x1e\x1f"):
         raise vm.error(f"invalid literal for FLOAT: {line[:40]!r}")
     try:
-        vm.push(float(line))
+        value = float(line)
     except ValueError:
         raise vm.error(f"invalid literal for FLOAT: {line[:40]!r}") from None
+    if value in (float("inf"), float("-inf")) and "inf" not in line.lower():
+        raise vm.error(f"FLOAT literal overflows: {line[:40]!r}")
+    vm.push(value)
 
 
 def _op_binfloat(vm: PickleVM) -> None:
