@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import os
-import zlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -189,16 +188,10 @@ def _byteswap(buf: bytearray, dtype: DType) -> None:
 
 def _inflate(source: Source, offset: int, size: int, full: int, crc: int) -> bytes:
     """Inflate a deflated zip member and check it against the size and CRC-32 the archive records
-    (raw deflate has no checksum of its own: a flipped bit can inflate to other, shorter bytes)."""
-    raw = source.pread(size, offset)
-    try:
-        data = zlib.decompress(raw, -15)
-    except zlib.error as exc:
-        raise FormatError(source.path, f"a compressed member is corrupt ({exc})") from None
-    if len(data) != full or zlib.crc32(data) != crc:
-        raise FormatError(source.path, "a compressed member is corrupt (its bytes do not match the size and "
-                                       "CRC-32 the archive records)")
-    return data
+    (raw deflate has no checksum of its own), never holding more than its claimed size + 1."""
+    from .formats.zipread import inflate_exact
+
+    return inflate_exact(source, offset, size, full, crc)
 
 
 @dataclass

@@ -243,7 +243,7 @@ class PickleVM:
         #: Offsets (absolute) where the two readings of the frames part.
         self.frame_anomalies: list[int] = []
         #: Nesting depth of tuples and frozensets deeper than 1, by id (the object is kept alive).
-        self._depth: dict[int, tuple[int, Any]] = {}
+        self._depth: dict[int, tuple[int, int, Any]] = {}
         #: Values visited by state checks (bounded like objects).
         self.state_walk = 0
 
@@ -364,15 +364,24 @@ class PickleVM:
 
     def nested(self, value: tuple[Any, ...] | frozenset[Any], items: Any) -> Any:
         """Record how deep a new tuple or frozenset nests; refuse one too deep to hash safely."""
-        depth = 1
+        depth, size = 1, 1
         for x in items:
             if type(x) is tuple or type(x) is frozenset:
                 d = self._depth.get(id(x))
-                depth = max(depth, 1 + (d[0] if d is not None and d[1] is x else 1))
+                if d is not None and d[2] is x:
+                    depth, size = max(depth, 1 + d[0]), size + d[1]
+                else:
+                    depth, size = max(depth, 2), size + 1
+            else:
+                size += 1
         if depth > 1:
             if depth > self.limits.max_nesting:
                 raise self.error(f"tuples nest deeper than {self.limits.max_nesting} levels", "limit")
-            self._depth[id(value)] = (depth, value)
+            # Hashing or comparing a tuple visits every shared item again: (t, t) of (t, t) ...
+            # doubles per level. Bound the expanded size, as CPython's hash would walk it.
+            if size > self.limits.max_objects:
+                raise self.error("tuples share items so deeply that hashing them would not end", "limit")
+            self._depth[id(value)] = (depth, size, value)
         return value
 
     # -- globals, calls -------------------------------------------------------------------
@@ -741,6 +750,12 @@ def _append(vm: PickleVM, target: Any, items: list[Any]) -> None:
         return
     if isinstance(target, (VMObject, VMCallable)):
         _foreign_container_call(vm, target, "append/extend")
+        return
+    if isinstance(target, bytearray):
+        # CPython calls the object's own append/extend: a bytearray takes ints 0..255
+        if not all(type(x) is int and 0 <= x < 256 for x in items):
+            raise vm.error("APPEND of a value that is not a byte to a bytearray")
+        target.extend(items)
         return
     if not isinstance(target, list):
         raise vm.error(f"APPEND on a {type(target).__name__} is not allowed")

@@ -43,6 +43,10 @@ class StorageType(VMCallable):
         self.qualname = qualname
         self.dtype = dtype  # None for UntypedStorage (bytes)
 
+    def call(self, vm: PickleVM, args: tuple[Any, ...]) -> Any:
+        return vm.unsafe(f"{self.qualname} is called (it allocates or reads storage), which model files never do",
+                         "call")
+
 
 class DTypeConst:
     """A ``torch.float16``-style dtype global."""
@@ -343,8 +347,9 @@ def _ordered_dict(vm: PickleVM, a: tuple[Any, ...]) -> Any:
 
 
 def _set(vm: PickleVM, a: tuple[Any, ...]) -> Any:
-    if a and not isinstance(a[0], (list, tuple, set, frozenset)):
-        raise vm.error("set argument must be a list")
+    # set(iterable): strings and bytes iterate too (set("ab") is {"a", "b"})
+    if a and not isinstance(a[0], (list, tuple, set, frozenset, str, bytes, bytearray)):
+        return vm.unsafe(f"set() of a {type(a[0]).__name__}: CPython iterates it, which runs its __iter__", "call")
     try:
         return set(*a)
     except TypeError:
@@ -352,19 +357,34 @@ def _set(vm: PickleVM, a: tuple[Any, ...]) -> Any:
 
 
 def _frozenset(vm: PickleVM, a: tuple[Any, ...]) -> Any:
-    return frozenset(_set(vm, a))
+    value = _set(vm, a)
+    return frozenset(value) if isinstance(value, set) else value
 
 
 def _bytearray(vm: PickleVM, a: tuple[Any, ...]) -> Any:
-    if a and not isinstance(a[0], (bytes, list)):
-        raise vm.error("bytearray argument must be bytes")
-    if a and isinstance(a[0], list) and not all(type(x) is int and 0 <= x < 256 for x in a[0]):
-        raise vm.error("bytearray argument must be bytes")
-    return bytearray(a[0]) if a else bytearray()
+    # bytearray() / (bytes-like) / (list of ints) / (int) / (str, encoding[, errors])
+    if len(a) >= 2:
+        if not isinstance(a[0], str):
+            raise vm.error("bytearray with an encoding needs text")
+        value = _encode(vm, a[0], a[1], a[2] if len(a) > 2 else "strict", "bytearray")
+        return bytearray(value) if isinstance(value, bytes) else value
+    if not a:
+        return bytearray()
+    arg = a[0]
+    if isinstance(arg, (bytes, bytearray)):
+        return bytearray(arg)
+    if isinstance(arg, (list, tuple)):
+        if not all(type(x) is int and 0 <= x < 256 for x in arg):
+            raise vm.error("bytearray argument must be bytes")
+        return bytearray(arg)
+    if type(arg) is int and 0 <= arg <= 1 << 20:
+        return bytearray(arg)
+    return vm.unsafe(f"bytearray() of a {type(arg).__name__}, which modelkit does not model", "call")
 
 
 def _bytes(vm: PickleVM, a: tuple[Any, ...]) -> Any:
-    return bytes(_bytearray(vm, a))
+    value = _bytearray(vm, a)
+    return bytes(value) if isinstance(value, bytearray) else value
 
 
 class CodecBytes(bytes):
@@ -378,23 +398,35 @@ _CODECS = {"latin_1": "latin1", "latin1": "latin1", "iso_8859_1": "latin1", "iso
            "utf": "utf-8", "utf8_ucs2": "utf-8", "utf8_ucs4": "utf-8"}
 
 
+def _encode(vm: PickleVM, text: str, name: Any, errors: Any, fn: str) -> Any:
+    """``text.encode(name, errors)`` for the encodings modelled; anything else is unsafe."""
+    if not isinstance(name, str) or not isinstance(errors, str):
+        raise vm.error(f"{fn} needs an encoding name")
+    codec = _CODECS.get(name.strip().lower().replace("-", "_").replace(" ", "_"))
+    if codec is None or errors != "strict":
+        return vm.unsafe(f"{fn} with encoding {name[:40]!r} and errors {errors[:20]!r}, whose bytes "
+                         "modelkit does not model", "call")
+    try:
+        return text.encode(codec)
+    except UnicodeEncodeError:
+        raise vm.error(f"{fn} text cannot be encoded as {codec}") from None
+
+
 def _codecs_encode(vm: PickleVM, a: tuple[Any, ...]) -> Any:
     # Protocol-2 pickles spell ``bytes`` as _codecs.encode(text, "latin1"). The signature is
     # encode(obj, encoding="utf-8", errors="strict"): with one argument the text is UTF-8 encoded.
+    # Only the latin1 spelling is a constant: that is what pickle writes; anything else is bytes
+    # computed at run time.
     if not isinstance(a[0], str):
-        raise vm.error("_codecs.encode needs text")
+        return vm.unsafe(f"_codecs.encode of a {type(a[0]).__name__} (a bytes-to-bytes codec), which modelkit "
+                         "does not model", "call")
     name = a[1] if len(a) > 1 else "utf-8"
-    errors = a[2] if len(a) > 2 else "strict"
-    if not isinstance(name, str) or not isinstance(errors, str):
-        raise vm.error("_codecs.encode needs an encoding name")
-    codec = _CODECS.get(name.strip().lower().replace("-", "_").replace(" ", "_"))
-    if codec is None or errors != "strict":
-        return vm.unsafe(f"_codecs.encode with encoding {name[:40]!r} and errors {errors[:20]!r}, whose bytes "
-                         "modelkit does not model", "call")
-    try:
-        value = CodecBytes(a[0].encode(codec))
-    except UnicodeEncodeError:
-        raise vm.error(f"_codecs.encode text cannot be encoded as {codec}") from None
+    value = _encode(vm, a[0], name, a[2] if len(a) > 2 else "strict", "_codecs.encode")
+    if not isinstance(value, bytes):
+        return value
+    if len(a) > 1 and _CODECS.get(str(name).strip().lower().replace("-", "_").replace(" ", "_")) == "latin1" \
+            and len(a) < 3:
+        value = CodecBytes(value)
     vm.note_blob(value)
     return value
 
@@ -410,12 +442,13 @@ def _torch_device(vm: PickleVM, a: tuple[Any, ...]) -> Any:
 
 
 def _numpy_dtype(vm: PickleVM, a: tuple[Any, ...]) -> Any:
-    if not isinstance(a[0], str):
-        raise vm.error("numpy.dtype needs a type string")
     code = a[0]
-    dt = dtypes.BY_NUMPY.get(code) or dtypes.BY_NUMPY.get(code[1:])
+    dt = (dtypes.BY_NUMPY.get(code) or dtypes.BY_NUMPY.get(code[1:])) if isinstance(code, str) else None
     if dt is None:
-        raise vm.error(f"numpy dtype {code!r} is not allowed (only plain numeric types are)")
+        # object, structured, string and datetime dtypes: numpy builds them, and object ones
+        # make it unpickle Python objects
+        return vm.unsafe(f"numpy dtype {str(code)[:40]!r} is not a plain numeric dtype (object and structured "
+                         "dtypes carry Python objects)", "call")
     return NumpyDType(dt, code[0] if code[0] in "<>|=" else "<")
 
 
@@ -475,6 +508,13 @@ class _TypeConst(VMCallable):
     def __init__(self, qualname: str):
         self.qualname = qualname
 
+    def call(self, vm: PickleVM, args: tuple[Any, ...]) -> Any:
+        # torch.Tensor(...), numpy.ndarray(...), object(): CPython builds them; files never do
+        return vm.unsafe(f"{self.qualname} is called, which model files never do", "call")
+
+    def new(self, vm: PickleVM, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        return self.call(vm, args)
+
     def __repr__(self) -> str:
         return self.qualname
 
@@ -527,8 +567,8 @@ def _build_table() -> dict[tuple[str, str], Allowed]:
     for module in ("builtins", "__builtin__"):
         fn(module, "set", "container", _set, 0, 1)
         fn(module, "frozenset", "container", _frozenset, 0, 1)
-        fn(module, "bytearray", "container", _bytearray, 0, 1)
-        fn(module, "bytes", "container", _bytes, 0, 1)
+        fn(module, "bytearray", "container", _bytearray, 0, 3)
+        fn(module, "bytes", "container", _bytes, 0, 3)
         rows.append(Allowed(module, "object", "type", _TypeConst("builtins.object")))
     fn("_codecs", "encode", "codec", _codecs_encode, 1, 3)
     for module in ("copyreg", "copy_reg"):

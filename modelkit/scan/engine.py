@@ -19,7 +19,6 @@ import mmap
 import os
 import re
 import struct
-import tarfile
 import zlib
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -36,7 +35,12 @@ from .report import FileReport, Finding, ScanReport, combine
 
 MAX_CONCATENATED = 64
 MAX_DEPTH = 3
-MAX_UNWRAP = 512 * 1024 * 1024
+#: A compressed wrapper inflates, in memory, to at most UNWRAP_RATIO bytes per byte of input, at
+#: least UNWRAP_FLOOR and never more than MAX_UNWRAP (see ``unwrap_budget``).
+MAX_UNWRAP = 256 * 1024 * 1024
+UNWRAP_RATIO = 64
+UNWRAP_FLOOR = 32 * 1024 * 1024
+UNWRAP_CHUNK = 1024 * 1024
 
 
 class _Ctx:
@@ -293,55 +297,28 @@ def _data(src: Source) -> Any:
 
 
 def _scan_safetensors(ctx: _Ctx, src: Source, depth: int) -> bool:
-    """Validate the header; True when valid (then nothing in the file can run as a pickle)."""
-    from ..formats.safetensors_file import parse_header
+    """Validate the header, then probe byte 0 as a pickle (torch.load unpickles any non-zip file,
+    whatever its name). True when the header is valid and byte 0 runs nothing as a pickle; a
+    polyglot is a finding, and the caller then scans it as the pickle it also is."""
+    from ..formats.safetensors_file import parse_header, pickle_polyglot
 
     try:
         parse_header(src.path, src)
     except FormatError as exc:
         ctx.add(R.HEADER_ERROR, exc.problem, src.path if src.fd < 0 else None)
         return False
-    return True
+    polyglot = pickle_polyglot(src)
+    if polyglot is None:
+        return True
+    ctx.add(R.SAFETENSORS_POLYGLOT, f"a valid safetensors header, and {polyglot}", _m(src, "pickle"), 0)
+    return False
 
 
 def _scan_zip(ctx: _Ctx, src: Source, depth: int) -> None:
-    from ..formats.torch_zip import probe_members, storage_loader
-    from ..formats.zipdir import anomalies, read_directory, read_member, torch_prefix
+    """Every central directory any reader finds, members read as torch reads them (see zipscan)."""
+    from .zipscan import scan_zip
 
-    try:
-        zd = read_directory(src.path, src)
-    except FormatError as exc:
-        ctx.add(R.ZIP_ERROR, exc.problem)
-        return
-    npz = bool(zd.entries) and all(e.name.endswith(".npy") for e in zd.entries)
-    if npz:
-        for member, problem in anomalies(zd, None, allow_compressed=True):
-            ctx.add(R.ZIP_ANOMALY, problem, _m(src, member))
-        for e in zd.entries:
-            _scan_npy_bytes(ctx, read_member(src.path, src, e), _m(src, e.name), e.data_offset if e.method == 0 else 0,
-                            depth)
-        return
-    prefix = torch_prefix(zd)  # the folder torch reads, from the first member
-    for member, problem in anomalies(zd, prefix):
-        ctx.add(R.ZIP_ANOMALY, problem, _m(src, member))
-    data_pkl = zd.lookup(prefix + "data.pkl") if prefix else None
-    if data_pkl is None:
-        ctx.add(R.ZIP_ERROR, "torch finds no data.pkl in this zip archive, so it is not a PyTorch file")
-    else:
-        try:
-            data = read_member(src.path, src, data_pkl)
-        except FormatError as exc:
-            ctx.add(R.ZIP_ERROR, exc.problem, _m(src, data_pkl.name))
-        else:
-            base = data_pkl.data_offset if data_pkl.method == 0 else 0
-            _scan_stream_chain(ctx, data, _m(src, data_pkl.name), base, storage_loader(src.path, {}), depth)
-    for e, p in probe_members(src.path, src, zd, data_pkl):
-        if p.is_pickle and e.name.endswith(".pkl"):
-            ctx.run_pickle(read_member(src.path, src, e), _m(src, e.name), e.data_offset if e.method == 0 else 0,
-                           None, depth)
-        elif p.dangerous or p.blobs:
-            ctx.pickles += 1
-            ctx.note_probe(p, _m(src, e.name), b"", 0, depth)
+    scan_zip(ctx, src, depth)
 
 
 def _scan_stream_chain(ctx: _Ctx, data: Any, member: str, base: int, pload: Any, depth: int) -> int:
@@ -379,17 +356,19 @@ def _scan_byte0(ctx: _Ctx, src: Source, kind: str, depth: int) -> None:
         claimed = kind in ("pickle", "torch-legacy")
         first = probe(data, 0)
         magic = magic_kind(first.value) if first.is_pickle else "no"
-        if magic != "no":
-            if magic == "maybe" and not first.refused and not first.unsafe:
-                ctx.add(R.MAGIC_SPELLING, f"the first pickle is a {type(first.value).__name__}, which torch's check "
-                                          "could take for the legacy magic number", label, 0)
-            # read as torch would if it took the magic; when it might not, a failure of that
-            # reading is no evidence (the other reading below is what runs then)
-            _scan_legacy(ctx, src, data, depth, quiet_errors=magic == "maybe")
-        if magic != "exact" and (first.is_pickle or claimed):
+        if magic == "exact":
+            _scan_legacy(ctx, src, data, depth)
+        elif first.is_pickle or claimed:
             end = _scan_stream_chain(ctx, data, label, 0, None, depth)
             _after_stop(ctx, src, data, end, label, depth)
-        elif magic == "no":
+        if magic == "maybe":
+            if not first.refused and not first.unsafe:
+                ctx.add(R.MAGIC_SPELLING, f"the first pickle is a {type(first.value).__name__}, which torch's check "
+                                          "could take for the legacy magic number", label, 0)
+            # read as torch would if it took the magic; as it might not, a failure of that
+            # reading is no evidence (the reading above is what runs then)
+            _scan_legacy(ctx, src, data, depth, quiet_errors=True)
+        elif magic == "no" and not (first.is_pickle or claimed):
             # Not a pickle; still report what a loader would have reached before failing.
             first = probe(data, 0, keep_blobs=True)
             ctx.note_probe(first, label, data, 0, depth)
@@ -480,41 +459,11 @@ def _npy_header_end(data: bytes) -> int:
 
 
 def _scan_tar(ctx: _Ctx, src: Source, depth: int) -> None:
-    """torch.load first tries every non-zip file as a tar archive (torch < 0.4 checkpoints, whose
-    members 'storages', 'tensors' and 'pickle' are pickles between raw storage bytes)."""
-    import io
+    """torch.load first tries every non-zip file as a tar archive (torch < 0.4 checkpoints): scan
+    every pickle its tar loader reads, at the offset it reads it (see tarscan)."""
+    from .tarscan import scan_tar
 
-    fileobj: Any = io.BytesIO(src.data) if isinstance(src, MemorySource) else open(src.path, "rb")  # noqa: SIM115
-    try:
-        with tarfile.open(fileobj=fileobj, mode="r:") as tf:
-            members = [m for m in tf.getmembers() if m.isfile()]
-            if members:
-                ctx.add(R.WRAPPED, f"a tar archive of {len(members)} files (torch.load reads old checkpoints so)",
-                        src.path)
-            for m in members:
-                f = tf.extractfile(m)
-                if f is None:
-                    continue
-                data = f.read(MAX_UNWRAP)
-                label = _m(src, f"tar:{m.name}")
-                _scan_stream_chain(ctx, data, label, m.offset_data, None, depth)
-                for start in _proto_marks(data):  # pickles after raw storage bytes
-                    ctx.note_probe(probe(data[start:], m.offset_data + start, keep_blobs=True), label,
-                                   data[start:], m.offset_data + start, depth)
-    except (tarfile.TarError, EOFError, OSError, ValueError):
-        return  # not a tar archive: torch.load goes on to unpickle it
-    finally:
-        fileobj.close()
-
-
-def _proto_marks(data: bytes, limit: int = 10_000) -> list[int]:
-    out: list[int] = []
-    pos = data.find(b"\x80", 1)
-    while pos >= 0 and len(out) < limit:
-        if pos + 1 < len(data) and 2 <= data[pos + 1] <= 5:
-            out.append(pos)
-        pos = data.find(b"\x80", pos + 1)
-    return out
+    scan_tar(ctx, src, depth, lambda member: _m(src, member))
 
 
 _OPENERS: dict[str, Callable[[Any], Any]] = {
@@ -524,24 +473,52 @@ _OPENERS: dict[str, Callable[[Any], Any]] = {
 }
 
 
+def unwrap_budget(size: int) -> int:
+    """How many bytes a compressed wrapper of ``size`` bytes may inflate to before the scan stops."""
+    return min(MAX_UNWRAP, max(UNWRAP_FLOOR, UNWRAP_RATIO * size))
+
+
 def _scan_wrapped(ctx: _Ctx, src: Source, fmt: str, depth: int) -> None:
-    """Decompress a gzip/bzip2/xz wrapper (bounded) and scan what is inside."""
+    """Decompress a gzip/bzip2/xz wrapper and scan what is inside.
+
+    The stream is inflated in steps of a MiB, into memory, up to ``unwrap_budget(size)`` bytes
+    (time and memory in proportion to the input). A stream that inflates further is a
+    ``RESOURCE_LIMIT`` finding, and only the bytes within the budget are scanned (a payload near
+    the start is still found). A corrupt stream is scanned as far as it inflates, since a loader
+    runs what it unpickled before the error.
+    """
     import io
 
     if depth >= MAX_DEPTH:
-        ctx.add(R.RESOURCE_LIMIT, f"a {fmt} wrapper nested deeper than {MAX_DEPTH} levels", src.path)
+        ctx.add(R.RESOURCE_LIMIT, f"a {fmt} wrapper nested deeper than {MAX_DEPTH} levels exceeds a resource bound",
+                src.path)
         return
+    budget = unwrap_budget(src.size)
+    out = io.BytesIO()
+    over = False
     raw: Any = io.BytesIO(src.data) if isinstance(src, MemorySource) else open(src.path, "rb")  # noqa: SIM115
     try:
         with _OPENERS[fmt](raw) as f:
-            inner = f.read(MAX_UNWRAP + 1)
+            while True:
+                chunk = f.read(min(UNWRAP_CHUNK, budget - out.tell()) or 1)
+                if not chunk:
+                    break
+                if out.tell() >= budget:
+                    over = True
+                    break
+                out.write(chunk)
     except (OSError, EOFError, lzma.LZMAError, zlib.error) as exc:
-        ctx.add(R.ZIP_ERROR, f"the {fmt} stream is corrupt ({exc})", src.path)
-        return
+        ctx.add(R.ZIP_ERROR, f"the {fmt} stream is corrupt ({exc}); what it inflated to before the error was scanned",
+                src.path)
     finally:
         raw.close()
-    if len(inner) > MAX_UNWRAP:
-        ctx.add(R.RESOURCE_LIMIT, f"the {fmt} stream inflates past {MAX_UNWRAP} bytes; not scanned", src.path)
+    inner = out.getvalue()
+    del out
+    if over:
+        ctx.add(R.RESOURCE_LIMIT, f"the {fmt} stream inflates past {budget} bytes ({UNWRAP_RATIO} times its size, at "
+                                  f"least {UNWRAP_FLOOR}, at most {MAX_UNWRAP}), which exceeds a resource bound; only "
+                                  f"its first {budget} bytes were scanned", src.path)
+    if not inner:
         return
     kind = sniff_bytes(inner[:512], len(inner))
     ctx.add(R.WRAPPED, f"a {fmt} stream holding a {kind.split(':', 1)[-1]} ({len(inner)} bytes); scanned inside",

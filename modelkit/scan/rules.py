@@ -137,6 +137,21 @@ INTERNAL = rule(
     "MK-X001", "medium", "error", "Scanner error",
     "The scanner failed on this file. This is a bug in modelkit; the file is not reported clean.",
 )
+SAFETENSORS_POLYGLOT = rule(
+    "MK-S002", "high", "unsafe", "Safetensors/pickle polyglot",
+    "The file has a valid safetensors header and is also a pickle from byte 0 that reaches a global "
+    "or makes a call: the header's length bytes and JSON spell opcodes that run on into the tensor "
+    "data. Safetensors readers see tensors; torch.load, which unpickles any file that is not a zip "
+    "whatever its name, runs the pickle. The pickle was scanned too; do not load the file with torch.",
+)
+TAR_UNFOLLOWED = rule(
+    "MK-A001", "high", "unsafe", "Tar checkpoint read the scanner cannot follow",
+    "torch.load reads a pre-0.4 tar checkpoint in a fixed order: pickles between raw storage bytes "
+    "in 'storages', then 'tensors', then 'pickle'. Here where torch reads next depends on what the "
+    "scanner cannot know for sure (a member that is a link or sparse, a storage type whose element "
+    "size is unknown, a count that is not a plain int), so the bytes torch would unpickle next were "
+    "not scanned. Real checkpoints never do this.",
+)
 
 # -- the denylist: explanations and severities only ----------------------------------------------
 
@@ -212,3 +227,16 @@ def markdown_table() -> str:
     lines += [f"| `{r.id}` | {r.severity} | {r.verdict} | {r.title} |" for r in RULES.values()]
     return "\n".join(lines)
 
+
+
+TORCHSCRIPT = rule(
+    "MK-T001", "medium", "suspicious", "TorchScript archive",
+    "A TorchScript program (torch.jit.save output), not a state dict. torch.load hands it to "
+    "torch.jit.load, which compiles its code; running the model runs that code. modelkit reads "
+    "weights only and refuses it; load it with torch.jit.load only if you trust its source.",
+)
+TORCHSCRIPT_CODE = rule(
+    "MK-T002", "high", "unsafe", "TorchScript code that runs on load",
+    "The TorchScript program defines __setstate__, which torch.jit.load (and torch.load, which "
+    "hands TorchScript archives to it) runs while loading the file, before any model is used.",
+)
