@@ -13,10 +13,8 @@ failure shows the shape of the gap. ``fixtures/corpus.py`` (the bench corpus) is
 
 from __future__ import annotations
 
-import gc
 import os
 import re
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -233,10 +231,7 @@ def test_a_safe_scan_means_the_reader_reads_it(twins: list[tuple[Sample, Path]])
 def earlier_corpus(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[str], list[str], str]:
     folder = tmp_path_factory.mktemp("earlier")
     marker = str(folder / "PWNED")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ResourceWarning)  # build_hostile writes some files without closing them
-        hostile = corpus.build_hostile(str(folder / "hostile"), marker)
-        gc.collect()
+    hostile = corpus.build_hostile(str(folder / "hostile"), marker)
     return hostile, corpus.build_benign(str(folder / "benign")), marker
 
 
