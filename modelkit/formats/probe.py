@@ -116,11 +116,3 @@ def probe_chain(data: Any, base: int = 0, max_pickles: int = 64) -> list[Probe]:
         pos += p.end
     return out
 
-
-def first_value(data: Any) -> Any:
-    """The value of the first pickle under the allow-list (no budget below the VM's own
-    limits), or None if it does not parse cleanly or reaches anything outside the allow-list."""
-    p = probe(data)
-    if not p.is_pickle or p.refused or p.unsafe:
-        return None
-    return p.value

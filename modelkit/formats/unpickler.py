@@ -398,11 +398,16 @@ _CODECS = {"latin_1": "latin1", "latin1": "latin1", "iso_8859_1": "latin1", "iso
            "utf": "utf-8", "utf8_ucs2": "utf-8", "utf8_ucs4": "utf-8"}
 
 
+def _codec(name: str) -> str | None:
+    """The encoding ``codecs.lookup`` would find for ``name``, among those modelled."""
+    return _CODECS.get(name.strip().lower().replace("-", "_").replace(" ", "_"))
+
+
 def _encode(vm: PickleVM, text: str, name: Any, errors: Any, fn: str) -> Any:
     """``text.encode(name, errors)`` for the encodings modelled; anything else is unsafe."""
     if not isinstance(name, str) or not isinstance(errors, str):
         raise vm.error(f"{fn} needs an encoding name")
-    codec = _CODECS.get(name.strip().lower().replace("-", "_").replace(" ", "_"))
+    codec = _codec(name)
     if codec is None or errors != "strict":
         return vm.unsafe(f"{fn} with encoding {name[:40]!r} and errors {errors[:20]!r}, whose bytes "
                          "modelkit does not model", "call")
@@ -424,8 +429,7 @@ def _codecs_encode(vm: PickleVM, a: tuple[Any, ...]) -> Any:
     value = _encode(vm, a[0], name, a[2] if len(a) > 2 else "strict", "_codecs.encode")
     if not isinstance(value, bytes):
         return value
-    if len(a) > 1 and _CODECS.get(str(name).strip().lower().replace("-", "_").replace(" ", "_")) == "latin1" \
-            and len(a) < 3:
+    if len(a) == 2 and _codec(name) == "latin1":
         value = CodecBytes(value)
     vm.note_blob(value)
     return value
@@ -658,10 +662,12 @@ def collect(found: list[tuple[str, str, int]]) -> RefusedHook:
 
 def reader_error(path: str, exc: PickleError, what: str) -> Exception:
     """The user-facing error for a pickle the safe reader stopped at: unsafe, truncated or corrupt."""
-    from ..errors import FormatError, TruncatedFileError, UnsafeFileError
+    from ..errors import FormatError, ResourceLimitError, TruncatedFileError, UnsafeFileError
 
     if exc.kind == "unsafe":
         return UnsafeFileError(path, f"refused to load: {what} at byte {exc.offset}: {exc}")
+    if exc.kind == "limit":
+        return ResourceLimitError(path, f"{what} exceeds a resource bound at byte {exc.offset}: {exc}")
     cls = TruncatedFileError if exc.kind == "truncated" else FormatError
     return cls(path, f"{what} is corrupt at byte {exc.offset}: {exc}")
 
