@@ -66,33 +66,35 @@ import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-# -- opcodes -------------------------------------------------------------------------------------
+# -- opcodes: the suite's one set of names (tests/security/test_bypasses.py) -----------------------
+from tests.security.test_bypasses import (  # noqa: E402
+    APPEND,
+    APPENDS,
+    BUILD,
+    EMPTY_DICT,
+    EMPTY_LIST,
+    EMPTY_TUPLE,
+    MARK,
+    MEMOIZE,
+    NEWFALSE,
+    NEWOBJ,
+    NEWOBJ_EX,
+    NEWTRUE,
+    NONE,
+    OBJ,
+    POP,
+    POP_MARK,
+    REDUCE,
+    SETITEM,
+    SETITEMS,
+    STACK_GLOBAL,
+    STOP,
+    TUPLE,
+    TUPLE1,
+    TUPLE2,
+    TUPLE3,
+)
 
-MARK = b"("
-STOP = b"."
-POP = b"0"
-POP_MARK = b"1"
-TUPLE = b"t"
-TUPLE1 = b"\x85"
-TUPLE2 = b"\x86"
-TUPLE3 = b"\x87"
-EMPTY_TUPLE = b")"
-EMPTY_DICT = b"}"
-EMPTY_LIST = b"]"
-APPEND = b"a"
-APPENDS = b"e"
-SETITEM = b"s"
-SETITEMS = b"u"
-REDUCE = b"R"
-BUILD = b"b"
-NEWOBJ = b"\x81"
-NEWOBJ_EX = b"\x92"
-OBJ = b"o"
-NONE = b"N"
-NEWTRUE = b"\x88"
-NEWFALSE = b"\x89"
-STACK_GLOBAL = b"\x93"
-MEMOIZE = b"\x94"
 FRAME = b"\x95"
 
 #: torch's legacy magic number (torch/serialization.py MAGIC_NUMBER) and protocol version.
