@@ -31,10 +31,10 @@ class DType:
     is_float: bool
 
     def torch(self) -> Any:
-        """The torch dtype (imports torch)."""
-        import torch
+        """The torch dtype (imports torch; a MissingExtraError where it is not installed)."""
+        from ._torch import require_torch
 
-        return getattr(torch, self.name)
+        return getattr(require_torch(f"reading {self.name} tensors into torch"), self.name)
 
     def __str__(self) -> str:
         return self.name

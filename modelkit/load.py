@@ -19,6 +19,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from ._torch import require_torch
 from .dtypes import ALIASES
 from .errors import FormatError, ModelkitError, UsageError
 from .model import ModelFile, TensorRef
@@ -119,6 +120,7 @@ def load(path: str | os.PathLike[str], device: str = "cpu", dtype: Any = None,
     Example:
         >>> sd = modelkit.load("model.safetensors", device="cuda", dtype="float16")  # doctest: +SKIP
     """
+    require_torch("modelkit load")
     dev = resolve_device(device)
     dtype = resolve_dtype(dtype)
     with open_model(path) as mf:
@@ -295,6 +297,7 @@ def load_into(module: Any, path: str | os.PathLike[str], strict: bool = True) ->
     Raises:
         ModelkitError: a missing or unexpected key (strict), or a shape mismatch.
     """
+    require_torch("modelkit.load_into")
     torch = _torch()
     target = module.state_dict(keep_vars=True)
     with open_model(path) as mf:

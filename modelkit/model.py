@@ -150,7 +150,9 @@ class TensorRef:
         return self._to_numpy(buf)
 
     def _to_torch(self, buf: bytearray) -> Any:
-        import torch
+        from ._torch import require_torch
+
+        torch = require_torch("reading tensors into torch")
 
         dt = self.dtype.torch()
         if self.numel == 0:
@@ -172,11 +174,9 @@ class TensorRef:
 
 
 def _has_torch() -> bool:
-    try:
-        import torch  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    from ._torch import have_torch
+
+    return have_torch()
 
 
 def _byteswap(buf: bytearray, dtype: DType) -> None:

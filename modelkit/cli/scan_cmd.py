@@ -37,6 +37,10 @@ def scan_cmd(paths: tuple[str, ...], json_mode: bool, sarif_path: str | None, al
 
     out = Output(json_mode, quiet=False)
     try:
+        if explain:
+            from ..scan.explain import require_fickling
+
+            require_fickling()
         allowed = check_allow(allow)
         files = list(iter_inputs(paths, lambda d: out.warn(empty_folder_warning(d))))
     except ModelkitError as exc:

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from .._torch import require_torch
 from ..detect import detect_modelfile
 from ..errors import UsageError
 from ..formats import open_model
@@ -253,6 +254,7 @@ def merge_models(
     Example:
         >>> modelkit.merge_models("a.safetensors", "b.safetensors", alpha=0.3, out="ab.safetensors")  # doctest: +SKIP
     """
+    require_torch("modelkit merge models")
     t0 = time.perf_counter()
     paths = [os.fspath(p) for p in (a, b, c) if p is not None]
     mode = mode or ("add-difference" if c is not None else "weighted-sum")

@@ -17,6 +17,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from .._torch import require_torch
 from ..model import ModelFile, TensorRef
 from ..reading import open_model
 
@@ -62,23 +63,31 @@ def _source_name(name: str, src: ModelFile) -> str | None:
 
 
 def _same(a: TensorRef, b: TensorRef) -> tuple[bool, bool]:
-    """(equal, needed a cast): compares bytes, casting ``a`` to ``b``'s dtype where they differ."""
+    """(equal, needed a cast): compares bits, casting ``a`` to ``b``'s dtype where they differ (with
+    ``numcast``, which rounds as torch does; NaN payloads are not compared after a cast)."""
+    from .. import numcast
+
     if a.dtype == b.dtype:
         if a.is_contiguous and b.is_contiguous and a.byteorder == b.byteorder == "little":
             return bytes(a.read_raw()) == bytes(b.read_raw()), False
-        return _bits(a.read("torch")) == _bits(b.read("torch")), False
-    import torch
-
+        return _bits(a) == _bits(b), False
+    if numcast.can_cast(a.dtype, b.dtype):
+        got = numcast.cast(a.read("numpy"), a.dtype, b.dtype)
+        return numcast.same_values(_tobytes(got), _bits(b), b.dtype), True
+    torch = require_torch(f"verifying a cast from {a.dtype.name} to {b.dtype.name}")
     ta = a.read("torch").to(b.dtype.torch())
-    tb = b.read("torch")
-    return bool(torch.equal(ta.contiguous().reshape(-1).view(torch.uint8),
-                            tb.contiguous().reshape(-1).view(torch.uint8))), True
+    return _tobytes(ta.contiguous().reshape(-1).view(torch.uint8).numpy()) == _bits(b), True
 
 
-def _bits(t: Any) -> bytes:
-    import torch
+def _tobytes(arr: Any) -> bytes:
+    import numpy as np
 
-    return bytes(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return bytes(np.ascontiguousarray(arr).tobytes())
+
+
+def _bits(ref: TensorRef) -> bytes:
+    """The tensor's elements in C order, little-endian."""
+    return _tobytes(ref.read("numpy"))
 
 
 def verify(source: str | os.PathLike[str], output: str | os.PathLike[str]) -> VerifyResult:
@@ -165,8 +174,6 @@ def diff(a: str | os.PathLike[str], b: str | os.PathLike[str], values: bool = Tr
     Returns:
         A DiffResult, one entry per tensor name in either file.
     """
-    import torch
-
     entries: list[TensorDiff] = []
     with open_model(a) as ma, open_model(b) as mb:
         for name in list(ma) + [k for k in mb if k not in ma]:
@@ -181,12 +188,11 @@ def diff(a: str | os.PathLike[str], b: str | os.PathLike[str], values: bool = Tr
                 entries.append(TensorDiff(name, "dtype" if ra.dtype != rb.dtype else "same",
                                           f"{ra.dtype.name} -> {rb.dtype.name}" if ra.dtype != rb.dtype else ""))
             else:
-                ta, tb = ra.read("torch"), rb.read("torch")
-                if ra.dtype == rb.dtype and torch.equal(ta.contiguous().reshape(-1).view(torch.uint8),
-                                                        tb.contiguous().reshape(-1).view(torch.uint8)):
+                ta, tb = ra.read("numpy"), rb.read("numpy")
+                if ra.dtype == rb.dtype and _tobytes(ta) == _tobytes(tb):
                     entries.append(TensorDiff(name, "same"))
                     continue
-                m = _max_abs(ta, tb)
+                m = _max_abs(ta, ra, tb, rb)
                 kind = "dtype" if ra.dtype != rb.dtype else "values"
                 detail = f"{ra.dtype.name} -> {rb.dtype.name}" if kind == "dtype" else ""
                 entries.append(TensorDiff(name, kind, detail, m))
@@ -194,14 +200,19 @@ def diff(a: str | os.PathLike[str], b: str | os.PathLike[str], values: bool = Tr
     return DiffResult(os.fspath(a), os.fspath(b), tuple(entries), meta)
 
 
-def _max_abs(ta: Any, tb: Any) -> float | None:
-    import torch
+def _max_abs(ta: Any, ra: TensorRef, tb: Any, rb: TensorRef) -> float | None:
+    """The largest absolute difference of two arrays of equal shape (``None`` for dtypes that have
+    no numeric value here, such as complex32)."""
+    import numpy as np
 
-    if ta.is_complex() or tb.is_complex():
-        return float((ta.to(torch.complex128) - tb.to(torch.complex128)).abs().max()) if ta.numel() else 0.0
-    if not ta.numel():
+    from .. import numcast
+
+    if not ta.size:
         return 0.0
-    try:
-        return float((ta.to(torch.float64) - tb.to(torch.float64)).abs().max())
-    except (RuntimeError, TypeError):
+    known = [r.dtype.numpy is not None or r.dtype.name in numcast.SOURCES for r in (ra, rb)]
+    if not all(known):
         return None
+    va, vb = numcast.values(ta, ra.dtype), numcast.values(tb, rb.dtype)
+    wide = np.complex128 if np.iscomplexobj(va) or np.iscomplexobj(vb) else np.float64
+    with np.errstate(all="ignore"):  # inf - inf is NaN, and says so
+        return float(np.max(np.abs(va.astype(wide) - vb.astype(wide))))

@@ -1,14 +1,16 @@
 """``modelkit scan --explain``: fickling's decompiled view of each pickle with a finding.
 
 fickling reads the pickle statically and prints it as the Python it would run. It never
-decides a verdict here; it only shows the evidence in a readable form.
+decides a verdict here; it only shows the evidence in a readable form. So it is not in the core
+install: ``pip install 'modelkit[explain]'`` adds it (it is LGPL-licensed and used for nothing
+else), and ``--explain`` without it stops with that command before scanning.
 """
 
 from __future__ import annotations
 
 import ast
 
-from ..errors import ModelkitError
+from ..errors import MissingExtraError, ModelkitError
 from ..formats.zipdir import read_directory, read_member
 from ..model import Source
 from .report import FileReport
@@ -16,11 +18,18 @@ from .report import FileReport
 MAX_EXPLAIN_BYTES = 8 * 1024 * 1024
 
 
+def require_fickling() -> None:
+    """A MissingExtraError (one line, exit 2) when fickling is not installed."""
+    import importlib.util
+
+    if importlib.util.find_spec("fickling") is None:
+        raise MissingExtraError(None, "--explain needs fickling, which is not installed",
+                                "Install it with: pip install 'modelkit[explain]'")
+
+
 def _decompile(data: bytes) -> str:
-    try:
-        from fickling.fickle import Pickled
-    except ImportError:  # pragma: no cover - fickling is a core dependency
-        return "(install fickling to see a decompiled view)"
+    from fickling.fickle import Pickled
+
     try:
         return ast.unparse(Pickled.load(data).ast)
     except Exception as exc:  # noqa: BLE001 - fickling fails on broken pickles; say so

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..._torch import require_torch
 from ...detect import detect_modelfile
 from ...errors import UsageError
 from ...formats import open_model
@@ -252,6 +253,7 @@ def merge_lora(
     Example:
         >>> modelkit.merge_lora("v1-5.safetensors", ["style.safetensors:0.8"], "out.safetensors")  # doctest: +SKIP
     """
+    require_torch("modelkit merge lora")
     t0 = time.perf_counter()
     src = os.fspath(base)
     specs = [parse_spec(s) for s in loras]

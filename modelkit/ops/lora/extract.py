@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..._torch import require_torch
 from ...detect import detect_modelfile
 from ...errors import FormatError, UsageError
 from ...formats import open_model
@@ -154,6 +155,7 @@ def extract_lora(
     Example:
         >>> modelkit.extract_lora("v1-5.safetensors", "finetuned.safetensors", rank=32)  # doctest: +SKIP
     """
+    require_torch("modelkit lora extract")
     t0 = time.perf_counter()
     if rank < 1 or (conv_rank is not None and conv_rank < 1):
         raise UsageError(None, "--rank and --conv-rank must be 1 or more")

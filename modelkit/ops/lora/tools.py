@@ -22,6 +22,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from ..._torch import require_torch
 from ...errors import UsageError
 from ...paths import check_output, require_safetensors_name
 from .. import metadata as md
@@ -101,6 +102,7 @@ def merge_loras(
     Raises:
         UsageError: bases differ, a module cannot be merged this way, or names match nothing.
     """
+    require_torch("modelkit lora merge")
     t0 = time.perf_counter()
     specs = [parse_spec(s) for s in loras]
     if len(specs) < 2:
@@ -203,6 +205,7 @@ def convert_lora(
     Raises:
         UsageError: an unknown style, a module that style cannot hold, or names that match nothing.
     """
+    require_torch("modelkit lora convert")
     t0 = time.perf_counter()
     if to not in STYLES:
         raise UsageError(None, f"--to must be one of {', '.join(STYLES)}, not {to!r}")
