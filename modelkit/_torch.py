@@ -17,12 +17,18 @@ INSTALL = "pip install 'modelkit[torch]'"
 
 
 @cache
-def have_torch() -> bool:
-    """Whether torch is installed (looked up without importing it)."""
+def installed(package: str) -> bool:
+    """Whether ``package`` can be imported (looked up without importing it; a broken install or
+    an import hook that refuses it counts as not installed)."""
     try:
-        return importlib.util.find_spec("torch") is not None
+        return importlib.util.find_spec(package) is not None
     except (ImportError, ValueError):
         return False
+
+
+def have_torch() -> bool:
+    """Whether torch is installed (looked up without importing it)."""
+    return installed("torch")
 
 
 def require_torch(what: str) -> Any:

@@ -18,6 +18,7 @@ they need range checks and scaling (``prune --dtype fp8`` is torch's job).
 
 from __future__ import annotations
 
+import math
 from functools import cache
 from typing import Any
 
@@ -38,6 +39,14 @@ _FP8: dict[str, tuple[int, int, int, str, bool, bool]] = {
 
 #: sources this module can decode
 SOURCES = frozenset({"float64", "float32", "float16", "bfloat16", "float8_e8m0fnu", *_FP8})
+
+
+def installed_torch() -> bool:
+    """Whether torch is installed (then the writer casts with it; this module is the reference
+    without it)."""
+    from ._torch import have_torch
+
+    return have_torch()
 
 
 def can_cast(src: DType, dst: DType) -> bool:
@@ -61,9 +70,9 @@ def _fp8_table(name: str) -> Any:
         if nan_rule == "neg-zero" and code == 0x80:
             value = float("nan")
         elif nan_rule == "all-ones" and e == emax and m == (1 << mbits) - 1:
-            value = float("nan")
+            value = math.copysign(float("nan"), sign)
         elif nan_rule == "ieee" and e == emax:
-            value = sign * float("inf") if m == 0 else float("nan")
+            value = sign * float("inf") if m == 0 else math.copysign(float("nan"), sign)
         elif e == 0:
             value = sign * m * 2.0 ** (1 - bias - mbits)
         else:

@@ -20,9 +20,9 @@ MAX_EXPLAIN_BYTES = 8 * 1024 * 1024
 
 def require_fickling() -> None:
     """A MissingExtraError (one line, exit 2) when fickling is not installed."""
-    import importlib.util
+    from .._torch import installed
 
-    if importlib.util.find_spec("fickling") is None:
+    if not installed("fickling"):
         raise MissingExtraError(None, "--explain needs fickling, which is not installed",
                                 "Install it with: pip install 'modelkit[explain]'")
 
