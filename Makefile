@@ -53,6 +53,7 @@ bench: setup
 	$(BIN)/pip install -q -e '.[bench]'
 	$(BIN)/python bench/bench_inspect.py
 	$(BIN)/python bench/bench_scan.py
+	$(BIN)/python bench/bench_startup.py
 	$(BIN)/python bench/bench_load.py
 	$(BIN)/python bench/bench_convert.py
 	$(BIN)/python bench/bench_merge.py

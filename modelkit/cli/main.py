@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -38,8 +39,57 @@ def _json_requested(args: Sequence[str]) -> bool:
     return "--json" in args[: args.index("--")] if "--" in args else "--json" in args
 
 
+#: Each subcommand: the module and attribute that define it, and the first paragraph of its help.
+#: A command's module is imported only when that command runs, so ``modelkit --help`` and
+#: ``modelkit scan`` import nothing another command needs (tests/test_startup.py checks that this
+#: help matches each command's own).
+COMMANDS: dict[str, tuple[str, str]] = {
+    "scan": ("scan_cmd:scan_cmd", "Scan model files statically; nothing in them is run."),
+    "inspect": ("inspect_cmd:inspect_cmd", "Show what model files hold, without running or loading them."),
+    "convert": ("convert_cmd:convert_cmd", "Convert model files to .safetensors, type-aware and bit-exact."),
+    "prune": ("prune_cmd:prune_cmd", "Prune checkpoints into .safetensors: drop EMA, optimizer state and junk, "
+              "cast, fix, extract."),
+    "load": ("load_cmd:load_cmd", "Load a model file safely onto a device and report the throughput."),
+    "hash": ("hash_cmd:hash_cmd", "Hash model files in one streaming read each (the hashes A1111 and Civitai "
+             "show)."),
+    "merge": ("merge_cmd:merge_group", "Bake LoRAs into a checkpoint, or merge checkpoints: streaming, exact, "
+              "atomic."),
+    "lora": ("lora_cmd:lora_group", "Extract a LoRA from two checkpoints, merge LoRAs, or change a LoRA's key "
+             "style."),
+    "train": ("train_cmd:train_cmd", "Train LoRA/LoCon, textual inversion, hypernetworks or DreamBooth; outputs "
+              "are .safetensors."),
+    "verify": ("verify_cmd:verify_cmd", "Check that OUTPUT holds exactly SOURCE's tensors (after any dtype cast). "
+               "Exit 1 if not."),
+    "diff": ("verify_cmd:diff_cmd", "Show key, shape, dtype and value differences between two model files. "
+             "Exit 1 if they differ."),
+}
+
+
 class ModelkitGroup(click.Group):
-    """The root group: usage errors of any subcommand become ``OneLineUsageError``."""
+    """The root group: subcommands are imported on first use (``COMMANDS``), and usage errors of
+    any subcommand become ``OneLineUsageError``."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*self.commands, *COMMANDS})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in self.commands and cmd_name in COMMANDS:
+            module, _, attr = COMMANDS[cmd_name][0].partition(":")
+            command = getattr(importlib.import_module(f".{module}", __package__), attr)
+            self.add_command(command, cmd_name)
+        return self.commands.get(cmd_name)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """List the commands from ``COMMANDS`` without importing them; same layout as click's."""
+        rows = []
+        for name in self.list_commands(ctx):
+            cmd = self.commands.get(name) or click.Command(name, help=COMMANDS[name][1])
+            if not cmd.hidden:
+                rows.append((name, cmd))
+        if rows:
+            limit = formatter.width - 6 - max(len(name) for name, _ in rows)
+            with formatter.section("Commands"):
+                formatter.write_dl([(name, cmd.get_short_help_str(limit)) for name, cmd in rows])
 
     def make_context(self, info_name: str | None, args: list[str], parent: click.Context | None = None,
                      **extra: Any) -> click.Context:
@@ -66,34 +116,6 @@ class ModelkitGroup(click.Group):
 @click.version_option(__version__, prog_name="modelkit")
 def cli() -> None:
     """Scan, inspect, convert, prune, merge, load and train Stable Diffusion model files safely."""
-
-
-def _register() -> None:
-    from .convert_cmd import convert_cmd
-    from .hash_cmd import hash_cmd
-    from .inspect_cmd import inspect_cmd
-    from .load_cmd import load_cmd
-    from .lora_cmd import lora_group
-    from .merge_cmd import merge_group
-    from .prune_cmd import prune_cmd
-    from .scan_cmd import scan_cmd
-    from .train_cmd import train_cmd
-    from .verify_cmd import diff_cmd, verify_cmd
-
-    cli.add_command(scan_cmd)
-    cli.add_command(inspect_cmd)
-    cli.add_command(convert_cmd)
-    cli.add_command(prune_cmd)
-    cli.add_command(load_cmd)
-    cli.add_command(hash_cmd)
-    cli.add_command(merge_group)
-    cli.add_command(lora_group)
-    cli.add_command(train_cmd)
-    cli.add_command(verify_cmd)
-    cli.add_command(diff_cmd)
-
-
-_register()
 
 
 #: The exit status of a command whose reader went away (``modelkit scan . | head``): what a shell

@@ -16,6 +16,7 @@ Resources are bounded (opcodes, stack, memo, objects, sizes), so a hostile pickl
 from __future__ import annotations
 
 import codecs
+import functools
 import struct
 from collections import OrderedDict
 from collections.abc import Callable
@@ -1140,10 +1141,13 @@ def looks_nested(head: bytes) -> bool:
     return (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5) or head[:4] == b"PK\x03\x04"
 
 
+@functools.cache
 def _opcode_names() -> dict[int, str]:
-    import pickletools  # opcode metadata only
+    import pickletools  # opcode metadata only; imported on first use (a clean scan never names an opcode)
 
     return {ord(op.code): op.name for op in pickletools.opcodes}
 
 
-OPCODE_NAMES: dict[int, str] = _opcode_names()
+def opcode_name(code: int) -> str | None:
+    """The name of the pickle opcode ``code`` (``"REDUCE"``), or None for a byte that is none."""
+    return _opcode_names().get(code)

@@ -12,9 +12,6 @@ or a zip are scanned too, to a bounded depth.
 
 from __future__ import annotations
 
-import bz2
-import gzip
-import lzma
 import mmap
 import os
 import re
@@ -25,7 +22,7 @@ from typing import Any
 
 from ..errors import FormatError, ModelkitError, UnsafeFileError, UsageError
 from ..formats.numpy_file import NPY_MAGIC, parse_npy_header
-from ..formats.pickle_vm import COMPUTED, OPCODE_NAMES, PickleError, PickleVM
+from ..formats.pickle_vm import COMPUTED, PickleError, PickleVM, opcode_name
 from ..formats.probe import Probe, probe, probe_chain, unsafe_collector
 from ..formats.sniff import sniff, sniff_bytes
 from ..formats.unpickler import ALLOWED, collect, make_policy
@@ -156,7 +153,7 @@ class _Ctx:
 
 def _opcode_at(data: Any, rel: int) -> str | None:
     try:
-        return OPCODE_NAMES.get(data[rel]) if 0 <= rel < len(data) else None
+        return opcode_name(data[rel]) if 0 <= rel < len(data) else None
     except (IndexError, TypeError, ValueError):
         return None
 
@@ -250,9 +247,12 @@ def scan_many(files: list[str], allow: tuple[str, ...], jobs: int, require_safet
         for f in files:
             yield scan_file(f, allow, require_safetensors)
         return
+    import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    with ProcessPoolExecutor(max_workers=jobs) as pool:
+    # spawn everywhere: what Windows and macOS use anyway, and no fork of a process that has
+    # threads (a progress bar's, a hash's); the workers import modelkit afresh.
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         yield from pool.map(_scan_one, [(f, allow, require_safetensors) for f in files], chunksize=4)
 
 
@@ -466,11 +466,19 @@ def _scan_tar(ctx: _Ctx, src: Source, depth: int) -> None:
     scan_tar(ctx, src, depth, lambda member: _m(src, member))
 
 
-_OPENERS: dict[str, Callable[[Any], Any]] = {
-    "gzip": lambda f: gzip.GzipFile(fileobj=f),
-    "bzip2": lambda f: bz2.BZ2File(f),
-    "xz": lambda f: lzma.LZMAFile(f),
-}
+def _open_wrapped(fmt: str, raw: Any) -> Any:
+    """A reader that inflates ``raw``; the codec modules are imported here, where a scan needs them."""
+    if fmt == "gzip":
+        import gzip
+
+        return gzip.GzipFile(fileobj=raw)
+    if fmt == "bzip2":
+        import bz2
+
+        return bz2.BZ2File(raw)
+    import lzma
+
+    return lzma.LZMAFile(raw)
 
 
 def unwrap_budget(size: int) -> int:
@@ -488,6 +496,7 @@ def _scan_wrapped(ctx: _Ctx, src: Source, fmt: str, depth: int) -> None:
     runs what it unpickled before the error.
     """
     import io
+    import lzma
 
     if depth >= MAX_DEPTH:
         ctx.add(R.RESOURCE_LIMIT, f"a {fmt} wrapper nested deeper than {MAX_DEPTH} levels exceeds a resource bound",
@@ -498,7 +507,7 @@ def _scan_wrapped(ctx: _Ctx, src: Source, fmt: str, depth: int) -> None:
     over = False
     raw: Any = io.BytesIO(src.data) if isinstance(src, MemorySource) else open(src.path, "rb")  # noqa: SIM115
     try:
-        with _OPENERS[fmt](raw) as f:
+        with _open_wrapped(fmt, raw) as f:
             while True:
                 chunk = f.read(min(UNWRAP_CHUNK, budget - out.tell()) or 1)
                 if not chunk:
