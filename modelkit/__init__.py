@@ -11,12 +11,12 @@ Public API::
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
 import importlib
 import sys
 import types
 from typing import TYPE_CHECKING, Any
+
+from ._version import __version__
 
 if TYPE_CHECKING:
     from . import scan  # the package is callable: modelkit.scan(paths)
