@@ -19,6 +19,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from . import portable
 from ._torch import require_torch
 from .dtypes import ALIASES
 from .errors import FormatError, ModelkitError, UsageError
@@ -251,7 +252,7 @@ def _load_staged(mf: ModelFile, refs: list[TensorRef], dev: Any, dtype: Any, sta
                     fill_len = 0
                     continue
                 n = min(room, end - begin - done)
-                got = os.preadv(fd, [views[slot][rel : rel + n]], begin + done)
+                got = portable.read_into(fd, views[slot][rel : rel + n], begin + done)
                 if got != n:
                     raise FormatError(mf.path, f"the file ends inside tensor {ref.name!r}")
                 done += n

@@ -12,28 +12,24 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import portable
 from .dtypes import DType
 from .errors import FormatError, TruncatedFileError
 
 
 class Source:
-    """An open file read with ``pread`` (thread-safe, no shared file position)."""
+    """An open file read at offsets (``pread`` or its portable fallback: safe from several threads)."""
 
     def __init__(self, path: str | os.PathLike[str]):
         self.path = os.fspath(path)
-        self.fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        self.fd = portable.open_fd(self.path, os.O_RDONLY)
         self.size = os.fstat(self.fd).st_size
 
     def read_into(self, buf: bytearray | memoryview, offset: int) -> None:
         """Fill ``buf`` from ``offset``; raises TruncatedFileError if the file is shorter."""
-        view = memoryview(buf).cast("B")
-        done = 0
-        while done < len(view):
-            chunk = view[done : done + (1 << 30)]
-            n = os.preadv(self.fd, [chunk], offset + done)
-            if n <= 0:
-                raise TruncatedFileError(self.path, f"the file ends at byte {offset + done}, inside tensor data")
-            done += n
+        done = portable.read_into(self.fd, buf, offset)
+        if done < memoryview(buf).nbytes:
+            raise TruncatedFileError(self.path, f"the file ends at byte {offset + done}, inside tensor data")
 
     def pread(self, size: int, offset: int) -> bytes:
         buf = bytearray(size)

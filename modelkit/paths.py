@@ -5,11 +5,12 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import secrets
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 
+from . import portable
 from .errors import InputNotFoundError, ModelkitError, OutputExistsError, OutputWriteError, UsageError
 
 #: Extensions a folder walk picks up (a file named on the command line is always taken).
@@ -80,7 +81,9 @@ def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
     folder = os.path.dirname(os.path.abspath(target))
     if os.path.isdir(target):
         raise OutputWriteError(target, "is a folder", "Choose an output file name")
+    refuse_windows_name(target)
     try:
+        # in the target's folder: os.replace is atomic only within one volume
         fd, tmp = tempfile.mkstemp(prefix=".modelkit-", suffix=".tmp", dir=folder)
     except OSError as exc:
         raise OutputWriteError(target, f"cannot create a file in {folder} ({exc.strerror or exc})",
@@ -90,7 +93,7 @@ def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, target)
+        replace_retrying(tmp, target)
     except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -211,8 +214,10 @@ def check_output(
 
     Raises:
         OutputExistsError: it exists and ``force`` is false, or it is one of ``inputs`` (always).
+        UsageError: a name Windows cannot hold, on Windows (see ``windows_name_problem``).
     """
     t = os.fspath(target)
+    refuse_windows_name(t)
     for i in inputs:
         if same_file(t, os.fspath(i)):
             raise OutputExistsError(t, "is the input file; modelkit never writes onto its input",
@@ -223,6 +228,83 @@ def check_output(
         if os.path.isdir(t):
             raise OutputExistsError(t, "is a folder", "Choose an output file name")
     return t
+
+
+#: Names Windows keeps for devices, with or without an extension, in any case.
+_WINDOWS_DEVICES = frozenset(
+    {"CON", "PRN", "AUX", "NUL", "CONIN$", "CONOUT$"}
+    | {f"{port}{n}" for port in ("COM", "LPT") for n in "123456789\u00b9\u00b2\u00b3"})
+#: Characters Windows refuses in a file name (and control characters).
+_WINDOWS_BAD_CHARS = frozenset('<>:"/\\|?*') | frozenset(chr(i) for i in range(32))
+#: Windows' MAX_PATH: a longer path needs long-path support there.
+MAX_PATH = 260
+#: The longest file name (one path component), in bytes on POSIX.
+NAME_MAX = 255
+
+
+def windows_name_problem(name: str) -> str | None:
+    """Why Windows cannot hold a file named ``name`` (one path component), or None if it can.
+
+    Example:
+        >>> windows_name_problem("nul.safetensors")
+        'is a device name on Windows (NUL), not a file name'
+        >>> windows_name_problem("model.safetensors") is None
+        True
+    """
+    if name != name.rstrip(". "):
+        return "ends in a dot or a space, which Windows drops from file names"
+    bad = sorted({c for c in name if c in _WINDOWS_BAD_CHARS})
+    if bad:
+        return f"holds {', '.join(repr(c) for c in bad)}, which Windows does not allow in a file name"
+    base = name.split(".", 1)[0].rstrip(" ").upper()
+    if base in _WINDOWS_DEVICES:
+        return f"is a device name on Windows ({base}), not a file name"
+    return None
+
+
+def refuse_windows_name(target: str) -> None:
+    """On Windows (and under ``MODELKIT_PORTABLE``), refuse an output name Windows cannot hold.
+
+    Raises:
+        UsageError: see ``windows_name_problem``.
+    """
+    if not portable.WINDOWS_RULES:
+        return
+    problem = windows_name_problem(os.path.basename(target))
+    if problem is not None:
+        raise UsageError(target, problem, "Choose another output name")
+
+
+def temp_path(target: str, token: str, *, max_path: int | None = None) -> str:
+    """Where an output is written before it is renamed onto ``target``: ``.NAME.TOKEN.modelkit-tmp``
+    in the target's folder, NAME being the target's name.
+
+    Characters Windows refuses become ``_``. A long NAME is cut, ending in ``~``, so that the temp
+    name fits in ``NAME_MAX`` bytes and, given ``max_path``, the whole path in fewer than
+    ``max_path`` characters (UTF-16 units, as Windows counts).
+
+    Example:
+        >>> temp_path("/out/m.safetensors", "0a1b2c3d")
+        '/out/.m.safetensors.0a1b2c3d.modelkit-tmp'
+    """
+    folder = os.path.dirname(os.path.abspath(target))
+    name = "".join("_" if c in _WINDOWS_BAD_CHARS else c for c in os.path.basename(target))
+    tail = f".{token}.modelkit-tmp"
+
+    def leaf(n: str) -> str:
+        return f".{n}{tail}" if n else tail
+
+    def fits(n: str) -> bool:
+        if len(os.fsencode(leaf(n))) > NAME_MAX:
+            return False
+        return max_path is None or len(os.path.join(folder, leaf(n)).encode("utf-16-le", "surrogatepass")) // 2 < max_path
+
+    if fits(name):
+        return os.path.join(folder, leaf(name))
+    cut = name[:-1]
+    while cut and not fits(cut + "~"):
+        cut = cut[:-1]
+    return os.path.join(folder, leaf(cut + "~" if cut else ""))
 
 
 @contextlib.contextmanager
@@ -268,11 +350,13 @@ def atomic_output(
     """
     t = check_output(target, force=force, inputs=inputs)
     folder = os.path.dirname(os.path.abspath(t))
-    tmp = os.path.join(folder, f".{os.path.basename(t)}.{secrets.token_hex(4)}.modelkit-tmp")
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0)
+    # The temp file lives in the target's own folder: os.replace (and os.link) work within one
+    # volume only, and only there is the rename atomic.
+    tmp = temp_path(t, os.urandom(4).hex(), max_path=MAX_PATH if portable.WINDOWS_RULES else None)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
     with signals_raise():
         try:
-            fd = os.open(tmp, flags, 0o666)
+            fd = portable.open_fd(tmp, flags, 0o666)
         except OSError as exc:
             full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
             raise OutputWriteError(t, f"cannot create a file in {folder} ({exc.strerror})", None if full else
@@ -295,21 +379,98 @@ def atomic_output(
 
 def _publish(tmp: str, target: str, force: bool) -> None:
     if force:
-        os.replace(tmp, target)
+        replace_retrying(tmp, target)
+        return
+    if portable.HARD_LINKS:
+        try:
+            os.link(tmp, target)  # fails if the target appeared meanwhile: never a silent overwrite
+        except FileExistsError:
+            raise OutputExistsError(target, "appeared while modelkit was writing it") from None
+        except OSError:  # no hard links on this file system (FAT, exFAT, some network shares)
+            pass
+        else:
+            os.unlink(tmp)
+            return
+    _publish_without_link(tmp, target)
+
+
+def _publish_without_link(tmp: str, target: str) -> None:
+    """Rename ``tmp`` onto ``target`` without ever replacing a file that is not ours.
+
+    Windows' rename fails when the target exists, which is exactly that. A POSIX rename replaces,
+    so the name is first claimed by creating an empty file exclusively (``O_EXCL``), which the
+    rename then replaces; if the rename fails, that empty file is removed.
+    """
+    appeared = OutputExistsError(target, "appeared while modelkit was writing it")
+    if os.name == "nt":
+        try:
+            _retrying(os.rename, tmp, target)
+        except FileExistsError:
+            raise appeared from None
         return
     try:
-        os.link(tmp, target)  # fails if the target appeared meanwhile: never a silent overwrite
+        os.close(portable.open_fd(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     except FileExistsError:
-        raise OutputExistsError(target, "appeared while modelkit was writing it") from None
-    except OSError:  # no hard links on this file system
-        if os.path.lexists(target):
-            raise OutputExistsError(target, "appeared while modelkit was writing it") from None
-        os.replace(tmp, target)
-        return
-    os.unlink(tmp)
+        raise appeared from None
+    try:
+        replace_retrying(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(target)
+        raise
+
+
+#: Seconds waited before each new try of a replace that another program blocks (Windows).
+REPLACE_WAITS = (0.05, 0.1, 0.2, 0.4, 0.8)
+#: Windows errors of a replace onto a file in use: access denied, sharing violation.
+_IN_USE_WINERRORS = (5, 32)
+
+
+def held_open(exc: BaseException) -> bool:
+    """Whether a failed rename or replace means another program holds a file open (Windows'
+    access denied or sharing violation; under ``MODELKIT_PORTABLE`` any ``PermissionError``)."""
+    if not isinstance(exc, PermissionError):
+        return False
+    return getattr(exc, "winerror", None) in _IN_USE_WINERRORS or portable.PORTABLE
+
+
+def _retrying(fn: Callable[[str, str], None], src: str, dst: str, waits: Iterable[float] | None = None,
+              sleep: Callable[[float], None] | None = None) -> None:
+    for wait in (*(REPLACE_WAITS if waits is None else waits), None):
+        try:
+            fn(src, dst)
+            return
+        except PermissionError as exc:
+            if not held_open(exc):
+                raise
+            if wait is None:
+                raise OutputWriteError(
+                    dst, "is open in another program (or read-only), so it cannot be replaced",
+                    "Close the program that holds it (an app that loaded the model, a file viewer) or clear "
+                    "its read-only flag, then run again; the input was not changed") from None
+            (time.sleep if sleep is None else sleep)(wait)
+
+
+def replace_retrying(src: str, dst: str, waits: Iterable[float] | None = None,
+                     sleep: Callable[[float], None] | None = None) -> None:
+    """``os.replace(src, dst)``, tried again after each wait while another program holds a file
+    open (Windows refuses to replace a file in use; an antivirus may hold a new file a moment).
+
+    Args:
+        waits: seconds to wait before each new try (default ``REPLACE_WAITS``, about 1.5 s in all).
+        sleep: how to wait (default ``time.sleep``).
+
+    Raises:
+        OutputWriteError: still held after the last wait; the message names ``dst`` and says to
+            close the program that holds it. (The caller removes ``src``.)
+        OSError: any other failure, at once.
+    """
+    _retrying(os.replace, src, dst, waits, sleep)
 
 
 def _fsync_dir(folder: str) -> None:
+    if not portable.FOLDER_FSYNC:
+        return  # Windows cannot open a folder to fsync it (nor does it need to)
     try:
         dfd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     except OSError:

@@ -2,9 +2,10 @@
 
 modelkit's pickle VM must decode bytes as CPython's C unpickler does, and ``_pickle.c`` changes
 between releases; so tests that compare the VM with CPython run their child under every CPython
-3.10–3.13 found: this interpreter, ``python3.1X`` on the PATH, pyenv's versions (``$PYENV_ROOT``
-or ``~/.pyenv``), and any listed in ``MODELKIT_TEST_PYTHONS`` (separated by ``os.pathsep``). The
-children use the standard library only.
+3.10–3.13 found: this interpreter, any listed in ``MODELKIT_TEST_PYTHONS`` (separated by
+``os.pathsep``), ``python3.1X`` on the PATH, pyenv's versions (``$PYENV_ROOT`` or ``~/.pyenv``;
+pyenv-win's ``versions/3.1X.Y/python.exe`` too), python.org's macOS frameworks, and on Windows
+what the ``py`` launcher knows (``py -3.1X``). The children use the standard library only.
 """
 
 from __future__ import annotations
@@ -26,14 +27,28 @@ def _candidates() -> list[str]:
         found = shutil.which(f"python3.{minor}")
         if found:
             out.append(found)
-    root = Path(os.environ.get("PYENV_ROOT") or Path.home() / ".pyenv") / "versions"
-    if root.is_dir():
-        for version in sorted(root.iterdir()):
-            for name in ("python3", "python"):
-                exe = version / "bin" / name
-                if exe.is_file():
-                    out.append(str(exe))
-                    break
+    home = Path.home() / ".pyenv"
+    for root in (Path(os.environ.get("PYENV_ROOT") or home) / "versions", home / "pyenv-win" / "versions"):
+        if root.is_dir():
+            for version in sorted(root.iterdir()):
+                # pyenv: versions/3.1X.Y/bin/python3; pyenv-win: versions/3.1X.Y/python.exe
+                for exe in (version / "bin" / "python3", version / "bin" / "python", version / "python.exe"):
+                    if exe.is_file():
+                        out.append(str(exe))
+                        break
+    for minor in MINORS:  # python.org's installers on macOS
+        exe = Path(f"/Library/Frameworks/Python.framework/Versions/3.{minor}/bin/python3.{minor}")
+        if sys.platform == "darwin" and exe.is_file():
+            out.append(str(exe))
+    launcher = shutil.which("py") if sys.platform == "win32" else None
+    for minor in MINORS if launcher else ():  # Windows has no python3.1X: the launcher knows each install
+        try:
+            where = subprocess.run([launcher, f"-3.{minor}", "-I", "-c", "import sys; print(sys.executable)"],
+                                   capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        if where.returncode == 0 and where.stdout.strip():
+            out.append(where.stdout.strip())
     return out
 
 

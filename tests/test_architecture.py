@@ -14,7 +14,7 @@ PKG = Path(modelkit.__file__).parent
 def _imports(path: Path) -> set[str]:
     import ast
 
-    tree = ast.parse(path.read_text())
+    tree = ast.parse(path.read_text(encoding="utf-8"))
     out = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):

@@ -11,7 +11,8 @@ tensor depends on whether its bytes change:
   inline storage) pass through one buffer, allocated once and sized for the largest of them;
 * bytes computed by the caller (a merge) come from ``OutTensor.compute``, called when the writer
   reaches that tensor, so only the tensors in flight are ever held;
-* torch is imported only when a tensor is cast; gathers and byte swaps use numpy.
+* a cast uses torch where it is installed and else numpy (``modelkit.numcast``, which rounds as
+  torch does; a cast numpy cannot do exactly, to fp8, needs torch); gathers and byte swaps use numpy.
 
 The layout is the one ``safetensors.torch.save_file`` writes, byte for byte: tensors sorted by
 dtype (safetensors' own order, widest types first) then by name, compact JSON, the header padded
@@ -22,16 +23,16 @@ most one key, and equal as parsed headers otherwise.)
 
 from __future__ import annotations
 
-import errno
 import json
 import math
 import os
 import struct
-import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from .. import portable
+from .._torch import have_torch, require_torch
 from ..dtypes import DType
 from ..errors import FormatError, UnsupportedFormatError
 from ..model import TensorRef, _inflate
@@ -49,8 +50,6 @@ CHUNK = 8 << 20
 #: write of a step stay in the CPU caches (whole 150 MB tensors at once took 1.5-3x as long).
 CAST_STEP = 1 << 20
 
-#: errno values after which ``copy_file_range`` is given up for plain reads and writes.
-_NO_COPY_RANGE = {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EPERM, errno.EBADF}
 
 
 @dataclass(frozen=True)
@@ -59,7 +58,7 @@ class OutTensor:
 
     Attributes:
         name: the output name.
-        dtype: the output dtype; when it differs from ``ref.dtype`` the tensor is cast (torch).
+        dtype: the output dtype; when it differs from ``ref.dtype`` the tensor is cast.
         shape: the output shape (the source's).
         ref: where the bytes come from.
         data: replacement bytes (little-endian, C order) used instead of ``ref``.
@@ -274,7 +273,7 @@ def write_stream(
         old = _utf8(_dumps((metadata or {})[key])[1:-1], path)
         if len(value) != len(old):
             raise ValueError(f"late metadata {key!r} changed length ({len(old)} -> {len(value)} bytes)")
-        os.pwrite(fd, value, header.value_offsets[key])
+        portable.write_at(fd, value, header.value_offsets[key])
     return WriteStats(header.size, copied, transformed, casts, overflow, need)
 
 
@@ -378,17 +377,13 @@ def _transform(fd: int, t: OutTensor, buf: bytearray) -> int:
 def _cast_stepped(fd: int, t: OutTensor, buf: bytearray) -> int:
     """Cast a contiguous tensor from its file ``CAST_STEP`` source bytes at a time: read a step,
     cast it, check it for overflow and write it while it is still in the CPU caches."""
-    import torch
-
     ref = t.ref
     assert ref is not None and ref.source is not None
     isz, osz = ref.dtype.itemsize, t.dtype.itemsize
     per = _step_elems(t)
     out = _align(per * isz)
     view = memoryview(buf)
-    src_all = torch.frombuffer(buf, dtype=ref.dtype.torch(), count=per, offset=0)
-    dst_all = torch.frombuffer(buf, dtype=t.dtype.torch(), count=per, offset=out)
-    fmax = _overflow_limit(src_all.dtype, dst_all.dtype)
+    step = _stepper(buf, out, per, ref.dtype, t.dtype)
     begin = ref.byte_range[0]
     lost = done = 0
     while done < t.numel:
@@ -396,13 +391,64 @@ def _cast_stepped(fd: int, t: OutTensor, buf: bytearray) -> int:
         ref.source.read_into(view[: k * isz], begin + done * isz)
         if ref.byteorder == "big" and isz > 1:
             _byteswap(view[: k * isz], ref.dtype)
-        src, dst = src_all[:k], dst_all[:k]
-        dst.copy_(src)
-        if fmax is not None:
-            lost += _overflowed(src, dst, fmax)
+        lost += step(k)
         _write_all(fd, view[out : out + k * osz])
         done += k
     return lost
+
+
+def _backend(src: DType, dst: DType) -> str:
+    """``torch`` where it is installed (threaded, and the reference); else ``numpy`` where it casts
+    exactly as torch does (``modelkit.numcast``); else a MissingExtraError."""
+    from .. import numcast  # numpy, imported when a cast needs it
+
+    if have_torch():
+        return "torch"
+    if numcast.can_cast(src, dst):
+        return "numpy"
+    require_torch(f"casting {src.name} to {dst.name}")
+    raise AssertionError("unreachable")
+
+
+def _stepper(buf: bytearray, out: int, per: int, src_dt: DType, dst_dt: DType) -> Callable[[int], int]:
+    """A function that casts the first ``k`` source elements at ``buf[0:]`` to ``buf[out:]`` and
+    returns how many finite values overflowed to inf."""
+    if _backend(src_dt, dst_dt) == "numpy":
+        import numpy as np
+
+        src_np = np.frombuffer(buf, dtype=_np_code(src_dt), count=per, offset=0)
+        dst_np = np.frombuffer(buf, dtype=_np_code(dst_dt), count=per, offset=out)
+
+        def numpy_step(k: int) -> int:
+            return _cast_numpy(src_np[:k], dst_np[:k], src_dt, dst_dt)
+
+        return numpy_step
+    import torch
+
+    src_all = torch.frombuffer(buf, dtype=src_dt.torch(), count=per, offset=0)
+    dst_all = torch.frombuffer(buf, dtype=dst_dt.torch(), count=per, offset=out)
+    fmax = _overflow_limit(src_all.dtype, dst_all.dtype)
+
+    def torch_step(k: int) -> int:
+        src, dst = src_all[:k], dst_all[:k]
+        dst.copy_(src)
+        return 0 if fmax is None else _overflowed(src, dst, fmax)
+
+    return torch_step
+
+
+def _np_code(dtype: DType) -> str:
+    """The numpy type of ``dtype``'s elements (its bits, for types numpy lacks)."""
+    return dtype.numpy or f"<u{dtype.itemsize}"
+
+
+def _cast_numpy(src: Any, dst: Any, src_dt: DType, dst_dt: DType) -> int:
+    """Cast numpy ``src`` (elements of ``src_dt``) into ``dst``; the overflow count."""
+    from .. import numcast
+
+    res = numcast.cast(src, src_dt, dst_dt)
+    dst[...] = res.reshape(dst.shape)
+    return numcast.overflowed(numcast.values(src, src_dt), res, dst_dt)
 
 
 def _align(n: int) -> int:
@@ -428,12 +474,22 @@ def _gather(src: memoryview, dst: memoryview, ref: TensorRef) -> None:
 
 
 def _cast(buf: bytearray, out: int, ref: TensorRef, t: OutTensor) -> int:
+    begin, end = ref.byte_range
+    count = (end - begin) // ref.dtype.itemsize
+    if _backend(ref.dtype, t.dtype) == "numpy":
+        import numpy as np
+
+        flat = np.frombuffer(buf, dtype=_np_code(ref.dtype), count=count, offset=0)
+        item = flat.itemsize
+        src_np = np.lib.stride_tricks.as_strided(flat, ref.shape, tuple(s * item for s in ref.strides),
+                                                 writeable=False)
+        dst_np = np.frombuffer(buf, dtype=_np_code(t.dtype), count=t.numel, offset=out).reshape(t.shape)
+        return _cast_numpy(src_np, dst_np, ref.dtype, t.dtype)
     import torch
 
     src_dt, dst_dt = ref.dtype.torch(), t.dtype.torch()
-    begin, end = ref.byte_range
-    flat = torch.frombuffer(buf, dtype=src_dt, count=(end - begin) // ref.dtype.itemsize, offset=0)
-    src = flat.as_strided(ref.shape, ref.strides, 0)
+    flat_t = torch.frombuffer(buf, dtype=src_dt, count=count, offset=0)
+    src = flat_t.as_strided(ref.shape, ref.strides, 0)
     dst = torch.frombuffer(buf, dtype=dst_dt, count=t.numel, offset=out).view(t.shape)
     dst.copy_(src)
     fmax = _overflow_limit(src_dt, dst_dt)
@@ -487,7 +543,7 @@ class _Writeback:
     def _libc(cls) -> Any:
         if cls._fn is None:
             cls._fn = False
-            if sys.platform.startswith("linux"):
+            if portable.LINUX_WRITEBACK:
                 try:
                     import ctypes
                     import ctypes.util
@@ -512,45 +568,20 @@ class _Writeback:
 class _Copier:
     """Copy input bytes to the output's current position without passing them through Python.
 
-    ``copy_file_range`` first (a reflink or an in-kernel copy); where the kernel refuses it (across
-    file systems since Linux 5.19, or on file systems without it) ``sendfile``; and where that is
-    refused too, ``pread``/``write`` through one reused ``CHUNK``-sized buffer.
+    ``modelkit.portable.RangeCopier``: ``copy_file_range`` first (a reflink or an in-kernel copy);
+    where the kernel refuses it (across file systems since Linux 5.19, or on file systems without
+    it) ``sendfile`` (Linux); and where that is refused too, or on other systems, reads and writes
+    through one reused ``CHUNK``-sized buffer.
     """
 
     def __init__(self, fd: int):
         self.fd = fd
-        #: the in-kernel ways still worth trying, best first
-        self.kernel = [k for k in ("copy_file_range", "sendfile") if hasattr(os, k)]
-        self.chunk: bytearray | None = None
-
-    def _kernel_copy(self, kind: str, src_fd: int, offset: int, count: int) -> int:
-        if kind == "copy_file_range":
-            return os.copy_file_range(src_fd, self.fd, count, offset)
-        return os.sendfile(self.fd, src_fd, offset, count)
+        self.copier = portable.RangeCopier(fd, CHUNK)
 
     def copy(self, src_fd: int, offset: int, count: int, src_path: str) -> None:
-        done = 0
-        while done < count and self.kernel:
-            try:
-                n = self._kernel_copy(self.kernel[0], src_fd, offset + done, count - done)
-            except OSError as exc:
-                if exc.errno not in _NO_COPY_RANGE:
-                    raise
-                self.kernel.pop(0)  # refused here (another file system, no support): try the next way
-                continue
-            if n == 0:
-                raise FormatError(src_path, f"the file ends at byte {offset + done}, inside tensor data")
-            done += n
-        while done < count:
-            if self.chunk is None:
-                self.chunk = bytearray(CHUNK)
-            size = min(len(self.chunk), count - done)
-            part = memoryview(self.chunk)[:size]
-            got = os.preadv(src_fd, [part], offset + done)
-            if got <= 0:
-                raise FormatError(src_path, f"the file ends at byte {offset + done}, inside tensor data")
-            _write_all(self.fd, part[:got])
-            done += got
+        done = self.copier.copy(src_fd, offset, count)
+        if done < count:
+            raise FormatError(src_path, f"the file ends at byte {offset + done}, inside tensor data")
 
 
 def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from .. import portable
 from ..errors import FormatError, InputNotFoundError
 from ..formats.sniff import check_file
 from . import hashcache
@@ -222,7 +223,7 @@ class _Lanes:
 
         self.fns = fns
         self.pools = [ThreadPoolExecutor(1, thread_name_prefix="modelkit-hash") for _ in fns] \
-            if (os.cpu_count() or 1) > 1 else []
+            if portable.usable_cpus() > 1 else []
         self.pending: dict[int, list[Any]] = {}
 
     def __enter__(self) -> _Lanes:

@@ -27,7 +27,7 @@ import time
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from .. import __version__
+from .. import __version__, portable
 from ..errors import FormatError
 from . import hashcache
 
@@ -150,8 +150,9 @@ class SourceHash:
     """The sha256 of a file, started at once and computed beside the caller's work: taken from the
     hash cache (``hashcache``) when the file is known there; else, for a big file, in a child
     process over a mapping of the file (``_CHILD_CODE``); else (a small file, or no child could be
-    started: a frozen app, no ``fork``/``exec``, a file system without ``mmap``) with ``pread``
-    in a thread (``hashlib`` releases the GIL).
+    started: Windows or ``MODELKIT_PORTABLE`` (no fd passing, no ``SIGBUS``), a frozen app, no
+    ``fork``/``exec``, a file system without ``mmap``) with ``pread`` or its portable fallback in a
+    thread (``hashlib`` releases the GIL).
 
     Example:
         >>> h = SourceHash("model.ckpt")  # doctest: +SKIP
@@ -177,7 +178,7 @@ class SourceHash:
         started = time.time_ns()
         try:
             # O_NONBLOCK: opening a FIFO must not block; only regular files are read.
-            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+            fd = portable.open_fd(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
         except OSError as exc:
             self._error = _read_error(path, exc)  # raised by hexdigest(), if anything waits for it
             return
@@ -229,8 +230,9 @@ class SourceHash:
     def _in_child(self, fd: int, size: int) -> str | None:
         """The digest from a child process; None if no child could compute it (or cancelled)."""
         exe = sys.executable or ""
-        # a frozen app or an embedding host (uWSGI ...) is not a Python to run code with
-        if os.name != "posix" or getattr(sys, "frozen", False) or \
+        # only where the fd can be passed and a cut file ends the child with SIGBUS (POSIX, not
+        # MODELKIT_PORTABLE); a frozen app or an embedding host (uWSGI ...) is not a Python to run code with
+        if not portable.CHILD_HASH or getattr(sys, "frozen", False) or \
                 not os.path.basename(exe).lower().startswith(("python", "pypy")):
             return None
         try:
@@ -246,7 +248,7 @@ class SourceHash:
         out, _ = proc.communicate()
         if self._stop.is_set():
             return None
-        if proc.returncode == -signal.SIGBUS:
+        if proc.returncode == -signal.SIGBUS:  # (CHILD_HASH: this OS has SIGBUS)
             if os.fstat(fd).st_size < size:
                 raise FormatError(self.path, "got shorter while it was being read", _WAIT)
             return None  # a read error under the mapping: the read here reports it
@@ -254,13 +256,13 @@ class SourceHash:
         return text if proc.returncode == 0 and len(text) == 64 else None
 
     def _here(self, fd: int) -> str | None:
-        """The digest read with ``pread`` in this thread; None if cancelled."""
+        """The digest read with ``pread`` (or its portable fallback) in this thread; None if cancelled."""
         h = hashlib.sha256()
         buf = bytearray(self.CHUNK)
         view = memoryview(buf)
         pos = 0
         while not self._stop.is_set():
-            n = os.preadv(fd, [buf], pos)
+            n = portable.read_once(fd, view, pos)
             if not n:
                 return h.hexdigest()
             h.update(view[:n])
@@ -301,7 +303,9 @@ def core_for_hash(uses_torch: bool) -> Iterator[None]:
     when ``uses_torch`` is false (torch is then not even imported) or on a single core.
     """
     global _threads_users, _threads_saved
-    if not uses_torch:
+    from .._torch import have_torch
+
+    if not uses_torch or not have_torch():
         yield
         return
     import torch

@@ -107,14 +107,15 @@ def test_rule_table_is_consistent() -> None:
 
 
 def test_tables_module_is_data_only() -> None:
-    tree = ast.parse((PKG / "tables.py").read_text())
+    tree = ast.parse((PKG / "tables.py").read_text(encoding="utf-8"))
     assert not [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.ClassDef, ast.Lambda))]
 
 
 def test_modules_stay_small_and_import_no_torch_at_module_level() -> None:
     for path in PKG.glob("*.py"):
-        assert len(path.read_text().splitlines()) < 400, path
-        top = ast.parse(path.read_text()).body
+        text = path.read_text(encoding="utf-8")
+        assert len(text.splitlines()) < 400, path
+        top = ast.parse(text).body
         imported = {a.name for n in top if isinstance(n, ast.Import) for a in n.names}
         imported |= {n.module or "" for n in top if isinstance(n, ast.ImportFrom)}
         assert not any(m == "torch" or m.startswith("torch.") for m in imported), path

@@ -18,7 +18,7 @@ from modelkit.ops.streaming import CHUNK, Ahead, Slots, chunks, narrow_in_place
 
 
 def _write(path: Path, tensors: list[OutTensor]) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o644)  # Windows: no newline translation
     try:
         write_stream(fd, tensors, None)
     finally:
@@ -79,7 +79,7 @@ def test_ahead_stays_within_its_depth_and_keeps_order(tmp_path: Path) -> None:
         tensors.append(OutTensor(name, f32, (4,), compute=take))
     header = layout(tensors)
     ahead.start(header)
-    fd = os.open(tmp_path / "z.safetensors", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    fd = os.open(tmp_path / "z.safetensors", os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o644)
     try:
         write_stream(fd, header, None)
     finally:

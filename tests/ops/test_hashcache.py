@@ -162,6 +162,19 @@ def test_cli_says_cached_and_no_cache_reads(tmp_path: Path, no_racy_margin: None
 
 # -- the source hash of convert/prune/merge: a child process over a mapping, for big files --------
 
+def _child_hash() -> bool:
+    """Whether modelkit hashes big files in a child process here: POSIX (pass_fds, SIGBUS), not
+    MODELKIT_PORTABLE=1 (``modelkit.portable.CHILD_HASH``); elsewhere a thread reads the file."""
+    try:
+        from modelkit import portable
+    except ImportError:  # a modelkit without the portable module: POSIX means a child
+        return os.name == "posix"
+    return bool(portable.CHILD_HASH)
+
+
+POSIX_CHILD = pytest.mark.skipif(not _child_hash(), reason="modelkit hashes big files in a child process only on "
+                                                           "POSIX (not Windows, not MODELKIT_PORTABLE=1)")
+
 @pytest.fixture
 def child_for_all(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
     """Every file goes to the child process; returns the argv of each child started."""
@@ -179,6 +192,7 @@ def child_for_all(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
     return started
 
 
+@POSIX_CHILD
 def test_big_files_are_hashed_in_a_child(tmp_path: Path, child_for_all: list[list[str]]) -> None:
     p = tmp_path / "m.safetensors"
     data = _model(p, n=3_000_000)  # 12 MB: a child maps it in 16 MB steps
@@ -189,6 +203,7 @@ def test_big_files_are_hashed_in_a_child(tmp_path: Path, child_for_all: list[lis
     assert len(child_for_all) == 2
 
 
+@POSIX_CHILD
 def test_a_child_that_fails_is_replaced_by_a_read(tmp_path: Path, child_for_all: list[list[str]],
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     from modelkit.ops import metadata as md
@@ -200,6 +215,7 @@ def test_a_child_that_fails_is_replaced_by_a_read(tmp_path: Path, child_for_all:
     assert child_for_all
 
 
+@POSIX_CHILD
 def test_a_file_cut_short_under_the_child_is_a_clear_error(tmp_path: Path, child_for_all: list[list[str]],
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """The file is truncated after the child mapped it: the child's read faults (SIGBUS) and it
@@ -224,6 +240,7 @@ def test_a_file_cut_short_under_the_child_is_a_clear_error(tmp_path: Path, child
     assert sorted(x.name for x in tmp_path.iterdir()) == ["m.ckpt"]
 
 
+@POSIX_CHILD
 def test_a_file_that_changes_before_it_is_mapped_is_a_clear_error(tmp_path: Path, child_for_all: list[list[str]],
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """Cut before the child maps it: the child refuses, the read here sees the change."""
@@ -243,6 +260,7 @@ def test_a_file_that_changes_before_it_is_mapped_is_a_clear_error(tmp_path: Path
         SourceHash(str(p)).hexdigest()
 
 
+@POSIX_CHILD
 def test_cancel_stops_the_child(tmp_path: Path, child_for_all: list[list[str]],
                                 monkeypatch: pytest.MonkeyPatch) -> None:
     from modelkit.ops import metadata as md
@@ -272,11 +290,19 @@ def test_a_read_error_names_the_source(tmp_path: Path, monkeypatch: pytest.Monke
     def eio(*a: object) -> int:
         raise OSError(errno.EIO, "Input/output error")
 
-    monkeypatch.setattr(md.os, "preadv", eio)
+    try:
+        from modelkit import portable
+    except ImportError:
+        portable = None  # type: ignore[assignment]
+    if portable is None or portable.CHOSEN.get("read") == "preadv":
+        monkeypatch.setattr(md.os, "preadv", eio, raising=False)  # the call modelkit makes (Linux, macOS)
+    else:
+        monkeypatch.setattr(portable, "read_once", eio)  # its fallback read (Windows, MODELKIT_PORTABLE=1)
     with pytest.raises(FormatError, match=r"m\.safetensors.*could not be read \(Input/output error\)"):
         SourceHash(str(p)).hexdigest()
 
 
+@POSIX_CHILD
 def test_ctrl_c_does_not_stop_the_child_and_a_read_error_is_not_a_cut(tmp_path: Path, child_for_all: list[list[str]],
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """The child ignores SIGINT (modelkit handles Ctrl-C and cancels it); a SIGBUS while the file
@@ -315,6 +341,14 @@ def test_a_chmod_while_hashing_is_not_a_change(tmp_path: Path, child_for_all: li
         return real(argv, **kw)
 
     monkeypatch.setattr(md.subprocess, "Popen", chmod_then_start)
+    if not _child_hash():  # no child here: the chmod comes before the read in the thread
+        read = md.SourceHash._here
+
+        def chmod_then_read(self: SourceHash, fd: int) -> str | None:
+            os.chmod(p, 0o600)
+            return read(self, fd)
+
+        monkeypatch.setattr(md.SourceHash, "_here", chmod_then_read)
     assert SourceHash(str(p)).hexdigest() == hashlib.sha256(data).hexdigest()
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import struct
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,7 @@ SAVEABLE = {k: v for k, v in build.all_dtypes_state().items() if v.dtype != torc
 
 
 def _write(path: Path, tensors: list[OutTensor], metadata: dict[str, str] | None = None) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o644)  # Windows: no newline translation
     try:
         write_stream(fd, tensors, metadata)
     finally:
@@ -102,8 +103,8 @@ def test_copy_file_range_unavailable_falls_back(tmp_path: Path, monkeypatch: pyt
     def no_copy(*a: object, **k: object) -> int:
         raise OSError(errno.EXDEV, "Invalid cross-device link")
 
-    for name in refuse:
-        monkeypatch.setattr(os, name, no_copy)
+    for name in refuse:  # raising=False: where the OS lacks one (macOS, Windows) it appears and refuses too
+        monkeypatch.setattr(os, name, no_copy, raising=False)
     src = tmp_path / "m.pt"
     build.save_torch(SAVEABLE, str(src), "zip")
     r = modelkit.convert(src)
@@ -120,7 +121,7 @@ def test_plain_copy_uses_whole_chunks_after_a_tiny_tensor(tmp_path: Path, monkey
         raise OSError(errno.EXDEV, "Invalid cross-device link")
 
     for name in ("copy_file_range", "sendfile"):
-        monkeypatch.setattr(os, name, no_copy)
+        monkeypatch.setattr(os, name, no_copy, raising=False)  # (where the OS lacks one, it appears and refuses)
     tensors = {"a": torch.zeros(1, dtype=torch.uint8), "b": torch.arange(3 << 20, dtype=torch.float32)}
     src = tmp_path / "m.pt"
     build.save_torch(tensors, str(src), "zip")
@@ -151,6 +152,21 @@ def test_non_contiguous_views_of_every_dtype(tmp_path: Path) -> None:
         assert same_bits(got[k], v), k
 
 
+def _linux_writeback() -> bool:
+    """Whether the writer asks for early writeback here (Linux's sync_file_range; not with
+    MODELKIT_PORTABLE=1: ``modelkit.portable.LINUX_WRITEBACK``)."""
+    try:
+        from modelkit import portable
+    except ImportError:  # a modelkit without the portable module
+        return sys.platform.startswith("linux")
+    return bool(portable.LINUX_WRITEBACK)
+
+
+LINUX_WRITEBACK = pytest.mark.skipif(not _linux_writeback(), reason="sync_file_range writeback is Linux's "
+                                                                    "(not macOS or Windows, not MODELKIT_PORTABLE=1)")
+
+
+@LINUX_WRITEBACK
 def test_disk_writes_start_while_streaming(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every STEP bytes the writer asks the kernel to start writing them out (sync_file_range
     WRITE, no wait), so the final fsync waits only for the tail; the bytes are unchanged."""
@@ -173,6 +189,7 @@ def test_disk_writes_start_while_streaming(tmp_path: Path, monkeypatch: pytest.M
     assert all(a + n == b for (a, n, _), (b, _, _) in zip(calls, calls[1:]))  # back to back, no gaps
 
 
+@LINUX_WRITEBACK
 def test_writeback_refused_is_harmless(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from modelkit.formats import safetensors_write as sw
 

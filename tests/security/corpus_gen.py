@@ -57,7 +57,6 @@ import io
 import os
 import random
 import re
-import select
 import struct
 import subprocess
 import sys
@@ -65,6 +64,9 @@ import tempfile
 import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
+
+from tests.security.pickle_oracle import wait_readable
 
 # -- opcodes: the suite's one set of names (tests/security/test_bypasses.py) -----------------------
 from tests.security.test_bypasses import (  # noqa: E402
@@ -93,6 +95,7 @@ from tests.security.test_bypasses import (  # noqa: E402
     TUPLE1,
     TUPLE2,
     TUPLE3,
+    shell_for,
 )
 
 FRAME = b"\x95"
@@ -211,17 +214,18 @@ def code_for(marker: str) -> str:
 
 
 def payload_call(marker: str, protocol: int = 2, style: str = "exec") -> bytes:
-    """The payload call, without PROTO or STOP: ``exec(<create marker>)`` or ``os.system('touch m')``."""
+    """The payload call, without PROTO or STOP: ``exec(<create marker>)`` or ``os.system('touch m')``
+    (``test_bypasses.shell_for``: on Windows a cmd.exe command)."""
     if style == "exec":
         return call(glob("builtins", "exec", protocol), s(code_for(marker), protocol))
-    return call(glob("os", "system", protocol), s(f"touch '{marker}'", protocol))
+    return call(glob("os", "system", protocol), s(shell_for(marker), protocol))
 
 
 def payload_text(marker: str, style: str = "exec") -> bytes:
     """The payload call in protocol-0 opcodes only (every byte ASCII, no FRAME-sensitive reads)."""
     if style == "exec":
         return b"cbuiltins\nexec\n" + MARK + line_unicode(code_for(marker)) + TUPLE + REDUCE
-    return b"cos\nsystem\n" + MARK + line_unicode(f"touch '{marker}'") + TUPLE + REDUCE
+    return b"cos\nsystem\n" + MARK + line_unicode(shell_for(marker)) + TUPLE + REDUCE
 
 
 def payload_pickle(marker: str, protocol: int = 2, style: str = "exec") -> bytes:
@@ -1220,7 +1224,7 @@ def check_live(samples: list[Sample], workdir: str, timeout: float = 120.0) -> l
     Payloads that run a shell (``os.system``) finish before the loader returns, so one check right
     after the load is enough.
     """
-    marker = os.path.join(workdir, "PWNED")
+    marker = Path(workdir, "PWNED").as_posix()  # plain: no backslash on Windows either (check_marker)
     dead = []
     proc = subprocess.Popen([sys.executable, "-c", LIVE_CHILD], cwd=workdir, stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
@@ -1232,7 +1236,7 @@ def check_live(samples: list[Sample], workdir: str, timeout: float = 120.0) -> l
                 f.write(sample.data)
             proc.stdin.write(f"{sample.loader}\t{marker}\t{path}\n")
             proc.stdin.flush()
-            ready, _, _ = select.select([proc.stdout], [], [], timeout)
+            ready = wait_readable(proc.stdout, timeout)
             answer = proc.stdout.readline().strip() if ready else "hung"
             if answer == "quiet":
                 dead.append(sample.name)
@@ -1260,7 +1264,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="corpus-") as tmp:
         folder = args.out or tmp
-        marker = args.marker or os.path.join(os.path.abspath(folder), "PWNED")
+        marker = args.marker or Path(os.path.abspath(folder), "PWNED").as_posix()
         samples = generate(marker)
         counts: dict[str, list[int]] = {}
         for x in samples:
@@ -1276,7 +1280,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.check_live:
             live_dir = os.path.join(tmp, "live")
             os.makedirs(live_dir)
-            live = [x for x in generate(os.path.join(live_dir, "PWNED")) if x.live]
+            live = [x for x in generate(Path(live_dir, "PWNED").as_posix()) if x.live]
             dead = check_live(live, live_dir)
             for name in dead:
                 print("NOT LIVE:", name)

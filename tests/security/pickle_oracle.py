@@ -40,15 +40,17 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import pickle
 import random
 import select
 import struct
 import subprocess
+import time
 import zipfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 MODES_WITH_TORCH = ("loads", "bytesio", "buffered", "torch")
 MODES = ("loads", "bytesio", "buffered")
@@ -357,6 +359,32 @@ for line in sys.stdin:
 '''
 
 
+def wait_readable(stream: IO[Any], timeout: float) -> bool:
+    """Whether a child's output pipe has something to read within ``timeout`` seconds: data, or its
+    end (the child died: ``readline`` then returns ""). ``select`` where it takes pipes (POSIX);
+    on Windows, where it takes only sockets, ``PeekNamedPipe`` polled every 10 ms."""
+    if os.name != "nt":
+        ready, _, _ = select.select([stream], [], [], timeout)
+        return bool(ready)
+    import ctypes
+    import msvcrt
+    from ctypes import wintypes
+
+    peek = ctypes.WinDLL("kernel32").PeekNamedPipe
+    peek.argtypes = [wintypes.HANDLE, ctypes.c_void_p, wintypes.DWORD, ctypes.c_void_p,
+                     ctypes.POINTER(wintypes.DWORD), ctypes.c_void_p]
+    peek.restype = wintypes.BOOL
+    handle = msvcrt.get_osfhandle(stream.fileno())  # type: ignore[attr-defined]
+    available = wintypes.DWORD()
+    deadline = time.monotonic() + timeout
+    while True:
+        if not peek(handle, None, 0, None, ctypes.byref(available), None) or available.value:
+            return True  # bytes to read, or a broken pipe (the write end is closed)
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.01)
+
+
 class TraceOracle:
     """One long-lived child (``python``) that traces loads on request; restarted if it dies or hangs."""
 
@@ -397,11 +425,11 @@ class TraceOracle:
         try:
             proc.stdin.write(json.dumps({"path": str(path), "modes": modes}) + "\n")
             proc.stdin.flush()
-            ready, _, _ = select.select([proc.stdout], [], [], self.timeout)
+            ready = wait_readable(proc.stdout, self.timeout)
             line = proc.stdout.readline() if ready else ""
         except BrokenPipeError:
             line = ""
-            ready = [True]
+            ready = True
         if not line:
             self._kill()
             kind = "crash" if ready else "hang"

@@ -20,7 +20,6 @@ import lzma
 import marshal
 import os
 import pickle
-import select
 import shutil
 import struct
 import subprocess
@@ -39,6 +38,7 @@ import modelkit
 from fixtures import hostile
 from modelkit.errors import FormatError, ModelkitError, UnsafeFileError
 from modelkit.scan.report import FileReport
+from tests.security.pickle_oracle import wait_readable
 
 # -- opcodes -------------------------------------------------------------------------------------
 
@@ -96,8 +96,10 @@ def su(text: str) -> bytes:
 
 
 def line_unicode(text: str) -> bytes:
-    """Protocol-0 UNICODE (raw-unicode-escape, newline-terminated)."""
-    return b"V" + text.encode("raw_unicode_escape") + b"\n"
+    """Protocol-0 UNICODE (raw-unicode-escape, newline-terminated). A backslash is written as
+    ``\\u005c``, as pickle's own writer does: one before ``u``/``U`` would start an escape (Windows
+    paths: ``C:\\Users``)."""
+    return b"V" + text.replace("\\", "\\u005c").encode("raw_unicode_escape") + b"\n"
 
 
 def binbytes(data: bytes) -> bytes:
@@ -151,8 +153,25 @@ def code_for(marker: str) -> str:
 
 
 def shell_for(marker: str) -> str:
-    """A shell command that only creates the marker file."""
+    """A shell command that only creates the marker file: ``touch`` for sh, ``type nul >`` for
+    cmd.exe (what ``os.system`` and ``shell=True`` run on Windows, which has no touch)."""
+    if sys.platform == "win32":
+        return f'type nul > "{marker}"'
     return f"touch '{marker}'"
+
+
+def touch_argv(marker: str) -> list[str]:
+    """A program and its arguments that only create the marker file: ``touch``, or on Windows
+    (no touch there) this Python running ``code_for``."""
+    if sys.platform == "win32":
+        return [sys.executable, "-c", code_for(marker)]
+    return ["touch", marker]
+
+
+def posix_only(why: str) -> pytest.MarkDecorator:
+    """Skip on Windows a test whose payload runs on POSIX only, so cannot be shown live there (the
+    scan that refuses it reads bytes, the same on every system)."""
+    return pytest.mark.skipif(sys.platform == "win32", reason=f"{why}: the payload cannot be shown live on Windows")
 
 
 def exec_call(marker: str) -> bytes:
@@ -304,8 +323,7 @@ class TorchOracle:
         assert self.proc.stdin is not None and self.proc.stdout is not None
         self.proc.stdin.write(f"{mode} {path}\n")
         self.proc.stdin.flush()
-        ready, _, _ = select.select([self.proc.stdout], [], [], 120)
-        assert ready, "the loader child did not answer"
+        assert wait_readable(self.proc.stdout, 120), "the loader child did not answer"
         assert self.proc.stdout.readline() == "done\n", "the loader child died"
 
     def close(self) -> None:
@@ -477,7 +495,8 @@ def _ctf_issue22(marker: str) -> bytes:
 
 def _ghsa_9gvj(marker: str) -> bytes:
     # https://github.com/mmaitre314/picklescan/security/advisories/GHSA-9gvj-pp9x-gcfr, verbatim but for the command
-    return b"S'os'\n" + b"S'system'\n" + STACK_GLOBAL + b'S"' + shell_for(marker).encode() + b'"\n' + TUPLE1 + REDUCE + STOP
+    command = shell_for(marker).encode().replace(b"\\", b"\\\\")  # STRING escapes as repr() does: Windows paths
+    return b"S'os'\n" + b"S'system'\n" + STACK_GLOBAL + b'S"' + command + b'"\n' + TUPLE1 + REDUCE + STOP
 
 
 NO_PROTO_OPENINGS: dict[str, Callable[[str], bytes]] = {
@@ -703,7 +722,7 @@ def test_ghsa_7wx9_6375_f5wh_profile_run(tmp_path: Path, marker: str) -> None:
 
 def test_ghsa_g38g_8gr9_h9xp_uuid_get_command_stdout(tmp_path: Path, marker: str) -> None:
     """uuid._get_command_stdout('touch', marker) runs a program (picklescan GHSA-g38g-8gr9-h9xp)."""
-    data = pkl(call(glob("uuid", "_get_command_stdout"), u("touch"), u(marker)))
+    data = pkl(call(glob("uuid", "_get_command_stdout"), *(u(arg) for arg in touch_argv(marker))))
     check_pickle(tmp_path, marker, data, global_name="uuid._get_command_stdout")
 
 
@@ -713,6 +732,7 @@ def test_ghsa_g38g_8gr9_h9xp_imaplib_imap4_stream(tmp_path: Path, marker: str) -
     check_pickle(tmp_path, marker, data, global_name="imaplib.IMAP4_stream")
 
 
+@posix_only("_osx_support._read_output appends sh redirections (2>/dev/null >'file') to the command")
 def test_ghsa_g38g_8gr9_h9xp_osx_support_read_output(tmp_path: Path, marker: str) -> None:
     """_osx_support._read_output(command) calls os.system, on any platform (picklescan GHSA-g38g-8gr9-h9xp)."""
     data = pkl(call(glob("_osx_support", "_read_output"), u(shell_for(marker))))
@@ -747,6 +767,7 @@ def test_fickling_ghsa_q5qq_mvfm_j35x_code_getattr_chain(tmp_path: Path, marker:
     check_pickle(tmp_path, marker, data, global_name="code.InteractiveInterpreter")
 
 
+@posix_only("the pty module does not exist on Windows")
 def test_ghsa_vqmv_47xg_9wpr_pty_spawn(tmp_path: Path, marker: str) -> None:
     """pty.spawn(argv) runs a program on a pseudo-terminal (picklescan GHSA-vqmv-47xg-9wpr, fickling GHSA-r7v6-mfhq-g3m2)."""
     data = pkl(call(glob("pty", "spawn"), strlist("touch", marker)))
@@ -773,10 +794,14 @@ def test_shutil_rmtree_on_a_scratch_folder(tmp_path: Path, marker: str) -> None:
     assert (victim / "keep").exists(), "modelkit deleted the folder"
 
 
+@posix_only("Python on Windows has no socket.AF_UNIX")
 def test_socket_bind_creates_the_marker(tmp_path: Path, marker: str) -> None:
     """socket.socket(AF_UNIX).bind(path): network primitives reach the file system (picklescan malicious7, socket denylist)."""
+    # sun_path holds 104 bytes on macOS, whose temp folders are long: then the name relative to
+    # the loader's cwd (tmp_path)
+    target = marker if len(os.fsencode(marker)) < 100 else os.path.relpath(marker, tmp_path)
     data = (proto(4) + sglob("socket", "socket") + MARK + binint1(1) + TUPLE + REDUCE + put(0) + POP
-            + sglob("socket", "socket.bind") + get(0) + u(marker) + TUPLE2 + REDUCE + STOP)
+            + sglob("socket", "socket.bind") + get(0) + u(target) + TUPLE2 + REDUCE + STOP)
     check_pickle(tmp_path, marker, data, global_name="socket.socket")
 
 
@@ -786,6 +811,7 @@ def test_socket_create_connection(tmp_path: Path, marker: str) -> None:
     assert_refused(write(tmp_path, "evil.pkl", data), marker, global_name="socket.create_connection")
 
 
+@posix_only("asyncio.unix_events does not exist on Windows")
 def test_jfrog_cve_2025_10157_asyncio_subprocess_transport(tmp_path: Path, marker: str) -> None:
     """asyncio.unix_events._UnixSubprocessTransport._start: a submodule of a denied package (CVE-2025-10157, GHSA-q77w-mwjj-7mqx)."""
     data = (proto(4) + sglob("asyncio.unix_events", "_UnixSubprocessTransport._start")
@@ -801,6 +827,7 @@ def test_fickling_ghsa_565g_hwwr_4pp3_marshal_function_type(tmp_path: Path, mark
     check_pickle(tmp_path, marker, data, global_name="marshal.loads")
 
 
+@posix_only("multiprocessing.util.spawnv_passfds needs fork and exec (_posixsubprocess)")
 def test_fickling_multiprocessing_spawnv_passfds(tmp_path: Path, marker: str) -> None:
     """multiprocessing.util.spawnv_passfds(path, argv, ()) forks a program (fickling GHSA-q5qq-mvfm-j35x)."""
     touch = shutil.which("touch")
@@ -810,6 +837,7 @@ def test_fickling_multiprocessing_spawnv_passfds(tmp_path: Path, marker: str) ->
     check_pickle(tmp_path, marker, data, global_name="multiprocessing.util.spawnv_passfds")
 
 
+@posix_only("ctypes.CDLL(None) (the process's C library) is POSIX only")
 def test_ghsa_4675_36f9_wf6r_ctypes(tmp_path: Path, marker: str) -> None:
     """getattr(ctypes.CDLL(None), 'system')(cmd) calls libc directly (picklescan GHSA-4675-36f9-wf6r, fickling test_missing_ctypes)."""
     data = (proto(5) + sglob("builtins", "getattr") + sglob("ctypes", "CDLL") + NONE + TUPLE1 + REDUCE
@@ -984,7 +1012,7 @@ def test_build_setstate_of_functools_partial(tmp_path: Path, marker: str) -> Non
 def test_copyreg_reconstructor_with_dangerous_base(tmp_path: Path, marker: str) -> None:
     """copyreg._reconstructor(cls, base, state) calls base.__init__(obj, state): base = subprocess.Popen (Lib/copyreg.py)."""
     data = pkl(call(glob("copyreg", "_reconstructor"), glob("subprocess", "Popen"), glob("subprocess", "Popen"),
-                    strlist("touch", marker)))
+                    strlist(*touch_argv(marker))))
     check_pickle(tmp_path, marker, data, global_name="subprocess.Popen")
 
 
@@ -999,7 +1027,8 @@ def test_newobj_then_unbound_method_on_dangerous_class(tmp_path: Path, marker: s
     """NEWOBJ bdb.Bdb + BUILD state + bdb.Bdb.run(obj, code) (picklescan malicious15, Bdb.run)."""
     data = (proto(4) + sglob("bdb", "Bdb") + EMPTY_TUPLE + NEWOBJ
             + MARK + su("skip") + NONE + su("breaks") + EMPTY_DICT + su("fncache") + EMPTY_DICT
-            + su("frame_returning") + NONE + DICT + BUILD + put(0) + POP
+            + su("frame_returning") + NONE + su("trace_opcodes") + NEWFALSE  # Bdb reads it from 3.13 on
+            + DICT + BUILD + put(0) + POP
             + sglob("bdb", "Bdb.run") + get(0) + u(code_for(marker)) + TUPLE2 + REDUCE + STOP)
     check_pickle(tmp_path, marker, data, global_name="bdb.Bdb")
 
@@ -1007,13 +1036,13 @@ def test_newobj_then_unbound_method_on_dangerous_class(tmp_path: Path, marker: s
 def test_newobj_ex_then_init_on_dangerous_class(tmp_path: Path, marker: str) -> None:
     """NEWOBJ_EX subprocess.Popen (no __init__ yet), then subprocess.Popen.__init__(obj, argv) by a dotted global."""
     data = (proto(4) + sglob("subprocess", "Popen") + EMPTY_TUPLE + EMPTY_DICT + NEWOBJ_EX + put(0) + POP
-            + sglob("subprocess", "Popen.__init__") + get(0) + strlist("touch", marker) + TUPLE2 + REDUCE + STOP)
+            + sglob("subprocess", "Popen.__init__") + get(0) + strlist(*touch_argv(marker)) + TUPLE2 + REDUCE + STOP)
     check_pickle(tmp_path, marker, data, global_name="subprocess.Popen")
 
 
 def test_obj_opcode_on_dangerous_class(tmp_path: Path, marker: str) -> None:
     """OBJ: MARK cls args OBJ calls subprocess.Popen(argv) (fickling test_missing_pty_unsafe_imports_pr style)."""
-    data = pkl(MARK + glob("subprocess", "Popen") + strlist("touch", marker) + OBJ)
+    data = pkl(MARK + glob("subprocess", "Popen") + strlist(*touch_argv(marker)) + OBJ)
     check_pickle(tmp_path, marker, data, global_name="subprocess.Popen")
 
 

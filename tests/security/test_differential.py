@@ -47,7 +47,7 @@ def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Pa
     """(files folder, the child's empty cwd, marker path)."""
     files = tmp_path_factory.mktemp("diff-files")
     cwd = tmp_path_factory.mktemp("diff-cwd")
-    marker = str(files / "PWNED")
+    marker = (files / "PWNED").as_posix()  # payloads take a plain path: no backslash on Windows (check_marker)
     yield files, cwd, marker
     assert not os.path.exists(marker), "a payload ran"
     assert not os.listdir(cwd), f"the child wrote into its cwd: {os.listdir(cwd)}"

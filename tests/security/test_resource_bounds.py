@@ -188,19 +188,49 @@ def tar_of_marks_and_zeros(name: str, marks: int = 10_000, zeros: int = 200 * Mi
     return info.tobuf(tarfile.USTAR_FORMAT) + head, zeros + (-info.size) % 512 + 1024
 
 
-SCAN_IN_CHILD = (
-    "import json, resource, sys\n"
-    "import modelkit\n"
-    "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
-    "r = modelkit.scan(sys.argv[1]).files[0]\n"
-    "peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
-    "print(json.dumps({'verdict': r.verdict, 'pickles': r.pickles_scanned, 'grown_kb': peak - base,\n"
-    "                  'findings': [[f.rule, f.message] for f in r.findings]}))\n"
-)
+SCAN_IN_CHILD = r"""
+import json, sys
+import modelkit
+
+if sys.platform == "win32":  # no resource module: the peak working set, from GetProcessMemoryInfo
+    import ctypes
+    from ctypes import wintypes
+
+    class Counters(ctypes.Structure):
+        _fields_ = [("cb", wintypes.DWORD), ("PageFaultCount", wintypes.DWORD)] + [
+            (name, ctypes.c_size_t) for name in (
+                "PeakWorkingSetSize", "WorkingSetSize", "QuotaPeakPagedPoolUsage", "QuotaPagedPoolUsage",
+                "QuotaPeakNonPagedPoolUsage", "QuotaNonPagedPoolUsage", "PagefileUsage", "PeakPagefileUsage")]
+
+    kernel32 = ctypes.WinDLL("kernel32")
+    kernel32.GetCurrentProcess.restype = wintypes.HANDLE
+    kernel32.K32GetProcessMemoryInfo.argtypes = [wintypes.HANDLE, ctypes.POINTER(Counters), wintypes.DWORD]
+    kernel32.K32GetProcessMemoryInfo.restype = wintypes.BOOL
+
+    def peak_kib():
+        c = Counters()
+        c.cb = ctypes.sizeof(c)
+        if not kernel32.K32GetProcessMemoryInfo(kernel32.GetCurrentProcess(), ctypes.byref(c), c.cb):
+            raise ctypes.WinError()
+        return c.PeakWorkingSetSize // 1024
+else:
+    import resource
+
+    def peak_kib():
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak // 1024 if sys.platform == "darwin" else peak  # bytes on macOS, KiB on Linux
+
+base = peak_kib()
+r = modelkit.scan(sys.argv[1]).files[0]
+peak = peak_kib()
+print(json.dumps({'verdict': r.verdict, 'pickles': r.pickles_scanned, 'grown_kb': peak - base,
+                  'findings': [[f.rule, f.message] for f in r.findings]}))
+"""
 
 
 def scan_in_child(path: Path) -> dict[str, Any]:
-    """Scan in a child: its verdict, pickles run, and how much its peak RSS grew (KiB)."""
+    """Scan in a child: its verdict, pickles run, and how much its peak RSS grew (KiB; the peak
+    working set on Windows)."""
     out = subprocess.run([sys.executable, "-c", SCAN_IN_CHILD, str(path)], capture_output=True, text=True,
                          timeout=60, check=True, stdin=subprocess.DEVNULL)
     result: dict[str, Any] = json.loads(out.stdout)

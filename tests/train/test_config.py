@@ -34,7 +34,7 @@ def _write(tmp_path: Path, text: str) -> Path:
 
 
 def test_pyproject_train_extra_lists_the_training_stack() -> None:
-    data = _toml().loads((ROOT / "pyproject.toml").read_text())
+    data = _toml().loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
     extra = data["project"]["optional-dependencies"]["train"]
     names = {re.split(r"[<>=;\[ ]", req, maxsplit=1)[0].lower(): req for req in extra}
     for dist in ("diffusers", "peft", "transformers", "accelerate", "pillow", "tensorboard", "tomli"):
@@ -123,7 +123,7 @@ def test_print_config_cli(tmp_path: Path) -> None:
 
 
 def test_readme_training_example_is_a_valid_config() -> None:
-    text = (ROOT / "README.md").read_text()
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
     block = text.split("### Training: `modelkit train`", 1)[1].split("```toml", 1)[1].split("```", 1)[0]
     c = build_config("lora", _toml().loads(block))
     assert c.network.alpha == 8.0 and c.train.mixed_precision == "bf16" and c.dataset.keep_tokens == 1

@@ -232,7 +232,9 @@ def test_diffusers_folder_base_and_cli(tiny_model: dict[str, str], tmp_path: Pat
     base.scheduler.save_pretrained(folder / "scheduler")
     (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
     toml = tmp_path / "train.toml"
-    toml.write_text(f'[model]\npath = "{folder}"\n[dataset]\npath = "{tiny_model["images"]}"\nresolution = 64\n'
+    # json.dumps: a TOML basic string, its backslashes escaped (Windows paths)
+    toml.write_text(f'[model]\npath = {json.dumps(str(folder))}\n[dataset]\npath = {json.dumps(tiny_model["images"])}\n'
+                    'resolution = 64\n'
                     'min_bucket = 32\nmax_bucket = 128\nbucket_step = 32\n[train]\nmax_steps = 1\ndevice = "cpu"\n'
                     '[output]\ndir = "out"\n')
     r = CliRunner().invoke(cli, ["train", "lora", "--config", str(toml), "--set", "network.dim=2", "--json"])
