@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -131,5 +133,11 @@ def main() -> None:
         sys.exit(EXIT_ERROR)
     except SystemExit:
         if type(sys.stdout).__name__.lstrip("_") == "PacifyFlushWrapper":  # click met EPIPE, exits 1: no finding
+            sys.exit(EXIT_BROKEN_PIPE)
+        raise
+    except OSError as exc:
+        # Windows reports a write to a closed pipe as EINVAL, which click does not take for EPIPE.
+        if sys.platform == "win32" and exc.errno == errno.EINVAL:
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - the interpreter flushes it at exit
             sys.exit(EXIT_BROKEN_PIPE)
         raise
