@@ -15,6 +15,7 @@ from .._exit import EXIT_ERROR, EXIT_FINDINGS, EXIT_OK
 from ..errors import ModelkitError, UnsafeFileError, UsageError
 from ..ops.convert import ConvertResult, Progress, convert, run_many
 from ..paths import empty_folder_warning, plan_outputs, signals_raise
+from ._words import count
 from .output import Output, human_bytes
 
 #: Exit status after Ctrl-C or SIGTERM (128 + SIGINT, as shells expect).
@@ -27,7 +28,8 @@ def common_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     """The options convert and prune share."""
     for opt in reversed([
         click.argument("paths", nargs=-1, required=True, type=click.Path()),
-        click.option("-o", "--output", "out", type=click.Path(), help="Output file (one input file only)."),
+        click.option("-o", "--output", "out", type=click.Path(),
+                     help="Output file for one input file; for one input folder, the output folder (as --out-dir)."),
         click.option("--out-dir", type=click.Path(), help="Output folder; a folder input keeps its layout under it."),
         click.option("--force", is_flag=True, help="Replace an existing output (never the input)."),
         click.option("--dry-run", is_flag=True, help="Say what would be written; write nothing."),
@@ -62,7 +64,7 @@ def convert_cmd(paths: tuple[str, ...], out: str | None, out_dir: str | None, fo
 
 def render_convert(out: Output, r: Any) -> None:
     verb = "would write" if r.status == "dry-run" else "wrote"
-    out.line(f"{r.source} -> {r.output}  ({verb} {r.kind}, {r.tensors} tensors, {human_bytes(r.size)})")
+    out.line(f"{r.source} -> {r.output}  ({verb} {r.kind}, {count(r.tensors, 'tensor')}, {human_bytes(r.size)})")
     for c in r.changes:
         out.line(f"  {c}")
     for s in r.sidecars:
@@ -75,6 +77,7 @@ def run_command(out: Output, schema: str, paths: Sequence[str], o: str | None, o
     try:
         if jobs < 1:
             raise UsageError(None, f"-j/--jobs must be 1 or more, not {jobs}")
+        _check_folder_output(paths, o)
         pairs = plan_outputs(paths, o, out_dir, tag, lambda d: out.warn(empty_folder_warning(d)))
     except ModelkitError as exc:
         out.fail(exc, f"modelkit.{schema}/1")
@@ -113,6 +116,20 @@ def run_command(out: Output, schema: str, paths: Sequence[str], o: str | None, o
     if json_mode(out):
         out.json({"schema": f"modelkit.{schema}/1", "files": rows})
     return code
+
+
+def _check_folder_output(paths: Sequence[str], o: str | None) -> None:
+    """With one folder input ``-o`` names the output folder: refuse a name that reads as a file.
+
+    Raises:
+        UsageError: ``-o`` ends in ``.safetensors`` and is not an existing folder.
+    """
+    if o is None or len(paths) != 1 or not os.path.isdir(paths[0]) or os.path.isdir(o):
+        return
+    if o.lower().endswith(".safetensors"):
+        raise UsageError(None, f"-o {o} names a file, but the input {paths[0]} is a folder and each of its "
+                               "model files gets its own output",
+                         "Give an output folder with --out-dir DIR, or one input file to write one .safetensors")
 
 
 def json_mode(out: Output) -> bool:

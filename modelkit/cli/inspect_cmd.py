@@ -11,7 +11,12 @@ from .._exit import EXIT_ERROR, EXIT_FINDINGS, EXIT_OK
 from ..errors import ModelkitError, UnsafeFileError
 from ..ops.inspect import InspectResult, inspect
 from ..paths import empty_folder_warning, iter_inputs
+from ._words import count
 from .output import Output, human_bytes
+
+#: A1111's AutoV1 hashes the 64 KiB at this offset; a file no longer than it gives the hash of no bytes.
+AUTOV1_OFFSET = 0x100000
+AUTOV1_NOTE = "not applicable: the file is no longer than 1 MiB, so AutoV1 (the 64 KiB at offset 1 MiB) hashes no bytes"
 
 
 @click.command("inspect")
@@ -50,7 +55,10 @@ def inspect_cmd(paths: tuple[str, ...], json_mode: bool, keys: bool, hashes: boo
                 else:
                     out.error(exc)
                 continue
-            rows.append(res.to_dict())
+            row = res.to_dict()
+            if "autov1" in res.hashes and res.size <= AUTOV1_OFFSET:
+                row["hash_notes"] = {"autov1": AUTOV1_NOTE}
+            rows.append(row)
             for w in res.warnings:
                 out.warn(f"{f}: {w}")
             if is_dir:
@@ -74,8 +82,8 @@ def _what(r: InspectResult) -> str:
 
 def _one_line(r: InspectResult) -> str:
     dts = ",".join(sorted(r.bytes_by_dtype)) or "-"
-    return (f"{r.path}  {_what(r)}  {r.container}  {human_bytes(r.size)}  {r.tensor_count} tensors  "
-            f"{r.parameter_count:,} params  {dts}")
+    return (f"{r.path}  {_what(r)}  {r.container}  {human_bytes(r.size)}  {count(r.tensor_count, 'tensor')}  "
+            f"{count(r.parameter_count, 'param')}  {dts}")
 
 
 def _block(out: Output, r: InspectResult) -> None:
@@ -86,7 +94,8 @@ def _block(out: Output, r: InspectResult) -> None:
              f"  [confidence {d.get('confidence', 'low')}]")
     for ev in (d.get("evidence") or [])[:6]:
         out.line(f"    evidence: {ev}")
-    extra = f" ({', '.join(f'{k}={v}' for k, v in r.info.items() if isinstance(v, str))})" if r.info else ""
+    details = ", ".join(f"{k}={v}" for k, v in r.info.items() if isinstance(v, str))
+    extra = f" ({details})" if details else ""
     out.line(f"  container     {r.container}{extra}")
     out.line(f"  size          {human_bytes(r.size)} ({r.size:,} bytes)")
     out.line(f"  tensors       {r.tensor_count:,}")
@@ -94,21 +103,23 @@ def _block(out: Output, r: InspectResult) -> None:
     for i, (dt, n) in enumerate(sorted(r.bytes_by_dtype.items(), key=lambda kv: -kv[1])):
         out.line(f"  {'dtypes' if i == 0 else '':12}  {dt:<10} {human_bytes(n)}")
     for k, v in r.hashes.items():
+        if k == "autov1" and r.size <= AUTOV1_OFFSET:
+            continue  # the hash of no bytes, the same for every small file
         out.line(f"  {k:<12}  {v}")
     if r.wrappers:
         out.line(f"  wrappers      {', '.join(r.wrappers)}")
     for group, info in r.junk.items():
-        out.line(f"  junk          {group}: {info['tensors']} tensors, {human_bytes(info['bytes'])} (prune drops it)")
+        out.line(f"  junk          {group}: {count(info['tensors'], 'tensor')}, {human_bytes(info['bytes'])} (prune drops it)")
     for defect in r.defects:
         out.line(f"  defect        {defect}")
     if r.placeholders:
         out.line(f"  placeholders  {', '.join(r.placeholders)}")
     if r.metadata:
-        out.line(f"  metadata      {len(r.metadata)} entries")
+        out.line(f"  metadata      {count(len(r.metadata), 'entry', 'entries')}")
         for k, v in list(r.metadata.items())[:20]:
             out.line(f"    {k}: {_short(v)}")
     if r.extras:
-        out.line(f"  extras        {len(r.extras)} non-tensor values")
+        out.line(f"  extras        {count(len(r.extras), 'non-tensor value')}")
         for k, v in list(r.extras.items())[:20]:
             out.line(f"    {k}: {_short(v)}")
         if len(r.extras) > 20:

@@ -8,6 +8,7 @@ import click
 
 from .._exit import EXIT_ERROR, EXIT_FINDINGS, EXIT_OK
 from ..errors import ModelkitError, UnsafeFileError
+from ._words import count
 from .output import Output
 
 
@@ -31,7 +32,7 @@ def load_cmd(path: str, device: str, dtype: str | None, bench: bool, repeat: int
     if json_mode:
         out.json(result.to_dict())
     else:
-        out.line(f"{result.path}: {result.tensors} tensors, {result.gigabytes:.3f} GB onto {result.device}")
+        out.line(f"{result.path}: {count(result.tensors, 'tensor')}, {result.gigabytes:.3f} GB onto {result.device}")
         for row in result.rows:
             gbps = f"{row.gbps:8.2f} GB/s" if row.seconds else "     n/a"
             note = f"  ({row.note})" if row.note else ""

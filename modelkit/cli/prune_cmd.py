@@ -11,6 +11,7 @@ from .._exit import EXIT_ERROR
 from ..errors import ModelkitError
 from ..ops.convert import Progress
 from ..ops.prune import CAST_TARGETS, EMA_MODES, PARTS, PruneResult, check_options, default_tag, prune
+from ._words import count
 from .convert_cmd import common_options, run_command
 from .output import Output, human_bytes
 
@@ -46,7 +47,7 @@ def prune_cmd(paths: tuple[str, ...], out: str | None, out_dir: str | None, forc
 
 def render_prune(out: Output, r: Any) -> None:
     verb = "would write" if r.status == "dry-run" else "wrote"
-    out.line(f"{r.source} -> {r.output}  ({verb} {r.tensors} tensors, {human_bytes(r.input_size)} -> "
+    out.line(f"{r.source} -> {r.output}  ({verb} {count(r.tensors, 'tensor')}, {human_bytes(r.input_size)} -> "
              f"{human_bytes(r.size)})")
     for c in r.changes:
         out.line(f"  {c}")

@@ -8,6 +8,7 @@ import click
 
 from .._exit import EXIT_ERROR, EXIT_FINDINGS, EXIT_OK
 from ..errors import ModelkitError, UnsafeFileError
+from ._words import count
 from .output import Output
 
 
@@ -29,11 +30,13 @@ def verify_cmd(source: str, output: str, json_mode: bool) -> None:
         out.json(r.to_dict())
     else:
         state = "OK" if r.ok else "MISMATCH"
-        out.line(f"{state}  {r.checked} tensors checked ({r.cast} cast), {len(r.mismatches)} differ")
+        out.line(f"{state}  {count(r.checked, 'tensor')} checked ({r.cast} cast), {len(r.mismatches)} differ")
         for m in r.mismatches[:50]:
             out.line(f"  {m.name}: {m.problem}")
         if r.only_in_source:
-            out.line(f"  {len(r.only_in_source)} source tensors are not in the output (first: {r.only_in_source[0]})")
+            n = len(r.only_in_source)
+            out.line(f"  {count(n, 'source tensor')} {'is' if n == 1 else 'are'} not in the output "
+                     f"(first: {r.only_in_source[0]})")
     sys.exit(EXIT_OK if r.ok else EXIT_FINDINGS)
 
 
@@ -43,7 +46,12 @@ def verify_cmd(source: str, output: str, json_mode: bool) -> None:
 @click.option("--no-values", is_flag=True, help="Compare names, shapes and dtypes only (reads no tensor data).")
 @click.option("--json", "json_mode", is_flag=True, help="Print JSON (schema modelkit.diff/1).")
 def diff_cmd(a: str, b: str, no_values: bool, json_mode: bool) -> None:
-    """Show key, shape, dtype and value differences between two model files. Exit 1 if they differ."""
+    """Show key, shape, dtype and value differences between two model files. Exit 1 if they differ.
+
+    With --no-values, files whose names, shapes and dtypes match are reported as "same keys,
+    shapes and dtypes; values not compared" (exit 0), and the JSON has "values_compared": false:
+    its "identical" then covers names, shapes, dtypes and metadata only.
+    """
     from ..ops.verify import diff
 
     out = Output(json_mode)
@@ -53,10 +61,16 @@ def diff_cmd(a: str, b: str, no_values: bool, json_mode: bool) -> None:
         out.fail(exc, "modelkit.diff/1")
         sys.exit(EXIT_FINDINGS if isinstance(exc, UnsafeFileError) else EXIT_ERROR)
     if json_mode:
-        out.json(r.to_dict())
+        out.json({**r.to_dict(), "values_compared": not no_values})
     else:
         counts = ", ".join(f"{n} {k}" for k, n in sorted(r.counts().items()))
-        out.line(f"{'IDENTICAL' if r.identical else 'DIFFERENT'}  {counts}")
+        if not r.identical:
+            verdict = "DIFFERENT"
+        elif no_values:
+            verdict = "same keys, shapes and dtypes; values not compared"
+        else:
+            verdict = "IDENTICAL"
+        out.line(f"{verdict}  {counts}")
         for e in r.entries:
             if e.change == "same":
                 continue

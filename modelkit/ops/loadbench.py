@@ -71,9 +71,19 @@ def _size(path: str) -> tuple[int, int]:
 
 
 def time_modelkit(path: str, device: str, dtype: str | None) -> LoadBench:
-    """Load once with modelkit and report the time."""
+    """Load once with modelkit and report the time.
+
+    torch is imported before the clock starts: its import takes about a second, longer than
+    loading a small file, and is no part of the load.
+
+    Raises:
+        MissingExtraError: torch is not installed.
+        ModelkitError: the file cannot be read safely (see ``open_model``).
+    """
+    from .._torch import require_torch
     from ..load import load
 
+    require_torch("modelkit load")
     n, nbytes = _size(path)
     s = _time(lambda: load(path, device=device, dtype=dtype), device, 1)
     return LoadBench(path, device, n, nbytes / 1e9, (Row("modelkit.load", s, nbytes / 1e9 / s if s else 0.0),))
