@@ -24,7 +24,8 @@ def is_model_name(name: str) -> bool:
 
 
 def iter_inputs(
-    paths: Iterable[str | os.PathLike[str]], on_empty: Callable[[str], None] | None = None
+    paths: Iterable[str | os.PathLike[str]], on_empty: Callable[[str], None] | None = None,
+    missing_ok: bool = False,
 ) -> Iterator[str]:
     """Yield files: each path given, or the model files under each folder, sorted.
 
@@ -34,9 +35,12 @@ def iter_inputs(
     Args:
         on_empty: called with each folder that holds no model file (so a command can say so
             rather than do nothing silently).
+        missing_ok: yield a path that does not exist as it was given, so a command that handles
+            many files reports it as one failed file (its reader raises InputNotFoundError)
+            and goes on with the others.
 
     Raises:
-        InputNotFoundError: a path does not exist.
+        InputNotFoundError: a path does not exist (unless ``missing_ok``).
     """
     for raw in paths:
         p = os.fspath(raw)
@@ -47,7 +51,7 @@ def iter_inputs(
                 yield full
             if not found and on_empty is not None:
                 on_empty(p)
-        elif os.path.lexists(p):
+        elif missing_ok or os.path.lexists(p):
             yield p
         else:
             raise InputNotFoundError(p, "no such file or folder")

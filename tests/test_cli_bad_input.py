@@ -185,10 +185,15 @@ def test_an_empty_folder_is_said(tmp_path: Path) -> None:
 
 def test_missing_input_stays_json(tmp_path: Path) -> None:
     missing = str(tmp_path / "nope.ckpt")
-    for cmd in (["scan"], ["hash"], ["convert"], ["prune"], ["inspect"]):
+    for cmd in (["hash"], ["convert"], ["prune"], ["inspect"]):
         r = _run([*cmd, missing, "--json"])
         assert r.exit_code == 2 and _error_json(r)["error"] == "InputNotFoundError", cmd
         _one_error_line(r, missing)
+    # scan reports every file it is given, a missing one as an ERROR verdict (tests/test_cli_terminal.py)
+    r = _run(["scan", missing, "--json"])
+    (entry,) = json.loads(r.stdout)["files"]
+    assert r.exit_code == 2 and entry["path"] == missing and entry["verdict"] == "error"
+    assert entry["findings"][0]["message"] == "no such file"
 
 
 def test_unknown_bytes_are_named_plainly(bad: dict[str, str]) -> None:

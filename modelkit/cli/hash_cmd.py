@@ -8,10 +8,10 @@ import sys
 import click
 
 from .._exit import EXIT_ERROR, EXIT_FINDINGS, EXIT_OK
-from ..errors import ModelkitError
+from ..errors import ModelkitError, UnsafeFileError
 from ..ops.hashes import ALGOS, DEFAULT_ALGOS, check, hash_file
 from ..paths import empty_folder_warning, iter_inputs
-from .output import Output
+from .output import Output, shown
 
 _LABEL = {"sha256": "SHA256", "autov1": "AutoV1", "autov2": "AutoV2", "autov3": "AutoV3", "crc32": "CRC32",
           "blake3": "BLAKE3"}
@@ -26,18 +26,24 @@ _LABEL = {"sha256": "SHA256", "autov1": "AutoV1", "autov2": "AutoV2", "autov3": 
               help="Read the file even when its hashes are cached (the cache keeps the hashes of files "
                    "unchanged since; MODELKIT_HASH_CACHE=0 turns it off).")
 @click.option("--json", "json_mode", is_flag=True, help="Print JSON (schema modelkit.hash/1).")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@click.option("-q", "--quiet", is_flag=True,
+              help="No progress bar and no chatter; every file's hashes and errors stay.")
 def hash_cmd(paths: tuple[str, ...], algos: tuple[str, ...], do_check: bool, no_cache: bool, json_mode: bool,
              quiet: bool) -> None:
-    """Hash model files in one streaming read each (the hashes A1111 and Civitai show)."""
+    """Hash model files in one streaming read each (the hashes A1111 and Civitai show).
+
+    A missing or unreadable file gets one error line and the other files are still hashed. Exit
+    status: 0 all hashed (and, with --check, every comparable embedded hash matches), 1 a mismatch
+    or a file --check refuses to read as unsafe, else 2 a file that could not be hashed or a usage error.
+    """
     out = Output(json_mode, quiet)
     chosen = tuple(algos) or DEFAULT_ALGOS
     if do_check:
         chosen = tuple(dict.fromkeys((*chosen, "sha256", "autov3")))
     rows: list[dict[str, object]] = []
-    code = EXIT_OK
+    findings = errors = False
     try:
-        files = list(iter_inputs(paths, lambda d: out.warn(empty_folder_warning(d))))
+        files = list(iter_inputs(paths, lambda d: out.warn(empty_folder_warning(shown(d))), missing_ok=True))
     except ModelkitError as exc:
         out.fail(exc, "modelkit.hash/1")
         sys.exit(EXIT_ERROR)
@@ -49,22 +55,22 @@ def hash_cmd(paths: tuple[str, ...], algos: tuple[str, ...], do_check: bool, no_
         except ModelkitError as exc:
             out.error(exc)
             rows.append({"path": f, **exc.to_dict()})
-            code = EXIT_ERROR
+            unsafe = isinstance(exc, UnsafeFileError)  # a finding, as in every other command
+            findings, errors = findings or unsafe, errors or not unsafe
             continue
-        if res.mismatches:
-            code = max(code, EXIT_FINDINGS)
+        findings = findings or res.mismatches > 0
         rows.append(res.to_dict())
-        out.line(f + ("  (hashes from the cache)" if res.cached else ""))
+        out.result(shown(f) + ("  (hashes from the cache)" if res.cached else ""))
         for k in chosen:
             if k in res.hashes:
-                out.line(f"  {_LABEL[k]:<7} {res.hashes[k]}")
+                out.result(f"  {_LABEL[k]:<7} {res.hashes[k]}")
         for c in res.checks:
             state = {True: "ok", False: "MISMATCH", None: "not comparable"}[c.ok]
-            out.line(f"  check   {c.key}: {state} (embedded {c.embedded}" +
-                     (f", computed {c.computed})" if c.computed else ")") + f"  {c.note}")
+            out.result(f"  check   {shown(c.key)}: {state} (embedded {shown(c.embedded)}" +
+                       (f", computed {c.computed})" if c.computed else ")") + f"  {c.note}")
     if json_mode:
         out.json({"schema": "modelkit.hash/1", "files": rows})
-    sys.exit(code)
+    sys.exit(EXIT_FINDINGS if findings else EXIT_ERROR if errors else EXIT_OK)
 
 
 def _hash_one(out: Output, path: str, algos: tuple[str, ...], use_cache: bool):  # type: ignore[no-untyped-def]

@@ -2,12 +2,21 @@
 
 Nothing else in modelkit prints. Progress bars go to stderr and are off in JSON or quiet mode
 and when stderr is not a TTY.
+
+``-q/--quiet`` means one thing: no progress bar and no chatter (``line``, ``warn``); results
+(``result``) and errors stay. With ``--json``, stdout holds the JSON document and nothing else.
+
+Every name that comes from the file system or from inside a file goes through ``shown`` in human
+output, so a hostile name cannot move the cursor, erase a line or reverse the text on a terminal.
+JSON keeps names exact.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
+import unicodedata
 from collections.abc import Iterable, Iterator
 from typing import Any, TypeVar
 
@@ -27,22 +36,32 @@ class Output:
         click.echo(_printable(json.dumps(payload, indent=2, ensure_ascii=False, default=str)))
 
     def line(self, text: str = "") -> None:
+        """Chatter: human mode only, and not with ``-q``."""
         if not self.quiet and not self.json_mode:
-            click.echo(_printable(text))
+            click.echo(_printable(_controls_escaped(text)))
+
+    def result(self, text: str = "") -> None:
+        """A result line: human mode only; ``-q`` keeps it."""
+        if not self.json_mode:
+            click.echo(_printable(_controls_escaped(text)))
 
     def warn(self, text: str) -> None:
         if not self.quiet:
-            click.echo(_printable(f"modelkit: warning: {text}"), err=True)
+            click.echo(_printable(f"modelkit: warning: {_one_line(_controls_escaped(text))}"), err=True)
 
     def error(self, exc: ModelkitError | str) -> None:
-        msg = exc.message if isinstance(exc, ModelkitError) else exc
-        click.echo(_printable(f"modelkit: error: {_one_line(msg)}"), err=True)
+        if isinstance(exc, ModelkitError):
+            msg = f"{shown(exc.path)}: {exc.problem}" if exc.path else exc.problem
+            msg = f"{msg}. {exc.remedy}" if exc.remedy else msg
+        else:
+            msg = exc
+        click.echo(_printable(f"modelkit: error: {_one_line(_controls_escaped(msg))}"), err=True)
 
     def fail(self, exc: ModelkitError, schema: str) -> None:
         """Report an error that ends the command: one line on stderr and, with ``--json``,
         ``{"schema": schema, "error": exc.to_dict()}`` on stdout, so the output stays machine-readable."""
         self.error(exc)
-        if self.json_mode and not self.quiet:
+        if self.json_mode:
             self.json({"schema": schema, "error": exc.to_dict()})
 
     def progress(self, items: Iterable[T], total: int | None = None, desc: str = "") -> Iterator[T]:
@@ -70,6 +89,58 @@ class Output:
         from tqdm import tqdm
 
         return tqdm(total=total, initial=initial, desc=desc, unit="step", file=sys.stderr, dynamic_ncols=True)
+
+
+# Named escapes, as ``ls -b`` and C write them; every other control is \xHH or \uXXXX.
+_NAMED = {"\a": "\\a", "\b": "\\b", "\t": "\\t", "\n": "\\n", "\v": "\\v", "\f": "\\f", "\r": "\\r",
+          "\x1b": "\\e"}
+# Control (C0, DEL, C1), format (bidi overrides and isolates, zero-width marks), line and paragraph
+# separators, and lone surrogates (bytes of a name that are not UTF-8).
+_HIDDEN = frozenset({"Cc", "Cf", "Zl", "Zp", "Cs"})
+
+
+def _escape(ch: str) -> str:
+    if ch in _NAMED:
+        return _NAMED[ch]
+    return f"\\x{ord(ch):02x}" if ord(ch) < 0x100 else f"\\u{ord(ch):04x}"
+
+
+def shown(name: str | os.PathLike[str]) -> str:
+    r"""A file name or a name from inside a file, safe to print on a terminal.
+
+    Controls (C0, DEL, C1), Unicode format characters (bidi overrides such as U+202E, zero-width
+    characters), line separators and lone surrogates are written as escapes (``\e``, ``\r``,
+    ``\x7f``, ``\u202e``), the way ``ls -b`` does. A backslash is written ``\\`` so the mapping
+    stays one to one, except where it is the path separator (Windows), where no name can hold one.
+
+    Args:
+        name: the name as the file system or the file gives it.
+
+    Returns:
+        The same text where it is plain; otherwise the escaped form.
+
+    Example:
+        >>> shown("a\x1b[2K\rb.ckpt")
+        'a\\e[2K\\rb.ckpt'
+    """
+    text = os.fspath(name)
+    out = []
+    for ch in text:
+        if ch == "\\" and os.sep != "\\":
+            out.append("\\\\")
+        elif ch in _NAMED or unicodedata.category(ch) in _HIDDEN:
+            out.append(_escape(ch))
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def _controls_escaped(text: str) -> str:
+    """``text`` with every hidden character escaped as ``shown`` does, but newlines and tabs kept
+    and backslashes left alone: the last guard on whole lines whose names were not passed through
+    ``shown`` (a line holds text written by modelkit, where a backslash is just a backslash)."""
+    return "".join(c if c in "\n\t" or (c not in _NAMED and unicodedata.category(c) not in _HIDDEN)
+                   else _escape(c) for c in text)
 
 
 def _printable(text: str) -> str:
