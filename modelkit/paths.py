@@ -25,7 +25,7 @@ def is_model_name(name: str) -> bool:
 
 def iter_inputs(
     paths: Iterable[str | os.PathLike[str]], on_empty: Callable[[str], None] | None = None,
-    missing_ok: bool = False,
+    missing_ok: bool = False, on_stale: Callable[[str, int], None] | None = None,
 ) -> Iterator[str]:
     """Yield files: each path given, or the model files under each folder, sorted.
 
@@ -38,6 +38,8 @@ def iter_inputs(
         missing_ok: yield a path that does not exist as it was given, so a command that handles
             many files reports it as one failed file (its reader raises InputNotFoundError)
             and goes on with the others.
+        on_stale: called with the path and size of each abandoned modelkit temp file in a walked
+            folder (``tempfiles.is_stale``), which is never yielded, so a command can name it.
 
     Raises:
         InputNotFoundError: a path does not exist (unless ``missing_ok``).
@@ -46,7 +48,7 @@ def iter_inputs(
         p = os.fspath(raw)
         if os.path.isdir(p):
             found = False
-            for full in _walk(p):
+            for full in _walk(p, on_stale):
                 found = True
                 yield full
             if not found and on_empty is not None:
@@ -63,11 +65,17 @@ def empty_folder_warning(folder: str) -> str:
             "hidden files and symlinks are skipped)")
 
 
-def _walk(p: str) -> Iterator[str]:
+def _walk(p: str, on_stale: Callable[[str, int], None] | None = None) -> Iterator[str]:
     for root, dirs, files in os.walk(p, followlinks=False):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for name in sorted(files):
             full = os.path.join(root, name)
+            if on_stale is not None and name.endswith((".modelkit-tmp", ".tmp")):
+                from .tempfiles import temp_file
+
+                t = temp_file(full)
+                if t is not None and t.stale:
+                    on_stale(full, t.size)
             if name.startswith(".") or not is_model_name(name) or os.path.islink(full):
                 continue
             yield full
@@ -79,21 +87,23 @@ def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
     Raises:
         OutputWriteError: the folder is missing or not writable, the target is a folder, the disk is full.
     """
-    import tempfile
+    from .tempfiles import sweep_folder, writer_token
 
     target = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(target))
     if os.path.isdir(target):
         raise OutputWriteError(target, "is a folder", "Choose an output file name")
     refuse_windows_name(target)
+    sweep_folder(folder)
+    # in the target's folder: os.replace is atomic only within one volume
+    tmp = temp_path(target, writer_token(), max_path=MAX_PATH if portable.WINDOWS_RULES else None)
     try:
-        # in the target's folder: os.replace is atomic only within one volume
-        fd, tmp = tempfile.mkstemp(prefix=".modelkit-", suffix=".tmp", dir=folder)
+        fd = portable.open_fd(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
     except OSError as exc:
         raise OutputWriteError(target, f"cannot create a file in {folder} ({exc.strerror or exc})",
                                "Choose a folder you can write to") from None
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+        with open(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
@@ -281,7 +291,9 @@ def refuse_windows_name(target: str) -> None:
 
 def temp_path(target: str, token: str, *, max_path: int | None = None) -> str:
     """Where an output is written before it is renamed onto ``target``: ``.NAME.TOKEN.modelkit-tmp``
-    in the target's folder, NAME being the target's name.
+    in the target's folder, NAME being the target's name. ``atomic_output`` gives as TOKEN
+    ``tempfiles.writer_token()`` (random, the writer's pid and host), so that a temp file a killed
+    writer left behind is known as abandoned (``tempfiles.is_stale``).
 
     Characters Windows refuses become ``_``. A long NAME is cut, ending in ``~``, so that the temp
     name fits in ``NAME_MAX`` bytes and, given ``max_path``, the whole path in fewer than
@@ -348,15 +360,22 @@ def atomic_output(
     target is left as it was. Without ``force`` an existing target is never replaced, even one
     that appears while writing.
 
+    A ``kill -9`` or a power cut cannot be caught: the temp file stays, named after its writer's
+    pid. So the first write of this process into a folder first removes the temp files there
+    whose writer is gone (``tempfiles.sweep_folder``, which reports it in one line).
+
     Raises:
         OutputExistsError: see ``check_output``.
         OutputWriteError: the file system refused (full disk, permissions ...).
     """
+    from .tempfiles import sweep_folder, writer_token
+
     t = check_output(target, force=force, inputs=inputs)
     folder = os.path.dirname(os.path.abspath(t))
+    sweep_folder(folder)
     # The temp file lives in the target's own folder: os.replace (and os.link) work within one
     # volume only, and only there is the rename atomic.
-    tmp = temp_path(t, os.urandom(4).hex(), max_path=MAX_PATH if portable.WINDOWS_RULES else None)
+    tmp = temp_path(t, writer_token(), max_path=MAX_PATH if portable.WINDOWS_RULES else None)
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
     with signals_raise():
         try:

@@ -6,7 +6,7 @@ import os
 import queue
 import sys
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import click
@@ -17,9 +17,6 @@ from ..ops.convert import ConvertResult, Progress, convert, run_many
 from ..paths import empty_folder_warning, plan_outputs, signals_raise
 from ._words import count
 from .output import Output, human_bytes
-
-#: Exit status after Ctrl-C or SIGTERM (128 + SIGINT, as shells expect).
-EXIT_INTERRUPTED = 130
 
 Job = Callable[[str, str, Progress], Any]
 
@@ -108,11 +105,8 @@ def run_command(out: Output, schema: str, paths: Sequence[str], o: str | None, o
             out.warn(f"{src}: {w}")
         render(out, res)
 
-    try:
-        _run_with_progress(out, [pairs[i] for i in todo], job, jobs, done)
-    except KeyboardInterrupt:
-        out.error("interrupted; no partial output was left behind")
-        return EXIT_INTERRUPTED
+    # Ctrl-C and SIGTERM go up to ``cli.main.main``: one line, exit 130 or 143.
+    _run_with_progress(out, [pairs[i] for i in todo], job, jobs, done)
     if json_mode(out):
         out.json({"schema": f"modelkit.{schema}/1", "files": rows})
     return code
@@ -138,43 +132,71 @@ def json_mode(out: Output) -> bool:
 
 def _run_with_progress(out: Output, pairs: list[tuple[str, str]], job: Job, jobs: int,
                        done: Callable[[int, Any], None]) -> None:
-    """Run the batch in a thread; the main thread draws the bar and takes Ctrl-C/SIGTERM."""
+    """Run the batch in a thread; the main thread draws the bar, renders results and takes Ctrl-C/SIGTERM.
+
+    The bar counts bytes against the inputs' total size: each tensor as it is written, and at the
+    end of a file whatever of its size the tensors did not cover (dropped or cast tensors, headers).
+    """
     events: queue.Queue[tuple[Any, ...]] = queue.Queue()
     stop = threading.Event()
-    per_tensor = len(pairs) == 1
+    sizes = [_size(src) for src, _ in pairs]
+    index = {src: i for i, (src, _) in enumerate(pairs)}
+
+    def counted(src: str, target: str, progress: Progress) -> Any:
+        i = index[src]
+
+        def tick(name: str, n: int) -> None:
+            progress(name, n)  # raises once the batch is stopped
+            events.put(("bytes", i, n))
+
+        return job(src, target, tick)
 
     def work() -> None:
         try:
-            run_many(pairs, job, jobs=jobs, stop=stop,
-                     on_tensor=(lambda name, n: events.put(("tensor", n))) if per_tensor else None,
-                     on_done=lambda i, r: events.put(("done", i, r)))
+            run_many(pairs, counted, jobs=jobs, stop=stop, on_done=lambda i, r: events.put(("done", i, r)))
             events.put(("end", None))
         except BaseException as exc:  # noqa: BLE001 - handed to the main thread
             events.put(("end", exc))
 
-    def pump() -> Iterator[tuple[Any, ...]]:
-        while True:
-            try:
-                ev = events.get(timeout=0.2)
-            except queue.Empty:
-                continue
-            if ev[0] == "end":
-                if ev[1] is not None:
-                    raise ev[1]
-                return
-            if ev[0] == "done":
-                done(ev[1], ev[2])
-            if (ev[0] == "tensor") == per_tensor:
-                yield ev
-
     worker = threading.Thread(target=work, name="modelkit-batch", daemon=True)
-    desc = os.path.basename(pairs[0][0]) if per_tensor and pairs else "files"
+    desc = os.path.basename(pairs[0][0]) if len(pairs) == 1 else f"{len(pairs)} files"
+    shown_bytes = [0] * len(pairs)
     with signals_raise():
+        bar = out.bar(sum(sizes), desc)
+
+        def advance(i: int, n: int) -> None:
+            n = max(0, min(n, sizes[i] - shown_bytes[i]))
+            shown_bytes[i] += n
+            if bar is not None and n:
+                bar.update(n)
+
         worker.start()
         try:
-            for _ in out.progress(pump(), total=None if per_tensor else len(pairs), desc=desc):
-                pass
+            while True:
+                try:
+                    ev = events.get(timeout=0.2)
+                except queue.Empty:
+                    continue
+                if ev[0] == "end":
+                    if ev[1] is not None:
+                        raise ev[1]
+                    return
+                if ev[0] == "bytes":
+                    advance(ev[1], ev[2])
+                elif ev[0] == "done":
+                    advance(ev[1], sizes[ev[1]])
+                    done(ev[1], ev[2])
         except KeyboardInterrupt:
             stop.set()
             worker.join()
             raise
+        finally:
+            if bar is not None:
+                bar.close()
+
+
+def _size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 0

@@ -11,6 +11,7 @@ from .._exit import EXIT_ERROR, EXIT_FINDINGS, EXIT_OK
 from ..errors import ModelkitError, UnsafeFileError
 from ..ops.inspect import InspectResult, inspect
 from ..paths import empty_folder_warning, iter_inputs
+from ..tempfiles import abandoned_warning
 from ._words import count
 from .output import Output, human_bytes
 
@@ -37,7 +38,8 @@ def inspect_cmd(paths: tuple[str, ...], json_mode: bool, keys: bool, hashes: boo
     for given in paths:
         is_dir = os.path.isdir(given)
         try:
-            files = list(iter_inputs([given], lambda d: out.warn(empty_folder_warning(d))))
+            files = list(iter_inputs([given], lambda d: out.warn(empty_folder_warning(d)),
+                                     on_stale=lambda p, n: out.warn(abandoned_warning(p, n))))
         except ModelkitError as exc:
             out.error(exc)
             rows.append({"path": given, **exc.to_dict()})

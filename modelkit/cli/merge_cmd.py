@@ -13,7 +13,6 @@ from .._exit import EXIT_ERROR, EXIT_FINDINGS, EXIT_OK
 from ..errors import ModelkitError, UnsafeFileError
 from ..ops.convert import Progress
 from ..ops.streaming import COMPUTE_DTYPES, OUTPUT_DTYPES
-from .convert_cmd import EXIT_INTERRUPTED
 from .output import Output, human_bytes
 
 
@@ -35,7 +34,8 @@ def run_op(out: Output, schema: str, op: Callable[[Progress | None], Any], rende
     """Run one op with a byte progress bar; render its result; return the exit code.
 
     A ModelkitError becomes one line (and, with ``--json``, an ``error`` object): exit 1 for a file
-    refused as unsafe, 2 for anything else; Ctrl-C exits 130 (no partial output is left).
+    refused as unsafe, 2 for anything else. Ctrl-C and SIGTERM go up to ``cli.main.main`` (one
+    line, exit 130 or 143); the bar is closed first and no partial output is left.
     """
     bar = out.bar(total, desc)
     try:
@@ -43,9 +43,6 @@ def run_op(out: Output, schema: str, op: Callable[[Progress | None], Any], rende
     except ModelkitError as exc:
         out.fail(exc, schema)
         return EXIT_FINDINGS if isinstance(exc, UnsafeFileError) else EXIT_ERROR
-    except KeyboardInterrupt:
-        out.error("interrupted; no partial output was left behind")
-        return EXIT_INTERRUPTED
     finally:
         if bar is not None:
             bar.close()

@@ -1,7 +1,9 @@
 """The one output sink: commands return results; this renders them (human, JSON or quiet).
 
 Nothing else in modelkit prints. Progress bars go to stderr and are off in JSON or quiet mode
-and when stderr is not a TTY.
+and when stderr is not a TTY. While a bar is on screen every line goes out through tqdm's
+``external_write_mode``: the bar is cleared, the line written, the bar drawn again below it, so a
+result never shares a line with a bar.
 
 ``-q/--quiet`` means one thing: no progress bar and no chatter (``line``, ``warn``); results
 (``result``) and errors stay. With ``--json``, stdout holds the JSON document and nothing else.
@@ -33,21 +35,21 @@ class Output:
         self.quiet = quiet
 
     def json(self, payload: Any) -> None:
-        click.echo(_printable(json.dumps(payload, indent=2, ensure_ascii=False, default=str)))
+        _echo(_printable(json.dumps(payload, indent=2, ensure_ascii=False, default=str)))
 
     def line(self, text: str = "") -> None:
         """Chatter: human mode only, and not with ``-q``."""
         if not self.quiet and not self.json_mode:
-            click.echo(_printable(_controls_escaped(text)))
+            _echo(_printable(_controls_escaped(text)))
 
     def result(self, text: str = "") -> None:
         """A result line: human mode only; ``-q`` keeps it."""
         if not self.json_mode:
-            click.echo(_printable(_controls_escaped(text)))
+            _echo(_printable(_controls_escaped(text)))
 
     def warn(self, text: str) -> None:
         if not self.quiet:
-            click.echo(_printable(f"modelkit: warning: {_one_line(_controls_escaped(text))}"), err=True)
+            _echo(_printable(f"modelkit: warning: {_one_line(_controls_escaped(text))}"), err=True)
 
     def error(self, exc: ModelkitError | str) -> None:
         if isinstance(exc, ModelkitError):
@@ -55,7 +57,7 @@ class Output:
             msg = f"{msg}. {exc.remedy}" if exc.remedy else msg
         else:
             msg = exc
-        click.echo(_printable(f"modelkit: error: {_one_line(_controls_escaped(msg))}"), err=True)
+        _echo(_printable(f"modelkit: error: {_one_line(_controls_escaped(msg))}"), err=True)
 
     def fail(self, exc: ModelkitError, schema: str) -> None:
         """Report an error that ends the command: one line on stderr and, with ``--json``,
@@ -64,31 +66,61 @@ class Output:
         if self.json_mode:
             self.json({"schema": schema, "error": exc.to_dict()})
 
+    def bars_on(self) -> bool:
+        """Whether this sink draws progress bars: human mode, no ``-q``, stderr a terminal."""
+        return not self.quiet and not self.json_mode and sys.stderr.isatty()
+
     def progress(self, items: Iterable[T], total: int | None = None, desc: str = "") -> Iterator[T]:
-        if self.quiet or self.json_mode or not sys.stderr.isatty():
+        """``items``, counted on a bar while they are consumed; the bar is gone when they end."""
+        if not self.bars_on():
             yield from items
             return
         from tqdm import tqdm
 
-        yield from tqdm(items, total=total, desc=desc, file=sys.stderr, leave=False)
+        bar = tqdm(total=total, desc=desc, file=sys.stderr, leave=False)
+        try:
+            for item in items:
+                yield item
+                bar.update(1)
+        finally:
+            bar.close()
 
-
-    def bar(self, total: int, desc: str = "") -> Any:
-        """A byte-counting tqdm bar on stderr, or None when bars are off."""
-        if self.quiet or self.json_mode or not sys.stderr.isatty() or total < (64 << 20):
+    def bar(self, total: int, desc: str = "", min_total: int = 64 << 20) -> Any:
+        """A byte-counting tqdm bar on stderr (size, percentage, rate, ETA), or None when bars are
+        off or ``total`` is under ``min_total`` (done before a bar would tell anything)."""
+        if not self.bars_on() or total < min_total:
             return None
         from tqdm import tqdm
 
-        return tqdm(total=total, desc=desc, unit="B", unit_scale=True, file=sys.stderr, leave=False)
-
+        return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
+                    leave=False)
 
     def steps_bar(self, total: int, initial: int = 0, desc: str = "") -> Any:
         """A step-counting tqdm bar on stderr (shows it/s; callers add loss with set_postfix), or None when bars are off."""
-        if self.quiet or self.json_mode or not sys.stderr.isatty():
+        if not self.bars_on():
             return None
         from tqdm import tqdm
 
         return tqdm(total=total, initial=initial, desc=desc, unit="step", file=sys.stderr, dynamic_ncols=True)
+
+
+def close_bars() -> None:
+    """Take every progress bar off the screen (before a last line such as "interrupted")."""
+    tqdm_module = sys.modules.get("tqdm")
+    if tqdm_module is None:
+        return
+    for bar in list(getattr(tqdm_module.tqdm, "_instances", ())):
+        bar.close()
+
+
+def _echo(text: str, err: bool = False) -> None:
+    """``click.echo``; while a tqdm bar is drawn, with the bar cleared first and redrawn after."""
+    tqdm_module = sys.modules.get("tqdm")
+    if tqdm_module is None or not getattr(tqdm_module.tqdm, "_instances", None):
+        click.echo(text, err=err)
+        return
+    with tqdm_module.tqdm.external_write_mode(file=sys.stderr if err else sys.stdout):
+        click.echo(text, err=err)
 
 
 # Named escapes, as ``ls -b`` and C write them; every other control is \xHH or \uXXXX.

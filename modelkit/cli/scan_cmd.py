@@ -36,6 +36,7 @@ def scan_cmd(paths: tuple[str, ...], json_mode: bool, sarif_path: str | None, al
     unsafe (or suspicious with --strict), 2 usage error or a file that could not be scanned.
     """
     from ..paths import empty_folder_warning, iter_inputs
+    from ..tempfiles import abandoned_warning
 
     out = Output(json_mode, quiet)
     try:
@@ -44,7 +45,8 @@ def scan_cmd(paths: tuple[str, ...], json_mode: bool, sarif_path: str | None, al
 
             require_fickling()
         allowed = check_allow(allow)
-        files = list(iter_inputs(paths, lambda d: out.warn(empty_folder_warning(shown(d))), missing_ok=True))
+        files = list(iter_inputs(paths, lambda d: out.warn(empty_folder_warning(shown(d))), missing_ok=True,
+                                 on_stale=lambda p, n: out.warn(abandoned_warning(shown(p), n))))
     except ModelkitError as exc:
         out.fail(exc, "modelkit.scan/1")
         sys.exit(EXIT_ERROR)

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from .loop import TrainResult
 
 
-def train(config: Config, progress: Any = None, on_skip: Any = None) -> TrainResult:
+def train(config: Config, progress: Any = None, on_skip: Any = None, on_start: Any = None) -> TrainResult:
     """Train with ``config`` and write the outputs; see ``modelkit.train.loop.train``.
 
     Raises:
@@ -29,7 +29,7 @@ def train(config: Config, progress: Any = None, on_skip: Any = None) -> TrainRes
     require_extras()
     from .loop import train as _train
 
-    return _train(config, progress=progress, on_skip=on_skip)
+    return _train(config, progress=progress, on_skip=on_skip, on_start=on_start)
 
 
 __all__ = ["METHODS", "Config", "load_config", "missing_extras", "render_toml", "require_extras", "train"]

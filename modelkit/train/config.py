@@ -101,10 +101,15 @@ class NetworkConfig:
 
 @dataclass(frozen=True)
 class TIConfig:
-    """``[ti]``: textual inversion. ``token`` gets ``vectors`` new embeddings initialised from ``init_word``."""
+    """``[ti]``: textual inversion. ``token`` gets ``vectors`` new embeddings initialised from ``init_word``.
+
+    Attributes:
+        init_word: a word close to the concept (``dog``, ``painting``); its embedding is where the new
+            vectors start. Empty: ``DEFAULT_INIT_WORD``, and the CLI says so.
+    """
 
     token: str = "<concept>"
-    init_word: str = "*"
+    init_word: str = ""
     vectors: int = 1
     prepend: bool = True
 
@@ -149,10 +154,14 @@ class DreamBoothConfig:
 
 @dataclass(frozen=True)
 class OptimizerConfig:
-    """``[optimizer]``: AdamW, or AdamW8bit when bitsandbytes is installed."""
+    """``[optimizer]``: AdamW, or AdamW8bit when bitsandbytes is installed.
+
+    Attributes:
+        lr: the learning rate; unset: the method's usual one (``DEFAULT_LR``).
+    """
 
     name: str = field(default="adamw", metadata=_choice("adamw", "adamw8bit"))
-    lr: float = 1e-4
+    lr: float | None = None
     weight_decay: float = 1e-2
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
@@ -175,6 +184,11 @@ class TrainingConfig:
     """``[train]``: steps, batch, precision and the loss options.
 
     ``max_steps`` counts optimizer steps; with ``epochs`` > 0 training stops at whichever comes first.
+
+    Attributes:
+        threads: torch's CPU threads (``torch.set_num_threads``) for the run; 0: on the CPU, the cores
+            this process may use (shared among the processes of a multi-process launch), elsewhere
+            torch's own choice.
     """
 
     max_steps: int = 1000
@@ -188,6 +202,7 @@ class TrainingConfig:
     min_snr_gamma: float = 0.0
     noise_offset: float = 0.0
     device: str = "auto"
+    threads: int = 0
 
 
 @dataclass(frozen=True)
@@ -198,6 +213,8 @@ class OutputConfig:
         tensorboard: write TensorBoard logs (loss, learning rate, steps/s, sample images) to
             ``log_dir``; needs ``pip install tensorboard``.
         log_dir: the TensorBoard folder; default ``<output.dir>/logs``.
+        log_every: when stderr is not a terminal, the CLI prints a progress line every this many
+            steps (and after the last); 0: ``max(1, steps // 20)``.
     """
 
     dir: str = "output"
@@ -210,6 +227,7 @@ class OutputConfig:
     resume: str | None = None
     tensorboard: bool = False
     log_dir: str | None = None
+    log_every: int = 0
 
 
 SAMPLERS = ("ddim", "euler", "euler_a", "dpm++")
@@ -219,7 +237,8 @@ SAMPLERS = ("ddim", "euler", "euler_a", "dpm++")
 class SampleConfig:
     """``[sample]``: images from fixed prompts every ``every_steps`` optimizer steps (0: never).
 
-    Each prompt gives one PNG, ``<output.dir>/samples/<name>-step<NNNNNN>-<prompt index>.png``, made
+    Each prompt gives one PNG, ``<output.dir>/samples/<name>-step<NNNNNN>-<II>.png`` (``II``: the
+    prompt's index, two digits), made
     by the diffusers pipeline of the base from the modules being trained (the LoRA, embedding or
     hypernetwork in effect), with its own generator (``seed`` + prompt index): the training's random
     state is left exactly as it was.
@@ -460,6 +479,7 @@ def check(config: Config, source: str | None = None) -> None:
         "dreambooth.num_class_images": c.dreambooth.num_class_images, "sample.every_steps": c.sample.every_steps,
         "sample.width": c.sample.width, "sample.height": c.sample.height, "sample.guidance_scale": c.sample.guidance_scale,
         "dreambooth.class_guidance_scale": c.dreambooth.class_guidance_scale,
+        "train.threads": c.train.threads, "output.log_every": c.output.log_every,
     }
     for key, num in at_least_zero.items():
         if num < 0:
@@ -470,7 +490,7 @@ def check(config: Config, source: str | None = None) -> None:
                    ("network.dropout", c.network.dropout)):
         if not 0.0 <= p < 1.0:
             raise _bad(source, key, f"must be in [0, 1), got {p}")
-    if c.optimizer.lr <= 0:
+    if c.optimizer.lr is not None and c.optimizer.lr <= 0:
         raise _bad(source, "optimizer.lr", f"must be positive, got {c.optimizer.lr}")
     for i, beta in enumerate(c.optimizer.betas):
         if not 0.0 <= beta < 1.0:
@@ -506,19 +526,26 @@ def check(config: Config, source: str | None = None) -> None:
     if c.method == "ti":
         if not c.ti.token.strip() or " " in c.ti.token.strip():
             raise _bad(source, "ti.token", f"must be one word without spaces, got {c.ti.token!r}")
-        if not c.ti.init_word.strip():
-            raise _bad(source, "ti.init_word", "must not be empty")
+
+
+#: The learning rate of each method when ``optimizer.lr`` is not set.
+DEFAULT_LR = {"lora": 1e-4, "locon": 1e-4, "ti": 5e-3, "hypernetwork": 1e-5, "dreambooth": 5e-6}
+#: Textual inversion's starting word when ``ti.init_word`` is not set.
+DEFAULT_INIT_WORD = "thing"
 
 
 def resolved(config: Config) -> Config:
-    """The config with defaults that depend on the method filled in (LoCon conv rank, output name)."""
+    """The config with defaults that depend on the method filled in (LoCon conv rank, output name,
+    learning rate, textual inversion's ``init_word``)."""
     net = config.network
     if config.method == "locon":
         net = replace(net, conv_dim=net.conv_dim or net.dim, conv_alpha=net.conv_alpha or net.alpha)
     out = config.output if config.output.name else replace(config.output, name=config.method)
-    return replace(config, network=net, output=out)
+    opt = config.optimizer if config.optimizer.lr is not None else replace(config.optimizer, lr=DEFAULT_LR[config.method])
+    ti = config.ti if config.ti.init_word.strip() else replace(config.ti, init_word=DEFAULT_INIT_WORD)
+    return replace(config, network=net, output=out, optimizer=opt, ti=ti)
 
 
-__all__ = ["BASES", "METHODS", "SECTIONS", "Config", "DatasetConfig", "DreamBoothConfig", "HypernetworkConfig",
+__all__ = ["BASES", "DEFAULT_INIT_WORD", "DEFAULT_LR", "METHODS", "SECTIONS", "Config", "DatasetConfig", "DreamBoothConfig", "HypernetworkConfig",
            "ModelConfig", "NetworkConfig", "OptimizerConfig", "OutputConfig", "SAMPLERS", "SampleConfig", "SchedulerConfig", "TIConfig", "TrainingConfig", "build_config",
            "check", "load_config", "parse_override", "render_toml", "resolved"]

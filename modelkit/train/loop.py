@@ -11,11 +11,11 @@ import os
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..errors import OutputExistsError, TrainingError, UsageError
-from ..paths import check_output
+from ..paths import atomic_output, check_output
 from . import data
 from .config import Config, resolved
 from .export import common_metadata
@@ -23,9 +23,27 @@ from .logs import TensorBoard, log_dir, require_tensorboard
 from .sample import sample_images, sample_paths
 from .state import Counters, load_state, save_state
 from .step import compute_loss, load_batch
+from .tomlio import render_toml
 
 #: ``progress(step, total, loss, lr)`` after every optimizer step.
 Progress = Callable[[int, int, float, float], None]
+
+
+@dataclass(frozen=True)
+class RunStart:
+    """What a run is about to do, given to ``train``'s ``on_start`` just before the first step."""
+
+    method: str
+    base: str
+    model: str
+    images: int
+    buckets: int
+    steps: int
+    start: int
+    output: str
+    config_file: str
+    device: str
+    threads: int
 
 
 @dataclass(frozen=True)
@@ -50,13 +68,15 @@ class TrainResult:
     class_images: tuple[str, ...] = ()
     #: False in the other processes of ``accelerate launch``/``torchrun``: they write nothing and report nothing.
     main: bool = True
+    #: The resolved config, saved beside the output (``<name>.config.toml``).
+    config_file: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, "base": self.base, "prediction": self.prediction, "output": self.output,
                 "steps": self.steps, "epochs": self.epochs, "loss": self.loss, "seconds": round(self.seconds, 3),
                 "saved": list(self.saved), "states": list(self.states), "images": self.images,
                 "skipped": [s.to_dict() for s in self.skipped], "notes": list(self.notes),
-                "samples": list(self.samples), "class_images": list(self.class_images)}
+                "samples": list(self.samples), "class_images": list(self.class_images), "config": self.config_file}
 
 
 def _weight_dtype(precision: str) -> Any:
@@ -105,14 +125,42 @@ def _fingerprint(config: Config) -> dict[str, Any]:
             "batch_size": c.train.batch_size, "grad_accum": c.train.grad_accum, "optimizer": c.optimizer.name}
 
 
+def _threads(cfg: Config, device: Any) -> int:
+    """``train.threads``, or on the CPU the usable cores shared among this machine's processes; 0: leave torch alone."""
+    if cfg.train.threads:
+        return cfg.train.threads
+    if getattr(device, "type", str(device)) != "cpu":
+        return 0
+    from ..portable import usable_cpus
+
+    try:
+        local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        local = 1
+    return max(1, usable_cpus() // local)
+
+
+def _save_config(cfg: Config) -> str:
+    """Write the resolved config beside the output, atomically; a new run replaces an old one."""
+    path = os.path.join(cfg.output.dir, f"{cfg.output.name}.config.toml")
+    with atomic_output(path, force=True) as fd:
+        os.write(fd, render_toml(cfg).encode("utf-8"))
+    return path
+
+
 def train(config: Config, progress: Progress | None = None,
-          on_skip: Callable[[data.Skipped], None] | None = None) -> TrainResult:
+          on_skip: Callable[[data.Skipped], None] | None = None,
+          on_start: Callable[[RunStart], None] | None = None) -> TrainResult:
     """Train ``config.method`` on ``config.dataset`` and write ``.safetensors`` outputs.
+
+    torch's CPU thread count is set to ``train.threads`` (see ``TrainingConfig``) for the run and
+    put back after it.
 
     Args:
         config: the run (``modelkit.train.load_config``).
         progress: called after each optimizer step.
         on_skip: called for each dataset image that is skipped.
+        on_start: called once, in the main process, just before the first step.
 
     Returns:
         A ``TrainResult``.
@@ -121,6 +169,18 @@ def train(config: Config, progress: Progress | None = None,
         ConfigError, UsageError: a bad setting. OutputExistsError: the output exists (no ``force``).
         TrainingError: the loss became NaN/inf, or the resume state does not fit.
     """
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        return _train(config, progress, on_skip, on_start)
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
+
+
+def _train(config: Config, progress: Progress | None, on_skip: Callable[[data.Skipped], None] | None,
+           on_start: Callable[[RunStart], None] | None) -> TrainResult:
     import torch
 
     from .base import load_base
@@ -142,6 +202,11 @@ def train(config: Config, progress: Progress | None = None,
     if cfg.sample.enabled and not replace_saves:
         _check_samples(cfg)
     accelerator = _accelerator(cfg)
+    threads = _threads(cfg, accelerator.device)
+    if threads:
+        torch.set_num_threads(threads)
+        cfg = replace(cfg, train=replace(cfg.train, threads=threads))
+    config_file = _save_config(cfg) if accelerator.is_main_process else ""
     weight_dtype = _weight_dtype(cfg.train.mixed_precision)
     ds = data.scan(cfg.dataset, on_skip)
     base = load_base(cfg.model, dtype=weight_dtype)
@@ -193,6 +258,9 @@ def train(config: Config, progress: Progress | None = None,
     running = 0.0
     trainable = [p for g in groups for p in g["params"]]
     board = TensorBoard(log_dir(cfg)) if oc.tensorboard and accelerator.is_main_process else None
+    if on_start is not None and accelerator.is_main_process:
+        on_start(RunStart(cfg.method, base.family, cfg.model.path, len(ds.items), len({i.bucket for i in ds.items}),
+                          total, step, final, config_file, str(device), torch.get_num_threads()))
     if cfg.sample.at_start and step == 0 and accelerator.is_main_process:
         samples.extend(sample_images(cfg, base, method, 0, replace_saves, accelerator.autocast,
                                      board.writer if board is not None else None))
@@ -263,7 +331,8 @@ def train(config: Config, progress: Progress | None = None,
     return TrainResult(cfg.method, base.family, base.prediction, saved[-1] if saved else final, step,
                        round(micro / per_epoch, 3), losses[-1] if losses else float("nan"),
                        time.monotonic() - started, tuple(saved), tuple(states), len(ds.items), tuple(ds.skipped),
-                       tuple(notes), tuple(losses), tuple(samples), tuple(generated), accelerator.is_main_process)
+                       tuple(notes), tuple(losses), tuple(samples), tuple(generated), accelerator.is_main_process,
+                       config_file)
 
 
 def _check_samples(cfg: Config) -> None:
@@ -278,7 +347,7 @@ def _check_samples(cfg: Config) -> None:
         if os.path.isdir(folder) else []
     if found:
         raise OutputExistsError(os.path.join(folder, found[0]), f"exists ({len(found)} sample images of an earlier run)",
-                                "Set output.force = true to replace them, or choose another output.dir or output.name")
+                                "Pass --force (output.force = true) to replace them, or choose another output.dir or output.name")
 
 
 def _class_images(cfg: Config, base: Any, accelerator: Any) -> list[str]:
@@ -371,4 +440,4 @@ def _export(method: Any, path: str, meta: dict[str, str], cfg: Config, step: int
     return str(method.export(path, {**meta, **extra}, dtype, force).path)
 
 
-__all__ = ["Progress", "TrainResult", "make_optimizer", "train"]
+__all__ = ["Progress", "RunStart", "TrainResult", "make_optimizer", "train"]

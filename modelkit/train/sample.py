@@ -170,7 +170,7 @@ def sample_specs(config: Any) -> list[ImageSpec]:
 
 
 def sample_paths(config: Any, step: int) -> list[str]:
-    """``<output.dir>/samples/<name>-step<NNNNNN>-<i>.png`` for each prompt."""
+    """``<output.dir>/samples/<name>-step<NNNNNN>-<II>.png`` for each prompt (``II``: its index, two digits)."""
     folder = os.path.join(config.output.dir, "samples")
     return [os.path.join(folder, f"{config.output.name}-step{step:06d}-{i:02d}.png")
             for i in range(len(sample_specs(config)))]

@@ -142,3 +142,58 @@ def test_numbers_must_be_finite(tmp_path: Path, override: str) -> None:
     text = '[model]\npath = "x"\n[dataset]\npath = "d"\n[optimizer]\nlr = nan\n'
     r = CliRunner().invoke(cli, ["train", "lora", "--config", str(_write(tmp_path, text)), "--print-config"])
     assert r.exit_code == 2 and "key optimizer.lr: expected a finite number" in r.stderr
+
+
+@pytest.mark.parametrize("method", ["lora", "locon", "ti", "hypernetwork", "dreambooth"])
+def test_template_of_defaults_parses_to_the_defaults(method: str) -> None:
+    from modelkit.train.template import render_template
+
+    text = render_template(method)
+    assert text.count("\n# ") > 10  # commented
+    data = _toml().loads(text)
+    assert data["model"]["path"] == "" and data["dataset"]["path"] == ""
+    data["model"]["path"], data["dataset"]["path"] = BASIC["model"]["path"], BASIC["dataset"]["path"]
+    assert resolved(build_config(method, data)) == resolved(build_config(method, BASIC))
+    own = {"lora": "network", "locon": "network", "ti": "ti", "hypernetwork": "hypernetwork", "dreambooth": "dreambooth"}
+    assert {own[method]} == set(data) & {"network", "ti", "hypernetwork", "dreambooth"}
+
+
+def test_print_config_without_config_prints_the_template(tmp_path: Path) -> None:
+    if missing_extras():
+        pytest.skip("the [train] extra is not installed")
+    r = CliRunner().invoke(cli, ["train", "hypernetwork", "--print-config"])
+    assert r.exit_code == 0, r.output
+    data = _toml().loads(r.stdout)
+    assert data["method"] == "hypernetwork" and data["optimizer"]["lr"] == 1e-5
+    r = CliRunner().invoke(cli, ["train", "ti", "--print-config", "--json"])
+    assert r.exit_code == 0, r.output
+    assert '"lr": 0.005' in r.stdout
+
+
+def test_per_method_learning_rates_and_ti_init_word() -> None:
+    lrs = {m: resolved(build_config(m, BASIC)).optimizer.lr for m in ("lora", "locon", "ti", "hypernetwork", "dreambooth")}
+    assert lrs == {"lora": 1e-4, "locon": 1e-4, "ti": 5e-3, "hypernetwork": 1e-5, "dreambooth": 5e-6}
+    assert build_config("ti", BASIC).optimizer.lr is None  # unset until resolved
+    assert resolved(build_config("ti", BASIC, ["optimizer.lr=1e-3"])).optimizer.lr == 1e-3
+    ti = resolved(build_config("ti", BASIC)).ti
+    assert ti.init_word == "thing" != "*"
+    assert resolved(build_config("ti", BASIC, ["ti.init_word=dog"])).ti.init_word == "dog"
+
+
+def test_threads_and_log_every_are_checked() -> None:
+    c = build_config("lora", BASIC, ["train.threads=3", "output.log_every=5"])
+    assert (c.train.threads, c.output.log_every) == (3, 5)
+    assert build_config("lora", BASIC).train.threads == 0
+    for key in ("train.threads", "output.log_every"):
+        with pytest.raises(ConfigError, match=re.escape(key)):
+            build_config("lora", BASIC, [f"{key}=-1"])
+
+
+def test_readme_documents_model_configs_and_sample_names() -> None:
+    text = (ROOT / "README.md").read_text(encoding="utf-8").split("### Training: `modelkit train`", 1)[1]
+    assert "configs = " in text and "unet/config.json" in text
+    from modelkit.train.sample import sample_paths
+
+    cfg = resolved(build_config("lora", BASIC, ['sample.prompts=["a", "b"]', "output.name=n"]))
+    name = Path(sample_paths(cfg, 250)[1]).name
+    assert name == "n-step000250-01.png" and "<name>-step<NNNNNN>-<II>.png" in text

@@ -65,7 +65,8 @@ def test_two_processes_train_like_one_with_grad_accum(tiny_model: dict[str, str]
     assert run.stdout.count('"method"') == 1
     assert doc["steps"] == 2
     two = load_file(doc["output"])
-    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["lora.safetensors"]
+    # one output and its resolved config, written once (by the main process)
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["lora.config.toml", "lora.safetensors"]
 
     data = _data(tiny_model, images, tmp_path / "one")
     data["train"]["grad_accum"] = 2  # type: ignore[index]

@@ -30,7 +30,7 @@ def _config(tiny_model: dict[str, str], out: Path, method: str = "lora", *overri
         "dataset": {"path": tiny_model["images"], "resolution": 64, "min_bucket": 32, "max_bucket": 128,
                     "bucket_step": 32},
         "network": {"dim": 4, "alpha": 2.0},
-        "train": {"max_steps": 3, "device": "cpu", "seed": 3},
+        "train": {"max_steps": 3, "device": "cpu", "seed": 3, "threads": 1},
         "optimizer": {"lr": 1e-3},
         "output": {"dir": str(out)},
     }
@@ -291,3 +291,58 @@ def test_dreambooth_with_prior_preservation_writes_an_ldm_checkpoint(tiny_model:
 
     again = load_base(_config(tiny_model, tmp_path, "lora", f"model.path={result.output}").model)
     assert again.family == "sd1"
+
+
+def _toml_file(tiny_model: dict[str, str], tmp_path: Path) -> Path:
+    toml = tmp_path / "train.toml"
+    # json.dumps: a TOML basic string, its backslashes escaped (Windows paths)
+    toml.write_text(f'[model]\npath = {json.dumps(tiny_model["checkpoint"])}\nbase = "sd1"\n'
+                    f'configs = {json.dumps(tiny_model["configs"])}\n'
+                    f'[dataset]\npath = {json.dumps(tiny_model["images"])}\nresolution = 64\n'
+                    'min_bucket = 32\nmax_bucket = 128\nbucket_step = 32\n[network]\ndim = 2\n'
+                    '[train]\nmax_steps = 3\ndevice = "cpu"\nthreads = 1\n[output]\ndir = "out"\nsave_state = false\n')
+    return toml
+
+
+def test_cli_logs_progress_lines_off_a_terminal_and_force_replaces(tiny_model: dict[str, str], tmp_path: Path) -> None:
+    toml = _toml_file(tiny_model, tmp_path)
+    r = CliRunner().invoke(cli, ["train", "lora", "--config", str(toml), "--set", "output.log_every=2"])
+    assert r.exit_code == 0, r.output
+    lines = r.stderr.splitlines()
+    assert lines[0].startswith("modelkit train lora: base sd1 (") and "images in" in lines[0]
+    assert "3 steps" in lines[0] and "cpu (1 thread)" in lines[0]
+    assert str(tmp_path / "out" / "lora.safetensors") in lines[1] and "lora.config.toml" in lines[1]
+    steps = [line for line in lines if line.startswith("step ")]
+    assert [line.split()[1] for line in steps] == ["2/3", "3/3"]  # every 2 steps, and the last
+    assert all(" loss " in line and " lr 1.00e-04 " in line and " it/s " in line and " ETA " in line for line in steps)
+    assert "config " in r.stdout
+    # the output exists: refused, and the error's remedy (--force) works
+    r = CliRunner().invoke(cli, ["train", "lora", "--config", str(toml)])
+    assert r.exit_code == 2 and "--force" in r.stderr and "lora.safetensors" in r.stderr
+    before = (tmp_path / "out" / "lora.safetensors").stat().st_mtime_ns
+    r = CliRunner().invoke(cli, ["train", "lora", "--config", str(toml), "--force", "-q", "--set", "train.max_steps=1"])
+    assert r.exit_code == 0, r.output
+    assert r.stderr == "" and r.stdout == ""
+    assert (tmp_path / "out" / "lora.safetensors").stat().st_mtime_ns != before
+
+
+def test_threads_default_to_the_usable_cores_and_the_config_is_saved(tiny_model: dict[str, str],
+                                                                    tmp_path: Path) -> None:
+    from modelkit.portable import usable_cpus
+    from modelkit.train.config import load_config
+
+    seen: list[int] = []
+    starts: list[Any] = []
+    before = torch.get_num_threads()
+    result = train(_config(tiny_model, tmp_path, "lora", "train.threads=0", "train.max_steps=1"),
+                   progress=lambda *a: seen.append(torch.get_num_threads()), on_start=starts.append)
+    assert seen == [usable_cpus()] and starts[0].threads == usable_cpus() and starts[0].steps == 1
+    assert torch.get_num_threads() == before  # put back after the run
+    assert result.config_file == str(tmp_path / "lora.config.toml") == starts[0].config_file
+    saved = load_config(result.config_file, "lora")
+    assert saved.train.threads == usable_cpus() and saved.optimizer.lr == 1e-3 and saved.network.dim == 4
+    assert saved.model == resolved(_config(tiny_model, tmp_path)).model
+    seen.clear()
+    train(_config(tiny_model, tmp_path / "two", "lora", "train.threads=2", "train.max_steps=1"),
+          progress=lambda *a: seen.append(torch.get_num_threads()))
+    assert seen == [2]
