@@ -16,7 +16,7 @@ from .output import Output, shown
 @click.argument("folders", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
 @click.option("--dry-run", is_flag=True, help="List the abandoned temp files; remove nothing.")
 @click.option("--json", "json_mode", is_flag=True, help="Print JSON (schema modelkit.clean/1).")
-@click.option("-q", "--quiet", is_flag=True, help="Print only the summary and errors.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar and no chatter; results and errors stay.")
 def clean_cmd(folders: tuple[str, ...], dry_run: bool, json_mode: bool, quiet: bool) -> None:
     """Remove the temp files an interrupted modelkit left behind.
 
@@ -31,7 +31,7 @@ def clean_cmd(folders: tuple[str, ...], dry_run: bool, json_mode: bool, quiet: b
     result = clean(folders, dry_run=dry_run)
     verb = "would remove" if dry_run else "removed"
     for t in result.removed:
-        out.line(f"{verb}  {shown(t.path)}  ({size_text(t.size)})")
+        out.result(f"{verb}  {shown(t.path)}  ({size_text(t.size)})")
     for t in result.kept:
         why = f"its writer, pid {t.pid}, is running" if t.pid is not None else "it may still be being written"
         out.line(f"kept  {shown(t.path)}  ({size_text(t.size)}; {why})")

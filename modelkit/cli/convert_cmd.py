@@ -34,7 +34,7 @@ def common_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                      help="Read a file the scan calls unsafe anyway (still only through the allow-list)."),
         click.option("-j", "--jobs", type=int, default=1, show_default=True, help="Files processed at once."),
         click.option("--json", "json_mode", is_flag=True, help="Print JSON."),
-        click.option("-q", "--quiet", is_flag=True, help="Print only errors."),
+        click.option("-q", "--quiet", is_flag=True, help="No progress bar and no chatter; results and errors stay."),
     ]):
         fn = opt(fn)
     return fn
@@ -61,7 +61,7 @@ def convert_cmd(paths: tuple[str, ...], out: str | None, out_dir: str | None, fo
 
 def render_convert(out: Output, r: Any) -> None:
     verb = "would write" if r.status == "dry-run" else "wrote"
-    out.line(f"{r.source} -> {r.output}  ({verb} {r.kind}, {count(r.tensors, 'tensor')}, {human_bytes(r.size)})")
+    out.result(f"{r.source} -> {r.output}  ({verb} {r.kind}, {count(r.tensors, 'tensor')}, {human_bytes(r.size)})")
     for c in r.changes:
         out.line(f"  {c}")
     for s in r.sidecars:
@@ -85,7 +85,7 @@ def run_command(out: Output, schema: str, paths: Sequence[str], o: str | None, o
     for i, (src, target) in enumerate(pairs):
         if os.path.abspath(src) not in explicit and os.path.abspath(src) == os.path.abspath(target):
             rows[i] = {"source": src, "output": target, "status": "skipped", "reason": "already .safetensors"}
-            out.line(f"{src}  skipped (already .safetensors; use --out-dir to rewrite it)")
+            out.result(f"{src}  skipped (already .safetensors; use --out-dir to rewrite it)")
         else:
             todo.append(i)
     code = EXIT_OK
@@ -107,7 +107,7 @@ def run_command(out: Output, schema: str, paths: Sequence[str], o: str | None, o
 
     # Ctrl-C and SIGTERM go up to ``cli.main.main``: one line, exit 130 or 143.
     _run_with_progress(out, [pairs[i] for i in todo], job, jobs, done)
-    if json_mode(out):
+    if out.json_mode:
         out.json({"schema": f"modelkit.{schema}/1", "files": rows})
     return code
 
@@ -124,10 +124,6 @@ def _check_folder_output(paths: Sequence[str], o: str | None) -> None:
         raise UsageError(None, f"-o {o} names a file, but the input {paths[0]} is a folder and each of its "
                                "model files gets its own output",
                          "Give an output folder with --out-dir DIR, or one input file to write one .safetensors")
-
-
-def json_mode(out: Output) -> bool:
-    return out.json_mode and not out.quiet
 
 
 def _run_with_progress(out: Output, pairs: list[tuple[str, str]], job: Job, jobs: int,

@@ -25,7 +25,7 @@ AUTOV1_NOTE = "not applicable: the file is no longer than 1 MiB, so AutoV1 (the 
 @click.option("--json", "json_mode", is_flag=True, help="Print JSON (schema modelkit.inspect/1).")
 @click.option("--keys", is_flag=True, help="List every tensor: name, dtype, shape.")
 @click.option("--hashes", is_flag=True, help="Also compute sha256, AutoV2, AutoV3 and CRC32 (reads the whole file).")
-@click.option("-q", "--quiet", is_flag=True, help="Print nothing; only the exit code tells.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar and no chatter; results and errors stay.")
 def inspect_cmd(paths: tuple[str, ...], json_mode: bool, keys: bool, hashes: bool, quiet: bool) -> None:
     """Show what model files hold, without running or loading them.
 
@@ -53,7 +53,7 @@ def inspect_cmd(paths: tuple[str, ...], json_mode: bool, keys: bool, hashes: boo
                 code = max(code, EXIT_FINDINGS if unsafe else EXIT_ERROR)
                 rows.append({"path": f, **exc.to_dict()})
                 if is_dir and not json_mode:
-                    out.line(f"{f}  {'REFUSED' if unsafe else 'ERROR'}  {exc.problem}")
+                    out.result(f"{f}  {'REFUSED' if unsafe else 'ERROR'}  {exc.problem}")
                 else:
                     out.error(exc)
                 continue
@@ -64,10 +64,10 @@ def inspect_cmd(paths: tuple[str, ...], json_mode: bool, keys: bool, hashes: boo
             for w in res.warnings:
                 out.warn(f"{f}: {w}")
             if is_dir:
-                out.line(_one_line(res))
+                out.result(_one_line(res))
             else:
                 _block(out, res)
-    if json_mode and not quiet:
+    if json_mode:
         out.json({"schema": "modelkit.inspect/1", "files": rows})
     sys.exit(code)
 
@@ -89,49 +89,49 @@ def _one_line(r: InspectResult) -> str:
 
 
 def _block(out: Output, r: InspectResult) -> None:
-    out.line(r.path)
+    out.result(r.path)
     d = r.detection or {}
     variant = ", ".join(f"{k}={v}" for k, v in (d.get("variant") or {}).items() if v is not None)
-    out.line(f"  type          {_what(r)}" + (f" ({variant})" if variant else "") +
+    out.result(f"  type          {_what(r)}" + (f" ({variant})" if variant else "") +
              f"  [confidence {d.get('confidence', 'low')}]")
     for ev in (d.get("evidence") or [])[:6]:
-        out.line(f"    evidence: {ev}")
+        out.result(f"    evidence: {ev}")
     details = ", ".join(f"{k}={v}" for k, v in r.info.items() if isinstance(v, str))
     extra = f" ({details})" if details else ""
-    out.line(f"  container     {r.container}{extra}")
-    out.line(f"  size          {human_bytes(r.size)} ({r.size:,} bytes)")
-    out.line(f"  tensors       {r.tensor_count:,}")
-    out.line(f"  parameters    {r.parameter_count:,}")
+    out.result(f"  container     {r.container}{extra}")
+    out.result(f"  size          {human_bytes(r.size)} ({r.size:,} bytes)")
+    out.result(f"  tensors       {r.tensor_count:,}")
+    out.result(f"  parameters    {r.parameter_count:,}")
     for i, (dt, n) in enumerate(sorted(r.bytes_by_dtype.items(), key=lambda kv: -kv[1])):
-        out.line(f"  {'dtypes' if i == 0 else '':12}  {dt:<10} {human_bytes(n)}")
+        out.result(f"  {'dtypes' if i == 0 else '':12}  {dt:<10} {human_bytes(n)}")
     for k, v in r.hashes.items():
         if k == "autov1" and r.size <= AUTOV1_OFFSET:
             continue  # the hash of no bytes, the same for every small file
-        out.line(f"  {k:<12}  {v}")
+        out.result(f"  {k:<12}  {v}")
     if r.wrappers:
-        out.line(f"  wrappers      {', '.join(r.wrappers)}")
+        out.result(f"  wrappers      {', '.join(r.wrappers)}")
     for group, info in r.junk.items():
-        out.line(f"  junk          {group}: {count(info['tensors'], 'tensor')}, {human_bytes(info['bytes'])} (prune drops it)")
+        out.result(f"  junk          {group}: {count(info['tensors'], 'tensor')}, {human_bytes(info['bytes'])} (prune drops it)")
     for defect in r.defects:
-        out.line(f"  defect        {defect}")
+        out.result(f"  defect        {defect}")
     if r.placeholders:
-        out.line(f"  placeholders  {', '.join(r.placeholders)}")
+        out.result(f"  placeholders  {', '.join(r.placeholders)}")
     if r.metadata:
-        out.line(f"  metadata      {count(len(r.metadata), 'entry', 'entries')}")
+        out.result(f"  metadata      {count(len(r.metadata), 'entry', 'entries')}")
         for k, v in list(r.metadata.items())[:20]:
-            out.line(f"    {k}: {_short(v)}")
+            out.result(f"    {k}: {_short(v)}")
     if r.extras:
-        out.line(f"  extras        {count(len(r.extras), 'non-tensor value')}")
+        out.result(f"  extras        {count(len(r.extras), 'non-tensor value')}")
         for k, v in list(r.extras.items())[:20]:
-            out.line(f"    {k}: {_short(v)}")
+            out.result(f"    {k}: {_short(v)}")
         if len(r.extras) > 20:
-            out.line(f"    ... {len(r.extras) - 20} more (use --json)")
+            out.result(f"    ... {len(r.extras) - 20} more (use --json)")
     if r.tensors is not None:
         width = max((len(t.name) for t in r.tensors), default=4)
-        out.line("  keys")
+        out.result("  keys")
         for t in r.tensors:
             view = "" if t.contiguous else "  (view)"
-            out.line(f"    {t.name:<{width}}  {t.dtype:<9} {list(t.shape)}{view}")
+            out.result(f"    {t.name:<{width}}  {t.dtype:<9} {list(t.shape)}{view}")
 
 
 def _short(v: object, limit: int = 100) -> str:

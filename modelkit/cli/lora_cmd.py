@@ -24,7 +24,7 @@ def lora_group() -> None:
 
 def _render(out: Output, r: Any) -> None:
     verb = "would write" if r.status == "dry-run" else "wrote"
-    out.line(f"{' + '.join(r.sources)} -> {r.output}  ({verb} {r.modules} modules, {r.tensors} tensors, "
+    out.result(f"{' + '.join(r.sources)} -> {r.output}  ({verb} {r.modules} modules, {r.tensors} tensors, "
              f"{human_bytes(r.size)})")
     for ch in r.changes:
         out.line(f"  {ch}")

@@ -32,7 +32,18 @@ class OneLineUsageError(click.ClickException):
         self.json_mode = json_mode
 
     def show(self, file: Any = None) -> None:
-        Output(self.json_mode).fail(self.error, self.schema)
+        out = Output(self.json_mode)
+        out.error(_joined(self.error.problem, self.error.remedy))
+        if self.json_mode:
+            out.json({"schema": self.schema, "error": self.error.to_dict()})
+
+
+def _joined(problem: str, remedy: str | None) -> str:
+    """``problem`` and ``remedy`` as one line: a period between them, none after a question, so
+    click's ``Did you mean '--jobs'?`` is not followed by a stray ``.``."""
+    if not remedy:
+        return problem
+    return f"{problem} {remedy}" if problem.rstrip(")").endswith("?") else f"{problem}. {remedy}"
 
 
 _JSON_KEY = "modelkit.json_requested"

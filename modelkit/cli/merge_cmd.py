@@ -23,7 +23,7 @@ def output_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--dry-run", is_flag=True, help="Check everything and say what would be written; write nothing."),
         click.option("--ignore-scan", is_flag=True, help="Read files the scan calls unsafe (still only through the allow-list)."),
         click.option("--json", "json_mode", is_flag=True, help="Print JSON."),
-        click.option("-q", "--quiet", is_flag=True, help="Print only errors."),
+        click.option("-q", "--quiet", is_flag=True, help="No progress bar and no chatter; results and errors stay."),
     ]):
         fn = opt(fn)
     return fn
@@ -49,7 +49,7 @@ def run_op(out: Output, schema: str, op: Callable[[Progress | None], Any], rende
     for w in res.warnings:
         out.warn(w)
     render(out, res)
-    if out.json_mode and not out.quiet:
+    if out.json_mode:
         out.json({"schema": schema, **res.to_dict()})
     return EXIT_OK
 
@@ -123,7 +123,7 @@ def merge_lora_cmd(base: str, loras: tuple[str, ...], out: str | None, unet_rati
 
 def _render_lora(out: Output, r: Any) -> None:
     verb = "would write" if r.status == "dry-run" else "wrote"
-    out.line(f"{r.source} -> {r.output}  ({verb} {r.tensors} tensors, {r.touched} changed, {human_bytes(r.size)})")
+    out.result(f"{r.source} -> {r.output}  ({verb} {r.tensors} tensors, {r.touched} changed, {human_bytes(r.size)})")
     for u in r.loras:
         algos = ", ".join(f"{k} {v}" for k, v in u.algorithms.items())
         out.line(f"  {u.path} x{u.ratio:g}: {u.matched}/{u.modules} modules ({algos})"
@@ -167,6 +167,6 @@ def merge_models_cmd(a: str, b: str, c: str | None, out: str | None, alpha: floa
 
 def _render_models(out: Output, r: Any) -> None:
     verb = "would write" if r.status == "dry-run" else "wrote"
-    out.line(f"{' + '.join(r.sources)} -> {r.output}  ({verb} {r.tensors} tensors, {human_bytes(r.size)})")
+    out.result(f"{' + '.join(r.sources)} -> {r.output}  ({verb} {r.tensors} tensors, {human_bytes(r.size)})")
     for ch in r.changes:
         out.line(f"  {ch}")

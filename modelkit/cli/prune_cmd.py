@@ -47,7 +47,7 @@ def prune_cmd(paths: tuple[str, ...], out: str | None, out_dir: str | None, forc
 
 def render_prune(out: Output, r: Any) -> None:
     verb = "would write" if r.status == "dry-run" else "wrote"
-    out.line(f"{r.source} -> {r.output}  ({verb} {count(r.tensors, 'tensor')}, {human_bytes(r.input_size)} -> "
+    out.result(f"{r.source} -> {r.output}  ({verb} {count(r.tensors, 'tensor')}, {human_bytes(r.input_size)} -> "
              f"{human_bytes(r.size)})")
     for c in r.changes:
         out.line(f"  {c}")

@@ -45,7 +45,7 @@ def _make(method: str) -> click.Command:
                        "of this method's defaults.")
     @click.option("--force", is_flag=True, help="Replace existing outputs (output.force = true).")
     @click.option("--json", "json_mode", is_flag=True, help="Print the result as JSON.")
-    @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
+    @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no chatter; results and errors stay.")
     def command(config_path: str | None, overrides: tuple[str, ...], print_config: bool, force: bool,
                 json_mode: bool, quiet: bool) -> None:
         run_train(method, config_path, overrides, print_config, json_mode, quiet, force)
@@ -81,7 +81,7 @@ def run_train(method: str, config_path: str | None, overrides: tuple[str, ...], 
             if json_mode:
                 out.json(config.to_dict())
             else:
-                out.line(render_toml(config).rstrip("\n"))
+                out.result(render_toml(config).rstrip("\n"))
             sys.exit(EXIT_OK)
         from ..train import train
 
@@ -171,9 +171,9 @@ def _render(out: Output, r: Any) -> None:
     import os
 
     size = os.path.getsize(r.output) if os.path.exists(r.output) else 0
-    out.line(f"{r.method}: {r.steps} steps ({r.epochs} epochs) on {r.images} images, base {r.base} "
+    out.result(f"{r.method}: {r.steps} steps ({r.epochs} epochs) on {r.images} images, base {r.base} "
              f"({r.prediction}), final loss {r.loss:.4f}, {r.seconds:.1f} s")
-    out.line(f"  wrote {r.output} ({human_bytes(size)})")
+    out.result(f"  wrote {r.output} ({human_bytes(size)})")
     if r.config_file:
         out.line(f"  config {r.config_file}")
     for p in r.saved[:-1]:

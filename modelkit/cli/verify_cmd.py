@@ -16,11 +16,12 @@ from .output import Output
 @click.argument("source", type=click.Path())
 @click.argument("output", type=click.Path())
 @click.option("--json", "json_mode", is_flag=True, help="Print JSON (schema modelkit.verify/1).")
-def verify_cmd(source: str, output: str, json_mode: bool) -> None:
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar and no chatter; results and errors stay.")
+def verify_cmd(source: str, output: str, json_mode: bool, quiet: bool) -> None:
     """Check that OUTPUT holds exactly SOURCE's tensors (after any dtype cast). Exit 1 if not."""
     from ..ops.verify import verify
 
-    out = Output(json_mode)
+    out = Output(json_mode, quiet)
     try:
         r = verify(source, output)
     except ModelkitError as exc:
@@ -30,7 +31,7 @@ def verify_cmd(source: str, output: str, json_mode: bool) -> None:
         out.json(r.to_dict())
     else:
         state = "OK" if r.ok else "MISMATCH"
-        out.line(f"{state}  {count(r.checked, 'tensor')} checked ({r.cast} cast), {len(r.mismatches)} differ")
+        out.result(f"{state}  {count(r.checked, 'tensor')} checked ({r.cast} cast), {len(r.mismatches)} differ")
         for m in r.mismatches[:50]:
             out.line(f"  {m.name}: {m.problem}")
         if r.only_in_source:
@@ -45,7 +46,8 @@ def verify_cmd(source: str, output: str, json_mode: bool) -> None:
 @click.argument("b", type=click.Path())
 @click.option("--no-values", is_flag=True, help="Compare names, shapes and dtypes only (reads no tensor data).")
 @click.option("--json", "json_mode", is_flag=True, help="Print JSON (schema modelkit.diff/1).")
-def diff_cmd(a: str, b: str, no_values: bool, json_mode: bool) -> None:
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar and no chatter; results and errors stay.")
+def diff_cmd(a: str, b: str, no_values: bool, json_mode: bool, quiet: bool) -> None:
     """Show key, shape, dtype and value differences between two model files. Exit 1 if they differ.
 
     With --no-values, files whose names, shapes and dtypes match are reported as "same keys,
@@ -54,7 +56,7 @@ def diff_cmd(a: str, b: str, no_values: bool, json_mode: bool) -> None:
     """
     from ..ops.verify import diff
 
-    out = Output(json_mode)
+    out = Output(json_mode, quiet)
     try:
         r = diff(a, b, values=not no_values)
     except ModelkitError as exc:
@@ -70,7 +72,7 @@ def diff_cmd(a: str, b: str, no_values: bool, json_mode: bool) -> None:
             verdict = "same keys, shapes and dtypes; values not compared"
         else:
             verdict = "IDENTICAL"
-        out.line(f"{verdict}  {counts}")
+        out.result(f"{verdict}  {counts}")
         for e in r.entries:
             if e.change == "same":
                 continue

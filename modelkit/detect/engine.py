@@ -120,7 +120,8 @@ def detect_view(view: KeyView) -> Detection:
             if result is not None:
                 found.append((rule, result))
     if not found:
-        return unknown([f"no rule matched {len(view)} tensors; top-level names: {_top_names(view)}"],
+        n = len(view)
+        return unknown([f"no rule matched {n:,} tensor{'' if n == 1 else 's'}; top-level names: {_top_names(view)}"],
                        tensors=len(view))
     best = max(_RANK[d.confidence] for _, d in found)
     top = [(r, d) for r, d in found if _RANK[d.confidence] == best]

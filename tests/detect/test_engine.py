@@ -24,7 +24,10 @@ PKG = Path(modelkit.__file__).parent / "detect"
 def test_a_couple_of_random_keys_is_unknown(tmp_path: Path) -> None:
     det = detect_layout(tmp_path, {"foo.weight": ((4, 4), "float32"), "bar": ((3,), "float32")})
     assert (det.kind, det.base, det.confidence) == ("unknown", None, "low")
-    assert "no rule matched" in det.evidence[0] and "foo (1)" in det.evidence[0]
+    assert det.evidence[0].startswith("no rule matched 2 tensors; ") and "foo (1)" in det.evidence[0]
+    (tmp_path / "one").mkdir()
+    det = detect_layout(tmp_path / "one", {"foo.weight": ((4, 4), "float32")})
+    assert det.evidence[0].startswith("no rule matched 1 tensor; ")
 
 
 def test_empty_file_is_unknown(tmp_path: Path) -> None:

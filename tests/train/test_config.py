@@ -122,9 +122,9 @@ def test_print_config_cli(tmp_path: Path) -> None:
     assert r.exit_code == 2 and "optimizer.lr" in r.stderr and r.stderr.count("\n") == 1
 
 
-def test_readme_training_example_is_a_valid_config() -> None:
-    text = (ROOT / "README.md").read_text(encoding="utf-8")
-    block = text.split("### Training: `modelkit train`", 1)[1].split("```toml", 1)[1].split("```", 1)[0]
+def test_docs_training_example_is_a_valid_config() -> None:
+    text = (ROOT / "docs" / "train.md").read_text(encoding="utf-8")
+    block = text.split("# Training: `modelkit train`", 1)[1].split("```toml", 1)[1].split("```", 1)[0]
     c = build_config("lora", _toml().loads(block))
     assert c.network.alpha == 8.0 and c.train.mixed_precision == "bf16" and c.dataset.keep_tokens == 1
 
@@ -189,8 +189,8 @@ def test_threads_and_log_every_are_checked() -> None:
             build_config("lora", BASIC, [f"{key}=-1"])
 
 
-def test_readme_documents_model_configs_and_sample_names() -> None:
-    text = (ROOT / "README.md").read_text(encoding="utf-8").split("### Training: `modelkit train`", 1)[1]
+def test_docs_document_model_configs_and_sample_names() -> None:
+    text = (ROOT / "docs" / "train.md").read_text(encoding="utf-8").split("# Training: `modelkit train`", 1)[1]
     assert "configs = " in text and "unet/config.json" in text
     from modelkit.train.sample import sample_paths
 

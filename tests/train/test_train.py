@@ -322,7 +322,10 @@ def test_cli_logs_progress_lines_off_a_terminal_and_force_replaces(tiny_model: d
     before = (tmp_path / "out" / "lora.safetensors").stat().st_mtime_ns
     r = CliRunner().invoke(cli, ["train", "lora", "--config", str(toml), "--force", "-q", "--set", "train.max_steps=1"])
     assert r.exit_code == 0, r.output
-    assert r.stderr == "" and r.stdout == ""
+    assert r.stderr == ""  # -q: no start-up summary, no step lines; the result stays, its notes go
+    lines = r.stdout.splitlines()
+    assert len(lines) == 2 and lines[0].startswith("lora: 1 steps ")
+    assert lines[1].startswith(f"  wrote {tmp_path / 'out' / 'lora.safetensors'} (")
     assert (tmp_path / "out" / "lora.safetensors").stat().st_mtime_ns != before
 
 
