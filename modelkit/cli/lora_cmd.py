@@ -10,6 +10,7 @@ import click
 
 from ..ops.convert import Progress
 from ..ops.streaming import COMPUTE_DTYPES, OUTPUT_DTYPES
+from ._words import count
 from .merge_cmd import output_options, passive_threads, run_op
 from .output import Output, human_bytes
 
@@ -24,7 +25,7 @@ def lora_group() -> None:
 
 def _render(out: Output, r: Any) -> None:
     verb = "would write" if r.status == "dry-run" else "wrote"
-    out.result(f"{' + '.join(r.sources)} -> {r.output}  ({verb} {r.modules} modules, {r.tensors} tensors, "
+    out.result(f"{' + '.join(r.sources)} -> {r.output}  ({verb} {count(r.modules, 'module')}, {count(r.tensors, 'tensor')}, "
              f"{human_bytes(r.size)})")
     for ch in r.changes:
         out.line(f"  {ch}")

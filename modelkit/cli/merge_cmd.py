@@ -13,6 +13,7 @@ from .._exit import EXIT_ERROR, EXIT_FINDINGS, EXIT_OK
 from ..errors import ModelkitError, UnsafeFileError
 from ..ops.convert import Progress
 from ..ops.streaming import COMPUTE_DTYPES, OUTPUT_DTYPES
+from ._words import count
 from .output import Output, human_bytes
 
 
@@ -123,7 +124,7 @@ def merge_lora_cmd(base: str, loras: tuple[str, ...], out: str | None, unet_rati
 
 def _render_lora(out: Output, r: Any) -> None:
     verb = "would write" if r.status == "dry-run" else "wrote"
-    out.result(f"{r.source} -> {r.output}  ({verb} {r.tensors} tensors, {r.touched} changed, {human_bytes(r.size)})")
+    out.result(f"{r.source} -> {r.output}  ({verb} {count(r.tensors, 'tensor')}, {r.touched:,} changed, {human_bytes(r.size)})")
     for u in r.loras:
         algos = ", ".join(f"{k} {v}" for k, v in u.algorithms.items())
         out.line(f"  {u.path} x{u.ratio:g}: {u.matched}/{u.modules} modules ({algos})"
@@ -167,6 +168,6 @@ def merge_models_cmd(a: str, b: str, c: str | None, out: str | None, alpha: floa
 
 def _render_models(out: Output, r: Any) -> None:
     verb = "would write" if r.status == "dry-run" else "wrote"
-    out.result(f"{' + '.join(r.sources)} -> {r.output}  ({verb} {r.tensors} tensors, {human_bytes(r.size)})")
+    out.result(f"{' + '.join(r.sources)} -> {r.output}  ({verb} {count(r.tensors, 'tensor')}, {human_bytes(r.size)})")
     for ch in r.changes:
         out.line(f"  {ch}")

@@ -77,7 +77,7 @@ def diff_cmd(a: str, b: str, no_values: bool, json_mode: bool, quiet: bool) -> N
             if e.change == "same":
                 continue
             extra = f" max |a-b| = {e.max_abs:.6g}" if e.max_abs is not None else ""
-            out.line(f"  {e.change:<7} {e.name} {e.detail}{extra}")
+            out.line(f"  {e.change:<7} {e.name}" + (f" {e.detail}" if e.detail else "") + extra)
         for k in r.metadata_changed:
             out.line(f"  metadata {k}")
     sys.exit(EXIT_OK if r.identical else EXIT_FINDINGS)

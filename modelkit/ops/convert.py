@@ -189,7 +189,7 @@ def plan_convert(mf: ModelFile) -> Plan:
     if meta:
         changes.append("non-tensor values to metadata: " + ", ".join(sorted(k for k in meta if "." not in k)))
     if dropped:
-        changes.append(f"{len(dropped)} non-tensor values not carried over")
+        changes.append(f"{len(dropped)} non-tensor value{_s(len(dropped))} not carried over")
     _note_layout_changes(mf, changes)
     name = mf.extras.get("name")
     return Plan(tensors, meta, dropped, changes, warnings, kind, _architecture(mf, kind),
@@ -321,7 +321,7 @@ def convert(
                                                    progress=progress, hasher=hasher)
             warnings += plan.warnings
             if plan.dropped:
-                warnings.append(f"{len(plan.dropped)} non-tensor values not carried over: "
+                warnings.append(f"{len(plan.dropped)} non-tensor value{_s(len(plan.dropped))} not carried over: "
                                 + ", ".join(list(plan.dropped)[:5]) + (" ..." if len(plan.dropped) > 5 else ""))
             return ConvertResult(
                 source=s, output=target, status="dry-run" if dry_run else "written", container=mf.container,
@@ -401,3 +401,8 @@ def run_many(
         raise
     pool.shutdown(wait=True)
     return results
+
+
+def _s(n: int) -> str:
+    """The plural ending for ``n`` things."""
+    return "" if n == 1 else "s"

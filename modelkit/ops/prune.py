@@ -156,7 +156,7 @@ def plan_prune(mf: ModelFile, *, ema: str = "drop", dtype: str | None = None, pa
     if meta:
         st.changes.append("non-tensor values to metadata: " + ", ".join(sorted(meta)))
     if dropped:
-        st.changes.append(f"{len(dropped)} non-tensor values dropped")
+        st.changes.append(f"{len(dropped)} non-tensor value{_s(len(dropped))} dropped")
     base = dict(mf.metadata)
     arch = _architecture(mf, "checkpoint") if part is None else None
     if part is not None and base.pop("modelspec.architecture", None) is not None:
@@ -309,7 +309,7 @@ def prune(
                 warnings.append(f"{sum(overflow.values()):,} values in {len(overflow)} tensors overflowed to inf in "
                                 f"{dtype}: " + ", ".join(f"{k} ({v})" for k, v in list(overflow.items())[:3]))
             if plan.dropped:
-                warnings.append(f"{len(plan.dropped)} non-tensor values dropped: "
+                warnings.append(f"{len(plan.dropped)} non-tensor value{_s(len(plan.dropped))} dropped: "
                                 + ", ".join(list(plan.dropped)[:5]) + (" ..." if len(plan.dropped) > 5 else ""))
             return PruneResult(
                 source=s, output=target, status="dry-run" if dry_run else "written", container=mf.container,
@@ -324,3 +324,7 @@ def default_tag(part: str | None) -> str:
     """The tag of prune's default output name: ``.pruned``, or ``.vae``/``.unet``/``.te``."""
     return f".{part}" if part else ".pruned"
 
+
+def _s(n: int) -> str:
+    """The plural ending for ``n`` things."""
+    return "" if n == 1 else "s"
