@@ -123,3 +123,22 @@ class ConfigError(ModelkitError, ValueError):
 
 class TrainingError(ModelkitError, RuntimeError):
     """Training cannot go on (a NaN/inf loss, a state that does not fit the run, ...)."""
+
+
+class CastOverflowError(ModelkitError, ValueError):
+    """Finite values would become inf in the output dtype; the output was not written.
+
+    ``counts`` maps each tensor that overflowed to how many of its values did.
+    """
+
+    default_remedy = "Pass --allow-overflow to write it anyway, or keep a wider dtype (--dtype fp32/bf16)"
+
+    def __init__(self, path: str | os.PathLike[str] | None, counts: dict[str, int], dtype: str | None = None):
+        self.counts = dict(counts)
+        total = sum(self.counts.values())
+        names = ", ".join(f"{k} ({v:,})" for k, v in list(self.counts.items())[:3])
+        more = f" and {len(self.counts) - 3} more" if len(self.counts) > 3 else ""
+        where = f" in {dtype}" if dtype else ""
+        problem = (f"{total:,} finite value{'' if total == 1 else 's'} would overflow to inf{where} in "
+                   f"{len(self.counts)} tensor{'' if len(self.counts) == 1 else 's'}: {names}{more}; not written")
+        super().__init__(path, problem)

@@ -131,6 +131,17 @@ def stem(path: str | os.PathLike[str]) -> str:
     return root if ext else name
 
 
+def text_name(path: str | os.PathLike[str]) -> str:
+    """The file name of ``path`` as text for metadata: bytes that are not UTF-8 (a Linux name such
+    as ``b"\\xff.ckpt"``, which Python holds as surrogate escapes) become U+FFFD.
+
+    Example:
+        >>> text_name(os.fsdecode(b"models/\\xffx.ckpt")) == "\\ufffdx.ckpt"
+        True
+    """
+    return os.fsencode(os.path.basename(os.fspath(path))).decode("utf-8", "replace")
+
+
 def output_name(src: str | os.PathLike[str], tag: str = "") -> str:
     """The default output file name: ``x.vae.pt`` -> ``x.vae.safetensors``; ``tag`` goes before it.
 

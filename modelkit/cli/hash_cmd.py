@@ -68,6 +68,8 @@ def hash_cmd(paths: tuple[str, ...], algos: tuple[str, ...], do_check: bool, no_
             state = {True: "ok", False: "MISMATCH", None: "not comparable"}[c.ok]
             out.result(f"  check   {shown(c.key)}: {state} (embedded {shown(c.embedded)}" +
                        (f", computed {c.computed})" if c.computed else ")") + f"  {c.note}")
+        if res.check_note:
+            out.result(f"  check   {res.check_note}")
     if json_mode:
         out.json({"schema": "modelkit.hash/1", "files": rows})
     sys.exit(EXIT_FINDINGS if findings else EXIT_ERROR if errors else EXIT_OK)

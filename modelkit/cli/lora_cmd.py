@@ -40,10 +40,11 @@ def _render(out: Output, r: Any) -> None:
 @click.option("--dtype", type=click.Choice(OUTPUT_DTYPES), default="fp16", show_default=True)
 @click.option("--compute-dtype", type=click.Choice(COMPUTE_DTYPES), default="fp32", show_default=True)
 @click.option("--min-diff", type=float, default=0.0, show_default=True, help="Leave out layers that differ by at most this.")
+@click.option("--allow-overflow", is_flag=True, help="Write the output even if a cast turns finite values into inf.")
 @output_options
 def extract_cmd(base: str, tuned: str, out: str | None, rank: int, conv_rank: int | None, dtype: str,
-                compute_dtype: str, min_diff: float, force: bool, dry_run: bool, ignore_scan: bool, json_mode: bool,
-                quiet: bool) -> None:
+                compute_dtype: str, min_diff: float, allow_overflow: bool, force: bool, dry_run: bool,
+                ignore_scan: bool, json_mode: bool, quiet: bool) -> None:
     """Extract a kohya-format LoRA from TUNED - BASE by SVD. Exit status: 0 ok, 1 unsafe input, 2 error."""
     passive_threads()
     from ..ops.lora.extract import extract_lora
@@ -52,7 +53,8 @@ def extract_cmd(base: str, tuned: str, out: str | None, rank: int, conv_rank: in
 
     def op(progress: Progress | None) -> Any:
         return extract_lora(base, tuned, out, rank=rank, conv_rank=conv_rank, dtype=dtype, compute_dtype=compute_dtype,
-                            min_diff=min_diff, force=force, dry_run=dry_run, ignore_scan=ignore_scan, progress=progress)
+                            min_diff=min_diff, force=force, dry_run=dry_run, ignore_scan=ignore_scan, progress=progress,
+                            allow_overflow=allow_overflow)
 
     size = os.path.getsize(base) if os.path.isfile(base) else 0
     sys.exit(run_op(o, "modelkit.lora.extract/1", op, _render, size, os.path.basename(tuned)))
@@ -67,10 +69,11 @@ def extract_cmd(base: str, tuned: str, out: str | None, rank: int, conv_rank: in
 @click.option("--dtype", type=click.Choice(OUTPUT_DTYPES), default="fp16", show_default=True)
 @click.option("--compute-dtype", type=click.Choice(COMPUTE_DTYPES), default="fp32", show_default=True)
 @click.option("--allow-unmatched", is_flag=True, help="Leave out modules whose names match no layer.")
+@click.option("--allow-overflow", is_flag=True, help="Write the output even if a cast turns finite values into inf.")
 @output_options
 def merge_cmd(loras: tuple[str, ...], out: str, rank: int | None, conv_rank: int | None, base: str | None, dtype: str,
-              compute_dtype: str, allow_unmatched: bool, force: bool, dry_run: bool, ignore_scan: bool,
-              json_mode: bool, quiet: bool) -> None:
+              compute_dtype: str, allow_unmatched: bool, allow_overflow: bool, force: bool, dry_run: bool,
+              ignore_scan: bool, json_mode: bool, quiet: bool) -> None:
     """Merge LoRAs FILE[:RATIO]... into one kohya-format LoRA. Exit status: 0 ok, 1 unsafe input, 2 error."""
     passive_threads()
     from ..ops.lora.tools import merge_loras
@@ -80,7 +83,7 @@ def merge_cmd(loras: tuple[str, ...], out: str, rank: int | None, conv_rank: int
     def op(_progress: Progress | None) -> Any:
         return merge_loras(list(loras), out, rank=rank, conv_rank=conv_rank, base=base, dtype=dtype,
                            compute_dtype=compute_dtype, allow_unmatched=allow_unmatched, force=force, dry_run=dry_run,
-                           ignore_scan=ignore_scan)
+                           ignore_scan=ignore_scan, allow_overflow=allow_overflow)
 
     sys.exit(run_op(o, "modelkit.lora.merge/1", op, _render))
 

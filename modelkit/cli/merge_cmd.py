@@ -97,17 +97,19 @@ def merge_group() -> None:
 @click.option("--allow-unmatched", is_flag=True, help="Skip (and report) LoRA modules that match no weight.")
 @click.option("--compute-dtype", type=click.Choice(COMPUTE_DTYPES), default="fp32", show_default=True)
 @click.option("--dtype", type=click.Choice(OUTPUT_DTYPES), help="Cast float tensors of the output (default: as BASE).")
+@click.option("--allow-overflow", is_flag=True, help="Write the output even if a cast turns finite values into inf.")
 @click.option("-j", "--jobs", type=click.IntRange(1, 64), help="Threads computing ahead of the writer.")
 @output_options
 def merge_lora_cmd(base: str, loras: tuple[str, ...], out: str | None, unet_ratio: float, te_ratio: float,
                    allow_unmatched: bool, compute_dtype: str, dtype: str | None, jobs: int | None, force: bool,
-                   dry_run: bool, ignore_scan: bool, json_mode: bool, quiet: bool) -> None:
+                   dry_run: bool, ignore_scan: bool, json_mode: bool, quiet: bool, allow_overflow: bool) -> None:
     """Bake LoRA/LyCORIS files into a checkpoint: BASE FILE[:RATIO]...
 
     LoRA, LoCon (incl. 3x3 and Tucker), LoHa, LoKr, (IA)^3 and DoRA in kohya, diffusers and PEFT
     key styles, for SD 1.x, 2.x and SDXL. Modules that match nothing are an error unless
-    --allow-unmatched; a LoRA for another base is refused. Exit status: 0 ok, 1 a file was refused
-    as unsafe, 2 an error.
+    --allow-unmatched; a LoRA for another base is refused; a result that overflows to inf in its
+    dtype is refused unless --allow-overflow. Exit status: 0 ok, 1 a file was refused as unsafe,
+    2 an error.
     """
     passive_threads()
     from ..ops.lora.bake import merge_lora
@@ -117,7 +119,8 @@ def merge_lora_cmd(base: str, loras: tuple[str, ...], out: str | None, unet_rati
     def op(progress: Progress | None) -> Any:
         return merge_lora(base, list(loras), out, unet_ratio=unet_ratio, te_ratio=te_ratio,
                           allow_unmatched=allow_unmatched, compute_dtype=compute_dtype, dtype=dtype, force=force,
-                          dry_run=dry_run, ignore_scan=ignore_scan, jobs=jobs, progress=progress)
+                          dry_run=dry_run, ignore_scan=ignore_scan, jobs=jobs, progress=progress,
+                          allow_overflow=allow_overflow)
 
     sys.exit(run_op(o, "modelkit.merge.lora/1", op, _render_lora, _size(base), os.path.basename(base)))
 
@@ -143,13 +146,16 @@ def _render_lora(out: Output, r: Any) -> None:
 @click.option("--vae", "vae", type=click.Path(), help="Bake this VAE into the output.")
 @click.option("--compute-dtype", type=click.Choice(COMPUTE_DTYPES), default="fp32", show_default=True)
 @click.option("--dtype", type=click.Choice(OUTPUT_DTYPES), help="Cast float tensors of the output (default: as A).")
+@click.option("--allow-overflow", is_flag=True, help="Write the output even if a cast turns finite values into inf.")
 @click.option("-j", "--jobs", type=click.IntRange(1, 64), help="Threads computing ahead of the writer.")
 @output_options
 def merge_models_cmd(a: str, b: str, c: str | None, out: str | None, alpha: float, block_weights: str | None,
                      components: str, vae: str | None, compute_dtype: str, dtype: str | None, jobs: int | None,
-                     force: bool, dry_run: bool, ignore_scan: bool, json_mode: bool, quiet: bool) -> None:
+                     force: bool, dry_run: bool, ignore_scan: bool, json_mode: bool, quiet: bool,
+                     allow_overflow: bool) -> None:
     """Merge checkpoints: A*(1-alpha) + B*alpha, or A + (B-C)*alpha with a third model.
 
+    A result that overflows to inf in its dtype is refused unless --allow-overflow.
     Exit status: 0 ok, 1 a file was refused as unsafe, 2 an error.
     """
     passive_threads()
@@ -161,7 +167,7 @@ def merge_models_cmd(a: str, b: str, c: str | None, out: str | None, alpha: floa
     def op(progress: Progress | None) -> Any:
         return merge_models(a, b, c, out, alpha=alpha, block_weights=block_weights, components=comps, vae=vae,
                             dtype=dtype, compute_dtype=compute_dtype, force=force, dry_run=dry_run,
-                            ignore_scan=ignore_scan, jobs=jobs, progress=progress)
+                            ignore_scan=ignore_scan, jobs=jobs, progress=progress, allow_overflow=allow_overflow)
 
     sys.exit(run_op(o, "modelkit.merge.models/1", op, _render_models, _size(a), os.path.basename(a)))
 

@@ -21,15 +21,17 @@ from .output import Output, human_bytes
 @click.option("--ema", default="drop", show_default=True, metavar="|".join(EMA_MODES),
               help="keep or drop the EMA weights, or only: write the UNet from its EMA copy.")
 @click.option("--dtype", "dtype", metavar="|".join(CAST_TARGETS), help="Cast floating-point tensors (never int/bool).")
+@click.option("--allow-overflow", is_flag=True, help="Write the output even if a cast turns finite values into inf.")
 @click.option("--part", metavar="|".join(PARTS), help="Keep one component; a VAE loses its first_stage_model. prefix.")
 def prune_cmd(paths: tuple[str, ...], out: str | None, out_dir: str | None, force: bool, dry_run: bool,
               ignore_scan: bool, jobs: int, json_mode: bool, quiet: bool, ema: str, dtype: str | None,
-              part: str | None) -> None:
+              part: str | None, allow_overflow: bool) -> None:
     """Prune checkpoints into .safetensors: drop EMA, optimizer state and junk, cast, fix, extract.
 
     The default output is IN.pruned.safetensors (IN.vae.safetensors with --part vae, ...).
-    Broken position_ids are rewritten as int64 0..76. Exit status: 0 ok, 1 a file was refused as
-    unsafe, 2 a file could not be pruned.
+    Broken position_ids are rewritten as int64 0..76. A cast that overflows to inf is refused
+    unless --allow-overflow. Exit status: 0 ok, 1 a file was refused as unsafe, 2 a file could
+    not be pruned (or its cast overflowed).
     """
     out_ = Output(json_mode, quiet)
     try:
@@ -40,7 +42,7 @@ def prune_cmd(paths: tuple[str, ...], out: str | None, out_dir: str | None, forc
 
     def job(src: str, target: str, progress: Progress) -> PruneResult:
         return prune(src, target, ema=ema, dtype=dtype, part=part, force=force, dry_run=dry_run,
-                     ignore_scan=ignore_scan, progress=progress)
+                     ignore_scan=ignore_scan, progress=progress, allow_overflow=allow_overflow)
 
     sys.exit(run_command(out_, "prune", paths, out, out_dir, default_tag(part), jobs, job, render_prune))
 

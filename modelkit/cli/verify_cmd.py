@@ -31,7 +31,10 @@ def verify_cmd(source: str, output: str, json_mode: bool, quiet: bool) -> None:
         out.json(r.to_dict())
     else:
         state = "OK" if r.ok else "MISMATCH"
-        out.result(f"{state}  {count(r.checked, 'tensor')} checked ({r.cast} cast), {len(r.mismatches)} differ")
+        ema = f", {r.ema} from their EMA copy" if r.ema else ""
+        out.result(f"{state}  {count(r.checked, 'tensor')} checked ({r.cast} cast{ema}), {len(r.mismatches)} differ")
+        if r.hint:
+            out.line(f"  hint: {r.hint}")
         for m in r.mismatches[:50]:
             out.line(f"  {m.name}: {m.problem}")
         if r.only_in_source:

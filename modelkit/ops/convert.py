@@ -29,7 +29,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from ..errors import ModelkitError, UnsafeFileError
+from ..errors import CastOverflowError, ModelkitError, UnsafeFileError
 from ..formats import open_model
 from ..formats.safetensors_write import Header, OutTensor, WriteStats, layout, write_stream
 from ..model import ModelFile
@@ -42,6 +42,7 @@ from ..paths import (
     require_safetensors_name,
     same_file,
     sidecars,
+    text_name,
 )
 from . import metadata as md
 from .result import result_dict
@@ -242,17 +243,20 @@ def early_hash(src: str, dry_run: bool) -> contextlib.AbstractContextManager[md.
 def write_plan(
     src: str, target: str, plan: Plan, *, force: bool, dry_run: bool,
     progress: Progress | None = None, extra_changes: Sequence[str] = (), hasher: md.SourceHash | None = None,
+    allow_overflow: bool = True, dtype: str | None = None,
 ) -> tuple[Header, dict[str, str], WriteStats | None, list[str]]:
     """Lay out the header, then (unless ``dry_run``) stream the file and copy its sidecars.
 
     ``hasher`` is the sha256 of ``src`` already under way (``early_hash``); needed unless ``dry_run``.
+    Unless ``allow_overflow``, a cast that turned finite values into inf raises ``CastOverflowError``
+    (``dtype`` names the target in its message) before the rename: nothing is published.
 
     Returns:
         (header, final metadata, write stats or None, sidecar outputs).
     """
     changes = plan.changes + list(extra_changes)
-    title = plan.title or os.path.splitext(os.path.basename(target))[0]
-    meta = md.combine(plan.base_metadata, plan.metadata, md.provenance(src, changes),
+    title = plan.title or os.path.splitext(text_name(target))[0]  # metadata is UTF-8; file names may not be
+    meta = md.combine(plan.base_metadata, plan.metadata, md.provenance(text_name(src), changes),
                       defaults=md.modelspec(title, plan.architecture))
     header = layout(plan.tensors, meta, target)
     cars = sidecars(src, target)
@@ -264,6 +268,8 @@ def write_plan(
             atomic_output(target, force=force, inputs=[src]) as fd:
         stats = write_stream(fd, header, meta, late={"modelkit.source_sha256": hasher.hexdigest},
                              on_tensor=progress, path=target)
+        if not allow_overflow and stats.overflow:
+            raise CastOverflowError(target, dict(stats.overflow), dtype)
     meta["modelkit.source_sha256"] = hasher.hexdigest()
     copied = []
     for a, b in cars:

@@ -56,14 +56,19 @@ class HashResult:
     checks: tuple[HashCheck, ...] = field(default=())
     #: the hashes came from the hash cache (``hashcache``), not from reading the file
     cached: bool = False
+    #: set by ``check`` when the metadata carry no hash to compare (``NO_EMBEDDED``)
+    check_note: str = ""
 
     @property
     def mismatches(self) -> int:
         return sum(1 for c in self.checks if c.ok is False)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"path": self.path, "size": self.size, "hashes": dict(self.hashes),
-                "checks": [c.to_dict() for c in self.checks], "cached": self.cached}
+        out = {"path": self.path, "size": self.size, "hashes": dict(self.hashes),
+               "checks": [c.to_dict() for c in self.checks], "cached": self.cached}
+        if self.check_note:
+            out["check_note"] = self.check_note
+        return out
 
 
 def blake3_available() -> bool:
@@ -249,6 +254,9 @@ class _Lanes:
             self.wait(slot)
 
 
+NO_EMBEDDED = "no embedded hash to check"
+
+
 def check(result: HashResult, metadata: dict[str, str]) -> HashResult:
     """Compare embedded hashes with computed ones (needs sha256 and autov3 in ``result``)."""
     checks: list[HashCheck] = []
@@ -268,4 +276,5 @@ def check(result: HashResult, metadata: dict[str, str]) -> HashResult:
     if emb:
         checks.append(HashCheck("sshs_legacy_hash", emb, None, None,
                                 "kohya hashes a copy of the file with only ss_* metadata; not comparable"))
-    return HashResult(result.path, result.size, result.hashes, tuple(checks))
+    return HashResult(result.path, result.size, result.hashes, tuple(checks), result.cached,
+                      "" if checks else NO_EMBEDDED)

@@ -20,6 +20,7 @@ import json
 import math
 import os
 import re
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -44,6 +45,7 @@ from .streaming import (
     chunks,
     default_jobs,
     float_dtype,
+    overflow_count,
     tensor_bytes,
     write_output,
 )
@@ -69,6 +71,7 @@ class MergeModelsResult:
         tensors: output tensors; merged: tensors combined; from_a / from_b: copied unchanged;
         vae_tensors: taken from the VAE file; size: output bytes.
         scan: the worst scan verdict of the inputs (an unsafe one is refused).
+        overflow: tensor -> values that became inf in the output dtype (written only with ``allow_overflow``).
     """
 
     sources: tuple[str, ...]
@@ -91,6 +94,7 @@ class MergeModelsResult:
     stats: WriteStats | None = None
     scan: str | None = None
     seconds: float = 0.0
+    overflow: dict[str, int] = field(default_factory=dict)
 
     to_dict = result_dict
 
@@ -162,9 +166,14 @@ class _Mixer:
         self.compute = compute
         self.mode = mode
         self.slots = Slots()
+        self.overflow: dict[str, int] = {}
+        self.lock = threading.Lock()
 
     def fn(self, refs: list[TensorRef], alpha: float, out_dt: Any) -> Any:
+        name = refs[0].name
+
         def run(slot: int) -> Any:
+            lost = 0
             n = refs[0].numel
             out = self.slots.scratch(slot, n, out_dt)
             parts = [self.slots.get(slot, f"x{i}", min(n, CHUNK), self.compute) for i in range(len(refs))]
@@ -180,7 +189,11 @@ class _Mixer:
                     z = parts[2][: e - s]
                     z.copy_(next(readers[2]))
                     x.add_(y.sub_(z), alpha=alpha)
+                lost += overflow_count(x, out_dt)
                 out[s:e].copy_(x)
+            if lost:
+                with self.lock:
+                    self.overflow[name] = lost
             return tensor_bytes(out)
         return run
 
@@ -228,6 +241,7 @@ def merge_models(
     ignore_scan: bool = False,
     jobs: int | None = None,
     progress: Progress | None = None,
+    allow_overflow: bool = False,
 ) -> MergeModelsResult:
     """Merge two checkpoints by weighted sum, or three by add difference, one tensor at a time.
 
@@ -243,6 +257,8 @@ def merge_models(
         compute_dtype: ``fp32`` (default) or ``fp64``.
         force, dry_run, ignore_scan, jobs, progress: as for ``merge_lora`` (see its note on
             ``OMP_WAIT_POLICY``).
+        allow_overflow: write the output even when finite values become inf in its dtype (a
+            warning then names them); by default that raises ``CastOverflowError`` and writes nothing.
 
     Returns:
         MergeModelsResult.
@@ -250,6 +266,7 @@ def merge_models(
     Raises:
         UsageError: bad options, or A and B (C) have different shapes (other base models).
         UnsafeFileError, OutputExistsError, FormatError, OutputWriteError: as for ``convert``.
+        CastOverflowError: values overflowed to inf (without ``allow_overflow``); nothing was written.
 
     Example:
         >>> modelkit.merge_models("a.safetensors", "b.safetensors", alpha=0.3, out="ab.safetensors")  # doctest: +SKIP
@@ -292,7 +309,8 @@ def merge_models(
         for p in inputs:
             mfs.append(open_model(p))
         res = _merge(mfs, paths, vae_path, target, t0, mode, alpha, block_weights, tuple(components), cast,
-                     compute.torch(), compute.name, warnings, force=force, dry_run=dry_run, jobs=jobs, progress=progress)
+                     compute.torch(), compute.name, warnings, force=force, dry_run=dry_run, jobs=jobs, progress=progress,
+                     allow_overflow=allow_overflow, dtype=dtype)
         return replace(res, scan=verdict)
     finally:
         for mf in mfs:
@@ -302,7 +320,7 @@ def merge_models(
 def _merge(mfs: list[ModelFile], paths: list[str], vae_path: str | None, target: str, t0: float, mode: str,
            alpha: float, block_weights: str | Sequence[float] | None, components: tuple[str, ...], cast: Any,
            compute: Any, compute_name: str, warnings: list[str], *, force: bool, dry_run: bool, jobs: int | None,
-           progress: Progress | None) -> MergeModelsResult:
+           progress: Progress | None, allow_overflow: bool, dtype: str | None) -> MergeModelsResult:
     ma, others = mfs[0], mfs[1:len(paths)]
     mvae = mfs[len(paths)] if vae_path else None
     names = block_names(list(ma))
@@ -363,13 +381,18 @@ def _merge(mfs: list[ModelFile], paths: list[str], vae_path: str | None, target:
     meta = md.combine(ma.metadata, meta_extra, md.provenance(paths[0], changes),
                       {"modelkit.merge": json.dumps(record, separators=(",", ":"))}, defaults=md.modelspec(title, None))
     header, meta, stats = write_output(target, tensors, meta, source=paths[0], inputs=[*paths, *([vae_path] if vae_path else [])],
-                                       force=force, dry_run=dry_run, progress=progress, ahead=ahead)
+                                       force=force, dry_run=dry_run, progress=progress, ahead=ahead,
+                                       allow_overflow=allow_overflow, overflow=lambda: dict(mixer.overflow), dtype=dtype)
+    overflow = {**(stats.overflow if stats else {}), **mixer.overflow}
+    if overflow:
+        warnings.append(f"{sum(overflow.values()):,} values in {len(overflow)} tensors overflowed to inf: "
+                        + ", ".join(f"{k} ({v:,})" for k, v in list(overflow.items())[:3]))
     return MergeModelsResult(
         sources=tuple(paths), output=target, status="dry-run" if dry_run else "written", mode=mode, alpha=alpha,
         block_weights={"BASE": base_w, **weights} if weights else {}, components=components, vae=vae_path,
         tensors=len(tensors), merged=counts["merged"], from_a=counts["a"] + counts["missing"], from_b=counts["b"],
         vae_tensors=counts["vae"], size=header.size, changes=tuple(changes), metadata=meta, warnings=tuple(warnings),
-        stats=stats, seconds=time.perf_counter() - t0,
+        stats=stats, seconds=time.perf_counter() - t0, overflow=overflow,
     )
 
 

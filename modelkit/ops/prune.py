@@ -11,8 +11,8 @@ of ``position_ids``, read to check them):
 3. ``--part unet|te|vae`` keeps one component; a VAE loses its ``first_stage_model.`` prefix so it
    loads as a standalone VAE;
 4. ``position_ids`` that are not int64 ``0, 1, ..., n-1`` are rewritten as exactly that;
-5. ``--dtype`` casts floating-point tensors only (never int or bool), counting values that
-   overflow to inf.
+5. ``--dtype`` casts floating-point tensors only (never int or bool); a cast that turns finite
+   values into inf is refused (``CastOverflowError``, nothing written) unless ``allow_overflow``.
 """
 
 from __future__ import annotations
@@ -268,6 +268,7 @@ def prune(
     dry_run: bool = False,
     ignore_scan: bool = False,
     progress: Progress | None = None,
+    allow_overflow: bool = False,
 ) -> PruneResult:
     """Prune a checkpoint into ``.safetensors``.
 
@@ -279,12 +280,15 @@ def prune(
         dtype: ``fp16``, ``bf16`` or ``fp32``: cast floating-point tensors only.
         part: ``unet``, ``te`` or ``vae``: keep one component.
         force, dry_run, ignore_scan, progress: as for ``convert``.
+        allow_overflow: write the output even when the cast turns finite values into inf (a
+            warning then names them); by default that raises ``CastOverflowError`` and writes nothing.
 
     Returns:
         PruneResult.
 
     Raises:
         UsageError, UnsafeFileError, OutputExistsError, FormatError, OutputWriteError.
+        CastOverflowError: the cast overflowed to inf (without ``allow_overflow``); nothing was written.
 
     Example:
         >>> modelkit.prune("v1-5.ckpt", ema="only", dtype="fp16").output  # doctest: +SKIP
@@ -299,7 +303,8 @@ def prune(
         with open_model(s, allow_hidden_pickles=ignore_scan) as mf:
             plan, st = plan_prune(mf, ema=ema, dtype=dtype, part=part)
             header, meta, stats, cars = write_plan(s, target, plan, force=force, dry_run=dry_run,
-                                                   progress=progress, hasher=hasher)
+                                                   progress=progress, hasher=hasher,
+                                                   allow_overflow=allow_overflow, dtype=dtype)
             warnings += st.warnings
             if not (st.removed or st.casts or st.fixed or st.swapped or plan.dropped):
                 warnings.append("nothing to prune (no EMA, junk or optimizer state, no cast, no broken keys): "

@@ -19,7 +19,7 @@ from typing import Any
 
 from .. import dtypes
 from ..dtypes import DType
-from ..errors import UsageError
+from ..errors import CastOverflowError, UsageError
 from ..formats.safetensors_write import Header, OutTensor, WriteStats, layout, write_stream
 from ..model import TensorRef
 from ..paths import atomic_output, ensure_room
@@ -144,15 +144,11 @@ def narrow_in_place(flat: Any, dtype: Any, slots: Slots, slot: int) -> tuple[Any
     size = torch.empty((), dtype=dtype).element_size()
     dest = flat.view(torch.uint8)[: n * size].view(dtype)
     tmp = slots.get(slot, "narrow", min(n, CHUNK), dtype)
-    fmax = torch.finfo(dtype).max if dtype.is_floating_point else None
     lost = 0
     for s in range(0, n, CHUNK):
         e = min(n, s + CHUNK)
         t, src = tmp[: e - s], flat[s:e]
-        if fmax is not None:
-            lo, hi = torch.aminmax(src)
-            if not (float(hi) <= fmax and float(lo) >= -fmax):  # also true for NaN: then count exactly
-                lost += int((torch.isfinite(src) & ~torch.isfinite(src.to(dtype))).sum())
+        lost += overflow_count(src, dtype)
         t.copy_(src)
         dest[s:e].copy_(t)
     return dest, lost
@@ -226,6 +222,30 @@ class Ahead:
         self.futures.clear()
 
 
+def overflow_count(src: Any, dtype: Any) -> int:
+    """How many finite values of the torch tensor ``src`` become inf when cast to ``dtype``."""
+    import torch
+
+    if not dtype.is_floating_point or src.dtype == dtype or not src.dtype.is_floating_point:
+        return 0
+    fmax = torch.finfo(dtype).max
+    if fmax >= torch.finfo(src.dtype).max:
+        return 0
+    lo, hi = torch.aminmax(src)
+    if float(hi) <= fmax and float(lo) >= -fmax:  # false for NaN too: then count exactly
+        return 0
+    return int((torch.isfinite(src) & ~torch.isfinite(src.to(dtype))).sum())
+
+
+def refuse_overflow(target: str, counts: Mapping[str, int], dtype: str | None = None) -> None:
+    """Raise ``CastOverflowError`` for ``target`` when any tensor overflowed (``counts``: name -> values).
+
+    Called inside ``atomic_output`` after the data is written, so the temp file is discarded."""
+    lost = {k: v for k, v in counts.items() if v}
+    if lost:
+        raise CastOverflowError(target, lost, dtype)
+
+
 def tensor_bytes(t: Any) -> Any:
     """The bytes of a contiguous torch tensor, without a copy (a numpy ``uint8`` view)."""
     import torch
@@ -236,8 +256,13 @@ def tensor_bytes(t: Any) -> Any:
 def write_output(
     target: str, tensors: list[OutTensor], metadata: Mapping[str, str], *, source: str, inputs: Sequence[str],
     force: bool, dry_run: bool, progress: Progress | None = None, ahead: Ahead | None = None,
+    allow_overflow: bool = True, overflow: Callable[[], Mapping[str, int]] | None = None, dtype: str | None = None,
 ) -> tuple[Header, dict[str, str], WriteStats | None]:
     """Lay out and (unless ``dry_run``) write ``target`` atomically.
+
+    Unless ``allow_overflow``, a write where finite values became inf (the writer's own casts, plus
+    ``overflow()``: counts kept by the compute functions; ``dtype`` names the output dtype in the
+    message) raises ``CastOverflowError`` before the rename: nothing is published.
 
     ``modelkit.source_sha256`` (the sha256 of ``source``) is hashed in the background while the
     tensors are written and patched into the header at the end.
@@ -247,6 +272,7 @@ def write_output(
 
     Raises:
         OutputExistsError, OutputWriteError: see ``paths.atomic_output``.
+        CastOverflowError: values overflowed to inf and ``allow_overflow`` is false.
     """
     meta = dict(metadata)
     meta.setdefault("modelkit.source_sha256", md.SHA_PLACEHOLDER)
@@ -263,6 +289,8 @@ def write_output(
             with atomic_output(target, force=force, inputs=inputs) as fd:
                 stats = write_stream(fd, header, meta, late={"modelkit.source_sha256": hasher.hexdigest},
                                      on_tensor=progress, path=target)
+                if not allow_overflow:
+                    refuse_overflow(target, {**stats.overflow, **(overflow() if overflow else {})}, dtype)
             meta["modelkit.source_sha256"] = hasher.hexdigest()
     finally:
         if ahead is not None:

@@ -6,13 +6,16 @@ Both stream: one tensor of each file is in memory at a time.
   source in SRC, after casting the source to OUT's dtype where they differ (the one rounding a
   ``--dtype`` asks for). Names that convert/prune change on purpose are followed (an A1111
   embedding's ``string_to_param.*`` is ``emb_params``; a VAE extracted with ``--part vae`` lost
-  ``first_stage_model.``). Tensors only in SRC are listed (prune drops some on purpose).
+  ``first_stage_model.``). Tensors only in SRC are listed (prune drops some on purpose). An OUT
+  written by ``prune --ema only`` (its ``modelkit.changes`` say so) holds the EMA copies as its UNet
+  weights: each is compared with its ``model_ema.*`` source.
 * ``diff A B`` lists keys only in one file, shape and dtype changes, and for shared tensors the
   largest absolute difference.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +23,10 @@ from typing import Any
 from .._torch import require_torch
 from ..model import ModelFile, TensorRef
 from ..reading import open_model
+from .prune import UNET_PREFIX, ema_name
+
+#: the end of the ``modelkit.changes`` entry ``prune --ema only`` writes ("N UNet tensors taken ...")
+EMA_CHANGE = " UNet tensors taken from their EMA copies"
 
 
 @dataclass(frozen=True)
@@ -40,6 +47,10 @@ class VerifyResult:
     cast: int
     mismatches: tuple[Mismatch, ...] = ()
     only_in_source: tuple[str, ...] = ()
+    #: UNet tensors compared with their EMA copy (``model_ema.*``): OUT was pruned with ``--ema only``
+    ema: int = 0
+    #: why the mismatches may be on purpose (empty when nothing is known)
+    hint: str = ""
 
     @property
     def ok(self) -> bool:
@@ -48,7 +59,26 @@ class VerifyResult:
     def to_dict(self) -> dict[str, Any]:
         return {"schema": "modelkit.verify/1", "source": self.source, "output": self.output, "ok": self.ok,
                 "checked": self.checked, "cast": self.cast, "mismatches": [m.to_dict() for m in self.mismatches],
-                "only_in_source": list(self.only_in_source)}
+                "only_in_source": list(self.only_in_source), "ema_compared": self.ema, "hint": self.hint}
+
+
+EMA_HINT = ("{out} was written with prune --ema only: its UNet weights are the EMA copies (model_ema.*) "
+            "of the source's")
+
+
+def _ema_only(out: ModelFile) -> bool:
+    """Whether ``out``'s provenance says prune took its UNet weights from their EMA copies."""
+    try:
+        changes = json.loads(out.metadata.get("modelkit.changes", "[]"))
+    except ValueError:
+        return False
+    return isinstance(changes, list) and any(isinstance(c, str) and c.endswith(EMA_CHANGE) for c in changes)
+
+
+def _is_ema_copy(ref: TensorRef, src: ModelFile, name: str) -> bool:
+    """Whether ``ref`` (the output's ``name``) equals the source's EMA copy of that UNet weight."""
+    e = src.get(ema_name(name)) if name.startswith(UNET_PREFIX) else None
+    return e is not None and e.shape == ref.shape and _same(e, ref)[0]
 
 
 def _source_name(name: str, src: ModelFile) -> str | None:
@@ -109,14 +139,19 @@ def verify(source: str | os.PathLike[str], output: str | os.PathLike[str]) -> Ve
     """
     mismatches: list[Mismatch] = []
     used: set[str] = set()
-    cast = 0
+    cast = ema = looks_ema = 0
     with open_model(source) as src, open_model(output) as out:
+        ema_only = _ema_only(out)
         for name, ref in out.items():
             sname = _source_name(name, src)
             if sname is None:
                 mismatches.append(Mismatch(name, None, "not in the source"))
                 continue
             used.add(sname)
+            if ema_only and name.startswith(UNET_PREFIX) and ema_name(name) in src:
+                sname = ema_name(name)  # prune --ema only wrote the EMA copy under the model's name
+                used.add(sname)
+                ema += 1
             sref = src[sname]
             if sref.shape != ref.shape:
                 mismatches.append(Mismatch(name, sname, f"shape {list(ref.shape)} != source {list(sref.shape)}"))
@@ -126,8 +161,10 @@ def verify(source: str | os.PathLike[str], output: str | os.PathLike[str]) -> Ve
             if not equal:
                 how = f" after casting {sref.dtype.name} to {ref.dtype.name}" if was_cast else ""
                 mismatches.append(Mismatch(name, sname, f"values differ{how}"))
+                looks_ema += not ema_only and _is_ema_copy(ref, src, name)
         only = tuple(k for k in src if k not in used)
-        return VerifyResult(os.fspath(source), os.fspath(output), len(out), cast, tuple(mismatches), only)
+        hint = EMA_HINT.format(out=os.path.basename(os.fspath(output))) if looks_ema else ""
+        return VerifyResult(os.fspath(source), os.fspath(output), len(out), cast, tuple(mismatches), only, ema, hint)
 
 
 @dataclass(frozen=True)

@@ -222,6 +222,7 @@ def merge_lora(
     ignore_scan: bool = False,
     jobs: int | None = None,
     progress: Progress | None = None,
+    allow_overflow: bool = False,
 ) -> MergeLoraResult:
     """Bake LoRA-family files into a checkpoint, one tensor at a time.
 
@@ -237,6 +238,8 @@ def merge_lora(
         force, dry_run, ignore_scan: as for ``convert``.
         jobs: worker threads computing ahead of the writer (default 1; each op already uses every core).
         progress: called after each tensor is written with its name and size.
+        allow_overflow: write the output even when finite values become inf in its dtype (a
+            warning then names them); by default that raises ``CastOverflowError`` and writes nothing.
 
     torch's OpenMP threads spin between operations unless ``OMP_WAIT_POLICY=PASSIVE`` is set before
     torch is imported (the CLI sets it); spinning makes a merge several times slower on a busy
@@ -249,6 +252,7 @@ def merge_lora(
         UsageError: a file is not a LoRA/checkpoint, a LoRA is for another base, or modules match
             nothing (without ``allow_unmatched``).
         UnsafeFileError, OutputExistsError, FormatError, OutputWriteError: as for ``convert``.
+        CastOverflowError: values overflowed to inf (without ``allow_overflow``); nothing was written.
 
     Example:
         >>> modelkit.merge_lora("v1-5.safetensors", ["style.safetensors:0.8"], "out.safetensors")  # doctest: +SKIP
@@ -301,14 +305,17 @@ def merge_lora(
                           {"modelkit.merge": json.dumps(record, separators=(",", ":"))},
                           defaults=md.modelspec(title, None))
         header, meta, stats = write_output(target, tensors, meta, source=src, inputs=[src, *(p for p, _ in specs)],
-                                           force=force, dry_run=dry_run, progress=progress, ahead=ahead)
-    if baker.overflow:
-        warnings.append(f"{sum(baker.overflow.values()):,} values in {len(baker.overflow)} tensors overflowed to inf: "
-                        + ", ".join(list(baker.overflow)[:3]))
+                                           force=force, dry_run=dry_run, progress=progress, ahead=ahead,
+                                           allow_overflow=allow_overflow, overflow=lambda: dict(baker.overflow),
+                                           dtype=dtype)
+    overflow = {**(stats.overflow if stats else {}), **baker.overflow}
+    if overflow:
+        warnings.append(f"{sum(overflow.values()):,} values in {len(overflow)} tensors overflowed to inf: "
+                        + ", ".join(f"{k} ({v:,})" for k, v in list(overflow.items())[:3]))
     return MergeLoraResult(
         source=src, output=target, status="dry-run" if dry_run else "written", base=det.base, loras=tuple(plan.uses),
         unet_ratio=unet_ratio, te_ratio=te_ratio, compute_dtype=compute.name, dtype=dtype, tensors=len(tensors),
-        touched=len(plan.contribs), size=header.size, overflow=dict(baker.overflow), changes=tuple(changes),
+        touched=len(plan.contribs), size=header.size, overflow=overflow, changes=tuple(changes),
         metadata=meta, warnings=tuple(warnings), stats=stats, scan=verdict, seconds=time.perf_counter() - t0,
     )
 

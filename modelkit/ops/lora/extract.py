@@ -28,7 +28,7 @@ from ...paths import check_output
 from .. import metadata as md
 from ..convert import Progress, check_scan, default_output
 from ..result import result_dict
-from ..streaming import COMPUTE_DTYPES, OUTPUT_DTYPES, float_dtype, tensor_bytes, write_output
+from ..streaming import COMPUTE_DTYPES, OUTPUT_DTYPES, float_dtype, overflow_count, tensor_bytes, write_output
 from .keymap import KeyMap, Target
 
 #: kohya's ``ss_base_model_version`` and the modelspec architecture of a LoRA, per base.
@@ -90,10 +90,13 @@ def svd_factors(delta: Any, shape: tuple[int, ...], rank: int) -> tuple[Any, Any
     return up.contiguous(), down.contiguous()
 
 
-def out_tensor(name: str, t: Any, dt: Any) -> OutTensor:
-    """A finished tensor (cast once to ``dt``) as an OutTensor holding its bytes."""
+def out_tensor(name: str, t: Any, dt: Any, overflow: dict[str, int] | None = None) -> OutTensor:
+    """A finished tensor (cast once to ``dt``) as an OutTensor holding its bytes; the finite values
+    the cast turns into inf are counted into ``overflow`` (name -> count)."""
     from ...dtypes import BY_NAME
 
+    if overflow is not None and (lost := overflow_count(t, dt)):
+        overflow[name] = lost
     c = t.to(dt).contiguous()
     return OutTensor(name, BY_NAME[str(c.dtype).removeprefix("torch.")], tuple(c.shape), data=bytes(tensor_bytes(c)))
 
@@ -134,6 +137,7 @@ def extract_lora(
     dry_run: bool = False,
     ignore_scan: bool = False,
     progress: Progress | None = None,
+    allow_overflow: bool = False,
 ) -> LoraOutResult:
     """Extract a kohya LoRA (LoCon with ``conv_rank``) from ``tuned - base`` by truncated SVD.
 
@@ -173,7 +177,9 @@ def extract_lora(
         if det.kind != "checkpoint":
             raise UsageError(b, f"is not a checkpoint (detected as {det.kind})")
         km = KeyMap.build({k: r.shape for k, r in mb.items()}, det.base)
-        tensors, skipped = _extract(km, mb, mt, t, rank, conv_rank, compute.torch(), cast.torch(), min_diff, progress)
+        overflow: dict[str, int] = {}
+        tensors, skipped = _extract(km, mb, mt, t, rank, conv_rank, compute.torch(), cast.torch(), min_diff, progress,
+                                    overflow)
     if not tensors:
         raise UsageError(t, f"no adaptable layer differs from {b}", "Check that these are two different checkpoints")
     modules = len(tensors) // 3
@@ -190,14 +196,16 @@ def extract_lora(
               "compute_dtype": compute.name}
     meta = md.combine(lora_metadata(det.base, dim, conv_rank), md.provenance(t, changes),
                       {"modelkit.extract": json.dumps(record, separators=(",", ":"))})
-    header, meta, stats = write_output(target, tensors, meta, source=t, inputs=[b, t], force=force, dry_run=dry_run)
+    header, meta, stats = write_output(target, tensors, meta, source=t, inputs=[b, t], force=force, dry_run=dry_run,
+                                       allow_overflow=allow_overflow, overflow=lambda: overflow, dtype=cast.name)
     return LoraOutResult("extract", (b, t), target, "dry-run" if dry_run else "written", det.base, "kohya", modules,
                          skipped, rank, conv_rank, len(tensors), header.size, tuple(changes), meta, tuple(warnings),
                          stats, time.perf_counter() - t0)
 
 
 def _extract(km: KeyMap, mb: Any, mt: Any, tuned: str, rank: int, conv_rank: int | None, compute: Any, cast: Any,
-             min_diff: float, progress: Callable[[str, int], None] | None) -> tuple[list[OutTensor], int]:
+             min_diff: float, progress: Callable[[str, int], None] | None, overflow: dict[str, int]
+             ) -> tuple[list[OutTensor], int]:
     import torch
 
     by_key: dict[str, list[tuple[Target, int]]] = {}
@@ -227,8 +235,9 @@ def _extract(km: KeyMap, mb: Any, mt: Any, tuned: str, rank: int, conv_rank: int
                 continue
             up, down = svd_factors(d, tg.shape, r)
             name = km.name_for(tg, "kohya")
-            tensors += [out_tensor(f"{name}.lora_down.weight", down, cast), out_tensor(f"{name}.lora_up.weight", up, cast),
-                        out_tensor(f"{name}.alpha", torch.tensor(float(down.shape[0])), cast)]
+            tensors += [out_tensor(f"{name}.lora_down.weight", down, cast, overflow),
+                        out_tensor(f"{name}.lora_up.weight", up, cast, overflow),
+                        out_tensor(f"{name}.alpha", torch.tensor(float(down.shape[0])), cast, overflow)]
         if progress is not None:
             progress(key, ref_b.nbytes)
     return tensors, skipped

@@ -85,6 +85,7 @@ def merge_loras(
     force: bool = False,
     dry_run: bool = False,
     ignore_scan: bool = False,
+    allow_overflow: bool = False,
 ) -> LoraOutResult:
     """Merge several LoRAs (``"file:ratio"`` or ``(file, ratio)``) into one kohya-format LoRA.
 
@@ -125,12 +126,14 @@ def merge_loras(
             groups.setdefault((t.key, t.rows), []).append((t, mod, ratio))
     c, dt = compute.torch(), cast.torch()
     tensors = []
+    overflow: dict[str, int] = {}
     for items in groups.values():
         t = items[0][0]
         name = km.name_for(t, "kohya")
         up, down = _exact(items, c) if rank is None else _svd(items, c, rank, conv_rank)
-        tensors += [out_tensor(f"{name}.lora_down.weight", down, dt), out_tensor(f"{name}.lora_up.weight", up, dt),
-                    out_tensor(f"{name}.alpha", _scalar(float(down.shape[0])), dt)]
+        tensors += [out_tensor(f"{name}.lora_down.weight", down, dt, overflow),
+                    out_tensor(f"{name}.lora_up.weight", up, dt, overflow),
+                    out_tensor(f"{name}.alpha", _scalar(float(down.shape[0])), dt, overflow)]
     how = "ranks concatenated (exact)" if rank is None else f"SVD to rank {rank}"
     changes = [f"merged {len(specs)} LoRAs into {len(groups)} modules, {how}: "
                + ", ".join(f"{os.path.basename(p)} x{r:g}" for p, r in specs)]
@@ -139,7 +142,8 @@ def merge_loras(
     meta = md.combine(lora_metadata(km.base, rank, conv_rank if rank else None), md.provenance(specs[0][0], changes),
                       {"modelkit.merge": json.dumps(record, separators=(",", ":"))})
     header, meta, stats = write_output(target, tensors, meta, source=specs[0][0], inputs=[p for p, _ in specs],
-                                       force=force, dry_run=dry_run)
+                                       force=force, dry_run=dry_run, allow_overflow=allow_overflow,
+                                       overflow=lambda: overflow, dtype=cast.name)
     return LoraOutResult("merge", tuple(p for p, _ in specs), target, "dry-run" if dry_run else "written", km.base,
                          "kohya", len(groups), 0, rank, conv_rank, len(tensors), header.size, tuple(changes), meta,
                          tuple(warnings), stats, time.perf_counter() - t0)
