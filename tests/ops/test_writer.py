@@ -228,7 +228,7 @@ def test_stepped_casts_match_a_whole_tensor_cast(tmp_path: Path, monkeypatch: py
     lost = int((torch.isinf(w.half()) & ~torch.isinf(w)).sum())
     assert lost > 10
     for name, tdt in (("fp16", torch.float16), ("bf16", torch.bfloat16)):
-        r = modelkit.prune(src, tmp_path / f"{name}.safetensors", dtype=name)
+        r = modelkit.prune(src, tmp_path / f"{name}.safetensors", dtype=name, allow_overflow=True)  # counted, kept
         got = load_file(r.output)
         for k, v in tensors.items():
             assert same_bits(got[k], v.to(tdt) if v.is_floating_point() else v), (name, k)
