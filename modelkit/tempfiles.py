@@ -120,17 +120,24 @@ def is_stale(path: str | os.PathLike[str], now: float | None = None) -> bool:
         now: the time to judge ages by (default ``time.time()``).
     """
     p = os.fspath(path)
-    name = os.path.basename(p)
-    if not is_temp_name(name):
-        return False
-    try:
-        st = os.lstat(p)
-    except OSError:
-        return False
+    st = _regular_temp(p)
+    return st is not None and _stale(os.path.basename(p), st, now)
+
+
+def _regular_temp(path: str) -> os.stat_result | None:
+    """The stat of ``path`` when it is a regular file with a modelkit temp name, else None."""
     import stat
 
-    if not stat.S_ISREG(st.st_mode):
-        return False
+    if not is_temp_name(os.path.basename(path)):
+        return None
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return st if stat.S_ISREG(st.st_mode) else None
+
+
+def _stale(name: str, st: os.stat_result, now: float | None) -> bool:
     age = (time.time() if now is None else now) - st.st_mtime
     pid = writer_pid(name)
     alive = process_alive(pid) if pid is not None else None
@@ -155,18 +162,11 @@ class TempFile:
 
 def temp_file(path: str) -> TempFile | None:
     """The ``TempFile`` at ``path``, or None when it is not a modelkit temp file (or is gone)."""
+    st = _regular_temp(path)
+    if st is None:
+        return None
     name = os.path.basename(path)
-    if not is_temp_name(name):
-        return None
-    try:
-        st = os.lstat(path)
-    except OSError:
-        return None
-    import stat
-
-    if not stat.S_ISREG(st.st_mode):
-        return None
-    return TempFile(path, st.st_size, writer_pid(name), is_stale(path))
+    return TempFile(path, st.st_size, writer_pid(name), _stale(name, st, None))
 
 
 def find_temps(folders: Iterable[str | os.PathLike[str]], recursive: bool = True) -> Iterator[TempFile]:
