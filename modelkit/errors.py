@@ -95,6 +95,13 @@ class InputNotFoundError(ModelkitError, FileNotFoundError):
     default_remedy = "Check the path"
 
 
+class RemoteError(ModelkitError, OSError):
+    """A remote file could not be read as the same bytes from start to end: an HTTP error, a
+    server that lies about the length, truncates a body or changes the file between requests."""
+
+    default_remedy = "Try again later, or download the file and scan the local copy"
+
+
 class OutputExistsError(ModelkitError, FileExistsError):
     """The output exists and ``--force`` was not given."""
 

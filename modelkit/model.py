@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +35,14 @@ class Source:
         buf = bytearray(size)
         self.read_into(buf, offset)
         return bytes(buf)
+
+    def prefetch(self, spans: Iterable[tuple[int, int]]) -> None:
+        """Announce (offset, size) spans about to be read; a remote source fetches them together."""
+        return None
+
+    def materialize(self) -> None:
+        """Make ``fd`` a local file holding every byte (a remote source downloads it; a file is one)."""
+        return None
 
     def close(self) -> None:
         if self.fd >= 0:

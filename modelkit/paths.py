@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable, Iterator
 
 from . import portable
 from .errors import InputNotFoundError, ModelkitError, OutputExistsError, OutputWriteError, UsageError
+from .remote import is_remote
 
 #: Extensions a folder walk picks up (a file named on the command line is always taken).
 MODEL_EXTENSIONS = (
@@ -46,7 +47,17 @@ def iter_inputs(
     """
     for raw in paths:
         p = os.fspath(raw)
-        if os.path.isdir(p):
+        if is_remote(p):
+            from .remote import expand, require
+
+            require(p)
+            found = False
+            for url in expand([p], MODEL_EXTENSIONS):
+                found = True
+                yield url
+            if not found and on_empty is not None:
+                on_empty(p)
+        elif os.path.isdir(p):
             found = False
             for full in _walk(p, on_stale):
                 found = True

@@ -18,7 +18,8 @@ REALDATA = ROOT.parent / "shared" / "realdata"
 #: imports one of them at import time is a bug, not a skip: tests/core/test_no_torch.py
 #: imports every core module with these packages blocked.
 EXTRA_PACKAGES = frozenset({"torch", "safetensors", "fickling", "blake3", "diffusers", "transformers", "peft",
-                            "accelerate", "PIL", "tensorboard", "picklescan", "modelscan", "sd_mecha"})
+                            "accelerate", "PIL", "tensorboard", "picklescan", "modelscan", "sd_mecha",
+                            "huggingface_hub", "fsspec", "dask", "distributed"})
 
 
 class _ExtraOptionalModule(pytest.Module):

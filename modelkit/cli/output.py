@@ -37,6 +37,10 @@ class Output:
     def json(self, payload: Any) -> None:
         _echo(_printable(json.dumps(payload, indent=2, ensure_ascii=False, default=str)))
 
+    def jsonl(self, payload: Any) -> None:
+        """One JSON document on one line (``--jsonl``), written at once."""
+        _echo(_printable(json.dumps(payload, ensure_ascii=False, default=str)))
+
     def line(self, text: str = "") -> None:
         """Chatter: human mode only, and not with ``-q``."""
         if not self.quiet and not self.json_mode:

@@ -6,6 +6,7 @@ import os
 
 from ..errors import FormatError, ModelkitError, UnsupportedFormatError
 from ..model import ModelFile, Source
+from ..remote import is_remote
 from .sniff import sniff
 
 
@@ -29,8 +30,12 @@ def open_model(path: str | os.PathLike[str], *, allow_hidden_pickles: bool = Fal
         ...     print(len(mf), mf.container)
     """
     p = os.fspath(path)
-    kind = sniff(p)
-    src = Source(p)
+    src: Source
+    if is_remote(p):
+        src, kind = _open_remote(p)
+    else:
+        kind = sniff(p)
+        src = Source(p)
     try:
         return _dispatch(p, kind, src, allow_hidden_pickles)
     except ModelkitError:
@@ -42,6 +47,22 @@ def open_model(path: str | os.PathLike[str], *, allow_hidden_pickles: bool = Fal
     except BaseException:
         src.close()
         raise
+
+
+def _open_remote(url: str) -> tuple[Source, str]:
+    """A remote file read by ranges (safetensors, zip) or downloaded whole (the other containers)."""
+    from ..remote import RemoteSource
+    from .sniff import check_kind, sniff_bytes
+
+    src = RemoteSource(url)
+    try:
+        kind = check_kind(url, sniff_bytes(src.head[:512], src.size))
+        if kind not in ("safetensors", "zip"):
+            src.materialize()
+    except BaseException:
+        src.close()
+        raise
+    return src, kind
 
 
 def _dispatch(p: str, kind: str, src: Source, allow_hidden: bool = False) -> ModelFile:

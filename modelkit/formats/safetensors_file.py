@@ -159,6 +159,7 @@ def pickle_polyglot(source: Source) -> str | None:
         return _effect_both(head, p)
     if isinstance(source, MemorySource):
         return _effect_both(source.data, probe(source.data))
+    source.materialize()
     with mmap.mmap(source.fd, 0, access=mmap.ACCESS_READ) as data:
         return _effect_both(data, probe(data))
 

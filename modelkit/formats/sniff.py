@@ -111,7 +111,11 @@ def sniff(path: str | os.PathLike[str], wrappers: bool = False, unknown_ok: bool
             head = f.read(HEAD)
     except OSError as exc:
         raise InputNotFoundError(p, f"cannot be read ({exc.strerror or exc})") from None
-    kind = sniff_bytes(head, st.st_size)
+    return check_kind(p, sniff_bytes(head, st.st_size), wrappers, unknown_ok)
+
+
+def check_kind(p: str, kind: str, wrappers: bool = False, unknown_ok: bool = False) -> str:
+    """``kind``, or the user-facing error for a compressed or unknown file (see ``sniff``)."""
     if kind.startswith("wrapped:") and not wrappers:
         raise UnsupportedFormatError(p, f"this is a {kind[8:]}-compressed file, not a model file; decompress it first")
     if kind.startswith("unknown:") and not unknown_ok:

@@ -27,6 +27,7 @@ from typing import Any
 from .. import portable
 from ..errors import FormatError, InputNotFoundError
 from ..formats.sniff import check_file
+from ..remote import is_remote
 from . import hashcache
 
 ALGOS = ("sha256", "autov1", "autov2", "autov3", "crc32", "blake3")
@@ -114,6 +115,8 @@ def hash_file(path: str | os.PathLike[str], algos: tuple[str, ...] = DEFAULT_ALG
             raise FormatError(None, f"unknown hash {a!r}", f"Choose from {', '.join(ALGOS)}")
     if "blake3" in algos and not blake3_available():
         raise FormatError(None, "the blake3 hash needs the blake3 package", "Run: pip install blake3")
+    if is_remote(p):
+        return _hash_remote(p, algos, progress)
     check_file(p)
     try:
         f = open(p, "rb", buffering=0)  # noqa: SIM115 - closed below; an OSError here is the user's
@@ -131,11 +134,37 @@ def hash_file(path: str | os.PathLike[str], algos: tuple[str, ...] = DEFAULT_ALG
         return _hash_open(p, f, before, algos, progress)
 
 
+def _hash_remote(url: str, algos: tuple[str, ...], progress: Callable[[int], None] | None) -> HashResult:
+    """A remote file's hashes: AutoV1 alone from its 64 KiB window (a range request), anything
+    else from one stream of the whole file, without a temporary copy."""
+    from ..remote import RemoteSource, open_stream
+
+    if set(algos) <= {"autov1"}:
+        src = RemoteSource(url)
+        try:
+            window = src.pread(max(0, min(V1_LEN, src.size - V1_START)), V1_START) if src.size > V1_START else \
+                src.pread(src.size, 0)
+        finally:
+            src.close()
+        return HashResult(url, src.size, {"autov1": hashlib.sha256(window).hexdigest()[:8]} if algos else {})
+    with open_stream(url) as reader:
+        out = _hash_stream(url, reader, reader.size, algos, progress)
+    return HashResult(url, reader.size, out)
+
+
 def _hash_open(p: str, f: Any, before: os.stat_result, algos: tuple[str, ...],
                progress: Callable[[int], None] | None) -> HashResult:
     """``hash_file`` past the cache: read the open file ``f`` once, every lane beside the read."""
     started = time.time_ns()
-    size = before.st_size
+    out = _hash_stream(p, f, before.st_size, algos, progress)
+    after = os.fstat(f.fileno())
+    hashcache.store(p, before, after, started, algos, out)
+    return HashResult(p, before.st_size, out)
+
+
+def _hash_stream(p: str, f: Any, size: int, algos: tuple[str, ...],
+                 progress: Callable[[int], None] | None) -> dict[str, str]:
+    """Every hash in ``algos`` of what ``f.readinto`` yields, in one pass, every lane beside the read."""
     full = hashlib.sha256() if {"sha256", "autov2"} & set(algos) else None
     v1 = hashlib.sha256() if "autov1" in algos else None
     v3 = hashlib.sha256() if "autov3" in algos else None
@@ -166,7 +195,6 @@ def _hash_open(p: str, f: Any, before: os.stat_result, algos: tuple[str, ...],
             if progress is not None:
                 progress(n)
         lanes.wait_all()
-        after = os.fstat(f.fileno())
     crc, data_start = state.crc, state.data_start
     out: dict[str, str] = {}
     if full is not None:
@@ -184,8 +212,7 @@ def _hash_open(p: str, f: Any, before: os.stat_result, algos: tuple[str, ...],
         out["crc32"] = f"{crc:08x}"
     if b3 is not None:
         out["blake3"] = b3.hexdigest()
-    hashcache.store(p, before, after, started, algos, out)
-    return HashResult(p, size, out)
+    return out
 
 
 class _Digests:

@@ -20,13 +20,14 @@ import zlib
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from ..errors import FormatError, ModelkitError, UnsafeFileError, UsageError
+from ..errors import FormatError, ModelkitError, RemoteError, UnsafeFileError, UsageError
 from ..formats.numpy_file import NPY_MAGIC, parse_npy_header
 from ..formats.pickle_vm import COMPUTED, PickleError, PickleVM, opcode_name
 from ..formats.probe import Probe, probe, probe_chain, unsafe_collector
 from ..formats.sniff import sniff, sniff_bytes
 from ..formats.unpickler import ALLOWED, collect, make_policy
 from ..model import MemorySource, Source
+from ..remote import is_remote
 from . import rules as R
 from .report import FileReport, Finding, ScanReport, combine
 
@@ -200,13 +201,26 @@ def scan_file(path: str | os.PathLike[str], allow: Iterable[str] = (), require_s
     p = os.fspath(path)
     ctx = _Ctx(p, frozenset(allow))
     container: str | None = None
+    remote: dict[str, Any] | None = None
     try:
-        container = sniff(p, wrappers=True, unknown_ok=True)
-        src = Source(p)
+        src: Source
+        if is_remote(p):
+            remote = {"requests": 0, "bytes": 0, "whole_file": False, "notes": []}
+            src, container = _open_remote(p, remote)
+        else:
+            container = sniff(p, wrappers=True, unknown_ok=True)
+            src = Source(p)
         try:
             _scan_source(ctx, src, container, 0)
+            if remote is not None:
+                src.finish()  # type: ignore[attr-defined]
         finally:
+            if remote is not None:
+                remote.update(src.transfer.to_dict(), size=src.size)  # type: ignore[attr-defined]
+                remote["notes"] = list(src.notes)  # type: ignore[attr-defined]
             src.close()
+    except RemoteError as exc:
+        ctx.add(R.REMOTE_ERROR, exc.problem)
     except ModelkitError as exc:
         ctx.add(R.NOT_MODEL if container is None else R.HEADER_ERROR, exc.problem)
     except Exception as exc:  # noqa: BLE001 - a scanner crash must not let a file through
@@ -215,7 +229,26 @@ def scan_file(path: str | os.PathLike[str], allow: Iterable[str] = (), require_s
         ctx.add(R.PICKLE_FORMAT, f"a {container} file; only .safetensors model files are allowed here")
     if container is not None and container.startswith("unknown:"):
         container = "unknown"
-    return FileReport(p, container, combine(ctx.findings), tuple(ctx.findings), ctx.pickles, tuple(ctx.globals))
+    return FileReport(p, container, combine(ctx.findings), tuple(ctx.findings), ctx.pickles, tuple(ctx.globals),
+                      remote)
+
+
+def _open_remote(url: str, remote: dict[str, Any]) -> tuple[Source, str]:
+    """A remote file opened for ranged reads, and its container (sniffed from its first bytes).
+    Containers that are read whole (anything but zip and safetensors) are downloaded first."""
+    from ..formats.sniff import sniff_bytes
+    from ..remote import RemoteSource
+
+    src = RemoteSource(url)
+    try:
+        container = sniff_bytes(src.head[:512], src.size)
+        if container not in ("zip", "safetensors"):
+            src.materialize()
+    except BaseException:
+        remote.update(src.transfer.to_dict(), size=src.size, notes=list(src.notes))
+        src.close()
+        raise
+    return src, container
 
 
 def _scan_one(args: tuple[str, tuple[str, ...], bool]) -> FileReport:
@@ -240,20 +273,36 @@ def scan(paths: Iterable[str | os.PathLike[str]], allow: Iterable[str] = (), job
     return ScanReport(tuple(scan_many(files, allowed, jobs, require_safetensors)), allowed, strict)
 
 
-def scan_many(files: list[str], allow: tuple[str, ...], jobs: int, require_safetensors: bool = False
-              ) -> Iterable[FileReport]:
-    """Yield reports in input order, scanning with ``jobs`` processes."""
+def scan_many(files: list[str], allow: tuple[str, ...], jobs: int, require_safetensors: bool = False,
+              ordered: bool = True) -> Iterable[FileReport]:
+    """Yield reports, in input order unless ``ordered`` is false (then as each file finishes).
+
+    Local files are scanned by ``jobs`` processes (the work is CPU-bound); when any file is
+    remote, by ``jobs`` threads (the work is waiting on the network).
+    """
     if jobs <= 1 or len(files) < 2:
         for f in files:
             yield scan_file(f, allow, require_safetensors)
         return
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+    import concurrent.futures as cf
 
-    # spawn everywhere: what Windows and macOS use anyway, and no fork of a process that has
-    # threads (a progress bar's, a hash's); the workers import modelkit afresh.
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        yield from pool.map(_scan_one, [(f, allow, require_safetensors) for f in files], chunksize=4)
+    args = [(f, allow, require_safetensors) for f in files]
+    pool: cf.Executor
+    if any(is_remote(f) for f in files):
+        pool = cf.ThreadPoolExecutor(max_workers=jobs)
+    else:
+        import multiprocessing
+
+        # spawn everywhere: what Windows and macOS use anyway, and no fork of a process that has
+        # threads (a progress bar's, a hash's); the workers import modelkit afresh.
+        pool = cf.ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"))
+    with pool:
+        if ordered:
+            yield from pool.map(_scan_one, args, chunksize=1 if isinstance(pool, cf.ThreadPoolExecutor) else 4)
+            return
+        pending = [pool.submit(_scan_one, a) for a in args]
+        for fut in cf.as_completed(pending):
+            yield fut.result()
 
 
 # -- per-container scanners ------------------------------------------------------------------------
@@ -282,7 +331,7 @@ def _scan_source(ctx: _Ctx, src: Source, kind: str, depth: int) -> None:
     except UnsafeFileError as exc:
         ctx.add(R.OBJECT_ARRAY if "object" in exc.problem else R.UNSAFE_GLOBAL, exc.problem, src.path)
     except FormatError as exc:
-        ctx.add(R.HEADER_ERROR, exc.problem, src.path if src.fd < 0 else None)
+        ctx.add(R.HEADER_ERROR, exc.problem, src.path if isinstance(src, MemorySource) else None)
 
 
 def _m(src: Source, member: str) -> str:
@@ -293,6 +342,7 @@ def _m(src: Source, member: str) -> str:
 def _data(src: Source) -> Any:
     if isinstance(src, MemorySource):
         return src.data
+    src.materialize()
     return mmap.mmap(src.fd, 0, access=mmap.ACCESS_READ)
 
 
@@ -305,7 +355,7 @@ def _scan_safetensors(ctx: _Ctx, src: Source, depth: int) -> bool:
     try:
         parse_header(src.path, src)
     except FormatError as exc:
-        ctx.add(R.HEADER_ERROR, exc.problem, src.path if src.fd < 0 else None)
+        ctx.add(R.HEADER_ERROR, exc.problem, src.path if isinstance(src, MemorySource) else None)
         return False
     polyglot = pickle_polyglot(src)
     if polyglot is None:
@@ -505,7 +555,14 @@ def _scan_wrapped(ctx: _Ctx, src: Source, fmt: str, depth: int) -> None:
     budget = unwrap_budget(src.size)
     out = io.BytesIO()
     over = False
-    raw: Any = io.BytesIO(src.data) if isinstance(src, MemorySource) else open(src.path, "rb")  # noqa: SIM115
+    if isinstance(src, MemorySource):
+        raw: Any = io.BytesIO(src.data)
+    elif type(src) is Source:
+        raw = open(src.path, "rb")  # noqa: SIM115 - closed below
+    else:  # a remote file: its local copy, read from the start through a descriptor of its own
+        src.materialize()
+        raw = os.fdopen(os.dup(src.fd), "rb")
+        raw.seek(0)
     try:
         with _open_wrapped(fmt, raw) as f:
             while True:

@@ -66,6 +66,8 @@ class FileReport:
     findings: tuple[Finding, ...] = ()
     pickles_scanned: int = 0
     globals_seen: tuple[str, ...] = field(default=())
+    #: for a remote file: requests, bytes received, whether it was read whole, size, notes
+    remote: dict[str, Any] | None = None
 
     @property
     def max_severity(self) -> str:
@@ -82,6 +84,7 @@ class FileReport:
             "pickles_scanned": self.pickles_scanned,
             "globals": list(self.globals_seen),
             "findings": [f.to_dict() for f in self.findings],
+            **({"remote": self.remote} if self.remote is not None else {}),
         }
 
 

@@ -229,6 +229,13 @@ def markdown_table() -> str:
 
 
 
+REMOTE_ERROR = rule(
+    "MK-R001", "medium", "error", "Remote file not read consistently",
+    "The remote file could not be read as one and the same sequence of bytes: an HTTP error that "
+    "retries did not cure, a server that gives two lengths, cuts a response short, sends other "
+    "bytes than asked for, or a file that changed between requests (ETag/Last-Modified). A scan of "
+    "such a file proves nothing about what a download would hold, so it is not reported clean.",
+)
 TORCHSCRIPT = rule(
     "MK-T001", "medium", "suspicious", "TorchScript archive",
     "A TorchScript program (torch.jit.save output), not a state dict. torch.load hands it to "

@@ -32,6 +32,7 @@ import tarfile
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from ..errors import RemoteError
 from ..formats.pickle_vm import Symbolic, VMCallable
 from ..formats.probe import probe
 from ..formats.unpickler import DTypeConst, NumpyArray, PlaceholderObject, StorageType, TensorSpec
@@ -131,6 +132,8 @@ def list_members(ctx: _Ctx, src: Source, label: str) -> list[tarfile.TarInfo] | 
         ctx.add(R.RESOURCE_LIMIT, f"a tar header record of {exc.args[0]} bytes exceeds a resource bound "
                                   f"({MAX_HEADER_READ}); the archive was not scanned as a torch checkpoint", label)
         return None
+    except RemoteError:
+        raise  # the bytes could not be read: not evidence that this is no tar archive
     except (tarfile.TarError, EOFError, OSError, ValueError, UnicodeError):
         return None
     return members
@@ -146,6 +149,7 @@ def scan_tar(ctx: _Ctx, src: Source, depth: int, label: Callable[[str], str]) ->
     if isinstance(src, MemorySource):
         _TarReading(ctx, src.data, depth, label).run(members)
         return
+    src.materialize()
     with mmap.mmap(src.fd, 0, access=mmap.ACCESS_READ) as data:
         _TarReading(ctx, data, depth, label).run(members)
 
