@@ -50,7 +50,7 @@ CACHE_BYTES = 64 << 20
 #: The first request asks for this much (a safetensors header usually fits).
 HEAD_BYTES = 64 << 10
 #: Requests in flight at once for announced spans.
-PREFETCH_THREADS = 8
+PREFETCH_THREADS = 16
 #: The most a file read whole may take (env ``MODELKIT_REMOTE_MAX_DOWNLOAD``, bytes).
 DEFAULT_MAX_DOWNLOAD = 8 << 30
 TIMEOUT = 60.0

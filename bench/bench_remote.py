@@ -1,0 +1,102 @@
+"""Scanning a remote 2 GB checkpoint: modelkit (range requests) beside picklescan --url and fickling
+--huggingface (which download the whole file), in one run, against the same loopback server.
+
+The checkpoint is SD-1.5-shaped (the real key set, 1,143 tensors, fp16, about 2 GB; built by
+bench/bench_inspect.py's ``build``, or here). The server (fixtures/http_server.py, 127.0.0.1)
+counts the body bytes it sends; each tool's figure is what the server sent for its scan.
+
+Target (issue 17): modelkit transfers at most 2 MB (0.1% of the file) and is at least 20x faster
+than a peer that downloads the whole file over loopback.
+
+Usage: ``python bench/bench_remote.py [--out bench/out] [--runs 3]``
+(peers: ``pip install picklescan fickling``; both run as their own command lines.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from fixtures.http_server import Loopback, serve  # noqa: E402
+
+
+def _run(cmd: list[str], env: dict[str, str]) -> tuple[float, int, str]:
+    t = time.perf_counter()
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    return time.perf_counter() - t, p.returncode, (p.stdout + p.stderr).strip().splitlines()[-1:][0][:90] \
+        if (p.stdout + p.stderr).strip() else ""
+
+
+def _measure(srv: Loopback, cmd: list[str], env: dict[str, str], runs: int) -> tuple[float, int, int, str]:
+    times, sent, reqs, last = [], 0, 0, ""
+    for _ in range(runs):
+        srv.reset_counts()
+        dt, _rc, last = _run(cmd, env)
+        times.append(dt)
+        sent, reqs = srv.sent, srv.requests
+    return statistics.median(times), sent, reqs, last
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default=os.path.join(ROOT, "bench", "out"))
+    ap.add_argument("--runs", type=int, default=3)
+    args = ap.parse_args()
+    big = os.path.join(args.out, "sd15-full-fp16.ckpt")
+    if not os.path.exists(big):
+        from bench.bench_inspect import build
+        from fixtures.sd_layout import sd1_layout
+
+        os.makedirs(args.out, exist_ok=True)
+        build(big, sd1_layout())
+    size = os.path.getsize(big)
+    bindir = os.path.dirname(sys.executable)
+    hf_cache = tempfile.mkdtemp(prefix="mk-remote-bench-hf-")
+    with serve({"/sd15.ckpt": big}) as srv:
+        srv.hf["bench/sd15"] = {"sd15.ckpt": big}
+        env = {**os.environ, "HF_ENDPOINT": srv.url, "HF_HUB_CACHE": hf_cache, "HF_HUB_DISABLE_TELEMETRY": "1",
+               "HF_HUB_DISABLE_XET": "1"}
+        url = srv.url + "/sd15.ckpt"
+        tools = {
+            "modelkit": [os.path.join(bindir, "modelkit"), "scan", "-q", url],
+            "modelkit hf://": [os.path.join(bindir, "modelkit"), "scan", "-q", "hf://bench/sd15/sd15.ckpt"],
+            # picklescan --url speaks https only (http.client.HTTPSConnection); on the loopback
+            # server it gets plain HTTP instead, which only makes its download cheaper.
+            "picklescan --url": [sys.executable, "-c", "import sys, http.client as h; h.HTTPSConnection = "
+                                 "h.HTTPConnection; from picklescan.cli import main; sys.argv = ['picklescan', "
+                                 f"'--url', {url!r}]; sys.exit(main())"],
+            "fickling --hf": [os.path.join(bindir, "fickling"), "--huggingface", "bench/sd15"],
+        }
+        print(f"file: {size / 1e9:.2f} GB SD-1.5-shaped .ckpt served on {srv.url} (loopback); "
+              f"median of {args.runs} runs, wall time of the whole command")
+        print(f"{'tool':<16} {'bytes sent':>14} {'% of file':>9} {'requests':>8} {'seconds':>8}  last line of output")
+        rows = {}
+        for name, cmd in tools.items():
+            if not os.path.exists(cmd[0]):
+                print(f"{name:<16} (not installed)")
+                continue
+            shutil.rmtree(hf_cache, ignore_errors=True)
+            dt, sent, reqs, last = _measure(srv, cmd, env, args.runs)
+            rows[name] = (dt, sent)
+            print(f"{name:<16} {sent:>14,} {100 * sent / size:>8.3f}% {reqs:>8} {dt:>8.2f}  {last}")
+        if "modelkit" in rows:
+            mk_t, mk_b = rows["modelkit"]
+            print(f"modelkit: {mk_b / 1e6:.2f} MB transferred (target <= 2 MB: "
+                  f"{'met' if mk_b <= 2_000_000 else 'NOT met'})")
+            for peer in ("picklescan --url", "fickling --hf"):
+                if peer in rows:
+                    print(f"  {rows[peer][0] / mk_t:.1f}x faster than {peer} (target >= 20x)")
+    shutil.rmtree(hf_cache, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
