@@ -122,3 +122,13 @@ def test_torch_commands_say_how_to_install_it(tmp_path: Path) -> None:
     assert r.returncode == 2 and "pip install 'modelkit[explain]'" in r.stderr, r.stderr
     r = _child("code", "import modelkit, sys; modelkit.load(sys.argv[-1])", str(f["zip"]))
     assert r.returncode == 1 and "MissingExtraError" in r.stderr and "modelkit[torch]" in r.stderr
+
+
+def test_remote_paths_say_how_to_install_the_remote_extra() -> None:
+    """No huggingface_hub/fsspec: a URL is one line naming the pip command, exit 2, nothing tried."""
+    for args in (["scan", "https://127.0.0.1:9/model.ckpt"], ["scan", "hf://org/repo/model.ckpt"],
+                 ["inspect", "https://127.0.0.1:9/model.ckpt"], ["hash", "s3://bucket/model.safetensors"]):
+        r = _child("cli", *args)
+        assert r.returncode == 2, (args, r.stdout, r.stderr)
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and "pip install 'modelkit[remote]'" in lines[0], (args, r.stderr)
