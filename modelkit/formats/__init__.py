@@ -51,7 +51,7 @@ def open_model(path: str | os.PathLike[str], *, allow_hidden_pickles: bool = Fal
 
 def _open_remote(url: str) -> tuple[Source, str]:
     """A remote file read by ranges (safetensors, zip) or downloaded whole (the other containers)."""
-    from ..remote import RemoteSource
+    from ..remote.source import RemoteSource
     from .sniff import check_kind, sniff_bytes
 
     src = RemoteSource(url)

@@ -137,7 +137,8 @@ def hash_file(path: str | os.PathLike[str], algos: tuple[str, ...] = DEFAULT_ALG
 def _hash_remote(url: str, algos: tuple[str, ...], progress: Callable[[int], None] | None) -> HashResult:
     """A remote file's hashes: AutoV1 alone from its 64 KiB window (a range request), anything
     else from one stream of the whole file, without a temporary copy."""
-    from ..remote import RemoteSource, open_stream
+    from ..remote.http import open_stream
+    from ..remote.source import RemoteSource
 
     if set(algos) <= {"autov1"}:
         src = RemoteSource(url)

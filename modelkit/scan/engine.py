@@ -237,7 +237,7 @@ def _open_remote(url: str, remote: dict[str, Any]) -> tuple[Source, str]:
     """A remote file opened for ranged reads, and its container (sniffed from its first bytes).
     Containers that are read whole (anything but zip and safetensors) are downloaded first."""
     from ..formats.sniff import sniff_bytes
-    from ..remote import RemoteSource
+    from ..remote.source import RemoteSource
 
     src = RemoteSource(url)
     try:

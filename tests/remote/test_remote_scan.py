@@ -22,6 +22,8 @@ import modelkit.remote as remote
 from fixtures import corpus
 from fixtures.http_server import Loopback, serve
 from fixtures.torchfree import save_safetensors, save_zip
+from modelkit.errors import UsageError
+from modelkit.remote import http as rhttp
 from modelkit.scan.engine import scan_file
 from tests.security import corpus_gen
 
@@ -186,13 +188,13 @@ def test_hf_token_is_sent_to_the_hub_only(srv: Loopback, files: dict[str, str], 
     srv.hf["org/private"] = {"m.safetensors": files[big]}
     monkeypatch.setenv("HF_ENDPOINT", srv.url)
     monkeypatch.setenv("HF_TOKEN", "hf_test_token_123")
-    real = remote._Http._get
+    real = rhttp.Http._get
 
     def spy(self: Any, src: Any, start: int, end: int | None, first: bool = False) -> bytes:
         seen.append(self.headers.get("authorization"))
         return real(self, src, start, end, first)
 
-    monkeypatch.setattr(remote._Http, "_get", spy)
+    monkeypatch.setattr(rhttp.Http, "_get", spy)
     scan_file("hf://org/private/m.safetensors")
     scan_file(srv.url + big)
     assert seen[0] == "Bearer hf_test_token_123"
@@ -203,7 +205,7 @@ def test_parse_hf() -> None:
     assert remote.parse_hf("hf://a/b@refs/pr/3/x/y.ckpt") == remote.HfPath("a/b", "refs/pr/3", "x/y.ckpt")
     assert remote.parse_hf("hf://a/b") == remote.HfPath("a/b", None, None)
     for bad in ("hf://a", "hf://a/b/../c", "hf:///x"):
-        with pytest.raises(remote.UsageError):
+        with pytest.raises(UsageError):
             remote.parse_hf(bad)
 
 

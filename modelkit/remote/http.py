@@ -1,0 +1,323 @@
+"""The transports of remote files: HTTP through huggingface_hub's client, anything else through
+fsspec; ranged GETs checked against the first answer, and whole-file streams."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+from .. import remote as cfg
+from ..errors import InputNotFoundError, MissingExtraError, RemoteError, TruncatedFileError, UsageError
+from . import _CONTENT_RANGE, _INSTALL, _hf_endpoint, _hub, _why, parse_hf
+
+if TYPE_CHECKING:
+    from .source import RemoteSource
+
+
+class Http:
+    """Ranged GETs through huggingface_hub's client (retries, back-off, redirects)."""
+
+    def __init__(self, url: str, label: str, headers: dict[str, str]):
+        self.url = url
+        self.label = label
+        self.headers = headers
+        self.validator: tuple[str, str] | None = None
+        self.size = -1
+
+    def _check(self, resp: Any) -> None:
+        code = int(resp.status_code)
+        if code in (200, 206):
+            return
+        reason = getattr(resp, "reason_phrase", "") or ""
+        remedy = None
+        if code in (401, 403):
+            remedy = "Set HF_TOKEN to a token that can read it" if self.label.lower().startswith("hf://") else \
+                "The server refuses access; check the URL"
+        elif code == 404:
+            remedy = "Check the URL (and the revision)"
+        raise RemoteError(self.label, f"the server answered HTTP {code}{' ' + reason if reason else ''}", remedy)
+
+    def _validator(self, resp: Any) -> tuple[str, str] | None:
+        h = resp.headers
+        for name in ("etag", "last-modified"):
+            v = h.get(name)
+            if v:
+                return name, v.removeprefix("W/")
+        return None
+
+    def _same_file(self, resp: Any) -> None:
+        got = self._validator(resp)
+        if self.validator is not None and got != self.validator:
+            was = f"{self.validator[0]} {self.validator[1]}"
+            now = f"{got[0]} {got[1]}" if got else "none"
+            raise RemoteError(self.label, f"the file changed between requests ({was}, then {now}); the scan of a "
+                                          "changing file proves nothing")
+
+    def _range(self, resp: Any, start: int, end: int) -> None:
+        cr = resp.headers.get("content-range")
+        m = _CONTENT_RANGE.match(cr or "")
+        if not m:
+            raise RemoteError(self.label, f"the server answered a range request without a usable Content-Range "
+                                          f"({cr!r})")
+        a, b, total = int(m.group(1)), int(m.group(2)), m.group(3)
+        if total == "*":
+            raise RemoteError(self.label, "the server does not say how long the file is (Content-Range total '*')")
+        if self.size >= 0 and int(total) != self.size:
+            raise RemoteError(self.label, f"the server gave the file's length as {self.size} bytes, then as {total}")
+        if a == start and b < min(end, int(total)) - 1:
+            raise RemoteError(self.label, f"asked for bytes {start}-{min(end, int(total)) - 1}, the server sent only "
+                                          f"{a}-{b}: the file is shorter than the length it gave ({total} bytes)")
+        if a != start or b != min(end, int(total)) - 1:
+            raise RemoteError(self.label, f"asked for bytes {start}-{end - 1}, the server sent {a}-{b}")
+
+    def _get(self, src: RemoteSource, start: int, end: int | None, first: bool = False) -> bytes:
+        """GET bytes [start, end) (``end`` None: the whole file, into ``src``'s local copy).
+
+        Status retries (429/5xx) and network retries before the answer are huggingface_hub's;
+        a body that breaks off is not retried: it fails closed.
+        """
+        hub = _hub()
+        headers = dict(self.headers)
+        if end is not None:
+            headers["Range"] = f"bytes={start}-{end - 1}"
+        try:
+            with hub.utils.http_stream_backoff("GET", self.url, headers=headers, timeout=cfg.TIMEOUT,
+                                               max_retries=cfg.RETRIES, base_wait_time=cfg.BASE_WAIT,
+                                               max_wait_time=8) as resp:
+                try:
+                    return self._answer(src, resp, start, end, first)
+                except (RemoteError, TruncatedFileError):
+                    raise
+                except Exception as exc:  # noqa: BLE001 - a body that breaks off, in any way
+                    raise _network_error(self.label, exc) from None
+        except (RemoteError, TruncatedFileError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - network errors of any kind: one line
+            raise _network_error(self.label, exc) from None
+
+    def _answer(self, src: RemoteSource, resp: Any, start: int, end: int | None, first: bool) -> bytes:
+        code = int(resp.status_code)
+        if code == 416 and first:
+            raise TruncatedFileError(self.label, "the file is empty (0 bytes)")
+        self._check(resp)
+        if first:
+            self.validator = self._validator(resp)
+        else:
+            self._same_file(resp)
+        length = resp.headers.get("content-length")
+        declared = int(length) if length and length.isdigit() else None
+        if end is None or code == 200:
+            if end is not None and not first:
+                raise RemoteError(self.label, "the server answered a range request with the whole file, after "
+                                              "answering the first one with a range")
+            if self.size >= 0 and declared is not None and declared != self.size:
+                raise RemoteError(self.label, f"the server gave the file's length as {self.size} bytes, then as "
+                                              f"{declared}")
+            src.whole_from(resp.iter_bytes(), declared if self.size < 0 else self.size,
+                           "the server ignores Range requests" if end is not None else None)
+            self.size = src.size
+            return b""
+        if first:
+            m = _CONTENT_RANGE.match(resp.headers.get("content-range") or "")
+            if m and m.group(3) != "*":
+                self.size = int(m.group(3))
+        self._range(resp, start, end)
+        want = min(end, self.size) - start
+        body = _read_capped(resp.iter_bytes(), want, self.label)
+        src.transfer.add(len(body))
+        return body
+
+    def open(self, src: RemoteSource) -> bytes:
+        """The first request: the file's head, length and validator (or the whole file, when the
+        server ignores ``Range``: then ``src`` is switched to its local copy)."""
+        return self._get(src, 0, cfg.HEAD_BYTES, first=True)
+
+    def fetch(self, src: RemoteSource, start: int, end: int) -> bytes:
+        return self._get(src, start, end)
+
+    def stream(self, src: RemoteSource) -> None:
+        self._get(src, 0, None)
+
+
+class Fsspec:
+    """Any fsspec URL (``s3://``, ``gs://`` ...) with its backend installed."""
+
+    def __init__(self, url: str):
+        try:
+            import fsspec
+        except ImportError:
+            raise MissingExtraError(url, "this URL needs fsspec", f"Install it: {_INSTALL}") from None
+        self.label = url
+        try:
+            self.fs, self.fspath = fsspec.core.url_to_fs(url)
+        except (ImportError, ValueError) as exc:
+            raise MissingExtraError(url, f"no fsspec backend for this URL ({_why(exc)})",
+                                    "Install the fsspec backend for its scheme (s3fs, gcsfs, adlfs ...)") from None
+        self.validator: Any = None
+        self.size = -1
+
+    def _info(self) -> dict[str, Any]:
+        try:
+            info = dict(self.fs.info(self.fspath))
+        except FileNotFoundError:
+            raise InputNotFoundError(self.label, "no such remote file") from None
+        except Exception as exc:  # noqa: BLE001
+            raise _network_error(self.label, exc) from None
+        return info
+
+    def open(self, src: RemoteSource) -> bytes:
+        info = self._info()
+        if info.get("type") == "directory":
+            raise RemoteError(self.label, "is a folder, not a file", "Give a file URL")
+        self.size = int(info.get("size") or 0)
+        self.validator = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified")
+        if self.size == 0:
+            raise TruncatedFileError(self.label, "the file is empty (0 bytes)")
+        return self.fetch(src, 0, min(cfg.HEAD_BYTES, self.size))
+
+    def fetch(self, src: RemoteSource, start: int, end: int) -> bytes:
+        try:
+            body = bytes(self.fs.cat_file(self.fspath, start=start, end=end))
+        except Exception as exc:  # noqa: BLE001
+            raise _network_error(self.label, exc) from None
+        src.transfer.add(len(body))
+        if len(body) != end - start:
+            raise RemoteError(self.label, f"the storage returned {len(body)} of the {end - start} bytes {start}-{end - 1}")
+        return body
+
+    def stream(self, src: RemoteSource) -> None:
+        def chunks() -> Iterator[bytes]:
+            pos = 0
+            while pos < self.size:
+                n = min(cfg.BIG_STEP, self.size - pos)
+                yield self.fetch(src, pos, pos + n)
+                pos += n
+
+        src.whole_from(chunks(), self.size, None, counted=True)
+
+    def recheck(self) -> None:
+        info = self._info()
+        now = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified")
+        if int(info.get("size") or 0) != self.size or now != self.validator:
+            raise RemoteError(self.label, "the file changed while it was read")
+
+
+def _network_error(label: str, exc: BaseException) -> RemoteError:
+    if isinstance(exc, RemoteError):
+        return exc
+    code = getattr(getattr(exc, "response", None), "status_code", None)
+    if code is not None:
+        return RemoteError(label, f"the server answered HTTP {code} (after retries)")
+    return RemoteError(label, f"cannot read it ({_why(exc)})")
+
+
+def _read_capped(chunks: Iterable[bytes], limit: int, label: str) -> bytes:
+    out = bytearray()
+    for c in chunks:
+        out += c
+        if len(out) > limit:
+            raise RemoteError(label, f"the server sent more than the {limit} bytes asked for")
+    if len(out) != limit:
+        raise RemoteError(label, f"the server cut a response short: {len(out)} of {limit} bytes")
+    return bytes(out)
+
+
+def backend_for(url: str) -> Http | Fsspec:
+    scheme = url.split("://", 1)[0].lower()
+    if scheme in ("http", "https"):
+        return Http(url, url, {"User-Agent": _user_agent()})
+    if scheme == "hf":
+        hp = parse_hf(url)
+        if hp.path is None:
+            raise UsageError(url, "names a repository, not a file", "Add the file's path, or scan the repository "
+                                                                     "(scan expands it to its model files)")
+        hub = _hub()
+        target = hub.hf_hub_url(hp.repo, hp.path, revision=hp.revision, endpoint=_hf_endpoint())
+        headers = dict(hub.utils.build_hf_headers(library_name="modelkit", library_version=_version()))
+        return Http(target, url, headers)
+    return Fsspec(url)
+
+
+def _version() -> str:
+    from .._version import __version__
+
+    return __version__
+
+
+def _user_agent() -> str:
+    return f"modelkit/{_version()}"
+
+
+
+class StreamReader:
+    """``readinto`` over a response body, checked against the file's length (no temporary file)."""
+
+    def __init__(self, chunks: Iterable[bytes], size: int, label: str):
+        self._it = iter(chunks)
+        self._left = b""
+        self.size = size
+        self.read_so_far = 0
+        self.label = label
+
+    def readinto(self, buf: bytearray | memoryview) -> int:
+        view = memoryview(buf).cast("B")
+        n = 0
+        while n < len(view):
+            if not self._left:
+                try:
+                    self._left = next(self._it)
+                except StopIteration:
+                    break
+                except Exception as exc:  # noqa: BLE001 - a body that breaks off, in any way
+                    raise _network_error(self.label, exc) from None
+                continue
+            k = min(len(view) - n, len(self._left))
+            view[n : n + k] = self._left[:k]
+            self._left = self._left[k:]
+            n += k
+        self.read_so_far += n
+        if self.size >= 0 and self.read_so_far > self.size:
+            raise RemoteError(self.label, f"the server sent more than the file's {self.size} bytes")
+        if n == 0 and self.size >= 0 and self.read_so_far != self.size:
+            raise RemoteError(self.label, f"the server cut the file short: {self.read_so_far} of {self.size} bytes")
+        return n
+
+
+@contextmanager
+def open_stream(url: str) -> Iterator[StreamReader]:
+    """The whole remote file as one stream (``hash``): a GET without ``Range``, its length checked.
+
+    Raises:
+        RemoteError: HTTP errors, no length given, a body cut short or too long.
+        MissingExtraError: the remote extra is missing.
+    """
+    backend = backend_for(url)
+    if isinstance(backend, Fsspec):
+        size = int(backend._info().get("size") or 0)
+
+        def chunks() -> Iterator[bytes]:
+            with backend.fs.open(backend.fspath, "rb", block_size=cfg.BIG_STEP) as f:
+                while True:
+                    c = f.read(cfg.BIG_STEP)
+                    if not c:
+                        return
+                    yield c
+
+        yield StreamReader(chunks(), size, url)
+        return
+    hub = _hub()
+    try:
+        with hub.utils.http_stream_backoff("GET", backend.url, headers=dict(backend.headers), timeout=cfg.TIMEOUT,
+                                           max_retries=cfg.RETRIES, base_wait_time=cfg.BASE_WAIT, max_wait_time=8) as resp:
+            backend._check(resp)
+            if int(resp.status_code) != 200:
+                raise RemoteError(url, f"the server answered a plain GET with HTTP {resp.status_code}")
+            length = resp.headers.get("content-length")
+            if not (length and length.isdigit()):
+                raise RemoteError(url, "the server does not say how long the file is (no Content-Length)")
+            yield StreamReader(resp.iter_bytes(cfg.BIG_STEP), int(length), url)
+    except (RemoteError, TruncatedFileError, MissingExtraError):
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise _network_error(url, exc) from None

@@ -1,0 +1,224 @@
+"""``RemoteSource``: the readers' byte-range interface over a remote file (see ``modelkit.remote``)."""
+
+from __future__ import annotations
+
+import bisect
+import tempfile
+import threading
+from collections.abc import Iterable
+from typing import Any
+
+from .. import remote as cfg
+from ..errors import RemoteError, TruncatedFileError
+from ..model import Source
+from . import Transfer, max_download
+from .http import backend_for
+
+
+class RemoteSource(Source):
+    """A remote file read by byte ranges (see the module notes). Thread-safe.
+
+    Attributes:
+        path: the URL as given (findings name it).
+        size: the file's length.
+        head: its first bytes (up to ``HEAD_BYTES``).
+        transfer: requests made and bytes received.
+        notes: what the reading had to do differently (a server ignoring ``Range``).
+    """
+
+    def __init__(self, url: str):  # noqa: D107 - no local file to open
+        self.path = url
+        self.fd = -1
+        self.size = -1
+        self.transfer = Transfer()
+        self.notes: list[str] = []
+        self._tmp: Any = None
+        self._lock = threading.RLock()
+        self._starts: list[int] = []
+        self._spans: dict[int, bytes] = {}
+        self._cached = 0
+        self._backend = backend_for(url)
+        head = self._backend.open(self)
+        if self.fd < 0:
+            self.size = self._backend.size
+            self._put(0, head)
+        self.head = self.pread(min(cfg.HEAD_BYTES, self.size), 0) if self.size > 0 else b""
+
+    # -- whole-file mode
+    def whole_from(self, chunks: Iterable[bytes], expect: int | None, why: str | None, counted: bool = False) -> None:
+        """Copy a whole body into an anonymous temporary file and read from it from now on."""
+        cap = max_download()
+        if expect is not None and expect > cap:
+            raise RemoteError(self.path, f"{'the server ignores Range requests, and ' if why else ''}the file is "
+                                         f"{expect} bytes, over the {cap}-byte cap on reading a remote file whole",
+                              "Download it and scan the local copy, or raise MODELKIT_REMOTE_MAX_DOWNLOAD")
+        tmp = tempfile.TemporaryFile()  # noqa: SIM115 - closed by close()
+        got = 0
+        try:
+            for c in chunks:
+                got += len(c)
+                if got > cap or (expect is not None and got > expect):
+                    raise RemoteError(self.path, f"the server sent more than {expect if expect is not None else cap} "
+                                                 "bytes for the file")
+                tmp.write(c)
+            tmp.flush()
+        except BaseException:
+            tmp.close()
+            raise
+        if not counted:
+            self.transfer.add(got)
+        if expect is not None and got != expect:
+            tmp.close()
+            raise RemoteError(self.path, f"the server cut the file short: {got} of {expect} bytes")
+        if got == 0:
+            tmp.close()
+            raise TruncatedFileError(self.path, "the file is empty (0 bytes)")
+        with self._lock:
+            self._tmp = tmp
+            self.fd = tmp.fileno()
+            self.size = got
+            self.transfer.whole = True
+            self._spans.clear()
+            self._starts.clear()
+            self._cached = 0
+        if why:
+            self.notes.append(f"{why}: the whole file ({got} bytes) was downloaded to scan it")
+
+    def materialize(self) -> None:
+        """Read the whole file into a local temporary copy (containers that are read whole)."""
+        if self.fd >= 0:
+            return
+        self._backend.stream(self)
+
+    # -- ranged mode
+    def _put(self, start: int, data: bytes) -> None:
+        if not data:
+            return
+        with self._lock:
+            if start in self._spans:
+                return
+            bisect.insort(self._starts, start)
+            self._spans[start] = data
+            self._cached += len(data)
+            while self._cached > cfg.CACHE_BYTES and len(self._starts) > 1:
+                oldest = next(iter(self._spans))  # insertion order: the oldest span goes first
+                self._cached -= len(self._spans.pop(oldest))
+                self._starts.remove(oldest)
+
+    def _gaps(self, start: int, end: int) -> list[tuple[int, int]]:
+        """The parts of [start, end) the cache does not hold."""
+        out = []
+        pos = start
+        with self._lock:
+            i = max(bisect.bisect_right(self._starts, start) - 1, 0)
+            while pos < end and i < len(self._starts):
+                s = self._starts[i]
+                e = s + len(self._spans[s])
+                if s > pos:
+                    out.append((pos, min(s, end)))
+                pos = max(pos, e)
+                i += 1
+        if pos < end:
+            out.append((pos, end))
+        return out
+
+    def _widen(self, gap: tuple[int, int]) -> tuple[int, int]:
+        """A gap grown to ``MIN_FETCH`` bytes, not into what the cache holds."""
+        s, e = gap
+        if e - s >= cfg.MIN_FETCH:
+            return s, e
+        want = min(s + cfg.MIN_FETCH, self.size)
+        with self._lock:
+            i = bisect.bisect_right(self._starts, s)
+            nxt = self._starts[i] if i < len(self._starts) else self.size
+        return s, max(e, min(want, nxt))
+
+    def _copy_out(self, view: memoryview, offset: int) -> bool:
+        """Fill ``view`` from the cache; False when some part is missing."""
+        end = offset + len(view)
+        with self._lock:
+            i = max(bisect.bisect_right(self._starts, offset) - 1, 0)
+            pos = offset
+            while pos < end and i < len(self._starts):
+                s = self._starts[i]
+                data = self._spans[s]
+                e = s + len(data)
+                if s <= pos < e:
+                    n = min(e, end) - pos
+                    view[pos - offset : pos - offset + n] = data[pos - s : pos - s + n]
+                    pos += n
+                elif s > pos:
+                    return False
+                i += 1
+            return pos >= end
+
+    def read_into(self, buf: bytearray | memoryview, offset: int) -> None:
+        view = memoryview(buf).cast("B")
+        n = len(view)
+        if self.fd >= 0:
+            super().read_into(view, offset)
+            return
+        if offset < 0 or offset + n > self.size:
+            raise TruncatedFileError(self.path, f"the file ends at byte {self.size}, inside the data read")
+        if n == 0:
+            return
+        if n >= cfg.BIG_READ:
+            pos = 0
+            while pos < n:
+                k = min(cfg.BIG_STEP, n - pos)
+                view[pos : pos + k] = self._backend.fetch(self, offset + pos, offset + pos + k)
+                pos += k
+            return
+        for gap in self._gaps(offset, offset + n):
+            s, e = self._widen(gap)
+            self._put(s, self._backend.fetch(self, s, e))
+        if not self._copy_out(view, offset):  # evicted meanwhile (another thread): read it directly
+            view[:] = self._backend.fetch(self, offset, offset + n)
+
+    def prefetch(self, spans: Iterable[tuple[int, int]]) -> None:
+        """Fetch announced (offset, size) spans together: missing parts widened, merged, on threads."""
+        if self.fd >= 0:
+            return
+        gaps: list[tuple[int, int]] = []
+        for off, size in spans:
+            if off < 0 or size <= 0 or off >= self.size:
+                continue
+            for g in self._gaps(off, min(off + size, self.size)):
+                gaps.append(self._widen(g))
+        if not gaps:
+            return
+        gaps.sort()
+        merged = [gaps[0]]
+        for s, e in gaps[1:]:
+            ps, pe = merged[-1]
+            if s <= pe + cfg.MERGE_GAP and e - ps <= cfg.BIG_STEP:
+                merged[-1] = (ps, max(pe, e))
+            else:
+                merged.append((s, e))
+        if len(merged) == 1:
+            s, e = merged[0]
+            self._put(s, self._backend.fetch(self, s, e))
+            return
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=min(cfg.PREFETCH_THREADS, len(merged))) as pool:
+            for (s, _e), data in zip(merged, pool.map(lambda g: self._backend.fetch(self, *g), merged)):
+                self._put(s, data)
+
+    def finish(self) -> None:
+        """Check, where the backend can, that the file did not change while it was read."""
+        recheck = getattr(self._backend, "recheck", None)
+        if recheck is not None and self.fd < 0:
+            recheck()
+
+    def close(self) -> None:
+        with self._lock:
+            self._spans.clear()
+            self._starts.clear()
+            self._cached = 0
+            if self._tmp is not None:
+                self._tmp.close()
+                self._tmp = None
+            self.fd = -1
+
+
