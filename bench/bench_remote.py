@@ -31,7 +31,8 @@ from fixtures.http_server import Loopback, serve  # noqa: E402
 
 def _run(cmd: list[str], env: dict[str, str]) -> tuple[float, int, str]:
     t = time.perf_counter()
-    p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    with tempfile.TemporaryDirectory(prefix="mk-remote-bench-") as cwd:  # fickling writes safety_results.json
+        p = subprocess.run(cmd, capture_output=True, text=True, env={**env, "PYTHONPATH": ROOT}, cwd=cwd)
     return time.perf_counter() - t, p.returncode, (p.stdout + p.stderr).strip().splitlines()[-1:][0][:90] \
         if (p.stdout + p.stderr).strip() else ""
 
