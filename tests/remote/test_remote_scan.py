@@ -283,3 +283,16 @@ def test_the_dask_recipe_gives_the_local_results(srv: Loopback, files: dict[str,
         want = scan_file(files[k]).to_dict()
         assert g["verdict"] == want["verdict"], k
         assert [f["rule"] for f in g["findings"]] == [f["rule"] for f in want["findings"]], k
+
+
+def test_detect_and_open_model_read_a_url_by_ranges(srv: Loopback, files: dict[str, str]) -> None:
+    import modelkit
+
+    for name in ("big.ckpt", "big.safetensors", "sd15-tiny.ckpt", "lora-tiny.safetensors"):
+        url_path = next(k for k in files if k.endswith("/" + name))
+        assert modelkit.detect(srv.url + url_path).to_dict() == modelkit.detect(files[url_path]).to_dict(), name
+    url_path = next(k for k in files if k.endswith("/big.safetensors"))
+    with modelkit.open_model(srv.url + url_path) as rm, modelkit.open_model(files[url_path]) as lm:
+        assert list(rm) == list(lm)
+        for key in list(lm)[:5]:
+            assert rm[key].read_raw() == lm[key].read_raw()
