@@ -19,7 +19,7 @@ REALDATA = ROOT.parent / "shared" / "realdata"
 #: imports every core module with these packages blocked.
 EXTRA_PACKAGES = frozenset({"torch", "safetensors", "fickling", "blake3", "diffusers", "transformers", "peft",
                             "accelerate", "PIL", "tensorboard", "picklescan", "modelscan", "sd_mecha",
-                            "huggingface_hub", "fsspec", "dask", "distributed"})
+                            "huggingface_hub", "fsspec", "dask", "distributed", "gguf"})
 
 
 class _ExtraOptionalModule(pytest.Module):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 import re
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -19,6 +20,20 @@ MAX_ALPHA_READS = 4096
 def rx(pattern: str) -> re.Pattern[str]:
     """The compiled form of a table pattern (cached)."""
     return re.compile(pattern)
+
+
+class _Quantized:
+    """A quantized GGUF tensor as detection sees it: its logical shape; its values are not read."""
+
+    def __init__(self, ref: TensorRef, shape: tuple[int, ...]):
+        self.ref = ref
+        self.shape = shape
+        self.dtype = ref.dtype
+        self.name = ref.name
+        self.numel = math.prod(shape)
+
+    def read(self, framework: str | None = None) -> Any:
+        raise ValueError(f"{self.name} is quantized; detection does not read it")
 
 
 class KeyView:
@@ -48,8 +63,12 @@ class KeyView:
 
     @classmethod
     def of(cls, mf: ModelFile) -> KeyView:
-        """The view of an open ModelFile."""
-        return cls(mf.tensors, mf.metadata, mf.extras, mf.key_paths, mf.wrappers, mf.path)
+        """The view of an open ModelFile (a GGUF file's quantized tensors with their logical shapes)."""
+        tensors: Mapping[str, Any] = mf.tensors
+        shapes = (mf.info.get("gguf") or {}).get("shapes") if mf.container == "gguf" else None
+        if shapes:
+            tensors = {k: _Quantized(v, tuple(shapes[k])) if k in shapes else v for k, v in mf.tensors.items()}
+        return cls(tensors, mf.metadata, mf.extras, mf.key_paths, mf.wrappers, mf.path)
 
     def __len__(self) -> int:
         return len(self.names)

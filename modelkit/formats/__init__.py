@@ -92,6 +92,10 @@ def _dispatch(p: str, kind: str, src: Source, allow_hidden: bool = False) -> Mod
         from .numpy_file import read_npy
 
         return read_npy(p, src)
+    if kind == "gguf":
+        from .gguf_file import read_gguf
+
+        return read_gguf(p, src)
     if kind == "tar":
         raise UnsupportedFormatError(p, "this is a tar-format torch file (torch < 0.4), which modelkit cannot read yet")
     raise UnsupportedFormatError(p, f"unknown container {kind}")

@@ -25,7 +25,6 @@ _OTHER = (
     (b"%PDF", "a PDF document"),
     (b"7z\xbc\xaf", "a 7-zip archive"),
     (b"Rar!", "a RAR archive"),
-    (b"GGUF", "a GGUF file"),
     (b"\x08\x01\x12", "an ONNX/protobuf file"),
     (b"<!DOCTYPE html", "an HTML page (a failed download?)"),
     (b"<html", "an HTML page (a failed download?)"),
@@ -37,7 +36,7 @@ def sniff_bytes(head: bytes, size: int) -> str:
 
     Returns:
         ``safetensors``, ``zip`` (the reader tells torch from npz), ``torch-legacy``,
-        ``pickle``, ``npy``, ``tar``, ``wrapped:<gzip|bzip2|xz>`` or ``unknown:<what it looks like>``.
+        ``pickle``, ``npy``, ``tar``, ``gguf``, ``wrapped:<gzip|bzip2|xz>`` or ``unknown:<what it looks like>``.
     """
     for magic, fmt in WRAPPERS:
         if head.startswith(magic):
@@ -54,6 +53,8 @@ def sniff_bytes(head: bytes, size: int) -> str:
             return "safetensors"
     if len(head) >= 262 and head[257:262] == b"ustar":
         return "tar"
+    if head.startswith(b"GGUF") and size >= 24:
+        return "gguf"
     if looks_like_pickle(head):
         return "pickle"
     for magic, what in _OTHER:

@@ -327,6 +327,8 @@ def _scan_source(ctx: _Ctx, src: Source, kind: str, depth: int) -> None:
             _scan_tar(ctx, src, depth)
             if kind == "safetensors" and _scan_safetensors(ctx, src, depth):
                 return
+            if kind == "gguf":
+                _check_gguf(ctx, src)
             _scan_byte0(ctx, src, kind, depth)
     except UnsafeFileError as exc:
         ctx.add(R.OBJECT_ARRAY if "object" in exc.problem else R.UNSAFE_GLOBAL, exc.problem, src.path)
@@ -362,6 +364,17 @@ def _scan_safetensors(ctx: _Ctx, src: Source, depth: int) -> bool:
         return True
     ctx.add(R.SAFETENSORS_POLYGLOT, f"a valid safetensors header, and {polyglot}", _m(src, "pickle"), 0)
     return False
+
+
+def _check_gguf(ctx: _Ctx, src: Source) -> None:
+    """A GGUF file holds no pickle; its header must still be valid (then byte 0 is probed as any
+    non-zip file is, since torch.load would unpickle it)."""
+    from ..formats.gguf_file import read_gguf
+
+    try:
+        read_gguf(src.path, src)
+    except FormatError as exc:
+        ctx.add(R.HEADER_ERROR, exc.problem, src.path if isinstance(src, MemorySource) else None)
 
 
 def _scan_zip(ctx: _Ctx, src: Source, depth: int) -> None:

@@ -103,7 +103,7 @@ PICKLE_FORMAT = rule(
 )
 HEADER_ERROR = rule(
     "MK-S001", "medium", "error", "Invalid header",
-    "The safetensors or .npy header fails validation; the file cannot be trusted.",
+    "The safetensors, GGUF or .npy header fails validation; the file cannot be trusted.",
 )
 OBJECT_ARRAY = rule(
     "MK-N001", "high", "unsafe", "Object array",
