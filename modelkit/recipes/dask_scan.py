@@ -74,7 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from modelkit.cli.scan_cmd import read_manifest
 
     urls = read_manifest(args.manifest)
-    with Client(args.scheduler) as client:
+    with Client(args.scheduler) as client:  # type: ignore[no-untyped-call]
         results = scan_on_cluster(client, urls, allow=args.allow, batch=args.batch, threads=args.threads)
     for r in results:
         sys.stdout.write(json.dumps(r, ensure_ascii=False) + "\n")

@@ -1,0 +1,126 @@
+"""GGUF out (the layout ComfyUI-GGUF loads, values equal to the gguf package's own quantizer) and
+GGUF in (dequantized to a float dtype), atomic and streaming like every output."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+
+import modelkit
+from fixtures.torchfree import save_safetensors
+from modelkit import numcast
+from modelkit.dtypes import BY_NAME
+from modelkit.errors import OutputExistsError, UsageError
+from modelkit.ops.gguf_ops import choose_qtype, from_gguf, to_gguf
+
+ROOT = Path(__file__).resolve().parents[2]
+#: What ComfyUI-GGUF's loader accepts as an image model's general.architecture.
+COMFY_IMG_ARCH = {"flux", "sd1", "sdxl", "sd3", "aura", "hidream", "cosmos", "ltxv", "hyvid", "wan", "lumina2"}
+
+
+def tiny_flux(path: Path, dtype: type = np.float16) -> dict[str, np.ndarray]:
+    """A Flux-named transformer (BFL/ComfyUI keys), tiny dims that are whole quant blocks, plus a VAE key."""
+    rng = np.random.default_rng(0)
+    h = 64
+    t = {
+        "model.diffusion_model.img_in.weight": rng.standard_normal((h, 64)),
+        "model.diffusion_model.img_in.bias": rng.standard_normal(h),
+        "model.diffusion_model.double_blocks.0.img_attn.qkv.weight": rng.standard_normal((3 * h, h)),
+        "model.diffusion_model.double_blocks.0.img_attn.qkv.bias": rng.standard_normal(3 * h),
+        "model.diffusion_model.double_blocks.0.img_attn.proj.weight": rng.standard_normal((h, h)),
+        "model.diffusion_model.double_blocks.0.img_mlp.0.weight": rng.standard_normal((4 * h, h)),
+        "model.diffusion_model.single_blocks.0.linear1.weight": rng.standard_normal((7 * h, h)),
+        "model.diffusion_model.single_blocks.0.norm.query_norm.scale": rng.standard_normal(16),
+        "model.diffusion_model.final_layer.linear.weight": rng.standard_normal((64, h)),
+        "first_stage_model.decoder.conv_in.weight": rng.standard_normal((8, 4, 3, 3)),
+    }
+    arrays = {k: v.astype(dtype) for k, v in t.items()}
+    save_safetensors(arrays, str(path))
+    return arrays
+
+
+@pytest.mark.parametrize("quant", ["Q8_0", "Q4_0", "Q5_1", "F16", "BF16"])
+def test_flux_to_gguf_is_what_comfyui_gguf_reads_with_ggufs_own_values(tmp_path: Path, quant: str) -> None:
+    src = tmp_path / "flux.safetensors"
+    arrays = tiny_flux(src)
+    out = tmp_path / f"flux-{quant}.gguf"
+    r = to_gguf(src, out, quant=quant, base="flux")
+    assert r.status == "written" and r.arch == "flux" and r.left_out == 1  # the VAE tensor
+    reader = gguf.GGUFReader(str(out))
+    arch = bytes(reader.get_field("general.architecture").parts[-1]).decode()
+    assert arch == "flux" and arch in COMFY_IMG_ARCH
+    by_name = {t.name: t for t in reader.tensors}
+    assert set(by_name) == {k.removeprefix("model.diffusion_model.") for k in arrays if k.startswith("model.")}
+    with modelkit.open_model(src) as mf:
+        for full, arr in arrays.items():
+            if not full.startswith("model."):
+                continue
+            t = by_name[full.removeprefix("model.diffusion_model.")]
+            # what ComfyUI-GGUF's loader does: the logical shape is the reversed ggml shape
+            assert tuple(int(v) for v in reversed(t.shape)) == arr.shape, full
+            want = choose_qtype(full, mf[full], quant)
+            assert t.tensor_type.name == want, full
+            expect = gguf.quantize(arr.astype(np.float32), gguf.GGMLQuantizationType[want])
+            assert np.asarray(t.data).tobytes() == expect.tobytes(), full  # gguf's own quantizer, bit for bit
+    if quant == "Q8_0":
+        assert by_name["double_blocks.0.img_attn.qkv.weight"].tensor_type.name == "Q8_0"
+        assert by_name["img_in.weight"].tensor_type.name == "F16"  # kept at full precision, as ComfyUI-GGUF does
+        assert by_name["double_blocks.0.img_attn.qkv.bias"].tensor_type.name == "F16"
+
+
+def test_round_trip_dequantizes_to_ggufs_values(tmp_path: Path) -> None:
+    src = tmp_path / "flux.safetensors"
+    tiny_flux(src, np.float32)
+    g = tmp_path / "flux.gguf"
+    to_gguf(src, g, quant="Q8_0", base="flux")
+    back = tmp_path / "back.safetensors"
+    target, n, _size = from_gguf(g, back, dtype="bf16")
+    assert target == str(back) and n == 9
+    reader = gguf.GGUFReader(str(g))
+    with modelkit.open_model(back) as mf:
+        assert mf.metadata["general.architecture"] == "flux"
+        for t in reader.tensors:
+            ref = mf[t.name]
+            assert ref.dtype.name == "bfloat16"
+            vals = gguf.dequantize(t.data, t.tensor_type).astype(np.float32)
+            want = numcast.cast(vals.reshape(ref.shape), BY_NAME["float32"], BY_NAME["bfloat16"])
+            assert bytes(ref.read_raw()) == np.ascontiguousarray(want).tobytes(), t.name
+
+
+def test_sd1_checkpoint_to_gguf_keeps_only_the_unet(tmp_path: Path) -> None:
+    src = ROOT / "fixtures" / "demo" / "sd15-tiny.ckpt"
+    if not src.exists():
+        from fixtures.demo import main
+
+        main(str(ROOT / "fixtures" / "demo"))
+    out = tmp_path / "unet.gguf"
+    r = to_gguf(src, out, quant="Q8_0")  # detection says sd1
+    assert r.arch == "sd1" and r.quantized > 0 and r.left_out > 0
+    with modelkit.open_model(src) as mf:
+        unet = {k[len("model.diffusion_model."):]: v.shape for k, v in mf.items() if k.startswith("model.diffusion_model.")}
+    reader = gguf.GGUFReader(str(out))
+    assert {t.name: tuple(int(v) for v in reversed(t.shape)) for t in reader.tensors} == unet
+    assert modelkit.scan.scan_file(out).verdict == "safe"
+    assert modelkit.inspect(out).container == "gguf"
+
+
+def test_refusals_write_nothing(tmp_path: Path) -> None:
+    src = tmp_path / "flux.safetensors"
+    tiny_flux(src)
+    with pytest.raises(UsageError, match="K-quants"):
+        to_gguf(src, tmp_path / "a.gguf", quant="Q4_K", base="flux")
+    with pytest.raises(UsageError, match="ends in .gguf"):
+        to_gguf(src, tmp_path / "a.safetensors", base="flux")
+    with pytest.raises(UsageError, match="GGUF holds the denoiser"):
+        to_gguf(src, tmp_path / "a.gguf", base="controlnet")
+    (tmp_path / "exists.gguf").write_bytes(b"keep")
+    with pytest.raises(OutputExistsError):
+        to_gguf(src, tmp_path / "exists.gguf", base="flux")
+    assert (tmp_path / "exists.gguf").read_bytes() == b"keep"
+    assert sorted(os.listdir(tmp_path)) == ["exists.gguf", "flux.safetensors"]
+    with pytest.raises(UsageError, match="not GGUF"):
+        from_gguf(src, tmp_path / "x.safetensors")
