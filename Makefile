@@ -46,7 +46,7 @@ test-core: setup-core
 	MODELKIT_PORTABLE=1 $(CORE_VENV)/bin/python -m pytest -q -p no:cacheprovider
 
 lint: setup
-	$(BIN)/ruff check modelkit tests fixtures bench
+	$(BIN)/ruff check modelkit tests fixtures bench integrations
 	$(BIN)/mypy
 
 bench: setup

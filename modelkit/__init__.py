@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from .ops.convert import ConvertResult, convert
     from .ops.hashes import hash_file
     from .ops.inspect import InspectResult, inspect
+    from .ops.layout_convert import LayoutResult, convert_layout
     from .ops.lora.bake import MergeLoraResult, merge_lora
     from .ops.lora.extract import LoraOutResult, extract_lora
     from .ops.merge import MergeModelsResult, merge_models
@@ -46,6 +47,7 @@ _LAZY = {
     "ConvertResult": ".ops.convert:ConvertResult", "convert": ".ops.convert:convert",
     "hash_file": ".ops.hashes:hash_file",
     "InspectResult": ".ops.inspect:InspectResult", "inspect": ".ops.inspect:inspect",
+    "LayoutResult": ".ops.layout_convert:LayoutResult", "convert_layout": ".ops.layout_convert:convert_layout",
     "MergeLoraResult": ".ops.lora.bake:MergeLoraResult", "merge_lora": ".ops.lora.bake:merge_lora",
     "LoraOutResult": ".ops.lora.extract:LoraOutResult", "extract_lora": ".ops.lora.extract:extract_lora",
     "MergeModelsResult": ".ops.merge:MergeModelsResult", "merge_models": ".ops.merge:merge_models",
@@ -59,6 +61,7 @@ __all__ = [
     "Detection",
     "FormatError",
     "InspectResult",
+    "LayoutResult",
     "LoraOutResult",
     "MergeLoraResult",
     "MergeModelsResult",
@@ -69,6 +72,7 @@ __all__ = [
     "UnsafeFileError",
     "__version__",
     "convert",
+    "convert_layout",
     "detect",
     "extract_lora",
     "diff",

@@ -250,11 +250,14 @@ def check_output(
 
     Raises:
         OutputExistsError: it exists and ``force`` is false, or it is one of ``inputs`` (always).
-        UsageError: a name Windows cannot hold, on Windows (see ``windows_name_problem``).
+        UsageError: a name Windows cannot hold, on Windows (see ``windows_name_problem``), or a remote input.
     """
     t = os.fspath(target)
     refuse_windows_name(t)
     for i in inputs:
+        if is_remote(os.fspath(i)):
+            raise UsageError(os.fspath(i), "a remote file is read by scan, inspect, detect and hash; commands that "
+                                           "write a file take local inputs", "Download it first, then use the copy")
         if same_file(t, os.fspath(i)):
             raise OutputExistsError(t, "is the input file; modelkit never writes onto its input",
                                     "Choose another output name or --out-dir")

@@ -111,7 +111,7 @@ def _commands(x: str, g: dict[str, str], out: str) -> dict[str, list[str]]:
         "merge-models-vae": ["merge", "models", a, b, "--vae", x, "-o", out],
         "lora-extract": ["lora", "extract", a, x, "-o", out],
         "lora-merge": ["lora", "merge", lora, x, "-o", out],
-        "lora-convert": ["lora", "convert", x, "-o", out, "--to", "peft"],
+        "lora-convert": ["lora", "convert", x, "-o", out, "--to", "diffusers"],
     }
 
 
@@ -254,7 +254,7 @@ def test_cuda_without_a_gpu_is_a_clear_error(good: dict[str, str]) -> None:
     ["convert", "{a}", "-o", "{a}"],
     ["merge", "models", "{a}", "{b}", "-o", "{b}"],
     ["lora", "extract", "{a}", "{b}", "-o", "{b}", "--force"],
-    ["lora", "convert", "{lora}", "-o", "{lora}", "--to", "peft", "--force"],
+    ["lora", "convert", "{lora}", "-o", "{lora}", "--to", "diffusers", "--force"],
 ])
 def test_output_onto_an_input_is_refused(good: dict[str, str], args: list[str]) -> None:
     argv = [a.format(**good) for a in args]

@@ -56,7 +56,7 @@ def _commands(f: dict[str, Path], out: Path) -> dict[str, tuple[list[str], str, 
                          f"{a} + {b} -> ", 0),
         "lora merge": (["lora", "merge", str(f["ra.safetensors"]), str(f["rb.safetensors"]), "-o",
                         str(out / "lm.safetensors")], f"{f['ra.safetensors']} + ", 0),
-        "lora convert": (["lora", "convert", str(f["ra.safetensors"]), "--to", "peft", "-o",
+        "lora convert": (["lora", "convert", str(f["ra.safetensors"]), "--to", "diffusers", "-o",
                           str(out / "lc.safetensors")], f"{f['ra.safetensors']} -> ", 0),
         "verify": (["verify", a, b], "MISMATCH  ", 1),
         "diff": (["diff", a, b], "DIFFERENT  ", 1),
@@ -129,7 +129,7 @@ def test_quiet_keeps_errors(tmp_path: Path) -> None:
     missing = str(tmp_path / "missing.ckpt")
     for args in (["convert", missing], ["prune", missing], ["inspect", missing], ["verify", missing, missing],
                  ["diff", missing, missing], ["load", missing], ["merge", "models", missing, missing],
-                 ["lora", "convert", missing, "--to", "peft", "-o", str(tmp_path / "o.safetensors")]):
+                 ["lora", "convert", missing, "--to", "diffusers", "-o", str(tmp_path / "o.safetensors")]):
         r = _run(*args, "-q")
         assert r.exit_code == 2, (args, r.output)
         assert r.stderr.startswith("modelkit: error: ") and r.stdout == "", (args, r.output)

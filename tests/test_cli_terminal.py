@@ -174,13 +174,13 @@ def test_quiet_turns_bars_off_even_on_a_terminal(monkeypatch: pytest.MonkeyPatch
 
 
 def test_a_usage_error_with_a_suggestion_has_no_stray_period() -> None:
-    r = _run("convert", "--forc", "x")
+    r = _run("prune", "--forc", "x")
     assert r.exit_code == 2
     assert r.stderr == ("modelkit: error: No such option '--forc'. Did you mean '--force'? "
-                        "Try 'modelkit convert -h' for help\n")
+                        "Try 'modelkit prune -h' for help\n")
     r = _run("scan", "--job", "2", "x")
-    assert "'--json'?) Try 'modelkit scan -h' for help" in r.stderr and "?." not in r.stderr
-    r = _run("convert", "--json", "--forc", "x")
+    assert "'--jsonl'?) Try 'modelkit scan -h' for help" in r.stderr and "?." not in r.stderr
+    r = _run("prune", "--json", "--forc", "x")
     assert json.loads(r.stdout)["error"]["problem"] == "No such option '--forc'. Did you mean '--force'?"
     r = _run("convert", "-j", "x", "y")  # a message without a question keeps its period
     assert r.stderr.endswith("is not a valid integer. Try 'modelkit convert -h' for help\n")

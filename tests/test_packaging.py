@@ -73,7 +73,7 @@ def test_sdist_holds_the_package_the_licence_and_the_docs(dists: tuple[Path, Pat
     for required in ("LICENSE", "README.md", "CHANGELOG.md", "pyproject.toml", "PKG-INFO",
                      "modelkit/__init__.py", "modelkit/_version.py", "modelkit/py.typed"):
         assert required in names, required
-    configs = {p.relative_to(ROOT).as_posix() for p in (ROOT / "modelkit/train/configs").rglob("*") if p.is_file()}
+    configs = {p.relative_to(ROOT).as_posix() for p in (ROOT / "modelkit/layout/configs").rglob("*") if p.is_file()}
     assert configs and configs <= names
     # setuptools would add tests/test*.py without their conftest and fixtures: the tests stay in git
     assert not {n for n in names if n.split("/")[0] in {"tests", "fixtures", "bench", ".github", ".ci"}}
@@ -87,7 +87,7 @@ def test_wheel_holds_the_package_its_data_and_the_licence_only(dists: tuple[Path
         assert zf.read(f"{NAME}.dist-info/licenses/LICENSE") == (ROOT / "LICENSE").read_bytes()
     assert {n.split("/")[0] for n in names} == {"modelkit", f"{NAME}.dist-info"}
     sources = {p.relative_to(ROOT).as_posix() for p in (ROOT / "modelkit").rglob("*.py") if "__pycache__" not in p.parts}
-    data = {p.relative_to(ROOT).as_posix() for p in (ROOT / "modelkit/train/configs").rglob("*") if p.is_file()}
+    data = {p.relative_to(ROOT).as_posix() for p in (ROOT / "modelkit/layout/configs").rglob("*") if p.is_file()}
     assert sources | data | {"modelkit/py.typed"} <= names
 
 

@@ -42,19 +42,54 @@ def common_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 @click.command("convert")
 @common_options
+@click.option("--to", "to", type=click.Choice(["single", "diffusers", "gguf"]),
+              help="Between layouts: a diffusers folder -> one LDM .safetensors (single), or back (diffusers); "
+                   "gguf: the denoiser as a GGUF file ComfyUI-GGUF loads.")
+@click.option("--part", type=click.Choice(["unet", "vae", "te", "te2"]),
+              help="With --to: one component only (te2: SDXL's second text encoder).")
+@click.option("--configs", "configs", type=click.Path(),
+              help="With --to diffusers: a diffusers folder whose */config.json to use instead of the shipped ones.")
+@click.option("--prediction", type=click.Choice(["eps", "v"]),
+              help="With --to diffusers: the prediction type (SD2 files that do not say need it).")
+@click.option("--quant", default="Q8_0", show_default=True,
+              help="With --to gguf: Q8_0, Q5_1, Q5_0, Q4_1, Q4_0, BF16, F16 or F32.")
+@click.option("--base", type=click.Choice(["sd1", "sd2", "sdxl", "sd3", "flux"]),
+              help="With --to gguf: the model family, where detection cannot tell.")
+@click.option("--dtype", type=click.Choice(["fp16", "bf16", "fp32"]),
+              help="For GGUF input: the float type its tensors are dequantized to (default fp16).")
 def convert_cmd(paths: tuple[str, ...], out: str | None, out_dir: str | None, force: bool, dry_run: bool,
-                ignore_scan: bool, jobs: int, json_mode: bool, quiet: bool) -> None:
+                ignore_scan: bool, jobs: int, json_mode: bool, quiet: bool, to: str | None, part: str | None,
+                configs: str | None, prediction: str | None, quant: str, base: str | None,
+                dtype: str | None) -> None:
     """Convert model files to .safetensors, type-aware and bit-exact.
 
     Embeddings become A1111's emb_params layout, hypernetworks keep their keys plus their
     structure in the metadata, checkpoints lose their state_dict wrapper. A file the scan calls
     unsafe is refused. Sidecars (.preview.png, .json, .civitai.info, .txt) are copied along.
+    With --to single a diffusers folder becomes one LDM file (the keys A1111 and ComfyUI load);
+    with --to diffusers an SD1/SD2/SDXL file becomes a diffusers folder; with --to gguf a
+    denoiser becomes a GGUF file (--quant). A .gguf input is dequantized (--dtype).
     Exit status: 0 ok, 1 a file was refused as unsafe, 2 a file could not be converted.
     """
     out_ = Output(json_mode, quiet)
+    if to == "gguf":
+        from .convert_gguf_cmd import run_gguf
+
+        if part or configs or prediction or dtype:
+            out_.fail(UsageError(None, "--to gguf goes with --quant and --base only"), "modelkit.convert/1")
+            sys.exit(EXIT_ERROR)
+        sys.exit(run_gguf(out_, paths, out, out_dir, quant, base, force, dry_run, ignore_scan))
+    if base is not None:
+        out_.fail(UsageError(None, "--base goes with --to gguf"), "modelkit.convert/1")
+        sys.exit(EXIT_ERROR)
+    if to is not None or part is not None or configs is not None or prediction is not None:
+        from .convert_layout_cmd import run_layout
+
+        sys.exit(run_layout(out_, paths, out, out_dir, to, part, configs, prediction, force, dry_run, ignore_scan))
 
     def job(src: str, target: str, progress: Progress) -> ConvertResult:
-        return convert(src, target, force=force, dry_run=dry_run, ignore_scan=ignore_scan, progress=progress)
+        return convert(src, target, force=force, dry_run=dry_run, ignore_scan=ignore_scan, progress=progress,
+                       dtype=dtype)
 
     sys.exit(run_command(out_, "convert", paths, out, out_dir, "", jobs, job, render_convert))
 
@@ -69,13 +104,18 @@ def render_convert(out: Output, r: Any) -> None:
 
 
 def run_command(out: Output, schema: str, paths: Sequence[str], o: str | None, out_dir: str | None, tag: str,
-                jobs: int, job: Job, render: Callable[[Output, Any], None]) -> int:
-    """Plan outputs, run ``job`` over them (``jobs`` at a time, with a progress bar), render; the exit code."""
+                jobs: int, job: Job, render: Callable[[Output, Any], None], whole_folders: bool = False) -> int:
+    """Plan outputs, run ``job`` over them (``jobs`` at a time, with a progress bar), render; the exit code.
+
+    With ``whole_folders`` a diffusers pipeline folder is one input (one output file), not walked."""
     try:
         if jobs < 1:
             raise UsageError(None, f"-j/--jobs must be 1 or more, not {jobs}")
-        _check_folder_output(paths, o)
-        pairs = plan_outputs(paths, o, out_dir, tag, lambda d: out.warn(empty_folder_warning(d)))
+        whole = [p for p in paths if whole_folders and os.path.isfile(os.path.join(p, "model_index.json"))]
+        if not whole:
+            _check_folder_output(paths, o)
+        pairs = _whole_folder_outputs(paths, whole, o, out_dir, tag) if whole else \
+            plan_outputs(paths, o, out_dir, tag, lambda d: out.warn(empty_folder_warning(d)))
     except ModelkitError as exc:
         out.fail(exc, f"modelkit.{schema}/1")
         return EXIT_ERROR
@@ -110,6 +150,28 @@ def run_command(out: Output, schema: str, paths: Sequence[str], o: str | None, o
     if out.json_mode:
         out.json({"schema": f"modelkit.{schema}/1", "files": rows})
     return code
+
+
+def _whole_folder_outputs(paths: Sequence[str], whole: Sequence[str], o: str | None, out_dir: str | None,
+                          tag: str) -> list[tuple[str, str]]:
+    """Outputs when some inputs are diffusers pipeline folders (each one input, as a file is).
+
+    Raises:
+        UsageError: ``-o`` with several inputs, or other folders beside them.
+    """
+    from ..paths import output_name
+
+    if len(paths) != len(whole):
+        raise UsageError(None, "diffusers pipeline folders cannot be mixed with other inputs in one run",
+                         "Run the folders and the files separately")
+    if o is not None and len(paths) != 1:
+        raise UsageError(None, f"one output name for {len(paths)} inputs", "Use --out-dir for several inputs")
+    pairs = []
+    for p in paths:
+        name = output_name(os.path.normpath(p), tag)
+        folder = out_dir if out_dir is not None else os.path.dirname(os.path.abspath(os.path.normpath(p)))
+        pairs.append((p, o if o is not None else os.path.join(folder, name)))
+    return pairs
 
 
 def _check_folder_output(paths: Sequence[str], o: str | None) -> None:

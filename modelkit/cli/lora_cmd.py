@@ -90,21 +90,25 @@ def merge_cmd(loras: tuple[str, ...], out: str, rank: int | None, conv_rank: int
 
 @lora_group.command("convert")
 @click.argument("src", type=click.Path())
-@click.option("-o", "--output", "out", type=click.Path(), required=True, help="Output file.")
-@click.option("--to", "to", type=click.Choice(STYLES), required=True, help="The key style to write.")
+@click.option("-o", "--output", "out", type=click.Path(), required=True,
+              help="Output file; for --to peft a folder (one PEFT adapter per component).")
+@click.option("--to", "to", type=click.Choice(STYLES), required=True,
+              help="kohya; diffusers (the file pipe.load_lora_weights applies); peft (adapter folders).")
 @click.option("--base", type=click.Choice(BASES), help="The base model, when detection cannot tell.")
+@click.option("--checkpoint", type=click.Path(),
+              help="The checkpoint the LoRA is for: its layers name the modules (models of another size).")
 @click.option("--allow-unmatched", is_flag=True, help="Leave out modules whose names match no layer.")
 @output_options
-def convert_cmd(src: str, out: str, to: str, base: str | None, allow_unmatched: bool, force: bool, dry_run: bool,
-                ignore_scan: bool, json_mode: bool, quiet: bool) -> None:
-    """Rewrite a LoRA's keys in the kohya, diffusers or PEFT style. Exit status: 0 ok, 1 unsafe input, 2 error."""
+def convert_cmd(src: str, out: str, to: str, base: str | None, checkpoint: str | None, allow_unmatched: bool,
+                force: bool, dry_run: bool, ignore_scan: bool, json_mode: bool, quiet: bool) -> None:
+    """Rewrite a LoRA for kohya, diffusers or PEFT. Exit status: 0 ok, 1 unsafe input, 2 error."""
     passive_threads()
     from ..ops.lora.tools import convert_lora
 
     o = Output(json_mode, quiet)
 
     def op(_progress: Progress | None) -> Any:
-        return convert_lora(src, out, to=to, base=base, allow_unmatched=allow_unmatched, force=force,
-                            dry_run=dry_run, ignore_scan=ignore_scan)
+        return convert_lora(src, out, to=to, base=base, checkpoint=checkpoint, allow_unmatched=allow_unmatched,
+                            force=force, dry_run=dry_run, ignore_scan=ignore_scan)
 
     sys.exit(run_op(o, "modelkit.lora.convert/1", op, _render))

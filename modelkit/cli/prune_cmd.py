@@ -44,7 +44,8 @@ def prune_cmd(paths: tuple[str, ...], out: str | None, out_dir: str | None, forc
         return prune(src, target, ema=ema, dtype=dtype, part=part, force=force, dry_run=dry_run,
                      ignore_scan=ignore_scan, progress=progress, allow_overflow=allow_overflow)
 
-    sys.exit(run_command(out_, "prune", paths, out, out_dir, default_tag(part), jobs, job, render_prune))
+    sys.exit(run_command(out_, "prune", paths, out, out_dir, default_tag(part), jobs, job, render_prune,
+                         whole_folders=True))
 
 
 def render_prune(out: Output, r: Any) -> None:

@@ -22,7 +22,7 @@ their configs (``v2-inference.yaml``, SGM's ``sd_xl_base.yaml``): the UNet with 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 Shape = tuple[int, ...]
@@ -240,7 +240,7 @@ def _text(w: _Writer, *, width: int, layers: int, ff: int, vocab: int) -> None:
     w.norm("final_layer_norm", width)
 
 
-def _openclip(w: _Writer, *, width: int, layers: int, embed: int, vocab: int) -> None:
+def _openclip(w: _Writer, *, width: int, layers: int, embed: int, vocab: int, ff: int | None = None) -> None:
     """The OpenCLIP ``CLIP`` model a ``FrozenOpenCLIPEmbedder`` keeps (its visual tower deleted).
 
     The model's own parameters come first, then its children ``transformer``, ``token_embedding``
@@ -256,8 +256,8 @@ def _openclip(w: _Writer, *, width: int, layers: int, embed: int, vocab: int) ->
         w.tensor(f"{block}.attn.in_proj_bias", (3 * width,))
         w.linear(f"{block}.attn.out_proj", width, width)
         w.norm(f"{block}.ln_2", width)
-        w.linear(f"{block}.mlp.c_fc", 4 * width, width)
-        w.linear(f"{block}.mlp.c_proj", width, 4 * width)
+        w.linear(f"{block}.mlp.c_fc", ff or 4 * width, width)
+        w.linear(f"{block}.mlp.c_proj", width, ff or 4 * width)
     w.tensor("token_embedding.weight", (vocab, width))
     w.norm("ln_final", width)
 
@@ -387,3 +387,12 @@ def sd1_keys() -> frozenset[str]:
 
 
 _SD1_KEYS: frozenset[str] = frozenset(sd1_layout())
+
+
+def component_layout(kind: str, **settings: Any) -> Layout:
+    """One component's layout, unprefixed: ``unet`` (``_unet``'s settings), ``vae``, ``clip`` or ``openclip``
+    (their writers' settings); ``modelkit.layout`` builds it from a diffusers config to check shapes."""
+    out: Layout = {}
+    writers: dict[str, Callable[..., None]] = {"unet": _unet, "vae": _vae, "clip": _text, "openclip": _openclip}
+    writers[kind](_Writer(out, ""), **settings)
+    return out

@@ -291,7 +291,7 @@ def _mode(t: OutTensor) -> str:
     if plain and ref.compressed is None:
         if ref.inline is not None:
             return "inline"
-        if ref.source is not None:
+        if ref.source is not None and ref.source.fd >= 0:  # a virtual source (no fd) goes through the buffer
             return "copy"
     return "buffer"
 

@@ -8,7 +8,8 @@ What changes, by kind of file (see ``_kind``):
 * A1111 hypernetworks keep their flattened names, ``{dim}.{0|1}.linear.{i}.{weight|bias}`` (the
   two modules per attention width, in A1111's order), with ``modelkit.layout`` set to
   ``a1111-hypernetwork/1`` and the structure fields (``layer_structure``, ``activation_func``,
-  ``is_layer_norm``, ``use_dropout`` ...) as JSON strings in the metadata.
+  ``is_layer_norm``, ``use_dropout`` ...) as JSON strings in the metadata. Neither A1111 nor ComfyUI
+  reads any hypernetwork ``.safetensors`` by itself; the repository's ``integrations/`` loaders do.
 * Checkpoints lose their ``state_dict`` wrapper (the reader already flattened it); VAEs, LoRAs and
   everything else keep their keys.
 * Non-tensor values: ``global_step``, ``epoch``, ``name`` and ``step`` go into the metadata;
@@ -29,7 +30,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from ..errors import CastOverflowError, ModelkitError, UnsafeFileError
+from ..dtypes import BY_NAME, DType
+from ..errors import CastOverflowError, ModelkitError, UnsafeFileError, UsageError
 from ..formats import open_model
 from ..formats.safetensors_write import Header, OutTensor, WriteStats, layout, write_stream
 from ..model import ModelFile
@@ -45,6 +47,7 @@ from ..paths import (
     text_name,
 )
 from . import metadata as md
+from . import modelspec as ms
 from .result import result_dict
 
 #: ``progress(tensor name, bytes)``, called after each tensor is written; may raise to stop.
@@ -127,6 +130,14 @@ def _architecture(mf: ModelFile, kind: str) -> str | None:
     return None
 
 
+def _base_of(det: Any, arch: str | None) -> tuple[str | None, str | None]:
+    """(base, prediction) of a detected file; the minimal rules' architecture when detection has no base."""
+    base, pred = det.base, det.variant.get("prediction")
+    if base is None and arch:
+        base = {"stable-diffusion-v1": "sd1", "stable-diffusion-xl-v1-base": "sdxl"}.get(arch.split("/")[0])
+    return base, pred
+
+
 @dataclass
 class Plan:
     """The output of one file, decided before any data is read."""
@@ -140,11 +151,18 @@ class Plan:
     architecture: str | None
     title: str | None
     base_metadata: dict[str, str] = field(default_factory=dict)
+    #: for the ModelSpec block (``modelspec.modelspec_block``): the base, its prediction, the kind of
+    #: file when it is not ``kind`` (a part of a checkpoint), and the input's keys it replaces
+    base: str | None = None
+    prediction: str | None = None
+    spec_kind: str | None = None
+    spec_override: tuple[str, ...] = ()
 
 
-def plan_convert(mf: ModelFile) -> Plan:
+def plan_convert(mf: ModelFile, dtype: DType | None = None) -> Plan:
     """Decide the output tensors and metadata of ``convert`` for an open file (reads no tensor data but
-    the few small ones detection probes)."""
+    the few small ones detection probes). ``dtype``: what a GGUF file's tensors are dequantized to
+    (float16 by default); other containers keep every dtype."""
     from ..detect import detect_modelfile
 
     det = detect_modelfile(mf)
@@ -156,6 +174,17 @@ def plan_convert(mf: ModelFile) -> Plan:
     if mf.wrappers:
         changes.append(f"{'/'.join(mf.wrappers)} wrapper removed")
     tensors = [OutTensor.of(ref) for ref in mf.values()]
+    if mf.container == "gguf":
+        from .gguf_ops import plan_from_gguf
+
+        want = dtype or BY_NAME["float16"]
+        tensors = plan_from_gguf(mf, want)
+        quantized = len((mf.info.get("gguf") or {}).get("types", {}))
+        changes.append(f"{quantized} quantized tensor{_s(quantized)} dequantized by the gguf package; float tensors "
+                       f"as {want.name}")
+    elif dtype is not None:
+        raise UsageError(mf.path, f"convert keeps every dtype of a {mf.container} file; --dtype is for GGUF input",
+                         "Use modelkit prune --dtype to cast")
     keep: tuple[str, ...] = ()
     as_json: tuple[str, ...] = ()
     token_meta: dict[str, str] = {}
@@ -194,7 +223,8 @@ def plan_convert(mf: ModelFile) -> Plan:
     _note_layout_changes(mf, changes)
     name = mf.extras.get("name")
     return Plan(tensors, meta, dropped, changes, warnings, kind, _architecture(mf, kind),
-                name if isinstance(name, str) and name else None, dict(mf.metadata))
+                name if isinstance(name, str) and name else None, dict(mf.metadata),
+                *_base_of(det, _architecture(mf, kind)))
 
 
 def _note_layout_changes(mf: ModelFile, changes: list[str]) -> None:
@@ -218,6 +248,8 @@ def check_scan(src: str, ignore_scan: bool) -> tuple[str | None, list[str]]:
     """
     from ..scan.engine import scan_file
 
+    if os.path.isdir(src):  # a diffusers folder: each pickle-based weights file is scanned as it is opened
+        return None, []
     report = scan_file(src)
     bad = [f for f in report.findings if f.verdict == "unsafe"]
     if report.verdict == "unsafe":
@@ -256,8 +288,10 @@ def write_plan(
     """
     changes = plan.changes + list(extra_changes)
     title = plan.title or os.path.splitext(text_name(target))[0]  # metadata is UTF-8; file names may not be
-    meta = md.combine(plan.base_metadata, plan.metadata, md.provenance(text_name(src), changes),
-                      defaults=md.modelspec(title, plan.architecture))
+    spec = ms.modelspec_block(kind=plan.spec_kind or plan.kind, base=plan.base, prediction=plan.prediction,
+                              title=title, names=[t.name for t in plan.tensors])
+    base = ms.fill(plan.base_metadata, spec, override=plan.spec_override, changes=changes)
+    meta = md.combine(base, plan.metadata, md.provenance(text_name(src), changes))
     header = layout(plan.tensors, meta, target)
     cars = sidecars(src, target)
     if dry_run:
@@ -289,6 +323,7 @@ def convert(
     dry_run: bool = False,
     ignore_scan: bool = False,
     progress: Progress | None = None,
+    dtype: str | None = None,
 ) -> ConvertResult:
     """Convert one model file to ``.safetensors``.
 
@@ -301,6 +336,7 @@ def convert(
         ignore_scan: convert a file the scan calls unsafe (it is still read only through the
             allow-list reader, which refuses what it cannot read safely).
         progress: called after each tensor with its name and size.
+        dtype: ``fp16``, ``bf16`` or ``fp32``: what a GGUF file is dequantized to (default fp16).
 
     Returns:
         ConvertResult.
@@ -317,12 +353,15 @@ def convert(
     """
     t0 = time.perf_counter()
     s = os.fspath(src)
+    from .streaming import OUTPUT_DTYPES, float_dtype
+
+    want = float_dtype(dtype, OUTPUT_DTYPES, "--dtype")
     target = default_output(s, out, out_dir)
     check_output(target, force=force, inputs=[s])
     with early_hash(s, dry_run) as hasher:
         verdict, warnings = check_scan(s, ignore_scan)
         with open_model(s, allow_hidden_pickles=ignore_scan) as mf:
-            plan = plan_convert(mf)
+            plan = plan_convert(mf, want)
             header, meta, stats, cars = write_plan(s, target, plan, force=force, dry_run=dry_run,
                                                    progress=progress, hasher=hasher)
             warnings += plan.warnings

@@ -16,6 +16,7 @@ they are; a weighted-sum weight of 1 copies B's (cast if needed). EMA weights ar
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -29,11 +30,12 @@ from typing import Any
 from .._torch import require_torch
 from ..detect import detect_modelfile
 from ..errors import UsageError
-from ..formats import open_model
 from ..formats.safetensors_write import OutTensor, WriteStats
+from ..layout.folder import open_input as open_model
 from ..model import ModelFile, TensorRef
 from ..paths import check_output, same_file
 from . import metadata as md
+from . import modelspec as ms
 from .convert import Progress, check_scan, default_output
 from .result import result_dict
 from .streaming import (
@@ -378,11 +380,32 @@ def _merge(mfs: list[ModelFile], paths: list[str], vae_path: str | None, target:
         record["vae"] = os.path.basename(vae_path)
     meta_extra, _dropped = md.split_extras(ma.extras)
     title = os.path.splitext(os.path.basename(target))[0]
-    meta = md.combine(ma.metadata, meta_extra, md.provenance(paths[0], changes),
-                      {"modelkit.merge": json.dumps(record, separators=(",", ":"))}, defaults=md.modelspec(title, None))
-    header, meta, stats = write_output(target, tensors, meta, source=paths[0], inputs=[*paths, *([vae_path] if vae_path else [])],
-                                       force=force, dry_run=dry_run, progress=progress, ahead=ahead,
-                                       allow_overflow=allow_overflow, overflow=lambda: dict(mixer.overflow), dtype=dtype)
+    det = detect_modelfile(ma)
+    spec = ms.modelspec_block(kind="checkpoint", base=det.base, prediction=det.variant.get("prediction"), title=title,
+                              names=list(ma), date=True, merged_from=[_title(m, p) for m, p in zip(mfs, paths)])
+    base_meta = ms.fill(ma.metadata, spec, override=("modelspec.title", "modelspec.date", "modelspec.merged_from"),
+                        changes=changes)
+    files = [*paths, *([vae_path] if vae_path else [])]
+    coefs = [1.0 - alpha, alpha] if mode == "weighted-sum" else [1.0, alpha, -alpha]
+    entries: list[dict[str, Any]] = [{"role": role, "file": os.path.basename(p), "sha256": md.SHA_PLACEHOLDER,
+                                      **({"weight": coefs[i]} if i < len(paths) else {})}
+                                     for i, (role, p) in enumerate(zip([*"ABC"[:len(paths)], "VAE"], files))]
+    record["inputs"] = entries
+    meta = md.combine(base_meta, meta_extra, md.provenance(paths[0], changes),
+                      {"modelkit.merge": json.dumps(record, separators=(",", ":"))})
+    with contextlib.ExitStack() as stack:
+        hashers = [] if dry_run else [stack.enter_context(md.SourceHash(p)) for p in files]
+
+        def hashed() -> str:
+            for entry, h in zip(entries, hashers):
+                entry["sha256"] = h.hexdigest()
+            return json.dumps(record, separators=(",", ":"))
+
+        header, meta, stats = write_output(target, tensors, meta, source=paths[0], inputs=files,
+                                           force=force, dry_run=dry_run, progress=progress, ahead=ahead,
+                                           allow_overflow=allow_overflow, overflow=lambda: dict(mixer.overflow),
+                                           dtype=dtype, hasher=hashers[0] if hashers else None,
+                                           late={"modelkit.merge": hashed} if hashers else None)
     overflow = {**(stats.overflow if stats else {}), **mixer.overflow}
     if overflow:
         warnings.append(f"{sum(overflow.values()):,} values in {len(overflow)} tensors overflowed to inf: "
@@ -394,6 +417,11 @@ def _merge(mfs: list[ModelFile], paths: list[str], vae_path: str | None, target:
         vae_tensors=counts["vae"], size=header.size, changes=tuple(changes), metadata=meta, warnings=tuple(warnings),
         stats=stats, seconds=time.perf_counter() - t0, overflow=overflow,
     )
+
+
+def _title(mf: ModelFile, path: str) -> str:
+    """An input's ModelSpec title, else its file name without the extension."""
+    return mf.metadata.get("modelspec.title") or os.path.splitext(os.path.basename(path))[0]
 
 
 def _check_shapes(ma: ModelFile, others: list[ModelFile], paths: list[str], components: tuple[str, ...]) -> None:

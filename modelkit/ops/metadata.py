@@ -6,8 +6,8 @@ Keys modelkit writes:
   input file (hashed in a background thread while the output is written, then patched into the
   header, which holds a same-length placeholder until then); ``modelkit.version``;
   ``modelkit.changes``: a JSON list of what was changed, in words.
-* ``modelspec.sai_model_spec``, ``modelspec.title`` and ``modelspec.architecture`` where known and
-  not already present (the input's own ``modelspec.*`` values always win).
+* ``modelspec.*`` (Stability AI's ModelSpec) and kohya's base tags: ``modelkit.ops.modelspec`` owns
+  them (the input's own valid ``modelspec.*`` values win unless the output is a new model).
 * Non-tensor values a format keeps beside its tensors (``global_step``, ``epoch``, ``name``,
   ``step``, and the structure of a hypernetwork): strings stay as they are, other values are JSON.
 """
@@ -45,8 +45,6 @@ HYPERNETWORK_EXTRAS = (
     "layer_structure", "activation_func", "is_layer_norm", "weight_initialization", "use_dropout",
     "activate_output", "dropout_structure", "last_layer_dropout", "sd_checkpoint", "sd_checkpoint_name",
 )
-
-MODELSPEC_VERSION = "1.0.0"
 
 
 def as_text(value: Any) -> str:
@@ -89,18 +87,6 @@ def provenance(source: str, changes: list[str], sha256: str = SHA_PLACEHOLDER) -
         "modelkit.version": __version__,
         "modelkit.changes": json.dumps(changes, ensure_ascii=False),
     }
-
-
-def modelspec(title: str | None, architecture: str | None) -> dict[str, str]:
-    """``modelspec.*`` keys for what is known (nothing when nothing is)."""
-    out: dict[str, str] = {}
-    if title:
-        out["modelspec.title"] = title
-    if architecture:
-        out["modelspec.architecture"] = architecture
-    if out:
-        out["modelspec.sai_model_spec"] = MODELSPEC_VERSION
-    return out
 
 
 def combine(existing: Mapping[str, str], *layers: Mapping[str, str], defaults: Mapping[str, str] = {}) -> dict[str, str]:
@@ -176,6 +162,10 @@ class SourceHash:
         #: where the digest is cached, as set now (the hash may end after the setting changed)
         self._cache = hashcache.cache_path()
         started = time.time_ns()
+        if os.path.isdir(path) and not os.path.islink(path):  # a diffusers folder: its files' listing
+            self._thread = threading.Thread(target=self._run_folder, name="modelkit-sha256", daemon=True)
+            self._thread.start()
+            return
         try:
             # O_NONBLOCK: opening a FIFO must not block; only regular files are read.
             fd = portable.open_fd(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
@@ -226,6 +216,16 @@ class SourceHash:
             self._error = _read_error(self.path, exc)
         except BaseException as exc:  # noqa: BLE001 - handed to the thread that waits for the digest
             self._error = exc
+
+    def _run_folder(self) -> None:
+        from ..layout.folder import folder_sha256
+
+        try:
+            digest = folder_sha256(self.path, self._stop)
+            if digest:
+                self._digest = digest
+        except OSError as exc:
+            self._error = _read_error(self.path, exc)
 
     def _in_child(self, fd: int, size: int) -> str | None:
         """The digest from a child process; None if no child could compute it (or cancelled)."""

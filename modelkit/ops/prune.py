@@ -25,8 +25,8 @@ from typing import Any
 from .. import dtypes
 from ..dtypes import DType
 from ..errors import FormatError, UsageError
-from ..formats import open_model
 from ..formats.safetensors_write import OutTensor, WriteStats
+from ..layout.folder import open_input
 from ..model import ModelFile, TensorRef
 from ..paths import check_output
 from . import metadata as md
@@ -44,6 +44,8 @@ from .convert import (
 from .result import result_dict
 
 EMA_MODES = ("keep", "drop", "only")
+#: The ModelSpec kind of each ``--part`` (its architecture suffix).
+PART_KINDS = {"unet": "unet", "te": "text-encoder", "vae": "vae"}
 PARTS = {
     "unet": ("model.diffusion_model.",),
     "te": ("cond_stage_model.", "conditioner."),
@@ -159,9 +161,15 @@ def plan_prune(mf: ModelFile, *, ema: str = "drop", dtype: str | None = None, pa
         st.changes.append(f"{len(dropped)} non-tensor value{_s(len(dropped))} dropped")
     base = dict(mf.metadata)
     arch = _architecture(mf, "checkpoint") if part is None else None
-    if part is not None and base.pop("modelspec.architecture", None) is not None:
-        st.changes.append("modelspec.architecture removed (it described the whole checkpoint)")
-    plan = Plan(list(st.out.values()), meta, dropped, st.changes, st.warnings, "checkpoint", arch, None, base)
+    if part is not None and base.get("modelspec.architecture") is not None:
+        st.changes.append("modelspec.architecture replaced (it described the whole checkpoint)")
+    from ..detect import detect_modelfile
+
+    det = detect_modelfile(mf)
+    plan = Plan(list(st.out.values()), meta, dropped, st.changes, st.warnings, "checkpoint", arch, None, base,
+                det.base, det.variant.get("prediction"),
+                PART_KINDS[part] if part else det.kind if det.kind not in ("checkpoint", "unknown") else None,
+                ("modelspec.architecture",) if part else ())
     return plan, st
 
 
@@ -300,7 +308,7 @@ def prune(
     check_output(target, force=force, inputs=[s])
     with early_hash(s, dry_run) as hasher:
         verdict, warnings = check_scan(s, ignore_scan)
-        with open_model(s, allow_hidden_pickles=ignore_scan) as mf:
+        with open_input(s, allow_hidden_pickles=ignore_scan) as mf:
             plan, st = plan_prune(mf, ema=ema, dtype=dtype, part=part)
             header, meta, stats, cars = write_plan(s, target, plan, force=force, dry_run=dry_run,
                                                    progress=progress, hasher=hasher,

@@ -12,6 +12,7 @@ compute dtype), never by the model.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -257,6 +258,7 @@ def write_output(
     target: str, tensors: list[OutTensor], metadata: Mapping[str, str], *, source: str, inputs: Sequence[str],
     force: bool, dry_run: bool, progress: Progress | None = None, ahead: Ahead | None = None,
     allow_overflow: bool = True, overflow: Callable[[], Mapping[str, int]] | None = None, dtype: str | None = None,
+    hasher: md.SourceHash | None = None, late: Mapping[str, Callable[[], str]] | None = None,
 ) -> tuple[Header, dict[str, str], WriteStats | None]:
     """Lay out and (unless ``dry_run``) write ``target`` atomically.
 
@@ -265,7 +267,8 @@ def write_output(
     message) raises ``CastOverflowError`` before the rename: nothing is published.
 
     ``modelkit.source_sha256`` (the sha256 of ``source``) is hashed in the background while the
-    tensors are written and patched into the header at the end.
+    tensors are written and patched into the header at the end (``hasher``: that hash, already started
+    by the caller, who then also stops it); ``late``: more values patched in that way (same length).
 
     Returns:
         (header, final metadata, write stats or None).
@@ -283,15 +286,18 @@ def write_output(
     try:
         # The look-ahead workers start inside: torch fixes a thread's pool size at its first op, so
         # they keep one core fewer for the whole write (main thread writing, the hash beside it).
-        with md.SourceHash(source) as hasher, md.core_for_hash(True):
+        with (contextlib.nullcontext(hasher) if hasher is not None else md.SourceHash(source)) as h, \
+                md.core_for_hash(True):
             if ahead is not None:
                 ahead.start(header)
             with atomic_output(target, force=force, inputs=inputs) as fd:
-                stats = write_stream(fd, header, meta, late={"modelkit.source_sha256": hasher.hexdigest},
+                stats = write_stream(fd, header, meta, late={"modelkit.source_sha256": h.hexdigest, **(late or {})},
                                      on_tensor=progress, path=target)
                 if not allow_overflow:
                     refuse_overflow(target, {**stats.overflow, **(overflow() if overflow else {})}, dtype)
-            meta["modelkit.source_sha256"] = hasher.hexdigest()
+            meta["modelkit.source_sha256"] = h.hexdigest()
+            for key, fn in (late or {}).items():
+                meta[key] = fn()
     finally:
         if ahead is not None:
             ahead.close()

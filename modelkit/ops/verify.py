@@ -5,10 +5,11 @@ Both stream: one tensor of each file is in memory at a time.
 * ``verify SRC OUT`` checks that a conversion is exact: every tensor of OUT is bit-equal to its
   source in SRC, after casting the source to OUT's dtype where they differ (the one rounding a
   ``--dtype`` asks for). Names that convert/prune change on purpose are followed (an A1111
-  embedding's ``string_to_param.*`` is ``emb_params``; a VAE extracted with ``--part vae`` lost
-  ``first_stage_model.``). Tensors only in SRC are listed (prune drops some on purpose). An OUT
-  written by ``prune --ema only`` (its ``modelkit.changes`` say so) holds the EMA copies as its UNet
-  weights: each is compared with its ``model_ema.*`` source.
+  embedding's ``string_to_param.*`` is ``emb_params``, and so is a diffusers embedding's one
+  ``<token>`` tensor; a VAE extracted with ``--part vae`` lost ``first_stage_model.``). Tensors
+  only in SRC are listed (prune drops some on purpose). An OUT written by ``prune --ema only``
+  (its ``modelkit.changes`` say so) holds the EMA copies as its UNet weights: each is compared
+  with its ``model_ema.*`` source.
 * ``diff A B`` lists keys only in one file, shape and dtype changes, and for shared tensors the
   largest absolute difference.
 """
@@ -81,7 +82,18 @@ def _is_ema_copy(ref: TensorRef, src: ModelFile, name: str) -> bool:
     return e is not None and e.shape == ref.shape and _same(e, ref)[0]
 
 
-def _source_name(name: str, src: ModelFile) -> str | None:
+def _source_name(name: str, src: ModelFile, out: ModelFile) -> str | None:
+    """The source tensor ``name`` of the output was written from, following every rename
+    ``convert`` and ``prune`` make on purpose (``modelkit.ops.convert`` lists them):
+
+    * kept names: checkpoints whose ``state_dict`` wrapper was removed (the reader already reads
+      the source without it), A1111 hypernetworks (``{dim}.{0|1}.linear.{i}.*``, as the reader
+      flattens the ``.pt``), SDXL ``clip_l``/``clip_g`` embeddings, LoRAs, VAEs and the rest;
+    * ``prune --part vae``: the source's ``first_stage_model.`` prefix is gone;
+    * ``emb_params`` from an A1111 ``.pt`` embedding: its one ``string_to_param.*`` tensor;
+    * ``emb_params`` from a diffusers embedding (``{"<token>": vectors}``): that one tensor (whose
+      token the output's ``name`` metadata holds, where it has one).
+    """
     for cand in (name, f"first_stage_model.{name}"):
         if cand in src:
             return cand
@@ -89,7 +101,17 @@ def _source_name(name: str, src: ModelFile) -> str | None:
         params = [k for k in src if k.startswith("string_to_param.")]
         if len(params) == 1:
             return params[0]
+        if len(src) == 1:
+            (only,) = src
+            if out.metadata.get("name") in (None, only):  # convert puts the token there
+                return only
     return None
+
+
+def _same_shape(sref: TensorRef, ref: TensorRef, name: str) -> bool:
+    """Equal shapes, or a diffusers embedding's one vector ``[width]`` written as ``emb_params [1, width]``."""
+    return sref.shape == ref.shape or (name == "emb_params" and len(sref.shape) == 1 and tuple(ref.shape) ==
+                                       (1, *sref.shape))
 
 
 def _same(a: TensorRef, b: TensorRef) -> tuple[bool, bool]:
@@ -143,7 +165,7 @@ def verify(source: str | os.PathLike[str], output: str | os.PathLike[str]) -> Ve
     with open_model(source) as src, open_model(output) as out:
         ema_only = _ema_only(out)
         for name, ref in out.items():
-            sname = _source_name(name, src)
+            sname = _source_name(name, src, out)
             if sname is None:
                 mismatches.append(Mismatch(name, None, "not in the source"))
                 continue
@@ -153,7 +175,7 @@ def verify(source: str | os.PathLike[str], output: str | os.PathLike[str]) -> Ve
                 used.add(sname)
                 ema += 1
             sref = src[sname]
-            if sref.shape != ref.shape:
+            if not _same_shape(sref, ref, name):
                 mismatches.append(Mismatch(name, sname, f"shape {list(ref.shape)} != source {list(sref.shape)}"))
                 continue
             equal, was_cast = _same(sref, ref)

@@ -6,7 +6,6 @@ No ``torch.save`` and no pickle: tensors become ``OutTensor`` records with their
 
 from __future__ import annotations
 
-import datetime
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -14,32 +13,24 @@ from typing import Any
 
 from .. import __version__, dtypes
 from ..formats.safetensors_write import OutTensor, write_stream
-from ..ops.metadata import modelspec
+from ..ops import modelspec as ms
 from ..paths import atomic_output
 
-#: kohya ``ss_base_model_version`` and the SAI model-spec architecture, per (family, prediction).
-SS_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
+#: kohya ``ss_base_model_version`` per family (``modelkit.ops.modelspec`` owns it).
+SS_VERSION = ms.SS_VERSION
 
 
 def architecture(family: str, prediction: str, adapter: str) -> str:
     """``modelspec.architecture`` for an adapter (``lora``, ``textual-inversion`` ...) of a base, or for a
     whole model (``checkpoint``)."""
-    if family == "sdxl":
-        head = "stable-diffusion-xl-v1-base"
-    elif family == "sd2":
-        head = "stable-diffusion-v2-768-v" if prediction == "v_prediction" else "stable-diffusion-v2-512"
-    else:
-        head = "stable-diffusion-v1"
-    return head if adapter == "checkpoint" else f"{head}/{adapter}"
+    return ms.architecture(family, adapter, prediction)
 
 
 def common_metadata(title: str, family: str, prediction: str, adapter: str, resolution: int) -> dict[str, str]:
-    """The ``modelspec.*`` and ``modelkit.*`` keys every training output carries."""
-    out = modelspec(title, architecture(family, prediction, adapter))
-    out["modelspec.date"] = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat()
-    out["modelspec.resolution"] = f"{resolution}x{resolution}"
-    out["modelspec.prediction_type"] = "v" if prediction == "v_prediction" else "epsilon"
-    out["modelspec.implementation"] = "diffusers"
+    """The ``modelspec.*`` and ``modelkit.*`` keys every training output carries (the implementation is
+    settled from the tensor names when the file is written: ``save_tensors``)."""
+    out = ms.modelspec_block(kind=adapter, base=family, prediction=prediction, title=title, resolution=resolution,
+                             date=True)
     out["modelkit.version"] = __version__
     return out
 
@@ -94,5 +85,5 @@ def save_tensors(path: str | os.PathLike[str], tensors: Mapping[str, Any], metad
     target = os.fspath(path)
     records = [out_tensor(k, v, dtype) for k, v in tensors.items()]
     with atomic_output(target, force=force) as fd:
-        stats = write_stream(fd, records, dict(metadata or {}), path=target)
+        stats = write_stream(fd, records, ms.settled(metadata or {}, [r.name for r in records]), path=target)
     return Written(target, len(records), stats.size)

@@ -195,6 +195,9 @@ def _train(config: Config, progress: Progress | None, on_skip: Callable[[data.Sk
     final = os.path.join(oc.dir, f"{oc.name}.safetensors")
     final_state = os.path.join(oc.dir, f"{oc.name}-state")
     check_output(final, force=oc.force)
+    if cfg.method == "dreambooth" and os.path.isdir(cfg.model.path) and not oc.force \
+            and os.path.lexists(final[: -len(".safetensors")]):  # DreamBooth on a diffusers folder writes a folder
+        raise OutputExistsError(final[: -len(".safetensors")], "already exists")
     if oc.save_state and os.path.abspath(final_state) != os.path.abspath(oc.resume or ""):
         check_output(os.path.join(final_state, "state.safetensors"), force=oc.force)
     # Saves past the resumed step belong to the abandoned run: a resume may replace them.

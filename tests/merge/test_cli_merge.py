@@ -111,10 +111,13 @@ def test_lora_extract_merge_convert_cli(tmp_path: Path, files: dict[str, Path]) 
     r = _run("lora", "merge", f"{a}:0.5", f"{b}:1", "-o", str(m), "--json")
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["modules"] == 1 and load_file(m)[ml.kohya_name(K2) + ".lora_down.weight"].shape[0] == 6
-    p = tmp_path / "p.safetensors"
+    p = tmp_path / "p-peft"
     r = _run("lora", "convert", str(m), "--to", "peft", "-o", str(p), "--json")
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["style"] == "peft"
-    assert "base_model.model." + ml.KNOWN_PATH[K2] + ".lora_A.weight" in load_file(p)
-    r = _run("lora", "convert", str(x), "--to", "peft", "-o", str(tmp_path / "q.safetensors"))
+    assert "base_model.model." + ml.KNOWN_PATH[K2] + ".lora_A.weight" in load_file(p / "unet" / "adapter_model.safetensors")
+    assert (p / "unet" / "adapter_config.json").is_file()
+    r = _run("lora", "convert", str(m), "--to", "peft", "-o", str(tmp_path / "one.safetensors"))
+    assert r.exit_code == 2 and "PEFT adapters are folders" in r.stderr and not (tmp_path / "one.safetensors").exists()
+    r = _run("lora", "convert", str(x), "--to", "diffusers", "-o", str(tmp_path / "q.safetensors"))
     assert r.exit_code == 2 and "does not fit" in r.stderr  # a LoRA of the tiny layout against real SD1 shapes

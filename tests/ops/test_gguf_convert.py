@@ -124,3 +124,34 @@ def test_refusals_write_nothing(tmp_path: Path) -> None:
     assert sorted(os.listdir(tmp_path)) == ["exists.gguf", "flux.safetensors"]
     with pytest.raises(UsageError, match="not GGUF"):
         from_gguf(src, tmp_path / "x.safetensors")
+
+
+def test_cli_to_gguf_and_back_and_inspect(tmp_path: Path) -> None:
+    import json
+
+    from click.testing import CliRunner
+
+    from modelkit.cli.main import cli
+
+    src = tmp_path / "flux.safetensors"
+    arrays = tiny_flux(src)
+    run = CliRunner().invoke
+    r = run(cli, ["convert", str(src), "--to", "gguf", "--base", "flux", "--out-dir", str(tmp_path), "--json"])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)["files"][0]
+    g = tmp_path / "flux-Q8_0.gguf"
+    assert doc["output"] == str(g) and doc["quant"] == "Q8_0" and doc["left_out"] == 1
+    info = modelkit.inspect(g)
+    unet = {k: v for k, v in arrays.items() if k.startswith("model.")}
+    assert info.parameter_count == sum(v.size for v in unet.values())  # logical, not packed, sizes
+    assert "Q8_0" in info.bytes_by_dtype
+    r = run(cli, ["convert", str(g), "--dtype", "fp32", "-o", str(tmp_path / "back.safetensors")])
+    assert r.exit_code == 0, r.output
+    with modelkit.open_model(tmp_path / "back.safetensors") as mf:
+        assert {k: v.shape for k, v in mf.items()} == {k.removeprefix("model.diffusion_model."): v.shape
+                                                       for k, v in unet.items()}
+        assert all(v.dtype.name == "float32" for v in mf.values())
+    r = run(cli, ["convert", str(src), "--to", "gguf", "--quant", "Q5_K", "--base", "flux", "-o", str(tmp_path / "k.gguf")])
+    assert r.exit_code == 2 and "K-quants" in r.stderr and not (tmp_path / "k.gguf").exists()
+    r = run(cli, ["convert", str(src), "--dtype", "fp16", "-o", str(tmp_path / "x.safetensors")])
+    assert r.exit_code == 2 and "--dtype is for GGUF input" in r.stderr

@@ -41,9 +41,16 @@ def _comparable(report: Any) -> dict[str, Any]:
 
 
 @pytest.fixture(autouse=True)
-def _fast_retries(monkeypatch: pytest.MonkeyPatch) -> None:
+def _fast_retries_and_online(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Quick retries; and the hub client allowed out to the loopback server, which the training tests'
+    HF_HUB_OFFLINE=1 (read by huggingface_hub once, at import) would forbid in this process and its children."""
+    import huggingface_hub.constants
+
     monkeypatch.setattr(remote, "BASE_WAIT", 0.01)
     monkeypatch.setattr(remote, "RETRIES", 2)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "0")
 
 
 @pytest.fixture(scope="module")
@@ -296,3 +303,16 @@ def test_detect_and_open_model_read_a_url_by_ranges(srv: Loopback, files: dict[s
         assert list(rm) == list(lm)
         for key in list(lm)[:5]:
             assert rm[key].read_raw() == lm[key].read_raw()
+
+
+def test_commands_that_write_refuse_a_remote_input_in_one_line(srv: Loopback, files: dict[str, str],
+                                                                tmp_path: Path) -> None:
+    url = srv.url + next(k for k in files if k.endswith("/sd15-tiny.ckpt"))
+    out = tmp_path / "o.safetensors"
+    for args in (["convert", url, "-o", str(out)], ["prune", url, "-o", str(out)],
+                 ["merge", "models", url, url, "-o", str(out)]):
+        p = _cli(*args)
+        assert p.returncode == 2, (args, p.stderr)
+        lines = p.stderr.strip().splitlines()
+        assert len(lines) == 1 and "commands that write a file take local inputs" in lines[0], p.stderr
+    assert not list(tmp_path.iterdir())

@@ -42,7 +42,7 @@ def test_pyproject_train_extra_lists_the_training_stack() -> None:
     assert "python_version" in names["tomli"] and "3.11" in names["tomli"]
     assert set(TRAIN_MODULES.values()) <= set(names)
     package_data = data["tool"]["setuptools"]["package-data"]["modelkit"]
-    assert any(p.startswith("train/configs/") for p in package_data)
+    assert any(p.startswith("layout/configs/") for p in package_data)
 
 
 def test_without_the_extra_train_names_the_pip_command(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

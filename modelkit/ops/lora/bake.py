@@ -22,11 +22,12 @@ from typing import Any
 from ..._torch import require_torch
 from ...detect import detect_modelfile
 from ...errors import UsageError
-from ...formats import open_model
 from ...formats.safetensors_write import OutTensor, WriteStats
+from ...layout.folder import open_input as open_model
 from ...model import TensorRef
 from ...paths import check_output
 from .. import metadata as md
+from .. import modelspec as ms
 from ..convert import Progress, check_scan, default_output
 from ..result import result_dict
 from ..streaming import (
@@ -301,9 +302,14 @@ def merge_lora(
                              "modules": u.matched} for u in plan.uses],
                   "unet_ratio": unet_ratio, "te_ratio": te_ratio, "compute_dtype": compute.name}
         title = os.path.splitext(os.path.basename(target))[0]
-        meta = md.combine(mf.metadata, meta_extra, md.provenance(src, changes),
-                          {"modelkit.merge": json.dumps(record, separators=(",", ":"))},
-                          defaults=md.modelspec(title, None))
+        spec = ms.modelspec_block(kind="checkpoint", base=det.base, prediction=det.variant.get("prediction"),
+                                  title=title, names=list(mf), date=True,
+                                  merged_from=[mf.metadata.get("modelspec.title") or _stem(src)]
+                                  + [_stem(u.path) for u in plan.uses])
+        base_meta = ms.fill(mf.metadata, spec, changes=changes,
+                            override=("modelspec.title", "modelspec.date", "modelspec.merged_from"))
+        meta = md.combine(base_meta, meta_extra, md.provenance(src, changes),
+                          {"modelkit.merge": json.dumps(record, separators=(",", ":"))})
         header, meta, stats = write_output(target, tensors, meta, source=src, inputs=[src, *(p for p, _ in specs)],
                                            force=force, dry_run=dry_run, progress=progress, ahead=ahead,
                                            allow_overflow=allow_overflow, overflow=lambda: dict(baker.overflow),
@@ -318,6 +324,10 @@ def merge_lora(
         touched=len(plan.contribs), size=header.size, overflow=overflow, changes=tuple(changes),
         metadata=meta, warnings=tuple(warnings), stats=stats, scan=verdict, seconds=time.perf_counter() - t0,
     )
+
+
+def _stem(path: str) -> str:
+    return os.path.splitext(os.path.basename(path))[0]
 
 
 def _changes(container: str, plan: _Plan, dtype: str | None) -> list[str]:

@@ -15,7 +15,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,14 +26,12 @@ from ...formats import open_model
 from ...formats.safetensors_write import OutTensor, WriteStats
 from ...paths import check_output
 from .. import metadata as md
+from .. import modelspec as ms
 from ..convert import Progress, check_scan, default_output
 from ..result import result_dict
 from ..streaming import COMPUTE_DTYPES, OUTPUT_DTYPES, float_dtype, overflow_count, tensor_bytes, write_output
 from .keymap import KeyMap, Target
 
-#: kohya's ``ss_base_model_version`` and the modelspec architecture of a LoRA, per base.
-BASE_TAGS = {"sd1": ("sd_v1", "stable-diffusion-v1/lora"), "sd2": ("sd_v2", "stable-diffusion-v2/lora"),
-             "sdxl": ("sdxl_base_v1-0", "stable-diffusion-xl-v1-base/lora")}
 #: Blocks extracted always, and those extracted only with ``conv_rank``.
 LINEAR_BLOCKS = ("attention", "text")
 CONV_BLOCKS = ("resnet", "sampler")
@@ -101,17 +99,17 @@ def out_tensor(name: str, t: Any, dt: Any, overflow: dict[str, int] | None = Non
     return OutTensor(name, BY_NAME[str(c.dtype).removeprefix("torch.")], tuple(c.shape), data=bytes(tensor_bytes(c)))
 
 
-def lora_metadata(base: str | None, rank: int | None, conv_rank: int | None) -> dict[str, str]:
-    """kohya's ``ss_*`` keys and the modelspec architecture for a kohya LoRA of ``base``."""
+def lora_metadata(base: str | None, rank: int | None, conv_rank: int | None, *, title: str,
+                  prediction: str | None = None, names: Iterable[str] = ()) -> dict[str, str]:
+    """kohya's ``ss_*`` keys (``ss_base_model_version``, ``ss_v2`` ...) and the ModelSpec block of a new
+    kohya LoRA of ``base`` (dated now)."""
     out = {"ss_network_module": "networks.lora"}
     if rank is not None:
         out.update({"ss_network_dim": str(rank), "ss_network_alpha": str(rank)})
     if conv_rank is not None:
         out["ss_network_args"] = json.dumps({"conv_dim": str(conv_rank), "conv_alpha": str(conv_rank)})
-    if base in BASE_TAGS:
-        out["ss_base_model_version"] = BASE_TAGS[base][0]
-        out["modelspec.architecture"] = BASE_TAGS[base][1]
-        out["modelspec.sai_model_spec"] = md.MODELSPEC_VERSION
+    out.update(ms.kohya_tags(base, prediction))
+    out.update(ms.modelspec_block(kind="lora", base=base, prediction=prediction, title=title, names=names, date=True))
     return out
 
 
@@ -194,7 +192,9 @@ def extract_lora(
                + f" from {os.path.basename(t)} - {os.path.basename(b)}"]
     record = {"base": os.path.basename(b), "tuned": os.path.basename(t), "rank": rank, "conv_rank": conv_rank,
               "compute_dtype": compute.name}
-    meta = md.combine(lora_metadata(det.base, dim, conv_rank), md.provenance(t, changes),
+    meta = md.combine(lora_metadata(det.base, dim, conv_rank, prediction=det.variant.get("prediction"),
+                                    title=os.path.splitext(os.path.basename(target))[0], names=[x.name for x in tensors]),
+                      md.provenance(t, changes),
                       {"modelkit.extract": json.dumps(record, separators=(",", ":"))})
     header, meta, stats = write_output(target, tensors, meta, source=t, inputs=[b, t], force=force, dry_run=dry_run,
                                        allow_overflow=allow_overflow, overflow=lambda: overflow, dtype=cast.name)

@@ -9,7 +9,9 @@ derives the module's paths, then registers the module under every name each key 
   checkpoint's own structure (which input blocks are downsamplers, which output blocks end with an
   upsampler), so any depth of UNet maps correctly; the names inside a ResBlock come from
   ``RESNET_NAMES``;
-* the text encoder's Hugging Face CLIP path (``text_model.encoder.layers.0.self_attn.q_proj``).
+* the text encoder's Hugging Face CLIP path (``text_model.encoder.layers.0.self_attn.q_proj``), and
+  for the diffusers and PEFT styles also without ``text_model.``, as transformers 5 names
+  ``CLIPTextModel``'s modules.
   An OpenCLIP tower (SD2, SDXL's second encoder) stores q/k/v fused in ``attn.in_proj_weight``: a
   LoRA on ``q_proj``/``k_proj``/``v_proj`` adapts one third of its rows (``OPENCLIP_TO_HF``);
 * then each style's prefix and separator (``UNET_STYLES``, ``TEXT_STYLES``): kohya
@@ -204,8 +206,10 @@ class KeyMap:
             sub = shape if rows is None else (rows[1] - rows[0], *shape[1:])
             t = Target(key, sub, rows, comp, path, None, "text")
             self.targets.append(t)
-            for _style, pre, sep in TEXT_STYLES[comp]:
+            for style, pre, sep in TEXT_STYLES[comp]:
                 self._register(pre + path.replace(".", sep), t)
+                if style != "kohya":  # transformers 5 names CLIPTextModel's modules without ``text_model.``
+                    self._register(pre + path.removeprefix("text_model."), t)
 
     def name_for(self, target: Target, style: str) -> str:
         """The module name ``style`` (``kohya``, ``diffusers`` or ``peft``) gives ``target``.

@@ -222,8 +222,22 @@ def _finish(path: str, mod: Module, kinds: set[str]) -> None:
 
 
 def _peft_alphas(lf: LoraFile) -> None:
-    """Take alphas from a PEFT ``adapter_config.json`` beside a file that has none."""
+    """Take alphas from a PEFT ``adapter_config.json`` beside a file that has none, or from the
+    ``lora_adapter_metadata`` header of a diffusers file (one ``LoraConfig`` per component prefix)."""
     if any(m.alpha is not None or m.scalar is not None for m in lf.modules.values()):
+        return
+    header = lf.metadata.get("lora_adapter_metadata")
+    if header is not None:
+        try:
+            flat = json.loads(header)
+            configs: dict[str, dict[str, Any]] = {}
+            for key, value in flat.items():
+                prefix, _, field_name = key.partition(".")
+                configs.setdefault(prefix, {})[field_name] = value
+        except (ValueError, AttributeError) as exc:
+            raise FormatError(lf.path, f"has a lora_adapter_metadata header that is not JSON ({exc})") from None
+        for prefix, cfg in configs.items():
+            _config_alphas(lf, cfg, prefix + ".", f"{lf.path} (lora_adapter_metadata)")
         return
     cfg_path = os.path.join(os.path.dirname(os.path.abspath(lf.path)), "adapter_config.json")
     if not os.path.isfile(cfg_path):
@@ -231,17 +245,43 @@ def _peft_alphas(lf: LoraFile) -> None:
     try:
         with open(cfg_path, encoding="utf-8") as f:
             cfg = json.load(f)
-        r, alpha = int(cfg["r"]), float(cfg["lora_alpha"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, ValueError) as exc:
         raise FormatError(cfg_path, f"is not a PEFT adapter config ({exc})") from None
-    if cfg.get("alpha_pattern") or cfg.get("rank_pattern"):
-        raise UsageError(cfg_path, "sets alpha_pattern/rank_pattern, which modelkit does not read",
-                         "Merge it with PEFT, or save it without per-module patterns")
+    _config_alphas(lf, cfg, "base_model.model.", cfg_path)
+
+
+def _config_alphas(lf: LoraFile, cfg: Any, prefix: str, where: str) -> None:
+    """Set the alphas of the modules named ``prefix...`` from a ``LoraConfig`` as PEFT applies it:
+    scale ``alpha / r`` (rsLoRA: ``alpha / sqrt(r)``), ``r`` and ``alpha`` taken from the first
+    ``rank_pattern``/``alpha_pattern`` key that matches the module path as a suffix, else ``r`` and
+    ``lora_alpha``."""
+    import re
+
+    try:
+        r, alpha = int(cfg["r"]), float(cfg["lora_alpha"])
+        ranks = {str(k): int(v) for k, v in (cfg.get("rank_pattern") or {}).items()}
+        alphas = {str(k): float(v) for k, v in (cfg.get("alpha_pattern") or {}).items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise FormatError(where, f"is not a PEFT adapter config ({exc!r})") from None
     rslora = bool(cfg.get("use_rslora"))
+
+    def pick(patterns: dict[str, Any], path: str, default: Any) -> Any:
+        for key, value in patterns.items():
+            try:
+                if re.match(rf"(.*\.)?({key})$", path):
+                    return value
+            except re.error:
+                raise FormatError(where, f"has a pattern that is not a regular expression: {key!r}") from None
+        return default
+
     for m in lf.modules.values():
-        if m.algo == "lora":
-            m.alpha = alpha * (math.sqrt(r) if rslora else 1.0) * (m.rank or r) / r
-    lf.notes.append(f"alpha from {cfg_path}: lora_alpha {alpha:g}, r {r}" + (", rsLoRA" if rslora else ""))
+        if m.algo == "lora" and m.name.startswith(prefix):
+            path = m.name[len(prefix):]
+            mr, ma = pick(ranks, path, r), pick(alphas, path, alpha)
+            exact = not rslora and (m.rank or mr) == mr  # alpha as written: no rounding
+            m.alpha = ma if exact else ma / (math.sqrt(mr) if rslora else mr) * (m.rank or mr)
+    lf.notes.append(f"alpha from {where}: lora_alpha {alpha:g}, r {r}" + (", rsLoRA" if rslora else "")
+                    + (", per-module patterns" if ranks or alphas else ""))
 
 
 def _sha256(path: str) -> str:

@@ -23,12 +23,15 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..._torch import require_torch
+from ...detect.meta import read_hints
 from ...errors import UsageError
 from ...paths import check_output, require_safetensors_name
 from .. import metadata as md
+from .. import modelspec as ms
 from ..convert import check_scan
 from ..streaming import COMPUTE_DTYPES, OUTPUT_DTYPES, float_dtype, write_output
 from . import math as lmath
+from . import peft_out
 from .bake import parse_spec
 from .extract import LoraOutResult, lora_metadata, out_tensor, svd_factors
 from .keymap import OUTPUT_STYLES, KeyMap, Target
@@ -50,6 +53,26 @@ def _base(loras: list[LoraFile], base: str | None) -> str:
         what = known[0] if known else "not known"
         raise UsageError(loras[0].path, f"its base model is {what}", "Pass --base sd1|sd2|sdxl")
     return known[0]
+
+
+def _stem(path: str) -> str:
+    return os.path.splitext(os.path.basename(path))[0]
+
+
+def _prediction(loras: Sequence[tuple[LoraFile, float]]) -> str | None:
+    """The base's prediction (``v``/``eps``) as the LoRAs' own metadata tells it, if any does."""
+    return next((p for lf, _ in loras if (p := read_hints(lf.metadata).prediction)), None)
+
+
+def _convert_meta(s: str, lf: LoraFile, km: KeyMap, changes: list[str], to: str, names: Sequence[str] = (),
+                  implementation: str | None = None) -> dict[str, str]:
+    """The metadata of ``convert_lora``'s output: the input's (no stale hashes), its ModelSpec block filled
+    in (the implementation follows the new key names), kohya's base tags where missing, provenance."""
+    pred = _prediction([(lf, 1.0)])
+    spec = ms.modelspec_block(kind="lora", base=km.base, prediction=pred, title=_stem(s), names=names,
+                              implementation=implementation)
+    return md.combine(ms.fill(lf.metadata, spec, override=("modelspec.implementation",), changes=changes),
+                      md.provenance(s, changes), {"modelkit.lora_style": to}, defaults=ms.kohya_tags(km.base, pred))
 
 
 def _targets(km: KeyMap, lf: LoraFile, allow_unmatched: bool, warnings: list[str]) -> list[tuple[Target, Module]]:
@@ -139,8 +162,11 @@ def merge_loras(
                + ", ".join(f"{os.path.basename(p)} x{r:g}" for p, r in specs)]
     record = {"loras": [{"file": os.path.basename(lf.path), "sha256": lf.sha256, "ratio": r} for lf, r in loaded],
               "rank": rank, "conv_rank": conv_rank, "compute_dtype": compute.name}
-    meta = md.combine(lora_metadata(km.base, rank, conv_rank if rank else None), md.provenance(specs[0][0], changes),
-                      {"modelkit.merge": json.dumps(record, separators=(",", ":"))})
+    meta = md.combine(lora_metadata(km.base, rank, conv_rank if rank else None, prediction=_prediction(loaded),
+                                    title=_stem(target), names=[x.name for x in tensors]),
+                      {"modelspec.merged_from": ", ".join(_stem(lf.metadata.get("modelspec.title") or lf.path)
+                                                          for lf, _ in loaded)},
+                      md.provenance(specs[0][0], changes), {"modelkit.merge": json.dumps(record, separators=(",", ":"))})
     header, meta, stats = write_output(target, tensors, meta, source=specs[0][0], inputs=[p for p, _ in specs],
                                        force=force, dry_run=dry_run, allow_overflow=allow_overflow,
                                        overflow=lambda: overflow, dtype=cast.name)
@@ -190,17 +216,27 @@ def convert_lora(
     *,
     to: str,
     base: str | None = None,
+    checkpoint: str | os.PathLike[str] | None = None,
     allow_unmatched: bool = False,
     force: bool = False,
     dry_run: bool = False,
     ignore_scan: bool = False,
 ) -> LoraOutResult:
-    """Rewrite a LoRA's key names in another style: ``kohya``, ``diffusers`` or ``peft``.
+    """Rewrite a LoRA in another style: ``kohya``, ``diffusers`` or ``peft``.
+
+    ``diffusers`` writes the one file ``pipe.load_lora_weights`` applies (ranks and alphas in its
+    ``lora_adapter_metadata`` header); ``peft`` with an output that is not a ``.safetensors`` name
+    writes a folder of PEFT adapters, one per component (``unet/``, ``text_encoder/``,
+    ``text_encoder_2/``), for ``PeftModel.from_pretrained`` (see ``peft_out``); a ``.safetensors``
+    name for it is refused (PEFT key names in one file are applied by no loader).
 
     Args:
-        src, out: the input and output files.
-        to: the key style of the output.
+        src: the input LoRA.
+        out: the output file, or folder for PEFT adapters.
+        to: the style of the output.
         base: ``sd1``, ``sd2`` or ``sdxl`` when detection cannot tell.
+        checkpoint: the checkpoint the LoRA is for; its own layers name the modules instead of the
+            base's reference layout (for a model whose size differs from it).
         allow_unmatched, force, dry_run, ignore_scan: as elsewhere.
 
     Returns:
@@ -208,19 +244,33 @@ def convert_lora(
 
     Raises:
         UsageError: an unknown style, a module that style cannot hold, or names that match nothing.
+
+    Example:
+        >>> convert_lora("style.safetensors", "style-peft", to="peft")  # doctest: +SKIP
     """
     require_torch("modelkit lora convert")
     t0 = time.perf_counter()
     if to not in STYLES:
         raise UsageError(None, f"--to must be one of {', '.join(STYLES)}, not {to!r}")
     s = os.fspath(src)
-    target = require_safetensors_name(out)
-    check_output(target, force=force, inputs=[s])
+    folder = to == "peft"
+    if folder and os.fspath(out).lower().endswith(".safetensors"):
+        raise UsageError(os.fspath(out), "PEFT adapters are folders (adapter_config.json and adapter_model.safetensors "
+                                         "per component), not one .safetensors file",
+                         "Name a folder with -o, or use --to diffusers for the one file load_lora_weights applies")
+    if folder:
+        target = peft_out.check_folder(os.fspath(out), force, [s])
+    else:
+        target = require_safetensors_name(out)
+        check_output(target, force=force, inputs=[s])
     warnings = check_scan(s, ignore_scan)[1]
     lf = load_lora(s)
-    km = KeyMap.reference(_base([lf], base))
+    lf.metadata.pop(peft_out.DIFFUSERS_METADATA_KEY, None)  # now in the alphas; a stale copy would mislead diffusers
+    km = _keymap(lf, base, checkpoint, ignore_scan, warnings)
     tensors = []
     pairs = _targets(km, lf, allow_unmatched, warnings)
+    if to == "diffusers" or folder:
+        return _for_loaders(s, target, lf, km, pairs, to, folder, force, dry_run, warnings, t0)
     for t, mod in pairs:
         if mod.algo != "lora" or mod.dora or (to != "kohya" and "mid" in mod.parts):
             raise UsageError(s, f"module {mod.name} is {mod.kind}, which the {to} key style cannot hold",
@@ -231,10 +281,52 @@ def convert_lora(
             raise UsageError(s, f"the {to} style has no names for {t.component} modules", "Use --to diffusers") from None
         tensors += _renamed(name, mod, to)
     changes = [f"key style {lf.detection.details.get('key_style')} -> {to} ({len(pairs)} modules)"]
-    meta = md.combine(lf.metadata, md.provenance(s, changes), {"modelkit.lora_style": to})
+    meta = _convert_meta(s, lf, km, changes, to, [x.name for x in tensors])
     header, meta, stats = write_output(target, tensors, meta, source=s, inputs=[s], force=force, dry_run=dry_run)
     return LoraOutResult("convert", (s,), target, "dry-run" if dry_run else "written", km.base, to, len(pairs),
                          len(lf.modules) - len(pairs), None, None, len(tensors), header.size, tuple(changes), meta,
+                         tuple(warnings), stats, time.perf_counter() - t0)
+
+
+def _keymap(lf: LoraFile, base: str | None, checkpoint: str | os.PathLike[str] | None, ignore_scan: bool,
+            warnings: list[str]) -> KeyMap:
+    """The key table of ``checkpoint`` when given, else of the base's reference layout."""
+    if checkpoint is None:
+        return KeyMap.reference(_base([lf], base))
+    from ...detect import detect_modelfile
+    from ...formats import open_model
+
+    c = os.fspath(checkpoint)
+    warnings += check_scan(c, ignore_scan)[1]
+    with open_model(c) as mf:
+        det = detect_modelfile(mf)
+        if det.kind != "checkpoint":
+            raise UsageError(c, f"is not a checkpoint (detected as {det.kind})", "Pass the checkpoint the LoRA is for")
+        return KeyMap.build({k: r.shape for k, r in mf.items()}, base or det.base)
+
+
+def _for_loaders(s: str, target: str, lf: LoraFile, km: KeyMap, pairs: list[tuple[Target, Module]], to: str,
+                 folder: bool, force: bool, dry_run: bool, warnings: list[str], t0: float) -> LoraOutResult:
+    """``convert_lora`` to the diffusers file or the PEFT adapter folder (``peft_out``)."""
+    items, dropped = peft_out.adapted(s, km, pairs, to)
+    if dropped:
+        warnings.append(f"{s}: {len(dropped)} modules on the last layer of the SD 2 text encoder left out "
+                        f"(e.g. {dropped[0]}): diffusers' text encoder stops one layer short, and SD 2 never "
+                        "uses that layer's output")
+    parts = sorted(peft_out.by_component(items))
+    changes = [f"{lf.detection.details.get('key_style')} -> {to} {'folders' if folder else 'file'} "
+               f"({len(items)} modules: {', '.join(parts)})"]
+    meta = _convert_meta(s, lf, km, changes, to, implementation=ms.IMPL_DIFFUSERS)
+    stats = None
+    if folder:
+        count, size, meta = peft_out.write_peft_folder(target, items, meta, source=s, force=force, dry_run=dry_run)
+    else:
+        tensors, extra = peft_out.diffusers_tensors(items)
+        header, meta, stats = write_output(target, tensors, md.combine(meta, extra), source=s, inputs=[s],
+                                           force=force, dry_run=dry_run)
+        count, size = len(tensors), header.size
+    return LoraOutResult("convert", (s,), target, "dry-run" if dry_run else "written", km.base, to, len(items),
+                         len(lf.modules) - len(items), None, None, count, size, tuple(changes), meta,
                          tuple(warnings), stats, time.perf_counter() - t0)
 
 

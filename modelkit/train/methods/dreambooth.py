@@ -8,17 +8,21 @@ generates from ``class_prompt`` (``modelkit.train.sample.generate_class_images``
 Output, from a single-file base: a single-file checkpoint in the original LDM layout, A1111-loadable:
 every tensor of the base file is streamed through unchanged except the trained ones, which take
 their LDM names (``ldm_names``); EMA copies (``model_ema.*``) are dropped, being stale. From a
-diffusers-folder base: a diffusers folder with ``.safetensors`` weights.
+diffusers-folder base: a complete diffusers pipeline folder (``model_index.json``, scheduler,
+tokenizers, text encoders, UNet, VAE; weights ``.safetensors``) that ``from_pretrained`` loads offline,
+published all at once (built in a temp folder beside it, then renamed).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from dataclasses import replace
 from typing import Any
 
-from ...errors import FormatError
+from ...errors import FormatError, OutputExistsError
+from ...ops import modelspec as ms
 from ..convert_ldm import TEXT_ENCODERS
 from ..export import Written, out_tensor, save_tensors
 from ..ldm_names import openclip_ldm_state, unet_ldm_name
@@ -117,36 +121,130 @@ class DreamBooth(Method):
                     records.append(out_tensor(name, t, ref.dtype.torch() if ref.dtype.is_float else None))
                 else:
                     records.append(OutTensor.of(ref))
-            meta = {**mf.metadata, **metadata}
+            meta = {**ms.carried(mf.metadata), **ms.settled(metadata, [r.name for r in records])}
             with atomic_output(path, force=force, inputs=[source]) as fd:
                 stats = write_stream(fd, records, meta, path=path)
         return Written(path, len(records), stats.size)
 
     def _export_folder(self, folder: str, metadata: dict[str, str], dtype: Any, force: bool) -> Written:
-        """A diffusers folder: each component's weights as safetensors beside its config."""
-        from ...paths import write_text_atomic
+        """A complete diffusers pipeline folder (``StableDiffusionPipeline`` / ``StableDiffusionXLPipeline``
+        ``.from_pretrained`` loads it): ``model_index.json``, scheduler, tokenizer(s), text encoder(s),
+        UNet and VAE, every weight file ``.safetensors``. Built in a temp folder beside ``folder`` and
+        renamed onto it at the end, so a failure leaves no partial folder.
 
-        parts = {"unet": self.base.unet, "vae": self.base.vae}
+        Raises:
+            OutputExistsError: ``folder`` exists and ``force`` is false.
+        """
+        import shutil
+
+        from ...paths import refuse_windows_name, temp_path
+        from ...tempfiles import writer_token
+
+        folder = os.path.abspath(folder)
+        if os.path.lexists(folder) and not force:
+            raise OutputExistsError(folder, "already exists")
+        refuse_windows_name(folder)
+        os.makedirs(os.path.dirname(folder), exist_ok=True)
+        tmp = temp_path(folder, writer_token())
+        os.mkdir(tmp)
+        try:
+            tensors, size = self._write_pipeline(tmp, metadata, dtype)
+            _publish_folder(tmp, folder, force)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return Written(folder, tensors, size)
+
+    def _write_pipeline(self, root: str, metadata: dict[str, str], dtype: Any) -> tuple[int, int]:
+        """Every component into ``root`` (a new, empty folder); returns (tensors, weight bytes)."""
+        import diffusers
+
+        parts: dict[str, Any] = {"unet": self.base.unet, "vae": self.base.vae}
         for i, te in enumerate(self.base.text_encoders):
             parts["text_encoder" if i == 0 else f"text_encoder_{i + 1}"] = te
-        total = 0
+        xl = self.base.family == "sdxl"
+        index: dict[str, Any] = {"_class_name": "StableDiffusionXLPipeline" if xl else "StableDiffusionPipeline",
+                                 "_diffusers_version": diffusers.__version__}
+        tensors = size = 0
         for sub, model in parts.items():
-            os.makedirs(os.path.join(folder, sub), exist_ok=True)
             model = _unwrap(model)
-            weights = "model.safetensors" if sub.startswith("text") else "diffusion_pytorch_model.safetensors"
-            written = save_tensors(os.path.join(folder, sub, weights), model.state_dict(), metadata, dtype=dtype,
-                                   force=force)
-            total += written.size
-            config = model.config.to_dict() if hasattr(model.config, "to_dict") else dict(model.config)
-            write_text_atomic(os.path.join(folder, sub, "config.json"), json.dumps(config, indent=2, default=str))
-        os.makedirs(os.path.join(folder, "scheduler"), exist_ok=True)
-        write_text_atomic(os.path.join(folder, "scheduler", "scheduler_config.json"),
-                          json.dumps(dict(self.base.scheduler.config), indent=2, default=str))
+            where = os.path.join(root, sub)
+            os.mkdir(where)
+            text = sub.startswith("text")
+            weights = "model.safetensors" if text else "diffusion_pytorch_model.safetensors"
+            written = save_tensors(os.path.join(where, weights), model.state_dict(), metadata, dtype=dtype)
+            tensors, size = tensors + written.tensors, size + written.size
+            if text:
+                config = copy.deepcopy(model.config)
+                config.architectures = [type(model).__name__]
+                config.save_pretrained(where)
+            else:
+                model.save_config(where)
+            index[sub] = ["transformers" if text else "diffusers", type(model).__name__]
+        scheduler = self._scheduler()
+        scheduler.save_pretrained(os.path.join(root, "scheduler"))
+        index["scheduler"] = ["diffusers", type(scheduler).__name__]
         for i, tok in enumerate(self.base.tokenizers):
-            tok.save_pretrained(os.path.join(folder, "tokenizer" if i == 0 else f"tokenizer_{i + 1}"))
-        index = {"_class_name": "StableDiffusionXLPipeline" if self.base.family == "sdxl" else "StableDiffusionPipeline"}
-        write_text_atomic(os.path.join(folder, "model_index.json"), json.dumps(index, indent=2))
-        return Written(folder, len(parts), total)
+            sub = "tokenizer" if i == 0 else f"tokenizer_{i + 1}"
+            tok.save_pretrained(os.path.join(root, sub))
+            index[sub] = ["transformers", type(tok).__name__]
+        index.update({"feature_extractor": [None, None], "image_encoder": [None, None]})
+        if xl:
+            index["force_zeros_for_empty_prompt"] = True
+        else:
+            index.update({"safety_checker": [None, None], "requires_safety_checker": False})
+        with open(os.path.join(root, "model_index.json"), "w", encoding="utf-8") as f:
+            json.dump(dict(sorted(index.items())), f, indent=2)
+        return tensors, size
+
+
+    def _scheduler(self) -> Any:
+        """The base folder's own scheduler (its class and settings, the prediction type trained with),
+        else the training scheduler (DDPM)."""
+        import diffusers
+
+        path = os.path.join(self.config.model.path, "scheduler", "scheduler_config.json")
+        try:
+            with open(path, encoding="utf-8") as f:
+                config = json.load(f)
+        except (OSError, ValueError):
+            return self.base.scheduler
+        cls = getattr(diffusers, str(config.get("_class_name")), None) if isinstance(config, dict) else None
+        if not (isinstance(cls, type) and issubclass(cls, diffusers.SchedulerMixin)):
+            return self.base.scheduler
+        config = {k: v for k, v in config.items() if not k.startswith("_")}
+        return cls.from_config({**config, "prediction_type": self.base.prediction})
+
+
+def _publish_folder(tmp: str, folder: str, force: bool) -> None:
+    """Rename the finished ``tmp`` onto ``folder``; with ``force`` an existing ``folder`` is replaced
+    (moved aside first, removed once the new one is in place).
+
+    Raises:
+        OutputExistsError: ``folder`` appeared meanwhile and ``force`` is false.
+    """
+    import shutil
+
+    from ...paths import temp_path
+    from ...tempfiles import writer_token
+
+    old = None
+    if os.path.lexists(folder):
+        if not force:
+            raise OutputExistsError(folder, "appeared while modelkit was writing it")
+        old = temp_path(folder, writer_token())
+        os.rename(folder, old)
+    try:
+        os.rename(tmp, folder)
+    except BaseException:
+        if old is not None:
+            os.rename(old, folder)
+        raise
+    if old is not None:
+        if os.path.isdir(old) and not os.path.islink(old):
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.unlink(old)
 
 
 def _unwrap(model: Any) -> Any:

@@ -10,7 +10,9 @@ activation (not after the last layer unless ``activate_output``), a ``LayerNorm`
 processor (SDPA or not) runs them.
 
 Output: the layout ``modelkit convert`` gives an A1111 hypernetwork: ``<size>.<0|1>.linear.<i>.<weight|bias>``
-with ``modelkit.layout = a1111-hypernetwork/1`` and the structure fields as JSON metadata.
+with ``modelkit.layout = a1111-hypernetwork/1`` and the structure fields as JSON metadata. No UI reads
+a hypernetwork ``.safetensors`` on its own (A1111 lists ``*.pt`` only; ComfyUI builds no layers from
+flat keys): the repository's ``integrations/`` folder has the A1111 extension and ComfyUI node that do.
 """
 
 from __future__ import annotations

@@ -16,7 +16,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from ..export import SS_VERSION, Written, save_tensors
+from ...ops import modelspec as ms
+from ..export import Written, save_tensors
 from ..ldm_names import unet_ldm_name
 from . import Method
 
@@ -157,9 +158,7 @@ class LoRA(Method):
             "ss_network_alpha": _num(net.alpha),
             "ss_network_args": json.dumps(args) if args else "null",
             "ss_network_dropout": _num(net.dropout),
-            "ss_base_model_version": SS_VERSION[family],
-            "ss_v2": str(family == "sd2"),
-            "ss_v_parameterization": str(self.base.prediction == "v_prediction"),
+            **ms.kohya_tags(family, self.base.prediction),
             "ss_network_train_unet_only": str(not net.train_text_encoder),
             "ss_network_train_text_encoder_only": str(not net.train_unet),
             "ss_unet_lr": _num(net.unet_lr or self.config.optimizer.lr),
