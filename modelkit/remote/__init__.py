@@ -41,6 +41,8 @@ BIG_READ = 1 << 20
 BIG_STEP = 16 << 20
 #: Announced spans closer than this are fetched as one request.
 MERGE_GAP = 2048
+#: Extra bytes one batch of announced spans may fetch to save requests (at most 1/4096 of the file).
+MERGE_BUDGET = 768 << 10
 #: What the span cache holds at most.
 CACHE_BYTES = 64 << 20
 #: The first request asks for this much (a safetensors header usually fits).

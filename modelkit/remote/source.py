@@ -187,14 +187,7 @@ class RemoteSource(Source):
                 gaps.append(self._widen(g))
         if not gaps:
             return
-        gaps.sort()
-        merged = [gaps[0]]
-        for s, e in gaps[1:]:
-            ps, pe = merged[-1]
-            if s <= pe + cfg.MERGE_GAP and e - ps <= cfg.BIG_STEP:
-                merged[-1] = (ps, max(pe, e))
-            else:
-                merged.append((s, e))
+        merged = _merge(sorted(gaps), cfg.MERGE_GAP, min(cfg.MERGE_BUDGET, self.size // 4096))
         if len(merged) == 1:
             s, e = merged[0]
             self._put(s, self._backend.fetch(self, s, e))
@@ -222,3 +215,32 @@ class RemoteSource(Source):
             self.fd = -1
 
 
+
+
+def _merge(spans: list[tuple[int, int]], gap: int, budget: int) -> list[tuple[int, int]]:
+    """Sorted spans joined where they are ``gap`` bytes apart or less, then more of them, the closest
+    first, while the bytes fetched in between stay within ``budget``: each request saved costs more
+    than a few KB of extra transfer, on any link."""
+    out = [spans[0]]
+    for s, e in spans[1:]:
+        ps, pe = out[-1]
+        if s <= pe + gap and e - ps <= cfg.BIG_STEP:
+            out[-1] = (ps, max(pe, e))
+        else:
+            out.append((s, e))
+    between = sorted((out[i + 1][0] - out[i][1], i) for i in range(len(out) - 1))
+    join: set[int] = set()
+    for size, i in between:
+        if size > budget:
+            break
+        budget -= size
+        join.add(i)
+    if not join:
+        return out
+    done = [out[0]]
+    for i in range(1, len(out)):
+        if i - 1 in join and out[i][1] - done[-1][0] <= cfg.BIG_STEP:
+            done[-1] = (done[-1][0], out[i][1])
+        else:
+            done.append(out[i])
+    return done
