@@ -316,3 +316,16 @@ def test_commands_that_write_refuse_a_remote_input_in_one_line(srv: Loopback, fi
         lines = p.stderr.strip().splitlines()
         assert len(lines) == 1 and "commands that write a file take local inputs" in lines[0], p.stderr
     assert not list(tmp_path.iterdir())
+
+
+def test_announced_spans_merge_within_the_byte_budget() -> None:
+    from modelkit.remote.source import _merge
+
+    spans = [(0, 512), (1000, 1512), (10_000, 10_512), (50_000, 50_512), (1_000_000, 1_000_512)]
+    assert _merge(spans, 2048, 0) == [(0, 1512), (10_000, 10_512), (50_000, 50_512), (1_000_000, 1_000_512)]
+    # the closest gaps first, while their bytes fit: 8,488 then 39,488; the 949,488 one does not
+    assert _merge(spans, 2048, 50_000) == [(0, 50_512), (1_000_000, 1_000_512)]
+    joined = _merge(spans, 2048, 10 << 20)
+    assert joined == [(0, 1_000_512)]
+    fetched = sum(e - s for s, e in _merge(spans, 2048, 50_000))
+    assert fetched - sum(e - s for s, e in spans) <= 50_000 + 2048
