@@ -47,6 +47,9 @@ MERGE_BUDGET = 768 << 10
 CACHE_BYTES = 64 << 20
 #: The first request asks for this much (a safetensors header usually fits).
 HEAD_BYTES = 64 << 10
+#: Spans asked for in one request, where the server answers ``multipart/byteranges`` (Apache's
+#: default limit is 200 ranges a request).
+RANGES_PER_REQUEST = 100
 #: Requests in flight at once for announced spans.
 PREFETCH_THREADS = 16
 #: The most a file read whole may take (env ``MODELKIT_REMOTE_MAX_DOWNLOAD``, bytes).

@@ -3,6 +3,7 @@ fsspec; ranged GETs checked against the first answer, and whole-file streams."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -24,6 +25,8 @@ class Http:
         self.headers = headers
         self.validator: tuple[str, str] | None = None
         self.size = -1
+        #: whether the server answers several ranges in one request (None: not tried yet)
+        self.multirange: bool | None = None
 
     def _check(self, resp: Any) -> None:
         code = int(resp.status_code)
@@ -133,6 +136,58 @@ class Http:
         server ignores ``Range``: then ``src`` is switched to its local copy)."""
         return self._get(src, 0, cfg.HEAD_BYTES, first=True)
 
+    def fetch_many(self, src: RemoteSource, spans: list[tuple[int, int]]) -> list[tuple[int, bytes]]:
+        """Several [start, end) spans in one request (``multipart/byteranges``), where the server
+        answers so. What it sent comes back as (offset, bytes), every part checked like a single
+        range; a server that sends one range (or the whole file: that answer is dropped unread) is
+        not asked again, and the caller fetches what is missing one span at a time."""
+        if self.multirange is False or len(spans) < 2:
+            return []
+        hub = _hub()
+        headers = {**self.headers, "Range": "bytes=" + ",".join(f"{a}-{b - 1}" for a, b in spans)}
+        cap = sum(b - a for a, b in spans) + 256 * len(spans) + 4096
+        try:
+            with hub.utils.http_stream_backoff("GET", self.url, headers=headers, timeout=cfg.TIMEOUT,
+                                               max_retries=cfg.RETRIES, base_wait_time=cfg.BASE_WAIT,
+                                               max_wait_time=8) as resp:
+                if int(resp.status_code) == 200:
+                    self.multirange = False  # the whole file is coming: closing drops it unread
+                    return []
+                try:
+                    return self._parts(src, resp, cap)
+                except (RemoteError, TruncatedFileError):
+                    raise
+                except Exception as exc:  # noqa: BLE001 - a body that breaks off, in any way
+                    raise _network_error(self.label, exc) from None
+        except (RemoteError, TruncatedFileError):
+            raise
+        except Exception as exc:  # noqa: BLE001
+            raise _network_error(self.label, exc) from None
+
+    def _parts(self, src: RemoteSource, resp: Any, cap: int) -> list[tuple[int, bytes]]:
+        self._check(resp)
+        self._same_file(resp)
+        ctype = resp.headers.get("content-type") or ""
+        m = re.search(r"boundary=\"?([^\";]+)\"?", ctype)
+        if not ctype.lower().startswith("multipart/byteranges") or not m:
+            self.multirange = False  # one range for many: no gain in asking so again
+            cr = _CONTENT_RANGE.match(resp.headers.get("content-range") or "")
+            if not cr:
+                raise RemoteError(self.label, "the server answered a range request without a usable Content-Range")
+            a, b = int(cr.group(1)), int(cr.group(2))
+            self._range(resp, a, b + 1)
+            body = _read_capped(resp.iter_bytes(), b + 1 - a, self.label)
+            src.transfer.add(len(body))
+            return [(a, body)]
+        self.multirange = True
+        raw = bytearray()
+        for chunk in resp.iter_bytes():
+            raw += chunk
+            if len(raw) > cap:
+                raise RemoteError(self.label, f"the server sent more than {cap} bytes for the ranges asked for")
+        src.transfer.add(len(raw))
+        return multipart_ranges(bytes(raw), m.group(1).encode(), self.size, self.label)
+
     def fetch(self, src: RemoteSource, start: int, end: int) -> bytes:
         return self._get(src, start, end)
 
@@ -201,6 +256,50 @@ class Fsspec:
         now = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified")
         if int(info.get("size") or 0) != self.size or now != self.validator:
             raise RemoteError(self.label, "the file changed while it was read")
+
+
+def multipart_ranges(body: bytes, boundary: bytes, size: int, label: str) -> list[tuple[int, bytes]]:
+    """The parts of a ``multipart/byteranges`` body as (offset, bytes). Each part's length comes from
+    its ``Content-Range``, never from searching for the boundary (tensor bytes may hold it).
+
+    Raises:
+        RemoteError: a malformed body, a part outside the file or of another total length.
+    """
+    def bad(why: str) -> RemoteError:
+        return RemoteError(label, f"the server's multipart/byteranges answer is malformed ({why})")
+
+    delim = b"--" + boundary
+    pos = body.find(delim)
+    if pos < 0:
+        raise bad("no boundary")
+    out: list[tuple[int, bytes]] = []
+    while True:
+        pos += len(delim)
+        if body[pos : pos + 2] == b"--":
+            return out
+        if body[pos : pos + 2] != b"\r\n":
+            raise bad("a boundary line does not end")
+        head_end = body.find(b"\r\n\r\n", pos + 2)
+        if head_end < 0 or head_end - pos > 4096:
+            raise bad("part headers do not end")
+        m = None
+        for line in body[pos + 2 : head_end].split(b"\r\n"):
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-range":
+                m = _CONTENT_RANGE.match(value.decode("latin-1"))
+        if m is None or m.group(3) == "*":
+            raise bad("a part has no usable Content-Range")
+        a, b, total = int(m.group(1)), int(m.group(2)), int(m.group(3))
+        if total != size or not 0 <= a <= b < size:
+            raise RemoteError(label, f"the server sent a part {a}-{b} of a {total}-byte file; the file has {size} bytes")
+        start = head_end + 4
+        data = body[start : start + b + 1 - a]
+        if len(data) != b + 1 - a:
+            raise bad("a part is cut short")
+        out.append((a, data))
+        pos = start + len(data) + 2
+        if not body.startswith(b"\r\n" + delim, start + len(data)):
+            raise bad("a part is not followed by the boundary: its length differs from its Content-Range")
 
 
 def _network_error(label: str, exc: BaseException) -> RemoteError:

@@ -188,6 +188,9 @@ class RemoteSource(Source):
         if not gaps:
             return
         merged = _merge(sorted(gaps), cfg.MERGE_GAP, min(cfg.MERGE_BUDGET, self.size // 4096))
+        merged = self._fetch_many(merged)
+        if not merged:
+            return
         if len(merged) == 1:
             s, e = merged[0]
             self._put(s, self._backend.fetch(self, s, e))
@@ -197,6 +200,25 @@ class RemoteSource(Source):
         with ThreadPoolExecutor(max_workers=min(cfg.PREFETCH_THREADS, len(merged))) as pool:
             for (s, _e), data in zip(merged, pool.map(lambda g: self._backend.fetch(self, *g), merged)):
                 self._put(s, data)
+
+    def _fetch_many(self, spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        """Fetch ``spans`` several to a request where the server answers ``multipart/byteranges``;
+        returns what is still missing (everything, where it does not)."""
+        many = getattr(self._backend, "fetch_many", None)
+        if many is None or len(spans) < 2 or getattr(self._backend, "multirange", None) is False:
+            return spans
+        n = cfg.RANGES_PER_REQUEST
+        batches = [spans[i : i + n] for i in range(0, len(spans), n)]
+        for a, data in many(self, batches[0]):  # the first tells whether the server can
+            self._put(a, data)
+        if getattr(self._backend, "multirange", False) and len(batches) > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(max_workers=min(cfg.PREFETCH_THREADS, len(batches) - 1)) as pool:
+                for got in pool.map(lambda b: many(self, b), batches[1:]):
+                    for a, data in got:
+                        self._put(a, data)
+        return [g for s, e in spans for g in self._gaps(s, e)]
 
     def finish(self) -> None:
         """Check, where the backend can, that the file did not change while it was read."""

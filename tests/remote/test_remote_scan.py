@@ -329,3 +329,42 @@ def test_announced_spans_merge_within_the_byte_budget() -> None:
     assert joined == [(0, 1_000_512)]
     fetched = sum(e - s for s, e in _merge(spans, 2048, 50_000))
     assert fetched - sum(e - s for s, e in spans) <= 50_000 + 2048
+
+
+@pytest.mark.parametrize("mode", ["", "single-range-only", "multi-200"])
+def test_many_ranges_per_request_where_the_server_can(srv: Loopback, files: dict[str, str], mode: str) -> None:
+    """multipart/byteranges cuts the requests; servers that answer one range, or the whole file, to a
+    request for several are asked one range at a time, with the same result."""
+    url_path = next(k for k in files if k.endswith("/big.ckpt"))
+    srv.set_mode(mode)
+    r = scan_file(srv.url + url_path)
+    assert _comparable(r) == _comparable(scan_file(files[url_path]))
+    assert r.remote is not None and not r.remote["whole_file"]
+    assert r.remote["bytes"] < os.path.getsize(files[url_path]) // 8
+    if mode == "":
+        assert r.remote["requests"] <= 16
+    else:  # asked one range at a time after the first answer
+        assert r.remote["requests"] > 16
+
+
+def test_multipart_bodies_are_parsed_by_their_content_ranges() -> None:
+    from modelkit.errors import RemoteError
+    from modelkit.remote.http import multipart_ranges
+
+    b = b"BOUND"
+
+    def part(a: int, data: bytes, total: int = 100) -> bytes:
+        return b"\r\n--BOUND\r\nContent-Type: application/octet-stream\r\n" + \
+            f"Content-Range: bytes {a}-{a + len(data) - 1}/{total}\r\n\r\n".encode() + data
+
+    tricky = b"xx\r\n--BOUND\r\nyy"  # the boundary inside the data: lengths, not searches, decide
+    body = part(0, b"hello") + part(40, tricky) + b"\r\n--BOUND--\r\n"
+    assert multipart_ranges(body, b, 100, "u") == [(0, b"hello"), (40, tricky)]
+    for bad in (part(0, b"hello"),  # no closing boundary
+                part(0, b"hello", total=101) + b"\r\n--BOUND--\r\n",  # another total length
+                part(98, b"hello") + b"\r\n--BOUND--\r\n",  # past the end of the file
+                part(0, b"hello")[:-2] + b"\r\n--BOUND--\r\n",  # cut short
+                b"\r\n--BOUND\r\nContent-Type: x\r\n\r\nhello\r\n--BOUND--\r\n",  # no Content-Range
+                b"no boundary at all"):
+        with pytest.raises(RemoteError):
+            multipart_ranges(bad, b, 100, "u")
