@@ -40,6 +40,7 @@ def _run(cmd: list[str], env: dict[str, str]) -> tuple[float, int, str]:
 def _measure(srv: Loopback, cmd: list[str], env: dict[str, str], runs: int) -> tuple[float, int, int, str]:
     times, sent, reqs, last = [], 0, 0, ""
     for _ in range(runs):
+        shutil.rmtree(env["HF_HUB_CACHE"], ignore_errors=True)  # every run downloads afresh
         srv.reset_counts()
         dt, _rc, last = _run(cmd, env)
         times.append(dt)
@@ -85,7 +86,6 @@ def main() -> None:
             if not os.path.exists(cmd[0]):
                 print(f"{name:<16} (not installed)")
                 continue
-            shutil.rmtree(hf_cache, ignore_errors=True)
             dt, sent, reqs, last = _measure(srv, cmd, env, args.runs)
             rows[name] = (dt, sent)
             print(f"{name:<16} {sent:>14,} {100 * sent / size:>8.3f}% {reqs:>8} {dt:>8.2f}  {last}")
