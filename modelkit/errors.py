@@ -146,6 +146,11 @@ class CastOverflowError(ModelkitError, ValueError):
         names = ", ".join(f"{k} ({v:,})" for k, v in list(self.counts.items())[:3])
         more = f" and {len(self.counts) - 3} more" if len(self.counts) > 3 else ""
         where = f" in {dtype}" if dtype else ""
-        problem = (f"{total:,} finite value{'' if total == 1 else 's'} would overflow to inf{where} in "
+        fp8 = (dtype or "").lower().removeprefix("float8_").removeprefix("fp8_")
+        how = {"e4m3fn": "overflow fp8's range (torch saturates them to +-448)", "e5m2": "overflow to inf"}.get(
+            fp8, "overflow to inf")
+        problem = (f"{total:,} finite value{'' if total == 1 else 's'} would {how}{where} in "
                    f"{len(self.counts)} tensor{'' if len(self.counts) == 1 else 's'}: {names}{more}; not written")
-        super().__init__(path, problem)
+        remedy = ("Pass --fp8 clamp (saturate) or --fp8 scaled (a scale per weight), or --allow-overflow"
+                  if fp8 in ("e4m3fn", "e5m2") else None)
+        super().__init__(path, problem, remedy)

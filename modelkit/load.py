@@ -102,7 +102,7 @@ def _select(mf: ModelFile, keys: Iterable[str] | None) -> list[TensorRef]:
 
 
 def load(path: str | os.PathLike[str], device: str = "cpu", dtype: Any = None,
-         keys: Iterable[str] | None = None) -> dict[str, Any]:
+         keys: Iterable[str] | None = None, dequantize: bool = False) -> dict[str, Any]:
     """Load tensors from any supported container, safely and fast.
 
     Args:
@@ -110,6 +110,9 @@ def load(path: str | os.PathLike[str], device: str = "cpu", dtype: Any = None,
         device: ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"mps"``.
         dtype: cast floating-point tensors to this dtype (torch dtype or name); ints stay.
         keys: load only these tensors (for example one component).
+        dequantize: return each scaled fp8 weight (ComfyUI's ``comfy_quant`` or ``scaled_fp8``
+            layout) as ``weight.float() * scale`` (float32, or ``dtype``), without its scale and
+            marker tensors; by default the file's tensors are returned as stored.
 
     Returns:
         ``{name: torch.Tensor}`` in file order.
@@ -127,11 +130,34 @@ def load(path: str | os.PathLike[str], device: str = "cpu", dtype: Any = None,
     with open_model(path) as mf:
         refs = _select(mf, keys)
         if dev.type == "cuda":
-            return _load_cuda(mf, refs, dev, dtype)
-        out = _load_cpu(mf, refs, dtype)
-        if dev.type != "cpu":
-            out = {k: v.to(dev) for k, v in out.items()}
+            out = _load_cuda(mf, refs, dev, dtype)
+        else:
+            out = _load_cpu(mf, refs, dtype)
+            if dev.type != "cpu":
+                out = {k: v.to(dev) for k, v in out.items()}
+        return _dequantize(mf, out, dtype) if dequantize else out
+
+
+def _dequantize(mf: ModelFile, out: dict[str, Any], dtype: Any) -> dict[str, Any]:
+    """``out`` with its scaled fp8 weights upcast (``weight.float() * scale``) and their scales and
+    markers dropped."""
+    from .ops import fp8
+
+    found = fp8.scaled_weights(mf.tensors, mf.metadata)
+    if not found:
         return out
+    drop = fp8.bookkeeping(mf.tensors, found)
+    res: dict[str, Any] = {}
+    for name, t in out.items():
+        if name in drop:
+            continue
+        sw = found.get(name)
+        if sw is not None:
+            t = t.float() * fp8.scale_value(mf.tensors, sw)
+            if dtype is not None:
+                t = t.to(dtype)
+        res[name] = t
+    return res
 
 
 def _load_cpu(mf: ModelFile, refs: list[TensorRef], dtype: Any) -> dict[str, Any]:

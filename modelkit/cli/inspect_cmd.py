@@ -108,6 +108,8 @@ def _block(out: Output, r: InspectResult) -> None:
         if k == "autov1" and r.size <= AUTOV1_OFFSET:
             continue  # the hash of no bytes, the same for every small file
         out.result(f"  {k:<12}  {v}")
+    if r.quantization:
+        out.result(f"  quantization  {r.quantization['text']}")
     if r.wrappers:
         out.result(f"  wrappers      {', '.join(r.wrappers)}")
     for group, info in r.junk.items():

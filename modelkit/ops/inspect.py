@@ -60,6 +60,7 @@ class InspectResult:
     metadata_decoded: dict[str, Any] = field(default_factory=dict)
     junk: dict[str, dict[str, int]] = field(default_factory=dict)
     defects: tuple[str, ...] = ()
+    quantization: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -81,6 +82,8 @@ class InspectResult:
             "junk": {k: dict(v) for k, v in self.junk.items()},
             "defects": list(self.defects),
         }
+        if self.quantization:  # only for files with fp8 tensors
+            out["quantization"] = dict(self.quantization)
         if self.tensors is not None:
             out["tensors"] = [t.to_dict() for t in self.tensors]
         return out
@@ -93,6 +96,7 @@ def describe(mf: ModelFile, keys: bool = False, hashes: bool = False) -> Inspect
     ``hashes`` adds the full-file hashes (one streaming read of the file).
     """
     from ..detect import detect
+    from .fp8 import summary as fp8_summary
     from .hashes import hash_file
     from .health import decode_metadata, defects, junk
 
@@ -117,7 +121,7 @@ def describe(mf: ModelFile, keys: bool = False, hashes: bool = False) -> Inspect
         metadata=dict(mf.metadata), extras=dict(mf.extras), placeholders=tuple(mf.placeholders),
         info={k: v for k, v in mf.info.items() if v is not None}, warnings=tuple(warnings), tensors=tensors,
         detection=det.to_dict(), hashes=digests, metadata_decoded=decode_metadata(mf.metadata), junk=junk(mf),
-        defects=tuple(defects(mf, det)),
+        defects=tuple(defects(mf, det)), quantization=fp8_summary(mf.tensors, mf.metadata),
     )
 
 

@@ -7,6 +7,10 @@
   (otherwise ``α``). The counts come from the checkpoint's own blocks. The UNet layers outside the
   numbered blocks follow the usual rule (``BLOCK_ALIASES``): ``time_embed``/``label_emb`` take IN00's
   weight, ``out`` the last output block's.
+* Flux.1 and SD3.x (any layout: single file, transformer only, diffusers) take one weight per
+  transformer block instead: ``D00..`` (double) then ``S00..`` (single) for Flux, ``J00..`` (joint)
+  for SD3 (``families.BLOCKS``); everything outside the blocks takes BASE. Their components are the
+  transformer (``unet``), the text encoders (``te``: CLIP-L, CLIP-G, T5-XXL) and the VAE.
 * Components (``unet``, ``te``, ``vae``) not chosen are A's; ``vae=FILE`` bakes in a VAE.
 
 Tensors are read one key at a time from A, B and C and combined elementwise in chunks in the
@@ -34,9 +38,11 @@ from ..formats.safetensors_write import OutTensor, WriteStats
 from ..layout.folder import open_input as open_model
 from ..model import ModelFile, TensorRef
 from ..paths import check_output, same_file
+from . import families
 from . import metadata as md
 from . import modelspec as ms
 from .convert import Progress, check_scan, default_output
+from .fp8 import refuse_scaled
 from .result import result_dict
 from .streaming import (
     CHUNK,
@@ -55,11 +61,16 @@ from .streaming import (
 MODES = ("weighted-sum", "add-difference")
 COMPONENTS = {"unet": ("model.diffusion_model.",), "te": ("cond_stage_model.", "conditioner."),
               "vae": ("first_stage_model.",)}
+#: A Flux/SD3 file's components (``families.COMPONENTS``) -> the ``--components`` they answer to.
+DIT_COMPONENTS = {"transformer": "unet", "vae": "vae", "clip_l": "te", "clip_g": "te", "t5xxl": "te"}
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
+FLUX_VAE_PREFIX = "vae."
 EMA_PREFIX = "model_ema."
 #: UNet layers outside the numbered blocks -> the block whose weight they take ("OUT-LAST": the last one).
 BLOCK_ALIASES = (("time_embed.", "IN00"), ("label_emb.", "IN00"), ("out.", "OUT-LAST"))
+#: The first letter of a DiT's first block name -> its family (``D00`` Flux, ``J00`` SD3).
+DIT_BLOCK_FAMILY = {"D": "flux", "J": "sd3"}
 _BLOCK = re.compile(r"^(input_blocks|middle_block|output_blocks)\.(\d+)\.")
 
 
@@ -102,7 +113,11 @@ class MergeModelsResult:
 
 
 def block_names(keys: Sequence[str]) -> list[str]:
-    """The per-block weight names of a checkpoint's UNet: ``IN00.., M00, OUT00..`` from its own blocks."""
+    """The per-block weight names of a checkpoint's UNet: ``IN00.., M00, OUT00..`` from its own blocks
+    (a Flux transformer: ``D00.., S00..``; SD3: ``J00..``; see ``families``)."""
+    family = families.family_of(keys)
+    if family is not None:
+        return families.block_names(keys, family)
     found: dict[str, set[int]] = {"input_blocks": set(), "output_blocks": set()}
     for k in keys:
         if k.startswith(UNET_PREFIX) and (m := _BLOCK.match(k[len(UNET_PREFIX):])) and m.group(1) in found:
@@ -113,6 +128,9 @@ def block_names(keys: Sequence[str]) -> list[str]:
 
 def block_of(key: str, names: Sequence[str]) -> str | None:
     """The block weight name a key takes (None: BASE, everything outside the UNet blocks)."""
+    family = DIT_BLOCK_FAMILY.get(names[0][:1]) if names else None
+    if family is not None:
+        return families.block_of(key, family)
     if not key.startswith(UNET_PREFIX):
         return None
     rest = key[len(UNET_PREFIX):]
@@ -150,11 +168,17 @@ def parse_block_weights(weights: str | Sequence[float] | None, names: Sequence[s
         return values[0], dict(zip(names, values[1:]))
     if len(values) == n:
         return alpha, dict(zip(names, values))
+    if names[0][:1] in DIT_BLOCK_FAMILY:
+        raise UsageError(None, f"this transformer takes {n} block weights ({names[0]}..{names[-1]}) or {n + 1} "
+                               f"with BASE first, not {len(values)}")
     raise UsageError(None, f"this UNet takes {n} block weights ({names[0]}..{names[n // 2 - 1]}, M00, "
                            f"OUT00..{names[-1]}) or {n + 1} with BASE first, not {len(values)}")
 
 
-def component_of(key: str) -> str | None:
+def component_of(key: str, family: str | None = None) -> str | None:
+    """``unet``, ``te`` or ``vae`` (a Flux/SD3 file: transformer, text encoders, VAE), or None."""
+    if family is not None:
+        return DIT_COMPONENTS[families.component_of(key, family)]
     for comp, prefixes in COMPONENTS.items():
         if key.startswith(prefixes):
             return comp
@@ -201,15 +225,16 @@ class _Mixer:
 
 
 def _vae_refs(mf_vae: ModelFile, ma: ModelFile, path: str) -> dict[str, TensorRef]:
-    """A's VAE key -> the VAE file's tensor (named with or without ``first_stage_model.``).
+    """A's VAE key -> the VAE file's tensor (named with or without ``first_stage_model.``, or ``vae.`` in Flux files).
 
     Raises:
         UsageError: the file lacks some of A's VAE tensors or has other shapes.
     """
-    keys = [k for k in ma if k.startswith(VAE_PREFIX)]
+    prefix = VAE_PREFIX if any(k.startswith(VAE_PREFIX) for k in ma) else FLUX_VAE_PREFIX  # Flux files: ``vae.``
+    keys = [k for k in ma if k.startswith(prefix)]
     out: dict[str, TensorRef] = {}
     for k in keys:
-        ref = mf_vae.get(k[len(VAE_PREFIX):]) or mf_vae.get(k)
+        ref = mf_vae.get(k[len(prefix):]) or mf_vae.get(k)
         if ref is not None:
             out[k] = ref
     if not out:
@@ -217,10 +242,10 @@ def _vae_refs(mf_vae: ModelFile, ma: ModelFile, path: str) -> dict[str, TensorRe
                          "Pass an LDM-layout VAE (the .vae.pt/.safetensors files A1111 loads)")
     missing = [k for k in keys if k not in out]
     if missing:
-        raise UsageError(path, f"lacks {len(missing)} of the checkpoint's VAE tensors (e.g. {missing[0][len(VAE_PREFIX):]})")
+        raise UsageError(path, f"lacks {len(missing)} of the checkpoint's VAE tensors (e.g. {missing[0][len(prefix):]})")
     for k, ref in out.items():
         if tuple(ref.shape) != tuple(ma[k].shape):
-            raise UsageError(path, f"{k[len(VAE_PREFIX):]} is {list(ref.shape)} but the checkpoint's is "
+            raise UsageError(path, f"{k[len(prefix):]} is {list(ref.shape)} but the checkpoint's is "
                                    f"{list(ma[k].shape)}", "Pass a VAE for this base model")
     return out
 
@@ -324,10 +349,13 @@ def _merge(mfs: list[ModelFile], paths: list[str], vae_path: str | None, target:
            compute: Any, compute_name: str, warnings: list[str], *, force: bool, dry_run: bool, jobs: int | None,
            progress: Progress | None, allow_overflow: bool, dtype: str | None) -> MergeModelsResult:
     ma, others = mfs[0], mfs[1:len(paths)]
+    for mf, p in zip(mfs, paths):
+        refuse_scaled(mf.tensors, mf.metadata, p, "merge models")
     mvae = mfs[len(paths)] if vae_path else None
     names = block_names(list(ma))
+    family = families.family_of(ma)
     base_w, weights = parse_block_weights(block_weights, names, alpha)
-    _check_shapes(ma, others, paths, components)
+    _check_shapes(ma, others, paths, components, family)
     vae_refs = _vae_refs(mvae, ma, vae_path) if mvae is not None and vae_path else {}
     mixer = _Mixer(compute, mode)
     ahead = Ahead(jobs or default_jobs())
@@ -345,7 +373,7 @@ def _merge(mfs: list[ModelFile], paths: list[str], vae_path: str | None, target:
             continue
         w = weights.get(block_of(name, names) or "", base_w)
         refs = [ref] + [m.get(name) for m in others]
-        if component_of(name) not in components or not ref.dtype.is_float or w == 0.0:
+        if component_of(name, family) not in components or not ref.dtype.is_float or w == 0.0:
             tensors.append(OutTensor.of(ref, dtype=out_dt))
             counts["a"] += 1
             continue
@@ -424,8 +452,9 @@ def _title(mf: ModelFile, path: str) -> str:
     return mf.metadata.get("modelspec.title") or os.path.splitext(os.path.basename(path))[0]
 
 
-def _check_shapes(ma: ModelFile, others: list[ModelFile], paths: list[str], components: tuple[str, ...]) -> None:
-    mergeable = [k for k, r in ma.items() if component_of(k) in components and r.dtype.is_float]
+def _check_shapes(ma: ModelFile, others: list[ModelFile], paths: list[str], components: tuple[str, ...],
+                  family: str | None = None) -> None:
+    mergeable = [k for k, r in ma.items() if component_of(k, family) in components and r.dtype.is_float]
     if not mergeable:
         kind = detect_modelfile(ma).kind
         raise UsageError(paths[0], f"has no {'/'.join(components)} weights of an LDM checkpoint to merge (detected as "
@@ -436,7 +465,7 @@ def _check_shapes(ma: ModelFile, others: list[ModelFile], paths: list[str], comp
             raise UsageError(path, f"shares none of the {len(mergeable)} {'/'.join(components)} weights of "
                                    f"{paths[0]} (detected as {kind})",
                              "Merge checkpoints of the same layout; bake a LoRA in with `modelkit merge lora`")
-        bad = [k for k, r in ma.items() if component_of(k) in components and k in mf and tuple(mf[k].shape) != tuple(r.shape)]
+        bad = [k for k, r in ma.items() if component_of(k, family) in components and k in mf and tuple(mf[k].shape) != tuple(r.shape)]
         if bad:
             da, db = detect_modelfile(ma).base, detect_modelfile(mf).base
             k = bad[0]

@@ -13,6 +13,8 @@ of ``position_ids``, read to check them):
 4. ``position_ids`` that are not int64 ``0, 1, ..., n-1`` are rewritten as exactly that;
 5. ``--dtype`` casts floating-point tensors only (never int or bool); a cast that turns finite
    values into inf is refused (``CastOverflowError``, nothing written) unless ``allow_overflow``.
+   ``fp8_e4m3fn``/``fp8_e5m2`` cast the weight matrices only, and ``fp8`` says what happens to
+   values out of their range (refuse, clamp, or a per-tensor scale): see ``modelkit.ops.fp8``.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from ..formats.safetensors_write import OutTensor, WriteStats
 from ..layout.folder import open_input
 from ..model import ModelFile, TensorRef
 from ..paths import check_output
+from . import families
+from . import fp8 as fp8_ops
 from . import metadata as md
 from .convert import (
     Plan,
@@ -57,7 +61,7 @@ JUNK_PREFIXES = ("loss.", "optimizer", "lr_scheduler", "lr_schedulers.", "callba
 EMA_PREFIX = "model_ema."
 UNET_PREFIX = "model.diffusion_model."
 POSITION_IDS = "text_model.embeddings.position_ids"
-CAST_TARGETS = ("fp16", "bf16", "fp32")
+CAST_TARGETS = ("fp16", "bf16", "fp32", *fp8_ops.FP8_CHOICES)
 
 
 @dataclass(frozen=True)
@@ -124,15 +128,15 @@ class _State:
             self.removed[reason] = self.removed.get(reason, 0) + len(names)
 
 
-def plan_prune(mf: ModelFile, *, ema: str = "drop", dtype: str | None = None, part: str | None = None) -> tuple[
-        Plan, _State]:
+def plan_prune(mf: ModelFile, *, ema: str = "drop", dtype: str | None = None, part: str | None = None,
+               fp8: str | None = None) -> tuple[Plan, _State]:
     """Decide the output of ``prune`` for an open file (reads only ``position_ids`` data).
 
     Raises:
         UsageError: an unknown option value.
         FormatError: an EMA copy does not match its weight, or ``part`` selects nothing.
     """
-    target = check_options(ema, dtype, part)
+    target = check_options(ema, dtype, part, fp8)
     st = _State({n: OutTensor.of(ref) for n, ref in mf.items()})
     if mf.container != "safetensors":
         st.changes.append(f"container {mf.container} -> safetensors")
@@ -146,7 +150,20 @@ def plan_prune(mf: ModelFile, *, ema: str = "drop", dtype: str | None = None, pa
     if part is not None:
         _part(mf.path, st, part)
     _fix_position_ids(st)
-    if target is not None:
+    if target is not None and target.itemsize == 1:
+        mode = fp8_ops.check_mode(fp8, target)
+        st.casts = fp8_ops.plan(st.out, target, mode)
+        if st.casts:
+            how = {"refuse": "", "clamp": ", saturated to its range", "scaled": ", each with a float32 scale "
+                   "(ComfyUI comfy_quant layout)"}[mode]
+            st.changes.append(f"cast {st.casts} weight matrices to {target.name}{how}; biases, norms and "
+                              "embeddings kept")
+    elif target is not None:
+        upcast = fp8_ops.plan_dequantize(st.out, mf.tensors, mf.metadata, target)
+        if upcast:
+            st.casts += upcast
+            st.changes.append(f"{upcast} scaled fp8 weights written as weight*scale in {target.name}; their "
+                              "scales and markers dropped")
         for n, t in list(st.out.items()):
             if t.data is None and t.ref is not None and t.ref.dtype.is_float and t.ref.dtype != target:
                 st.out[n] = OutTensor(t.name, target, t.shape, t.ref)
@@ -168,12 +185,12 @@ def plan_prune(mf: ModelFile, *, ema: str = "drop", dtype: str | None = None, pa
     det = detect_modelfile(mf)
     plan = Plan(list(st.out.values()), meta, dropped, st.changes, st.warnings, "checkpoint", arch, None, base,
                 det.base, det.variant.get("prediction"),
-                PART_KINDS[part] if part else det.kind if det.kind not in ("checkpoint", "unknown") else None,
+                {**families.PART_KINDS, **PART_KINDS}[part] if part else det.kind if det.kind not in ("checkpoint", "unknown") else None,
                 ("modelspec.architecture",) if part else ())
     return plan, st
 
 
-def check_options(ema: str, dtype: str | None, part: str | None) -> DType | None:
+def check_options(ema: str, dtype: str | None, part: str | None, fp8: str | None = None) -> DType | None:
     """Validate prune's options; returns the cast target (or None).
 
     Raises:
@@ -181,10 +198,17 @@ def check_options(ema: str, dtype: str | None, part: str | None) -> DType | None
     """
     if ema not in EMA_MODES:
         raise UsageError(None, f"--ema must be one of {', '.join(EMA_MODES)}, not {ema!r}")
-    if part is not None and part not in PARTS:
-        raise UsageError(None, f"--part must be one of {', '.join(PARTS)}, not {part!r}")
+    if part is not None and part not in PARTS and part not in families.PARTS:
+        raise UsageError(None, f"--part must be one of {', '.join(dict.fromkeys([*PARTS, *families.PARTS]))}, "
+                               f"not {part!r}")
     if dtype is None:
+        fp8_ops.check_mode(fp8, None)
         return None
+    target = fp8_ops.fp8_target(dtype)
+    if target is not None:
+        fp8_ops.check_mode(fp8, target)
+        return target
+    fp8_ops.check_mode(fp8, None)
     target = dtypes.ALIASES.get(dtype.lower())
     if target is None or target.name not in ("float16", "bfloat16", "float32"):
         raise UsageError(None, f"--dtype must be one of {', '.join(CAST_TARGETS)}, not {dtype!r}")
@@ -221,13 +245,12 @@ def _ema(mf: ModelFile, st: _State, mode: str) -> None:
 
 
 def _part(path: str, st: _State, part: str) -> None:
-    prefixes = PARTS[part]
+    prefixes, strip = families.part_prefixes(st.out, part) or (PARTS.get(part, ()), STRIP.get(part))
     other = [n for n in st.out if not n.startswith(prefixes)]
     st.remove(other, "other parts")
     if not st.out:
         raise FormatError(path, f"has no {part} tensors (none start with {' or '.join(prefixes)})",
                           "Check that this is a full checkpoint")
-    strip = STRIP.get(part)
     if strip:
         st.out = {n[len(strip):]: OutTensor(n[len(strip):], t.dtype, t.shape, t.ref, t.data) for n, t in st.out.items()}
         st.changes.append(f"kept only the {part}, without its {strip} prefix")
@@ -277,6 +300,7 @@ def prune(
     ignore_scan: bool = False,
     progress: Progress | None = None,
     allow_overflow: bool = False,
+    fp8: str | None = None,
 ) -> PruneResult:
     """Prune a checkpoint into ``.safetensors``.
 
@@ -285,7 +309,11 @@ def prune(
         out: the output; default ``<stem>.pruned.safetensors`` (``<stem>.<part>.safetensors`` with
             ``part``), in ``out_dir`` or beside the input.
         ema: ``keep``, ``drop`` (default) or ``only``.
-        dtype: ``fp16``, ``bf16`` or ``fp32``: cast floating-point tensors only.
+        dtype: ``fp16``, ``bf16`` or ``fp32``: cast floating-point tensors only; ``fp8_e4m3fn`` or
+            ``fp8_e5m2``: cast the weight matrices (see ``modelkit.ops.fp8`` for which).
+        fp8: with an fp8 ``dtype``, what to do with values beyond its range: ``refuse`` (the
+            default: ``CastOverflowError`` unless ``allow_overflow``), ``clamp`` (saturate) or
+            ``scaled`` (a float32 scale per weight, in ComfyUI's ``comfy_quant`` layout).
         part: ``unet``, ``te`` or ``vae``: keep one component.
         force, dry_run, ignore_scan, progress: as for ``convert``.
         allow_overflow: write the output even when the cast turns finite values into inf (a
@@ -309,7 +337,7 @@ def prune(
     with early_hash(s, dry_run) as hasher:
         verdict, warnings = check_scan(s, ignore_scan)
         with open_input(s, allow_hidden_pickles=ignore_scan) as mf:
-            plan, st = plan_prune(mf, ema=ema, dtype=dtype, part=part)
+            plan, st = plan_prune(mf, ema=ema, dtype=dtype, part=part, fp8=fp8)
             header, meta, stats, cars = write_plan(s, target, plan, force=force, dry_run=dry_run,
                                                    progress=progress, hasher=hasher,
                                                    allow_overflow=allow_overflow, dtype=dtype)

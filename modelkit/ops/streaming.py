@@ -21,7 +21,7 @@ from typing import Any
 from .. import dtypes
 from ..dtypes import DType
 from ..errors import CastOverflowError, UsageError
-from ..formats.safetensors_write import Header, OutTensor, WriteStats, layout, write_stream
+from ..formats.safetensors_write import Header, OutTensor, WriteStats, fp8_overflow_torch, layout, write_stream
 from ..model import TensorRef
 from ..paths import atomic_output, ensure_room
 from . import metadata as md
@@ -229,6 +229,8 @@ def overflow_count(src: Any, dtype: Any) -> int:
 
     if not dtype.is_floating_point or src.dtype == dtype or not src.dtype.is_floating_point:
         return 0
+    if dtype.itemsize == 1:
+        return fp8_overflow_torch(src, str(dtype).removeprefix("torch."))
     fmax = torch.finfo(dtype).max
     if fmax >= torch.finfo(src.dtype).max:
         return 0

@@ -9,7 +9,10 @@ Both stream: one tensor of each file is in memory at a time.
   ``<token>`` tensor; a VAE extracted with ``--part vae`` lost ``first_stage_model.``). Tensors
   only in SRC are listed (prune drops some on purpose). An OUT written by ``prune --ema only``
   (its ``modelkit.changes`` say so) holds the EMA copies as its UNet weights: each is compared
-  with its ``model_ema.*`` source.
+  with its ``model_ema.*`` source. fp8 outputs: a weight written with ``--fp8 clamp`` matches
+  its source saturated, then cast; a scaled fp8 weight (``--fp8 scaled``) matches its source
+  divided by the stored scale, which must equal ``amax / max`` of the source (its scale and
+  ``comfy_quant`` tensors are checked with it); a scaled fp8 *source* is compared as weight*scale.
 * ``diff A B`` lists keys only in one file, shape and dtype changes, and for shared tensors the
   largest absolute difference.
 """
@@ -24,6 +27,7 @@ from typing import Any
 from .._torch import require_torch
 from ..model import ModelFile, TensorRef
 from ..reading import open_model
+from . import fp8
 from .prune import UNET_PREFIX, ema_name
 
 #: the end of the ``modelkit.changes`` entry ``prune --ema only`` writes ("N UNet tensors taken ...")
@@ -131,6 +135,44 @@ def _same(a: TensorRef, b: TensorRef) -> tuple[bool, bool]:
     return _tobytes(ta.contiguous().reshape(-1).view(torch.uint8).numpy()) == _bits(b), True
 
 
+def _fp8_problem(src: ModelFile, sname: str, scaled_src: dict[str, fp8.ScaledWeight], out: ModelFile, name: str,
+                 scaled_out: dict[str, fp8.ScaledWeight]) -> str:
+    """Why an fp8 output tensor (or one written from a scaled fp8 source) does not match its source
+    ('' when it does): a plain cast, a saturated cast, a scaled cast, or an upcast of weight*scale."""
+    import numpy as np
+
+    from .. import dtypes, numcast
+
+    sref, ref = src[sname], out[name]
+    got = _bits(ref)
+    if sref.dtype == ref.dtype:  # kept as it was (a scaled weight and its scale pass through)
+        return "" if numcast.same_values(_bits(sref), got, ref.dtype) else "values differ"
+    if sname in scaled_src:  # upcast from scaled fp8: (weight * scale) in the output's dtype
+        if ref.dtype.itemsize == 1:
+            return "a scaled fp8 source written as fp8 again; modelkit does not write that"
+        want = numcast.cast(fp8.dequantized(src.tensors, scaled_src[sname]), dtypes.BY_NAME["float32"], ref.dtype)
+        return "" if numcast.same_values(_tobytes(want), got, ref.dtype) else "values differ from weight*scale"
+    sw = scaled_out.get(name)
+    if sw is not None:
+        stored = np.float32(fp8.scale_value(out.tensors, sw))
+        expected = fp8.scale_of(sref, ref.dtype)
+        if stored != expected:
+            return f"scale {float(stored)!r} != amax/max of the source {float(expected)!r}"
+        if sw.layout == "comfy_quant" and name[: -len(".weight")] + fp8.QUANT in out:
+            marker = bytes(out[name[: -len(".weight")] + fp8.QUANT].read_raw())
+            if marker != fp8.quant_marker(ref.dtype.name):
+                return f"comfy_quant marker {marker!r} does not name {ref.dtype.name}"
+        want = fp8.scaled_cast(sref, ref.dtype, stored)
+        return "" if numcast.same_values(_tobytes(want), got, ref.dtype) else "values differ from source/scale"
+    if numcast.can_cast(sref.dtype, ref.dtype):
+        plain = numcast.cast(sref.read("numpy"), sref.dtype, ref.dtype)
+        if numcast.same_values(_tobytes(plain), got, ref.dtype):
+            return ""
+    if numcast.same_values(_tobytes(fp8.clamp_cast(sref, ref.dtype)), got, ref.dtype):
+        return ""  # --fp8 clamp
+    return f"values differ after casting {sref.dtype.name} to {ref.dtype.name} (plain or saturated)"
+
+
 def _tobytes(arr: Any) -> bytes:
     import numpy as np
 
@@ -164,7 +206,12 @@ def verify(source: str | os.PathLike[str], output: str | os.PathLike[str]) -> Ve
     cast = ema = looks_ema = 0
     with open_model(source) as src, open_model(output) as out:
         ema_only = _ema_only(out)
+        scaled_out = fp8.scaled_weights(out.tensors, out.metadata)
+        scaled_src = fp8.scaled_weights(src.tensors, src.metadata)
+        book = fp8.bookkeeping(out.tensors, scaled_out)
         for name, ref in out.items():
+            if name in book:
+                continue  # a scale or marker: checked with its weight
             sname = _source_name(name, src, out)
             if sname is None:
                 mismatches.append(Mismatch(name, None, "not in the source"))
@@ -177,6 +224,13 @@ def verify(source: str | os.PathLike[str], output: str | os.PathLike[str]) -> Ve
             sref = src[sname]
             if not _same_shape(sref, ref, name):
                 mismatches.append(Mismatch(name, sname, f"shape {list(ref.shape)} != source {list(sref.shape)}"))
+                continue
+            if name in scaled_out or sname in scaled_src or (ref.dtype.name in fp8.FP8_CHOICES.values()
+                                                             and sref.dtype != ref.dtype):
+                problem = _fp8_problem(src, sname, scaled_src, out, name, scaled_out)
+                cast += 1
+                if problem:
+                    mismatches.append(Mismatch(name, sname, problem))
                 continue
             equal, was_cast = _same(sref, ref)
             cast += was_cast
@@ -235,6 +289,7 @@ def diff(a: str | os.PathLike[str], b: str | os.PathLike[str], values: bool = Tr
     """
     entries: list[TensorDiff] = []
     with open_model(a) as ma, open_model(b) as mb:
+        sa, sb = fp8.scaled_weights(ma.tensors, ma.metadata), fp8.scaled_weights(mb.tensors, mb.metadata)
         for name in list(ma) + [k for k in mb if k not in ma]:
             ra, rb = ma.get(name), mb.get(name)
             if rb is None:
@@ -246,6 +301,8 @@ def diff(a: str | os.PathLike[str], b: str | os.PathLike[str], values: bool = Tr
             elif not values:
                 entries.append(TensorDiff(name, "dtype" if ra.dtype != rb.dtype else "same",
                                           f"{ra.dtype.name} -> {rb.dtype.name}" if ra.dtype != rb.dtype else ""))
+            elif name in sa or name in sb:  # scaled fp8: compare the values, weight * scale
+                entries.append(_scaled_diff(name, ma, sa, mb, sb))
             else:
                 ta, tb = ra.read("numpy"), rb.read("numpy")
                 if ra.dtype == rb.dtype and _tobytes(ta) == _tobytes(tb):
@@ -257,6 +314,28 @@ def diff(a: str | os.PathLike[str], b: str | os.PathLike[str], values: bool = Tr
                 entries.append(TensorDiff(name, kind, detail, m))
         meta = tuple(sorted(k for k in set(ma.metadata) | set(mb.metadata) if ma.metadata.get(k) != mb.metadata.get(k)))
     return DiffResult(os.fspath(a), os.fspath(b), tuple(entries), meta)
+
+
+def _scaled_diff(name: str, ma: ModelFile, sa: dict[str, fp8.ScaledWeight], mb: ModelFile,
+                 sb: dict[str, fp8.ScaledWeight]) -> TensorDiff:
+    """A diff entry for a tensor that is a scaled fp8 weight on either side: values as weight*scale."""
+    import numpy as np
+
+    from .. import numcast
+
+    def vals(mf: ModelFile, found: dict[str, fp8.ScaledWeight]) -> Any:
+        if name in found:
+            return fp8.dequantized(mf.tensors, found[name]).astype(np.float64)
+        ref = mf[name]
+        return numcast.values(ref.read("numpy"), ref.dtype).astype(np.float64)
+
+    va, vb = vals(ma, sa), vals(mb, sb)
+    kinds = [f"{mf[name].dtype.name}{' scaled' if name in s else ''}" for mf, s in ((ma, sa), (mb, sb))]
+    with np.errstate(all="ignore"):
+        m = float(np.max(np.abs(va - vb))) if va.size else 0.0
+    if kinds[0] == kinds[1]:
+        return TensorDiff(name, "same" if m == 0 else "values", "scaled fp8, compared as weight*scale", m)
+    return TensorDiff(name, "dtype", f"{kinds[0]} -> {kinds[1]} (compared as weight*scale)", m)
 
 
 def _max_abs(ta: Any, ra: TensorRef, tb: Any, rb: TensorRef) -> float | None:

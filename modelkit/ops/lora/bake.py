@@ -29,6 +29,7 @@ from ...paths import check_output
 from .. import metadata as md
 from .. import modelspec as ms
 from ..convert import Progress, check_scan, default_output
+from ..fp8 import refuse_scaled
 from ..result import result_dict
 from ..streaming import (
     COMPUTE_DTYPES,
@@ -148,17 +149,20 @@ def _match(km: KeyMap, loras: list[tuple[LoraFile, float]], ckpt: str, base: str
         unmatched: list[str] = []
         misfits: list[str] = []
         matched = 0
+        _refuse_family(lf, base, ckpt)
         for name, mod in lf.modules.items():
-            t = km.lookup(name)
-            if t is None:
+            pieces = km.pieces(name)
+            if pieces is None:
                 unmatched.append(name)
                 continue
-            why = lmath.misfit(mod, t.shape)
-            if why is not None:
-                misfits.append(f"{name}: {why} ({t.key}{'' if t.rows is None else f' rows {t.rows[0]}:{t.rows[1]}'})")
-                continue
-            r = ratio * (unet_ratio if t.component == "unet" else te_ratio)
-            plan.contribs.setdefault(t.key, []).append((t.rows, mod, r))
+            for t, up_rows in pieces:
+                part = mod if up_rows is None else _cut(lf.path, mod, up_rows, t.key)
+                why = lmath.misfit(part, t.shape)
+                if why is not None:
+                    misfits.append(f"{name}: {why} ({t.key}{'' if t.rows is None else f' rows {t.rows[0]}:{t.rows[1]}'})")
+                    continue
+                r = ratio * (unet_ratio if t.component == "unet" else te_ratio)
+                plan.contribs.setdefault(t.key, []).append((t.rows, part, r))
             matched += 1
         made = f"; it looks made for {lf.base}" if lf.base and lf.base != base else ""
         if misfits:
@@ -180,6 +184,30 @@ def _match(km: KeyMap, loras: list[tuple[LoraFile, float]], ckpt: str, base: str
         plan.uses.append(LoraUse(lf.path, lf.sha256, ratio, lf.base, lf.detection.details.get("key_style"),
                                  len(lf.modules), matched, tuple(unmatched), lf.algorithms()))
     return plan
+
+
+#: Base names in messages.
+FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL", "sdxl-refiner": "the SDXL refiner",
+                "sd3": "SD3", "flux": "Flux"}
+
+
+def _refuse_family(lf: LoraFile, base: str | None, ckpt: str) -> None:
+    """A LoRA for a DiT family (Flux, SD3) on another base, or the reverse, is refused in one line."""
+    dit = ("flux", "sd3")
+    if lf.base and base and lf.base != base and (lf.base in dit or base in dit):
+        raise UsageError(lf.path, f"this LoRA is for {FAMILY_NAMES.get(lf.base, lf.base)}, the checkpoint "
+                                  f"{os.path.basename(ckpt)} is {FAMILY_NAMES.get(base, base)}",
+                         "Use a LoRA made for this base model")
+
+
+def _cut(path: str, mod: Module, rows: tuple[int, int], key: str) -> Module:
+    """The part of a LoRA whose delta is rows ``rows`` of ``up @ down``: the same module with those rows of ``up``."""
+    if mod.algo != "lora" or "mid" in mod.parts or mod.dora:
+        raise UsageError(path, f"module {mod.name} ({mod.kind}) spans weights that {key} splits, and only a plain "
+                               "LoRA can be cut by rows", "Use a plain LoRA, or a checkpoint in the LoRA's key style")
+    parts = dict(mod.parts)
+    parts["up"] = parts["up"][rows[0]:rows[1]]
+    return Module(mod.name, mod.algo, parts, dict(mod.keys), mod.alpha, mod.scalar, mod.on_input)
 
 
 class _Baker:
@@ -228,7 +256,8 @@ def merge_lora(
     """Bake LoRA-family files into a checkpoint, one tensor at a time.
 
     Args:
-        base: the checkpoint (SD 1.x, SD 2.x or SDXL single file, any container).
+        base: the checkpoint (SD 1.x, SD 2.x or SDXL single file; Flux.1 or SD3.x single file,
+            transformer-only file or diffusers transformer; any container).
         loras: ``"file:ratio"`` strings or ``(file, ratio)`` pairs, applied in order.
         out: the output ``.safetensors``; default ``<base>.merged.safetensors`` beside the base.
         unet_ratio, te_ratio: multiply every LoRA's ratio for UNet / text-encoder modules.
@@ -277,6 +306,7 @@ def merge_lora(
         warnings += check_scan(p, ignore_scan)[1]
     loaded = [(load_lora(p), r) for p, r in specs]
     with open_model(src) as mf:
+        refuse_scaled(mf.tensors, mf.metadata, src, "merge lora")
         det = detect_modelfile(mf)
         if det.kind != "checkpoint":
             raise UsageError(src, f"is not a checkpoint (detected as {det.kind})", "Pass the checkpoint first, then the LoRAs")

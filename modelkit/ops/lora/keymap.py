@@ -19,6 +19,10 @@ derives the module's paths, then registers the module under every name each key 
   (``base_model.model.``), ComfyUI (``diffusion_model.`` + LDM path), and the old diffusers
   attention-processor names (``attn1.processor.to_q``).
 
+A Flux.1 or SD3.x transformer is registered by ``dit`` from ``families.RULES`` instead (original and
+diffusers names; a module on a fused weight the checkpoint keeps apart, or the reverse, is cut by
+rows: ``splits``, ``pieces``).
+
 What differs between SD1, SD2 and SDXL is data: which text encoders sit under which prefix
 (``TEXT_LAYOUTS``) and which path kohya uses for the UNet (``KOHYA_UNET_PATHS``).
 """
@@ -39,6 +43,8 @@ TEXT_LAYOUTS = (
     ("cond_stage_model.model.", "openclip", "te"),           # SD 2.x: OpenCLIP ViT-H
     ("conditioner.embedders.0.transformer.", "hf", "te1"),   # SDXL: CLIP ViT-L
     ("conditioner.embedders.1.model.", "openclip", "te2"),   # SDXL: OpenCLIP ViT-bigG
+    ("text_encoders.clip_l.transformer.", "hf", "te1"),      # Flux, SD3 single files: CLIP ViT-L
+    ("text_encoders.clip_g.transformer.", "hf", "te2"),      # SD3: CLIP ViT-bigG (Hugging Face layout)
 )
 
 #: OpenCLIP weight under ``transformer.resblocks.N.`` -> (HF path under ``encoder.layers.N.``, third of rows).
@@ -130,6 +136,7 @@ class KeyMap:
     targets: list[Target] = field(default_factory=list)
     ambiguous: set[str] = field(default_factory=set)
     base: str | None = None
+    splits: dict[str, list[tuple[Target, tuple[int, int]]]] = field(default_factory=dict)
 
     @classmethod
     def build(cls, shapes: Mapping[str, Shape], base: str | None = None) -> KeyMap:
@@ -139,10 +146,14 @@ class KeyMap:
             shapes: the checkpoint's tensors (only multi-dimensional weights are used).
             base: ``sd1``, ``sd2`` or ``sdxl`` when known (decides ``name_for`` kohya naming).
         """
+        from . import dit
+
         km = cls(base=base)
-        blocks = _unet_blocks(k[len(UNET_PREFIX):] for k in shapes if k.startswith(UNET_PREFIX))
+        lay = dit.layout(shapes)
+        covered = dit.add(km, shapes, *lay) if lay is not None else set()
+        blocks = _unet_blocks(k[len(UNET_PREFIX):] for k in shapes if k.startswith(UNET_PREFIX)) if lay is None else {}
         for key, shape in shapes.items():
-            if len(shape) < 2:
+            if len(shape) < 2 or key in covered or (lay is not None and key.startswith(UNET_PREFIX)):
                 continue
             if key.startswith(UNET_PREFIX) and key.endswith(".weight"):
                 km._add_unet(key, shape, blocks)
@@ -163,6 +174,18 @@ class KeyMap:
     def lookup(self, name: str) -> Target | None:
         """The target of a LoRA module name, or None."""
         return self.names.get(name)
+
+    def pieces(self, name: str) -> list[tuple[Target, tuple[int, int] | None]] | None:
+        """The targets of a module name with the rows of the module's ``up`` each takes (None: all), or None.
+
+        A module on a fused weight the checkpoint keeps apart (or on rows stored elsewhere) has
+        several pieces; see ``dit``.
+        """
+        t = self.names.get(name)
+        if t is not None:
+            return [(t, None)]
+        split = self.splits.get(name)
+        return None if split is None else [(t, rows) for t, rows in split]
 
     def _register(self, name: str, target: Target) -> None:
         if name in self.ambiguous:

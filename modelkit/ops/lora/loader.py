@@ -156,6 +156,8 @@ def load_lora(path: str | os.PathLike[str]) -> LoraFile:
             for suffix, algo, role in _SUFFIXES:
                 if key.endswith(suffix) and len(key) > len(suffix):
                     name = key[: -len(suffix)]
+                    if suffix.startswith(("_lora1.", "_lora2.")):  # XLabs: ``qkv_lora1`` (image) and ``qkv_lora2`` (text)
+                        name += suffix[:6]
                     mod = modules.setdefault(name, Module(name, ""))
                     mod.parts[role] = ref.read("torch")
                     mod.keys[role] = key
