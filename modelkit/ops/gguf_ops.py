@@ -137,6 +137,22 @@ def _float32(ref: TensorRef) -> Any:
     return np.ascontiguousarray(arr, dtype=np.float32).reshape(ref.shape)
 
 
+def quantized_bytes(ref: TensorRef, qtype: str) -> bytes:
+    """The bytes the gguf package makes of ``ref`` in ``qtype`` (what ``to_gguf`` writes)."""
+    gguf = _gguf()
+    return bytes(gguf.quantize(_float32(ref), gguf.GGMLQuantizationType[qtype]).tobytes())
+
+
+def dequantized_bytes(ref: TensorRef, qtype: str, shape: tuple[int, ...], dtype: DType) -> bytes:
+    """The bytes of a quantized GGUF tensor dequantized by the gguf package and cast to ``dtype``."""
+    import numpy as np
+
+    gguf = _gguf()
+    raw = np.frombuffer(bytes(ref.read_raw()), np.uint8).reshape(ref.shape)
+    vals = gguf.dequantize(raw, gguf.GGMLQuantizationType[qtype]).astype(np.float32).reshape(shape)
+    return bytes(np.ascontiguousarray(numcast.cast(vals, BY_NAME["float32"], dtype)).tobytes())
+
+
 def choose_qtype(name: str, ref: TensorRef, quant: str) -> str:
     """The ggml type one tensor gets (see the module notes)."""
     full = "F16" if ref.dtype.name == "float16" else "F32"
@@ -159,7 +175,7 @@ def plan_to_gguf(mf: ModelFile, base: str | None, quant: str) -> tuple[list[Gguf
     Raises:
         UsageError: no denoiser, an architecture ComfyUI-GGUF does not load, a non-float tensor.
     """
-    gguf = _gguf()
+    _gguf()  # the package is needed for every tensor: say so before anything else
     arch = ARCH.get(base or "")
     if arch is None:
         raise UsageError(mf.path, f"GGUF holds the denoiser of {', '.join(sorted(set(ARCH)))} models; this is "
@@ -172,10 +188,9 @@ def plan_to_gguf(mf: ModelFile, base: str | None, quant: str) -> tuple[list[Gguf
         if not ref.dtype.is_float:
             raise UsageError(mf.path, f"tensor {n} is {ref.dtype.name}; GGUF takes float tensors here")
         qtype = choose_qtype(n, ref, quant)
-        qt = gguf.GGMLQuantizationType[qtype]
 
-        def compute(ref: TensorRef = ref, qt: Any = qt) -> bytes:
-            return bytes(gguf.quantize(_float32(ref), qt).tobytes())
+        def compute(ref: TensorRef = ref, qtype: str = qtype) -> bytes:
+            return quantized_bytes(ref, qtype)
 
         out.append(GgufTensor(n[len(prefix):], tuple(ref.shape), qtype, compute))
     kv: dict[str, str | int] = {"general.architecture": arch, "general.quantization_version": 2,

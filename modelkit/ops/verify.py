@@ -13,6 +13,9 @@ Both stream: one tensor of each file is in memory at a time.
   its source saturated, then cast; a scaled fp8 weight (``--fp8 scaled``) matches its source
   divided by the stored scale, which must equal ``amax / max`` of the source (its scale and
   ``comfy_quant`` tensors are checked with it); a scaled fp8 *source* is compared as weight*scale.
+  GGUF: a quantized output tensor must equal the gguf package's quantization of its source (the
+  source's ``model.diffusion_model.`` prefix is followed); a tensor dequantized from GGUF must
+  equal the package's dequantization, cast to the output's dtype.
 * ``diff A B`` lists keys only in one file, shape and dtype changes, and for shared tensors the
   largest absolute difference.
 """
@@ -94,11 +97,13 @@ def _source_name(name: str, src: ModelFile, out: ModelFile) -> str | None:
       the source without it), A1111 hypernetworks (``{dim}.{0|1}.linear.{i}.*``, as the reader
       flattens the ``.pt``), SDXL ``clip_l``/``clip_g`` embeddings, LoRAs, VAEs and the rest;
     * ``prune --part vae``: the source's ``first_stage_model.`` prefix is gone;
+    * ``convert --to gguf``: the source's ``model.diffusion_model.`` prefix is gone;
     * ``emb_params`` from an A1111 ``.pt`` embedding: its one ``string_to_param.*`` tensor;
     * ``emb_params`` from a diffusers embedding (``{"<token>": vectors}``): that one tensor (whose
       token the output's ``name`` metadata holds, where it has one).
     """
-    for cand in (name, f"first_stage_model.{name}"):
+    gguf_unet = [f"{UNET_PREFIX}{name}"] if out.container == "gguf" else []  # a GGUF holds the bare UNet
+    for cand in (name, f"first_stage_model.{name}", *gguf_unet):
         if cand in src:
             return cand
     if name == "emb_params":
@@ -173,6 +178,30 @@ def _fp8_problem(src: ModelFile, sname: str, scaled_src: dict[str, fp8.ScaledWei
     return f"values differ after casting {sref.dtype.name} to {ref.dtype.name} (plain or saturated)"
 
 
+def _gguf_problem(src: ModelFile, sname: str, out: ModelFile, name: str) -> str | None:
+    """A GGUF side of a conversion: a quantized output tensor must be what the gguf package makes of
+    its source (``convert --to gguf``); a tensor dequantized from GGUF (``convert x.gguf``) what the
+    package's dequantizer gives, cast to the output's dtype. Plain tensors compare as usual."""
+    from . import gguf_ops
+
+    s_types, s_shapes = src._quantized()
+    o_types, o_shapes = out._quantized()
+    sref, ref = src[sname], out[name]
+    s_shape = tuple(s_shapes.get(sname, sref.shape))
+    o_shape = tuple(o_shapes.get(name, ref.shape))
+    if s_shape != o_shape:
+        return f"shape {list(o_shape)} != source {list(s_shape)}"
+    if name in o_types:
+        want = gguf_ops.quantized_bytes(sref, o_types[name])
+        return None if want == bytes(ref.read_raw()) else f"not the gguf package's {o_types[name]} of the source"
+    if sname in s_types:
+        want = gguf_ops.dequantized_bytes(sref, s_types[sname], s_shape, ref.dtype)
+        return None if want == _bits(ref) else f"values differ from the gguf package's dequantized {s_types[sname]}"
+    equal, was_cast = _same(sref, ref)
+    return None if equal else "values differ" + (f" after casting {sref.dtype.name} to {ref.dtype.name}"
+                                                   if was_cast else "")
+
+
 def _tobytes(arr: Any) -> bytes:
     import numpy as np
 
@@ -222,6 +251,12 @@ def verify(source: str | os.PathLike[str], output: str | os.PathLike[str]) -> Ve
                 used.add(sname)
                 ema += 1
             sref = src[sname]
+            if src.container == "gguf" or out.container == "gguf":
+                problem = _gguf_problem(src, sname, out, name)
+                cast += 1
+                if problem:
+                    mismatches.append(Mismatch(name, sname, problem))
+                continue
             if not _same_shape(sref, ref, name):
                 mismatches.append(Mismatch(name, sname, f"shape {list(ref.shape)} != source {list(sref.shape)}"))
                 continue

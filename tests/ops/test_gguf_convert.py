@@ -155,3 +155,25 @@ def test_cli_to_gguf_and_back_and_inspect(tmp_path: Path) -> None:
     assert r.exit_code == 2 and "K-quants" in r.stderr and not (tmp_path / "k.gguf").exists()
     r = run(cli, ["convert", str(src), "--dtype", "fp16", "-o", str(tmp_path / "x.safetensors")])
     assert r.exit_code == 2 and "--dtype is for GGUF input" in r.stderr
+
+
+def test_verify_checks_both_directions_of_a_gguf_conversion(tmp_path: Path) -> None:
+    src = tmp_path / "flux.safetensors"
+    tiny_flux(src)
+    g = tmp_path / "flux.gguf"
+    to_gguf(src, g, quant="Q8_0", base="flux")
+    r = modelkit.verify(src, g)
+    assert r.ok, r.mismatches
+    assert r.only_in_source == ("first_stage_model.decoder.conv_in.weight",)
+    back = tmp_path / "back.safetensors"
+    from_gguf(g, back, dtype="fp16")
+    assert modelkit.verify(g, back).ok
+    # a wrong quantization is caught: rewrite one Q8_0 block's scale
+    data = bytearray(g.read_bytes())
+    with modelkit.open_model(g) as mf:
+        start = mf["double_blocks.0.img_attn.qkv.weight"].byte_range[0]
+    data[start] ^= 0x01
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(bytes(data))
+    r = modelkit.verify(src, bad)
+    assert not r.ok and [m.name for m in r.mismatches] == ["double_blocks.0.img_attn.qkv.weight"]
