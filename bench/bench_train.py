@@ -149,6 +149,65 @@ def run_modelkit(base: str, images: str, work: str, args: Any, device: str, tiny
     return clock.result()
 
 
+#: The features of issue 19, each run once in the tiny CPU mode: (label, config overrides).
+FEATURES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("masked loss (alpha + NAME.mask.png)", ("dataset.masked_loss=true",)),
+    ("optimizer adamw8bit", ("optimizer.name=adamw8bit",)),
+    ("optimizer prodigy (lr 1)", ("optimizer.name=prodigy", "optimizer.lr=none")),
+    ("optimizer lion", ("optimizer.name=lion",)),
+    ("optimizer lion8bit", ("optimizer.name=lion8bit",)),
+    ("optimizer adafactor (relative step)", ("optimizer.name=adafactor", "optimizer.lr=none")),
+    ("per-component lrs", ("network.train_text_encoder=true", "optimizer.unet_lr=2e-4", "optimizer.text_encoder_lr=5e-5")),
+    ("EMA", ("train.ema=true", "train.ema_decay=0.9")),
+    ("text-encoder cache", ("dataset.cache_text=true",)),
+    ("validation loss + tensorboard", ("dataset.validation_split=0.25", "train.validation_every=1", "output.tensorboard=true")),
+    ("wandb (offline)", ("output.wandb=true",)),
+)
+
+
+def run_features(base: str, images: str, work: str) -> None:
+    """Tiny CPU mode: each new training feature once, 2 steps, on the CPU; prints ok / skipped / FAILED."""
+    from PIL import Image
+
+    from modelkit.errors import ModelkitError
+    from modelkit.train.config import build_config
+    from modelkit.train.loop import train
+
+    masked = os.path.join(work, "masked-images")
+    os.makedirs(masked, exist_ok=True)
+    for name in os.listdir(images):
+        with open(os.path.join(images, name), "rb") as src, open(os.path.join(masked, name), "wb") as dst:
+            dst.write(src.read())
+    with Image.open(os.path.join(masked, "img0.png")) as im:
+        rgba = im.convert("RGBA")
+    alpha = Image.new("L", rgba.size, 0)  # the left half is ignored by the loss
+    alpha.paste(255, (rgba.width // 2, 0, rgba.width, rgba.height))
+    rgba.putalpha(alpha)
+    rgba.save(os.path.join(masked, "img0.png"))
+    Image.new("L", rgba.size, 255).save(os.path.join(masked, "img1.mask.png"))
+    os.environ.setdefault("WANDB_MODE", "offline")
+    os.environ.setdefault("WANDB_SILENT", "true")
+    print("\nissue-19 features, once each (tiny model, 2 steps, CPU):")
+    for i, (label, overrides) in enumerate(FEATURES):
+        cfg = build_config("lora", {
+            "model": {"path": base, "base": "sd1"},
+            "dataset": {"path": masked if "masked" in label else images, "resolution": 64, "bucketing": False,
+                        "min_bucket": 64, "max_bucket": 64},
+            "network": {"dim": 4, "alpha": 4.0}, "optimizer": {"lr": 1e-4},
+            "train": {"max_steps": 2, "device": "cpu", "seed": 0},
+            "output": {"dir": os.path.join(work, f"feature{i}"), "save_state": False, "force": True},
+        }, overrides)
+        started = time.perf_counter()
+        try:
+            result = train(cfg)
+        except ModelkitError as exc:  # a package that is not installed: its one-line message
+            print(f"  skipped  {label}: {exc}")
+            continue
+        extra = f", validation {result.validation[-1][1]:.4f}" if result.validation else ""
+        extra += f", EMA {os.path.basename(result.ema_saved[-1])}" if result.ema_saved else ""
+        print(f"  ok       {label}: loss {result.loss:.4f}{extra} ({time.perf_counter() - started:.1f} s)")
+
+
 def run_peer(base: str, images: str, args: Any, device: str, tiny: bool) -> tuple[float, float | None]:
     """diffusers + peft, written plainly: the loop of diffusers' train_text_to_image_lora.py, latents encoded once."""
     import torch.nn.functional as F
@@ -232,6 +291,7 @@ def main() -> None:
                     help="mixed precision (default bf16 on CUDA, no on the CPU)")
     ap.add_argument("--rounds", type=int, default=1, help="alternate the two loops N times; report each one's best")
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "out"))
+    ap.add_argument("--no-features", action="store_true", help="tiny mode: skip running each issue-19 feature once")
     args = ap.parse_args()
     import diffusers
     import transformers
@@ -274,6 +334,9 @@ def main() -> None:
         print(f"| {label:<26} | {rate:8.2f} | {mem:>15} |")
     ratio_mem = f"{mk_peak / peer_peak:.2f}x" if mk_peak and peer_peak else "-"
     print(f"| {'ratio modelkit / peer':<26} | {mk / peer:7.2f}x | {ratio_mem:>15} |")
+    if tiny and not args.no_features:
+        with tempfile.TemporaryDirectory(prefix="bench-train-features-") as work:
+            run_features(base, images, work)
 
 
 if __name__ == "__main__":

@@ -63,6 +63,16 @@ class DatasetConfig:
             any of them rebuilds it. With ``flip`` both orientations are cached.
         cache_dir: where the latent cache lives; default ``<output.dir>/.modelkit-latents``. Several
             runs (or datasets) may share one folder.
+        masked_loss: weigh the loss by a mask: ``NAME.mask.png`` beside the image (white: trained,
+            black: ignored), else the image's alpha channel (kohya's ``alpha_mask``); resized and
+            cropped like the image, then area-downsampled to the latent size. Without it an image
+            with transparency is skipped (a fully opaque one is simply RGB).
+        cache_text: keep the text encoders' outputs for each caption on disk (``.safetensors``,
+            atomic), keyed by the caption, the text encoders' weights, the tokenizer and clip skip;
+            only when no text encoder is trained.
+        text_cache_dir: where that cache lives; default ``<output.dir>/.modelkit-text``.
+        validation_split: hold out this fraction of the images (chosen by ``train.seed``) for the
+            validation loss; validation_path: a folder of held-out images instead.
     """
 
     path: str = ""
@@ -82,6 +92,11 @@ class DatasetConfig:
     min_image_size: int = 64
     cache_latents: bool = False
     cache_dir: str | None = None
+    masked_loss: bool = False
+    cache_text: bool = False
+    text_cache_dir: str | None = None
+    validation_split: float = 0.0
+    validation_path: str | None = None
 
 
 @dataclass(frozen=True)
@@ -154,18 +169,25 @@ class DreamBoothConfig:
 
 @dataclass(frozen=True)
 class OptimizerConfig:
-    """``[optimizer]``: AdamW, or AdamW8bit when bitsandbytes is installed.
+    """``[optimizer]``: one of ``modelkit.train.optim.OPTIMIZERS``.
 
     Attributes:
-        lr: the learning rate; unset: the method's usual one (``DEFAULT_LR``).
+        lr: the learning rate; unset: the method's usual one (``DEFAULT_LR``), or for the LR-free
+            optimizers their documented value (Prodigy 1.0; Adafactor none: its relative step).
+        weight_decay, betas, eps: unset: the optimizer's documented defaults.
+        unet_lr, text_encoder_lr: the rate of the UNet's / text encoders' parameter groups; unset:
+            ``lr`` (LoRA: ``network.unet_lr``/``text_encoder_lr`` first).
     """
 
-    name: str = field(default="adamw", metadata=_choice("adamw", "adamw8bit"))
+    name: str = field(default="adamw", metadata=_choice("adamw", "adamw8bit", "prodigy", "lion", "lion8bit",
+                                                        "adafactor"))
     lr: float | None = None
-    weight_decay: float = 1e-2
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
+    weight_decay: float | None = None
+    betas: tuple[float, float] | None = None
+    eps: float | None = None
     max_grad_norm: float = 1.0
+    unet_lr: float | None = None
+    text_encoder_lr: float | None = None
 
 
 @dataclass(frozen=True)
@@ -189,6 +211,11 @@ class TrainingConfig:
         threads: torch's CPU threads (``torch.set_num_threads``) for the run; 0: on the CPU, the cores
             this process may use (shared among the processes of a multi-process launch), elsewhere
             torch's own choice.
+        ema: keep an exponential moving average of the trained weights, written beside each output
+            as ``<name>-ema.safetensors`` (same layout) and kept in the resume state.
+        ema_decay: ``ema = decay * ema + (1 - decay) * weights`` after every optimizer step.
+        validation_every: every this many steps, the loss on the held-out images
+            (``dataset.validation_split`` or ``validation_path``) with fixed noise and timesteps; 0: never.
     """
 
     max_steps: int = 1000
@@ -203,6 +230,9 @@ class TrainingConfig:
     noise_offset: float = 0.0
     device: str = "auto"
     threads: int = 0
+    ema: bool = False
+    ema_decay: float = 0.999
+    validation_every: int = 0
 
 
 @dataclass(frozen=True)
@@ -215,6 +245,8 @@ class OutputConfig:
         log_dir: the TensorBoard folder; default ``<output.dir>/logs``.
         log_every: when stderr is not a terminal, the CLI prints a progress line every this many
             steps (and after the last); 0: ``max(1, steps // 20)``.
+        wandb: also log to Weights & Biases (``pip install 'modelkit[wandb]'``); ``WANDB_MODE``
+            (offline, disabled) is honoured. wandb_project: its project name.
     """
 
     dir: str = "output"
@@ -228,6 +260,8 @@ class OutputConfig:
     tensorboard: bool = False
     log_dir: str | None = None
     log_every: int = 0
+    wandb: bool = False
+    wandb_project: str = "modelkit"
 
 
 SAMPLERS = ("ddim", "euler", "euler_a", "dpm++")
@@ -297,7 +331,7 @@ SECTIONS: dict[str, type[Any]] = {f.name: f.default_factory for f in fields(Conf
 #: Path-valued keys, resolved against the config file's folder.
 PATH_KEYS = {("model", "path"), ("model", "configs"), ("model", "tokenizer"), ("dataset", "path"),
              ("output", "dir"), ("output", "resume"), ("dreambooth", "class_path"), ("dataset", "cache_dir"),
-             ("output", "log_dir")}
+             ("output", "log_dir"), ("dataset", "text_cache_dir"), ("dataset", "validation_path")}
 
 
 def _plain(value: Any) -> Any:
@@ -473,7 +507,8 @@ def check(config: Config, source: str | None = None) -> None:
         "scheduler.warmup_steps": c.scheduler.warmup_steps, "output.save_every_steps": c.output.save_every_steps,
         "output.save_every_epochs": c.output.save_every_epochs, "network.conv_dim": c.network.conv_dim,
         "dataset.keep_tokens": c.dataset.keep_tokens, "train.min_snr_gamma": c.train.min_snr_gamma,
-        "train.noise_offset": c.train.noise_offset, "optimizer.weight_decay": c.optimizer.weight_decay,
+        "train.noise_offset": c.train.noise_offset, "optimizer.weight_decay": c.optimizer.weight_decay or 0.0,
+        "train.validation_every": c.train.validation_every,
         "optimizer.max_grad_norm": c.optimizer.max_grad_norm, "dataset.min_image_size": c.dataset.min_image_size,
         "dreambooth.prior_loss_weight": c.dreambooth.prior_loss_weight,
         "dreambooth.num_class_images": c.dreambooth.num_class_images, "sample.every_steps": c.sample.every_steps,
@@ -492,7 +527,10 @@ def check(config: Config, source: str | None = None) -> None:
             raise _bad(source, key, f"must be in [0, 1), got {p}")
     if c.optimizer.lr is not None and c.optimizer.lr <= 0:
         raise _bad(source, "optimizer.lr", f"must be positive, got {c.optimizer.lr}")
-    for i, beta in enumerate(c.optimizer.betas):
+    for key, rate in (("optimizer.unet_lr", c.optimizer.unet_lr), ("optimizer.text_encoder_lr", c.optimizer.text_encoder_lr)):
+        if rate is not None and rate <= 0:
+            raise _bad(source, key, f"must be positive, got {rate}")
+    for i, beta in enumerate(c.optimizer.betas or ()):
         if not 0.0 <= beta < 1.0:
             raise _bad(source, f"optimizer.betas[{i}]", f"must be in [0, 1), got {beta}")
     if c.dataset.bucketing and not c.dataset.min_bucket <= c.dataset.resolution <= c.dataset.max_bucket:
@@ -523,9 +561,33 @@ def check(config: Config, source: str | None = None) -> None:
                        "(the prompt class images are generated from)")
         if c.dreambooth.class_steps < 1:
             raise _bad(source, "dreambooth.class_steps", f"must be at least 1, got {c.dreambooth.class_steps}")
+    _check_new(c, source)
     if c.method == "ti":
         if not c.ti.token.strip() or " " in c.ti.token.strip():
             raise _bad(source, "ti.token", f"must be one word without spaces, got {c.ti.token!r}")
+
+
+def _check_new(c: Config, source: str | None) -> None:
+    """Masks, text cache, EMA, validation and optimizer checks."""
+    if not 0.0 < c.train.ema_decay < 1.0:
+        raise _bad(source, "train.ema_decay", f"must be in (0, 1), got {c.train.ema_decay}")
+    if not 0.0 <= c.dataset.validation_split < 1.0:
+        raise _bad(source, "dataset.validation_split", f"must be in [0, 1), got {c.dataset.validation_split}")
+    if c.train.validation_every and not (c.dataset.validation_split or c.dataset.validation_path):
+        raise _bad(source, "train.validation_every", "needs held-out images: set dataset.validation_split "
+                   "or dataset.validation_path")
+    if c.dataset.cache_text:
+        trained = {"ti": "textual inversion trains the text embeddings",
+                   "lora": "network.train_text_encoder is on", "locon": "network.train_text_encoder is on",
+                   "dreambooth": "dreambooth.train_text_encoder is on"}
+        if c.method == "ti" or (c.method in ("lora", "locon") and c.network.train_text_encoder) or (
+                c.method == "dreambooth" and c.dreambooth.train_text_encoder):
+            raise _bad(source, "dataset.cache_text", f"the text encoder is trained ({trained[c.method]}); "
+                       "its outputs cannot be cached")
+    no_lr = c.optimizer.lr is None and c.optimizer.unet_lr is None and c.optimizer.text_encoder_lr is None
+    if c.optimizer.name == "adafactor" and no_lr and (c.scheduler.name != "constant" or c.scheduler.warmup_steps):
+        raise _bad(source, "scheduler.name", "Adafactor without optimizer.lr sets its own rate (relative step); "
+                   "use scheduler.name = constant without warm-up, or give optimizer.lr")
 
 
 #: The learning rate of each method when ``optimizer.lr`` is not set.
@@ -541,9 +603,23 @@ def resolved(config: Config) -> Config:
     if config.method == "locon":
         net = replace(net, conv_dim=net.conv_dim or net.dim, conv_alpha=net.conv_alpha or net.alpha)
     out = config.output if config.output.name else replace(config.output, name=config.method)
-    opt = config.optimizer if config.optimizer.lr is not None else replace(config.optimizer, lr=DEFAULT_LR[config.method])
+    opt = _resolved_optimizer(config)
     ti = config.ti if config.ti.init_word.strip() else replace(config.ti, init_word=DEFAULT_INIT_WORD)
     return replace(config, network=net, output=out, optimizer=opt, ti=ti)
+
+
+def _resolved_optimizer(config: Config) -> OptimizerConfig:
+    """The optimizer section with its unset rates and hyper-parameters filled in (``optim.OPTIMIZERS``)."""
+    from .optim import OPTIMIZERS
+
+    opt = config.optimizer
+    spec = OPTIMIZERS[opt.name]
+    lr = opt.lr
+    if lr is None:
+        lr = spec.free_lr if spec.lr_free else DEFAULT_LR[config.method]
+    return replace(opt, lr=lr, betas=opt.betas if opt.betas is not None else spec.betas,
+                   eps=opt.eps if opt.eps is not None else spec.eps,
+                   weight_decay=opt.weight_decay if opt.weight_decay is not None else spec.weight_decay)
 
 
 __all__ = ["BASES", "DEFAULT_INIT_WORD", "DEFAULT_LR", "METHODS", "SECTIONS", "Config", "DatasetConfig", "DreamBoothConfig", "HypernetworkConfig",

@@ -35,6 +35,8 @@ class Item:
     repeats: int
     size: tuple[int, int]
     bucket: tuple[int, int]
+    #: ``dataset.masked_loss``: ``""`` (no mask), ``"alpha"`` (the image's alpha) or a ``NAME.mask.png`` path.
+    mask: str = ""
 
 
 @dataclass(frozen=True)
@@ -116,7 +118,10 @@ def scan(cfg: DatasetConfig, on_skip: Callable[[Skipped], None] | None = None) -
         else [(cfg.resolution, cfg.resolution)]
     ds = Dataset([])
     for path, repeats, group in _walk(cfg.path, cfg.repeats):
-        size, problem = check_image(path, cfg.min_image_size)
+        size, problem, transparent = inspect_image(path, cfg.min_image_size, allow_alpha=cfg.masked_loss)
+        mask = ""
+        if problem is None and cfg.masked_loss:
+            mask, problem = _find_mask(path, transparent)
         if problem is not None or size is None:
             skip = Skipped(path, problem or "unreadable")
             ds.skipped.append(skip)
@@ -124,7 +129,7 @@ def scan(cfg: DatasetConfig, on_skip: Callable[[Skipped], None] | None = None) -
                 on_skip(skip)
             continue
         caption = read_caption(path, cfg.caption_extensions) or cfg.default_caption
-        ds.items.append(Item(path, caption, repeats, size, nearest_bucket(size, buckets)))
+        ds.items.append(Item(path, caption, repeats, size, nearest_bucket(size, buckets), mask))
         freq = ds.tag_frequency.setdefault(group, {})
         for tag in split_tags(caption):
             freq[tag] = freq.get(tag, 0) + 1
@@ -135,7 +140,8 @@ def scan(cfg: DatasetConfig, on_skip: Callable[[Skipped], None] | None = None) -
 
 
 def _walk(root: str, default_repeats: int) -> list[tuple[str, int, str]]:
-    """(image path, repeats, group name) for every image under ``root``, sorted."""
+    """(image path, repeats, group name) for every image under ``root``, sorted; ``NAME.mask.png``
+    beside an image ``NAME.*`` is that image's loss mask, not an image of its own."""
     out = []
     for folder, dirs, files in os.walk(root, followlinks=False):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
@@ -147,6 +153,9 @@ def _walk(root: str, default_repeats: int) -> list[tuple[str, int, str]]:
             full = os.path.join(folder, name)
             if name.startswith(".") or os.path.islink(full) or not name.lower().endswith(IMAGE_EXTENSIONS):
                 continue
+            if name.lower().endswith(MASK_SUFFIX) and any(
+                    name[: -len(MASK_SUFFIX)] + ext in files for ext in _ALL_EXTENSIONS):
+                continue
             if repeats > 0:
                 out.append((full, repeats, group))
     return out
@@ -154,6 +163,44 @@ def _walk(root: str, default_repeats: int) -> list[tuple[str, int, str]]:
 
 def check_image(path: str, min_size: int) -> tuple[tuple[int, int] | None, str | None]:
     """``(size, None)`` for a usable image, ``(None, reason)`` otherwise. Never raises for bad content."""
+    size, problem, _ = inspect_image(path, min_size)
+    return size, problem
+
+
+#: The mask file of ``NAME.png`` (any image extension) is ``NAME.mask.png``.
+MASK_SUFFIX = ".mask.png"
+_ALL_EXTENSIONS = IMAGE_EXTENSIONS + tuple(e.upper() for e in IMAGE_EXTENSIONS)
+
+
+def _find_mask(path: str, transparent: bool) -> tuple[str, str | None]:
+    """``(mask source, problem)``: ``NAME.mask.png`` beside the image, else ``"alpha"`` for a
+    transparent image, else ``""`` (the whole image counts)."""
+    from PIL import Image, UnidentifiedImageError
+
+    file = os.path.splitext(path)[0] + MASK_SUFFIX
+    if os.path.isfile(file) and not os.path.islink(file):
+        try:
+            with Image.open(file) as im:
+                im.load()
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+            return "", f"its mask {os.path.basename(file)} is unreadable ({type(exc).__name__}: {exc})"
+        return file, None
+    return ("alpha" if transparent else ""), None
+
+
+def _transparent(im: Any) -> bool:
+    """Whether any pixel of an image with an alpha channel (or palette transparency) is not opaque."""
+    if im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in im.info:
+        alpha = im.convert("RGBA").getchannel("A")
+        low, _ = alpha.getextrema()
+        return bool(low < 255)
+    return False
+
+
+def inspect_image(path: str, min_size: int, allow_alpha: bool = False) -> tuple[tuple[int, int] | None, str | None, bool]:
+    """``(size, None, transparent)`` for a usable image, ``(None, reason, False)`` otherwise; never
+    raises for bad content. A fully opaque alpha channel is ignored (the image is simply RGB); a
+    transparent image is usable only with ``allow_alpha`` (``dataset.masked_loss``)."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
@@ -164,21 +211,22 @@ def check_image(path: str, min_size: int) -> tuple[tuple[int, int] | None, str |
             with Image.open(path) as im:
                 im.load()
                 mode = im.mode
-                transparent = "transparency" in im.info
+                transparent = _transparent(im)
                 im = ImageOps.exif_transpose(im)
                 size = (int(im.width), int(im.height))
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError,
             Image.DecompressionBombWarning) as exc:
-        return None, f"corrupt or unreadable image ({type(exc).__name__}: {exc})"
+        return None, f"corrupt or unreadable image ({type(exc).__name__}: {exc})", False
     if mode == "CMYK":
-        return None, "CMYK image; save it as RGB"
-    if mode in ("RGBA", "LA", "PA", "La", "RGBa") or transparent:
-        return None, "image has an alpha channel (transparency); flatten it onto a background"
-    if mode not in ("RGB", "L", "P", "1"):
-        return None, f"unsupported image mode {mode}; save it as 8-bit RGB"
+        return None, "CMYK image; save it as RGB", False
+    if transparent and not allow_alpha:
+        return None, ("image has an alpha channel (transparency); flatten it onto a background, or set "
+                      "dataset.masked_loss = true to use it as the loss mask"), False
+    if mode not in ("RGB", "L", "P", "1", "RGBA", "LA", "PA", "La", "RGBa"):
+        return None, f"unsupported image mode {mode}; save it as 8-bit RGB", False
     if min(size) < min_size:
-        return None, f"image is {size[0]}x{size[1]}, smaller than dataset.min_image_size={min_size}"
-    return size, None
+        return None, f"image is {size[0]}x{size[1]}, smaller than dataset.min_image_size={min_size}", False
+    return size, None, transparent
 
 
 def read_caption(image: str, extensions: Sequence[str]) -> str:
@@ -222,9 +270,18 @@ def load_pixels(item: Item, flip: bool = False) -> tuple[Any, tuple[int, int]]:
     import torch
     from PIL import Image, ImageOps
 
-    bw, bh = item.bucket
     with Image.open(item.path) as raw:
         im = ImageOps.exif_transpose(raw).convert("RGB")
+    im, crop = _fit(im, item.bucket, flip)
+    arr = np.asarray(im, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous(), crop
+
+
+def _fit(im: Any, bucket: tuple[int, int], flip: bool) -> tuple[Any, tuple[int, int]]:
+    """Resize to cover the bucket, centre-crop, flip: ``(image, (crop_top, crop_left))``."""
+    from PIL import Image
+
+    bw, bh = bucket
     scale = max(bw / im.width, bh / im.height)
     rw, rh = max(bw, round(im.width * scale)), max(bh, round(im.height * scale))
     im = im.resize((rw, rh), Image.Resampling.LANCZOS)
@@ -232,8 +289,33 @@ def load_pixels(item: Item, flip: bool = False) -> tuple[Any, tuple[int, int]]:
     im = im.crop((left, top, left + bw, top + bh))
     if flip:
         im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    arr = np.asarray(im, dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous(), (top, left)
+    return im, (top, left)
+
+
+def load_mask(item: Item, flip: bool = False) -> Any:
+    """The loss mask of an item as a ``[1, H, W]`` tensor in [0, 1] at bucket pixels (ones without a
+    mask): its ``NAME.mask.png`` (resized to the image when the sizes differ) or its alpha channel,
+    resized, cropped and flipped exactly as the image is."""
+    import numpy as np
+    import torch
+    from PIL import Image, ImageOps
+
+    bw, bh = item.bucket
+    if not item.mask:
+        return torch.ones(1, bh, bw)
+    with Image.open(item.path) as raw:
+        image = ImageOps.exif_transpose(raw)
+        size = image.size
+        if item.mask == "alpha":
+            mask = image.convert("RGBA").getchannel("A")
+    if item.mask != "alpha":
+        with Image.open(item.mask) as raw:
+            mask = ImageOps.exif_transpose(raw).convert("L")
+        if mask.size != size:
+            mask = mask.resize(size, Image.Resampling.LANCZOS)
+    mask, _ = _fit(mask, item.bucket, flip)
+    arr = np.asarray(mask, dtype=np.float32) / 255.0
+    return torch.from_numpy(arr.copy())[None]
 
 
 def sample_rng(seed: int, step: int, slot: int) -> random.Random:

@@ -68,6 +68,10 @@ class TensorBoard:
         w.add_scalar("train/steps_per_s", 1.0 / max(now - self.last, 1e-9), step)
         w.add_scalar("train/epoch", epoch, step)
 
+    def scalar(self, tag: str, value: float, step: int) -> None:
+        """Log one more scalar (``validation/loss``)."""
+        self.writer.add_scalar(tag, value, step)
+
     def resume_clock(self) -> None:
         """Start the steps/s clock again, after a step's saves and samples (they are not training speed)."""
         self.last = time.perf_counter()
@@ -76,4 +80,56 @@ class TensorBoard:
         self.writer.close()
 
 
-__all__ = ["PIP_COMMAND", "TensorBoard", "log_dir", "require_tensorboard"]
+WANDB_PIP = "pip install 'modelkit[wandb]'"
+
+
+def require_wandb() -> None:
+    """Raise unless ``wandb`` can be imported.
+
+    Raises:
+        ConfigError: names ``output.wandb`` and the pip command.
+    """
+    try:
+        found = importlib.util.find_spec("wandb") is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        raise ConfigError(None, "key output.wandb: the wandb package is not installed",
+                          f"Run: {WANDB_PIP}, or set output.wandb = false")
+
+
+class WandB:
+    """The same scalars as ``TensorBoard`` (``train/loss``, ``train/lr``..., ``validation/loss``) in
+    one Weights & Biases run: project ``output.wandb_project``, run name ``output.name``, the
+    resolved config as the run's config, files under the log folder. ``WANDB_MODE=offline`` keeps
+    everything local; ``disabled`` makes every call a no-op.
+    """
+
+    def __init__(self, config: Any, folder: str):
+        require_wandb()
+        import wandb
+
+        os.makedirs(folder, exist_ok=True)
+        self.run = wandb.init(project=config.output.wandb_project, name=config.output.name, dir=folder,
+                              config=config.to_dict())
+        self.last = time.perf_counter()
+
+    def step(self, step: int, loss: float, lrs: list[float], epoch: float) -> None:
+        """Log one optimizer step."""
+        now = time.perf_counter()
+        row = {"train/loss": loss, "train/epoch": epoch, "train/steps_per_s": 1.0 / max(now - self.last, 1e-9)}
+        for i, lr in enumerate(lrs):
+            row["train/lr" if i == 0 else f"train/lr_group{i}"] = lr
+        self.run.log(row, step=step)
+
+    def scalar(self, tag: str, value: float, step: int) -> None:
+        self.run.log({tag: value}, step=step)
+
+    def resume_clock(self) -> None:
+        self.last = time.perf_counter()
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+__all__ = ["PIP_COMMAND", "WANDB_PIP", "TensorBoard", "WandB", "log_dir", "require_tensorboard", "require_wandb"]

@@ -16,12 +16,14 @@ from typing import Any
 
 from ..errors import OutputExistsError, TrainingError, UsageError
 from ..paths import atomic_output, check_output
-from . import data
+from . import data, validation
 from .config import Config, resolved
+from .ema import EMA, ema_path
 from .export import common_metadata
-from .logs import TensorBoard, log_dir, require_tensorboard
+from .logs import TensorBoard, WandB, log_dir, require_tensorboard, require_wandb
+from .optim import OPTIMIZERS, make_optimizer, make_scheduler, require_optimizer
 from .sample import sample_images, sample_paths
-from .state import Counters, load_state, save_state
+from .state import Counters, load_extra, load_state, save_state
 from .step import compute_loss, load_batch
 from .tomlio import render_toml
 
@@ -70,13 +72,18 @@ class TrainResult:
     main: bool = True
     #: The resolved config, saved beside the output (``<name>.config.toml``).
     config_file: str = ""
+    #: ``train.ema``: the EMA outputs written (``<name>-ema.safetensors`` last).
+    ema_saved: tuple[str, ...] = ()
+    #: ``train.validation_every``: ``(step, validation loss)`` pairs.
+    validation: tuple[tuple[int, float], ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, "base": self.base, "prediction": self.prediction, "output": self.output,
                 "steps": self.steps, "epochs": self.epochs, "loss": self.loss, "seconds": round(self.seconds, 3),
                 "saved": list(self.saved), "states": list(self.states), "images": self.images,
                 "skipped": [s.to_dict() for s in self.skipped], "notes": list(self.notes),
-                "samples": list(self.samples), "class_images": list(self.class_images), "config": self.config_file}
+                "samples": list(self.samples), "class_images": list(self.class_images), "config": self.config_file,
+                "ema": list(self.ema_saved), "validation": [{"step": s, "loss": v} for s, v in self.validation]}
 
 
 def _weight_dtype(precision: str) -> Any:
@@ -96,22 +103,6 @@ def _accelerator(config: Config) -> Any:
                          "Use bf16 or no on this device") from None
 
 
-def make_optimizer(config: Config, groups: list[dict[str, Any]]) -> Any:
-    """AdamW (torch) or AdamW8bit (bitsandbytes, when installed)."""
-    import torch
-
-    oc = config.optimizer
-    kwargs: dict[str, Any] = {"lr": oc.lr, "betas": oc.betas, "eps": oc.eps, "weight_decay": oc.weight_decay}
-    if oc.name == "adamw8bit":
-        try:
-            import bitsandbytes as bnb
-        except ImportError:
-            raise UsageError(None, "key optimizer.name=adamw8bit needs bitsandbytes",
-                             "Run: pip install bitsandbytes, or use adamw") from None
-        return bnb.optim.AdamW8bit(groups, **kwargs)
-    return torch.optim.AdamW(groups, **kwargs)
-
-
 #: DreamBooth keys a resume may change: where class images are and how missing ones are generated.
 _DB_FREE = ("class_path", "num_class_images", "class_steps", "class_guidance_scale", "class_negative_prompt")
 
@@ -122,7 +113,8 @@ def _fingerprint(config: Config) -> dict[str, Any]:
     d = c.to_dict()
     return {"method": c.method, "network": d["network"], "ti": d["ti"], "hypernetwork": d["hypernetwork"],
             "dreambooth": {k: v for k, v in d["dreambooth"].items() if k not in _DB_FREE}, "seed": c.train.seed,
-            "batch_size": c.train.batch_size, "grad_accum": c.train.grad_accum, "optimizer": c.optimizer.name}
+            "batch_size": c.train.batch_size, "grad_accum": c.train.grad_accum, "optimizer": c.optimizer.name,
+            **({"ema": c.train.ema_decay} if c.train.ema else {})}
 
 
 def _threads(cfg: Config, device: Any) -> int:
@@ -191,10 +183,15 @@ def _train(config: Config, progress: Progress | None, on_skip: Callable[[data.Sk
     oc = cfg.output
     if oc.tensorboard:
         require_tensorboard()
+    require_optimizer(cfg.optimizer.name)
+    if oc.wandb:
+        require_wandb()
     os.makedirs(oc.dir, exist_ok=True)
     final = os.path.join(oc.dir, f"{oc.name}.safetensors")
     final_state = os.path.join(oc.dir, f"{oc.name}-state")
     check_output(final, force=oc.force)
+    if cfg.train.ema:
+        check_output(ema_path(final), force=oc.force)
     if cfg.method == "dreambooth" and os.path.isdir(cfg.model.path) and not oc.force \
             and os.path.lexists(final[: -len(".safetensors")]):  # DreamBooth on a diffusers folder writes a folder
         raise OutputExistsError(final[: -len(".safetensors")], "already exists")
@@ -212,6 +209,7 @@ def _train(config: Config, progress: Progress | None, on_skip: Callable[[data.Sk
     config_file = _save_config(cfg) if accelerator.is_main_process else ""
     weight_dtype = _weight_dtype(cfg.train.mixed_precision)
     ds = data.scan(cfg.dataset, on_skip)
+    held = validation.split(cfg, ds, on_skip)
     base = load_base(cfg.model, dtype=weight_dtype)
     generated: list[str] = []
     if cfg.method == "dreambooth" and cfg.dreambooth.num_class_images:
@@ -228,10 +226,7 @@ def _train(config: Config, progress: Progress | None, on_skip: Callable[[data.Sk
     total = cfg.train.max_steps or steps_per_epoch * cfg.train.epochs
     if cfg.train.epochs:
         total = min(total, steps_per_epoch * cfg.train.epochs)
-    from diffusers.optimization import get_scheduler
-
-    scheduler = get_scheduler(cfg.scheduler.name, optimizer, num_warmup_steps=cfg.scheduler.warmup_steps,
-                              num_training_steps=total, num_cycles=cfg.scheduler.cycles, power=cfg.scheduler.power)
+    scheduler = make_scheduler(cfg, optimizer, total)
     unet = accelerator.prepare(base.unet) if method.name != "ti" else base.unet
     for i, on in enumerate(method.train_text):
         if on:  # wrapped for multi-GPU gradient sync; the method keeps references to the inner module
@@ -249,7 +244,13 @@ def _train(config: Config, progress: Progress | None, on_skip: Callable[[data.Sk
     base.unet.to(device)
     notes = list(base.notes)
     if cfg.dataset.cache_latents:
-        method.latents = _cache_latents(cfg, base, ds, method, accelerator, notes)
+        method.latents = _cache_latents(cfg, base, ds, method, accelerator, notes, held)
+    text_cache = _text_cache(cfg, base, notes)
+    ema = EMA(params, cfg.train.ema_decay) if cfg.train.ema else None
+    if ema is not None and oc.resume:
+        ema.load(load_extra(oc.resume, "ema."))
+    ema_saved: list[str] = []
+    validated: list[tuple[int, float]] = []
     text_grad = any(method.train_text)
     meta = _metadata(cfg, base, ds, method.adapter)
     saved: list[str] = []
@@ -261,6 +262,7 @@ def _train(config: Config, progress: Progress | None, on_skip: Callable[[data.Sk
     running = 0.0
     trainable = [p for g in groups for p in g["params"]]
     board = TensorBoard(log_dir(cfg)) if oc.tensorboard and accelerator.is_main_process else None
+    wandb_run = WandB(cfg, log_dir(cfg)) if oc.wandb and accelerator.is_main_process else None
     if on_start is not None and accelerator.is_main_process:
         on_start(RunStart(cfg.method, base.family, cfg.model.path, len(ds.items), len({i.bucket for i in ds.items}),
                           total, step, final, config_file, str(device), torch.get_num_threads()))
@@ -283,10 +285,10 @@ def _train(config: Config, progress: Progress | None, on_skip: Callable[[data.Sk
                                method.latents)
             prior = method.prior_batch(sample)
             with accelerator.autocast():
-                loss = compute_loss(cfg, base, unet, batch, sample, device, weight_dtype, text_grad)
+                loss = compute_loss(cfg, base, unet, batch, sample, device, weight_dtype, text_grad, text_cache)
                 if prior is not None:  # DreamBooth's prior preservation, with its own noise stream
                     loss = loss + cfg.dreambooth.prior_loss_weight * compute_loss(
-                        cfg, base, unet, prior, -1 - sample, device, weight_dtype, text_grad)
+                        cfg, base, unet, prior, -1 - sample, device, weight_dtype, text_grad, text_cache)
             if not torch.isfinite(loss):
                 raise TrainingError(None, f"the loss became {loss.detach().item()} at step {step + 1} (micro-batch {micro})",
                                     "Lower optimizer.lr, use bf16 rather than fp16, or check the images and captions")
@@ -300,13 +302,24 @@ def _train(config: Config, progress: Progress | None, on_skip: Callable[[data.Sk
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.update()
             step += 1
             losses.append(running)
             if progress is not None and accelerator.is_main_process:
                 progress(step, total, running, float(scheduler.get_last_lr()[0]))
             if board is not None:
                 board.step(step, running, [float(x) for x in scheduler.get_last_lr()], micro / per_epoch)
+            if wandb_run is not None:
+                wandb_run.step(step, running, [float(x) for x in scheduler.get_last_lr()], micro / per_epoch)
             running = 0.0
+            if held and cfg.train.validation_every and step % cfg.train.validation_every == 0:
+                value = validation.validation_loss(cfg, base, unet, method, held, device, weight_dtype,
+                                                   accelerator.autocast, text_cache)
+                validated.append((step, value))
+                for sink in (board, wandb_run):
+                    if sink is not None:
+                        sink.scalar("validation/loss", value, step)
             if cfg.sample.every_steps and step % cfg.sample.every_steps == 0 and accelerator.is_main_process:
                 samples.extend(sample_images(cfg, base, method, step, replace_saves, accelerator.autocast,
                                              board.writer if board is not None else None))
@@ -317,25 +330,37 @@ def _train(config: Config, progress: Progress | None, on_skip: Callable[[data.Sk
                 tag = f"{oc.name}-step{step:06d}"
                 out = os.path.join(oc.dir, tag + ".safetensors")
                 saved.append(_export(method, out, meta, cfg, step, micro / per_epoch, replace_saves))
+                if ema is not None:
+                    ema_saved.append(_export_ema(ema, method, ema_path(out), meta, cfg, step, micro / per_epoch,
+                                                 replace_saves))
                 if oc.save_state:
                     states.append(save_state(os.path.join(oc.dir, tag + "-state"), Counters(step, micro), params, optimizer,
-                                             scheduler, accelerator.scaler, _fingerprint(cfg), force=replace_saves))
-            if board is not None:
-                board.resume_clock()
+                                             scheduler, accelerator.scaler, _fingerprint(cfg), force=replace_saves,
+                                             extra=ema.state() if ema is not None else None))
+            for sink in (board, wandb_run):
+                if sink is not None:
+                    sink.resume_clock()
     finally:
-        if board is not None:
-            board.close()
+        for sink in (board, wandb_run):
+            if sink is not None:
+                sink.close()
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         saved.append(_export(method, final, meta, cfg, step, micro / per_epoch, oc.force))
+        if ema is not None:
+            ema_saved.append(_export_ema(ema, method, ema_path(final), meta, cfg, step, micro / per_epoch, oc.force))
         if oc.save_state:
             states.append(save_state(final_state, Counters(step, micro), params, optimizer, scheduler,
-                                     accelerator.scaler, _fingerprint(cfg), force=True))
+                                     accelerator.scaler, _fingerprint(cfg), force=True,
+                                     extra=ema.state() if ema is not None else None))
+    if text_cache is not None:
+        notes.append(f"text cache {text_cache.folder}: {text_cache.built} encoded, {text_cache.reused} reused, "
+                     f"{text_cache.rebuilt} rebuilt")
     return TrainResult(cfg.method, base.family, base.prediction, saved[-1] if saved else final, step,
                        round(micro / per_epoch, 3), losses[-1] if losses else float("nan"),
                        time.monotonic() - started, tuple(saved), tuple(states), len(ds.items), tuple(ds.skipped),
                        tuple(notes), tuple(losses), tuple(samples), tuple(generated), accelerator.is_main_process,
-                       config_file)
+                       config_file, tuple(ema_saved), tuple(validated))
 
 
 def _check_samples(cfg: Config) -> None:
@@ -368,14 +393,32 @@ def _class_images(cfg: Config, base: Any, accelerator: Any) -> list[str]:
     return written
 
 
-def _cache_latents(cfg: Config, base: Any, ds: data.Dataset, method: Any, accelerator: Any, notes: list[str]) -> Any:
+def _text_cache(cfg: Config, base: Any, notes: list[str]) -> Any:
+    """The text-encoder output cache (``dataset.cache_text``), or None."""
+    if not cfg.dataset.cache_text:
+        return None
+    from .textcache import TextCache, cache_folder, text_identity
+
+    return TextCache(cache_folder(cfg), text_identity(base, cfg.model.clip_skip), notes.append)
+
+
+def _export_ema(ema: EMA, method: Any, path: str, meta: dict[str, str], cfg: Config, step: int, epoch: float,
+                force: bool) -> str:
+    """The EMA weights through the method's own exporter (same layout as the main output)."""
+    return ema.swapped(lambda: _export(method, path, {**meta, "modelkit.ema_decay": repr(cfg.train.ema_decay)},
+                                       cfg, step, epoch, force))
+
+
+def _cache_latents(cfg: Config, base: Any, ds: data.Dataset, method: Any, accelerator: Any, notes: list[str],
+                   held: list[data.Item] | None = None) -> Any:
     """Build the latent cache (main process; the others wait), then move the VAE off the GPU if
     nothing else needs it."""
     from .latents import LatentCache, cache_folder, vae_identity
 
     cache = LatentCache(cache_folder(cfg), vae_identity(base.vae))
     if accelerator.is_main_process:
-        stats = cache.build([*ds.items, *method.cache_items()], cfg.dataset.flip, base.vae, accelerator.autocast)
+        stats = cache.build([*ds.items, *method.cache_items(), *(held or [])], cfg.dataset.flip, base.vae,
+                            accelerator.autocast)
         notes.append(f"latent cache {cache.folder}: {stats.built} encoded, {stats.reused} reused, "
                      f"{stats.removed} stale removed")
     accelerator.wait_for_everyone()
@@ -415,8 +458,7 @@ def _metadata(cfg: Config, base: Any, ds: data.Dataset, adapter: str) -> dict[st
     meta.update({
         "ss_session_id": str(random.Random(t.seed).randint(0, 2**31)), "ss_output_name": cfg.output.name,
         "ss_training_comment": "modelkit train", "ss_sd_model_name": os.path.basename(cfg.model.path.rstrip("/")),
-        "ss_learning_rate": repr(o.lr), "ss_optimizer": "bitsandbytes.optim.AdamW8bit" if o.name == "adamw8bit"
-        else "torch.optim.AdamW", "ss_lr_scheduler": cfg.scheduler.name, "ss_lr_warmup_steps": str(cfg.scheduler.warmup_steps),
+        "ss_learning_rate": repr(o.lr), "ss_optimizer": OPTIMIZERS[o.name].kohya, "ss_lr_scheduler": cfg.scheduler.name, "ss_lr_warmup_steps": str(cfg.scheduler.warmup_steps),
         "ss_max_train_steps": str(t.max_steps), "ss_num_epochs": str(t.epochs), "ss_batch_size_per_device": str(t.batch_size),
         "ss_gradient_accumulation_steps": str(t.grad_accum), "ss_mixed_precision": t.mixed_precision,
         "ss_gradient_checkpointing": str(t.gradient_checkpointing), "ss_seed": str(t.seed),
@@ -427,6 +469,7 @@ def _metadata(cfg: Config, base: Any, ds: data.Dataset, adapter: str) -> dict[st
         "ss_keep_tokens": str(d.keep_tokens), "ss_shuffle_caption": str(d.shuffle_tags),
         "ss_caption_dropout_rate": str(d.caption_dropout), "ss_caption_tag_dropout_rate": str(d.tag_dropout),
         "ss_flip_aug": str(d.flip), "ss_num_train_images": str(images), "ss_num_reg_images": "0",
+        "ss_masked_loss": str(d.masked_loss),
         "ss_tag_frequency": json.dumps(ds.tag_frequency, ensure_ascii=False), "ss_dataset_dirs": json.dumps(dirs),
         "ss_training_started_at": str(time.time()),
     })

@@ -1,7 +1,8 @@
 """A resumable training state: ``state.safetensors`` (tensors) + ``state.json`` (everything else).
 
 Nothing is pickled. The tensors are the trainable parameters (``param.<name>``) and each tensor of
-the optimizer state (``optim.<param index>.<key>``, for AdamW ``step``, ``exp_avg``, ``exp_avg_sq``);
+the optimizer state (``optim.<param index>.<key>``, for AdamW ``step``, ``exp_avg``, ``exp_avg_sq``)
+and, with ``train.ema``, the moving average (``ema.<name>``);
 the JSON holds the step counters, the optimizer's parameter groups and scalar state, the LR
 scheduler, the gradient scaler and a fingerprint of the settings a resume must not change. The JSON
 is written last, so a folder without it is an interrupted save and is refused.
@@ -32,31 +33,45 @@ class Counters:
 
 
 def save_state(folder: str, counters: Counters, params: dict[str, Any], optimizer: Any, scheduler: Any,
-               scaler: Any, fingerprint: dict[str, Any], force: bool = False) -> str:
-    """Write a state folder (created if needed); returns its path.
+               scaler: Any, fingerprint: dict[str, Any], force: bool = False, extra: dict[str, Any] | None = None) -> str:
+    """Write a state folder (created if needed); returns its path. ``extra``: more tensors to keep
+    (``ema.<name>``: the EMA), read back with ``load_extra``.
 
     Raises:
         OutputExistsError: the folder already holds a state and ``force`` is false.
     """
     os.makedirs(folder, exist_ok=True)
     tensors: dict[str, Any] = {f"param.{k}": v for k, v in params.items()}
+    tensors.update(extra or {})
     opt = optimizer.state_dict()
     scalars: dict[str, dict[str, Any]] = {}
     for idx, entry in opt["state"].items():
         for key, value in entry.items():
-            if hasattr(value, "dtype") and hasattr(value, "shape"):
+            if _is_tensor(value):
                 tensors[f"optim.{idx}.{key}"] = value
+            elif isinstance(value, dict):  # bitsandbytes nests its state tensors one level down
+                nested = scalars.setdefault(str(idx), {}).setdefault(key, {})
+                for sub, v in value.items():
+                    if _is_tensor(v):
+                        tensors[f"optim.{idx}.{key}/{sub}"] = v
+                    else:
+                        nested[sub] = v
             else:
                 scalars.setdefault(str(idx), {})[key] = value
     meta = {
         "format": FORMAT, "step": counters.step, "micro": counters.micro, "fingerprint": fingerprint,
-        "optimizer": {"param_groups": opt["param_groups"], "scalars": scalars},
+        # A scheduler may leave tensors in the groups (transformers' AdafactorSchedule)
+        "optimizer": {"param_groups": _jsonable(opt["param_groups"]), "scalars": _jsonable(scalars)},
         "scheduler": _jsonable(scheduler.state_dict()) if scheduler is not None else None,
         "scaler": _jsonable(scaler.state_dict()) if scaler is not None else None,
     }
     save_tensors(os.path.join(folder, STATE_TENSORS), tensors, {"format": FORMAT}, force=force)
     write_text_atomic(os.path.join(folder, STATE_JSON), json.dumps(meta, indent=1, sort_keys=True))
     return folder
+
+
+def _is_tensor(value: Any) -> bool:
+    return hasattr(value, "dtype") and hasattr(value, "shape")
 
 
 def _jsonable(value: Any) -> Any:
@@ -69,6 +84,21 @@ def _jsonable(value: Any) -> Any:
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     return None  # functions (LambdaLR's lambdas) are rebuilt from the config, not saved
+
+
+def load_extra(folder: str, prefix: str) -> dict[str, Any]:
+    """The state's tensors whose names start with ``prefix`` (``ema.``).
+
+    Raises:
+        TrainingError: the state holds none (it was saved without that feature).
+    """
+    from .. import load
+
+    tensors = {k: v for k, v in load(os.path.join(folder, STATE_TENSORS)).items() if k.startswith(prefix)}
+    if not tensors:
+        raise TrainingError(folder, f"holds no {prefix}* tensors (it was saved without them)",
+                            "Resume with the settings the state was saved with")
+    return tensors
 
 
 def load_state(folder: str, params: dict[str, Any], optimizer: Any, scheduler: Any, scaler: Any,
@@ -118,9 +148,17 @@ def load_state(folder: str, params: dict[str, Any], optimizer: Any, scheduler: A
     for key, value in tensors.items():
         if key.startswith("optim."):
             _, idx, name = key.split(".", 2)
-            state.setdefault(int(idx), {})[name] = value.clone()
+            outer, _, sub = name.partition("/")
+            if sub:
+                state.setdefault(int(idx), {}).setdefault(outer, {})[sub] = value.clone()
+            else:
+                state.setdefault(int(idx), {})[name] = value.clone()
     for idx, entries in meta["optimizer"]["scalars"].items():
-        state.setdefault(int(idx), {}).update(entries)
+        for name, entry in entries.items():
+            if isinstance(entry, dict):
+                state.setdefault(int(idx), {}).setdefault(name, {}).update(entry)
+            else:
+                state.setdefault(int(idx), {})[name] = entry
     optimizer.load_state_dict({"state": state, "param_groups": meta["optimizer"]["param_groups"]})
     if scheduler is not None and meta.get("scheduler"):
         sched = dict(meta["scheduler"])

@@ -24,6 +24,7 @@ class Batch:
     crops: list[tuple[int, int]]  # (top, left)
     latent_mean: Any = None  # [B, C, H/8, W/8], unscaled
     latent_std: Any = None
+    mask: Any = None  # [B, 1, H, W] in [0, 1] (dataset.masked_loss), or None
 
     def target_size(self) -> tuple[int, int]:
         """``(height, width)`` in pixels."""
@@ -40,7 +41,7 @@ def load_batch(ds: Any, indices: list[int], config: Config, micro: int, caption:
 
     from . import data
 
-    pixels, captions, sizes, crops, means, stds = [], [], [], [], [], []
+    pixels, captions, sizes, crops, means, stds, masks = [], [], [], [], [], [], []
     for slot, i in enumerate(indices):
         item = ds.items[i]
         rng = data.sample_rng(config.train.seed, micro, slot)
@@ -52,12 +53,15 @@ def load_batch(ds: Any, indices: list[int], config: Config, micro: int, caption:
         else:
             px, crop = data.load_pixels(item, flip)
             pixels.append(px)
+        if config.dataset.masked_loss:
+            masks.append(data.load_mask(item, flip))
         captions.append(caption(data.process_caption(item.caption, config.dataset, rng)))
         sizes.append((item.size[1], item.size[0]))
         crops.append(crop)
+    mask = torch.stack(masks) if any(ds.items[i].mask for i in indices) else None
     if latents is not None:
-        return Batch(None, captions, sizes, crops, torch.stack(means), torch.stack(stds))
-    return Batch(torch.stack(pixels), captions, sizes, crops)
+        return Batch(None, captions, sizes, crops, torch.stack(means), torch.stack(stds), mask)
+    return Batch(torch.stack(pixels), captions, sizes, crops, mask=mask)
 
 
 def generator(seed: int, micro: int) -> Any:
@@ -105,8 +109,13 @@ def time_ids(batch: Batch, device: Any, dtype: Any) -> Any:
 
 
 def compute_loss(config: Config, base: BaseModel, unet: Any, batch: Batch, micro: int, device: Any,
-                 weight_dtype: Any, text_grad: bool) -> Any:
-    """The (min-SNR weighted) diffusion loss of one micro-batch, as a float32 scalar tensor."""
+                 weight_dtype: Any, text_grad: bool, text_cache: Any = None) -> Any:
+    """The (min-SNR weighted, masked) diffusion loss of one micro-batch, as a float32 scalar tensor.
+
+    With a mask (``dataset.masked_loss``) the squared error is multiplied by the mask,
+    area-downsampled to the latent size, before the mean (kohya's ``alpha_mask``): where the mask
+    is 0 the prediction gets no gradient. ``text_cache``: a ``TextCache`` for frozen text encoders.
+    """
     import torch
     import torch.nn.functional as F
 
@@ -129,8 +138,11 @@ def compute_loss(config: Config, base: BaseModel, unet: Any, batch: Batch, micro
     sched = base.scheduler
     timesteps = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), generator=gen).to(device)
     noisy = sched.add_noise(latents, noise, timesteps)
-    with torch.set_grad_enabled(text_grad):
-        states, pooled = encode_text(base, batch.captions, device, config.model.clip_skip)
+    if text_cache is not None and not text_grad:
+        states, pooled = text_cache.encode(base, batch.captions, device, config.model.clip_skip)
+    else:
+        with torch.set_grad_enabled(text_grad):
+            states, pooled = encode_text(base, batch.captions, device, config.model.clip_skip)
     kwargs: dict[str, Any] = {}
     if base.family == "sdxl":
         kwargs["added_cond_kwargs"] = {"text_embeds": pooled.to(weight_dtype),
@@ -140,7 +152,10 @@ def compute_loss(config: Config, base: BaseModel, unet: Any, batch: Batch, micro
         target = sched.get_velocity(latents, noise, timesteps)
     else:
         target = noise
-    loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=[1, 2, 3])
+    loss = F.mse_loss(pred.float(), target.float(), reduction="none")
+    if batch.mask is not None:
+        loss = loss * F.interpolate(batch.mask.to(device, torch.float32), size=loss.shape[-2:], mode="area")
+    loss = loss.mean(dim=[1, 2, 3])
     if tc.min_snr_gamma:
         loss = loss * snr_weights(sched, timesteps, tc.min_snr_gamma, base.prediction).to(loss.device)
     return loss.mean()

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import fields
 from typing import Any
 
-from .config import DEFAULT_INIT_WORD, DEFAULT_LR, PATH_KEYS, Config
+from .config import DEFAULT_INIT_WORD, PATH_KEYS, Config, _resolved_optimizer
 from .tomlio import _toml_value
 
 #: The sections each method reads besides the common ones.
@@ -34,7 +34,20 @@ _NOTES = {
     "hypernetwork.sizes": "empty: the context width and every attention width",
     "dreambooth.class_path": "class images for the prior-preservation loss",
     "dreambooth.num_class_images": "fill class_path up to this many images before training; 0: use what is there",
-    "optimizer.lr": "this method's usual rate",
+    "optimizer.lr": "this method's usual rate (prodigy: 1; adafactor: unset, its relative step)",
+    "optimizer.weight_decay": "unset: the optimizer's default",
+    "optimizer.betas": "unset: the optimizer's default",
+    "optimizer.eps": "unset: the optimizer's default",
+    "optimizer.unet_lr": "default: lr",
+    "optimizer.text_encoder_lr": "default: lr",
+    "dataset.masked_loss": "weigh the loss by NAME.mask.png or the image's alpha",
+    "dataset.cache_text": "cache the frozen text encoders' outputs on disk",
+    "dataset.text_cache_dir": "default: <output.dir>/.modelkit-text",
+    "dataset.validation_split": "fraction of images held out for train.validation_every",
+    "dataset.validation_path": "a folder of held-out images instead",
+    "train.ema": "also write <name>-ema.safetensors",
+    "train.validation_every": "validation loss every N steps; 0: never",
+    "output.wandb": "pip install 'modelkit[wandb]'",
     "train.max_steps": "optimizer steps; with epochs > 0 whichever comes first",
     "train.device": "auto (accelerate's choice) | cpu",
     "train.threads": "torch CPU threads; 0: the usable cores when on the CPU",
@@ -58,7 +71,7 @@ def defaults(method: str) -> Config:
     from dataclasses import replace
 
     config = Config(method)
-    return replace(config, optimizer=replace(config.optimizer, lr=DEFAULT_LR[method]))
+    return replace(config, optimizer=_resolved_optimizer(config))
 
 
 def render_template(method: str) -> str:

@@ -48,12 +48,14 @@ class DreamBooth(Method):
 
         groups = []
         cast(self.base.unet, torch.float32).requires_grad_(True)
-        groups.append({"params": [p for p in self.base.unet.parameters()], "lr": self.config.optimizer.lr})
+        groups.append({"params": [p for p in self.base.unet.parameters()], "lr": self.config.optimizer.lr,
+                       "component": "unet"})
         if self.config.dreambooth.train_text_encoder:
             for i, te in enumerate(self.base.text_encoders):
                 cast(te, torch.float32).requires_grad_(True)
                 self.train_text[i] = True
-                groups.append({"params": list(te.parameters()), "lr": self.config.optimizer.lr})
+                groups.append({"params": list(te.parameters()), "lr": self.config.optimizer.lr,
+                               "component": "text_encoder"})
         db = self.config.dreambooth
         if db.class_path:
             cfg = replace(self.config.dataset, path=db.class_path, repeats=1, default_caption=db.class_prompt)

@@ -136,7 +136,7 @@ class Hypernetwork(Method):
         params = [p for pair in self.pairs.values() for m in pair for p in m.parameters()]
         for p in params:
             p.requires_grad_(True)
-        return [{"params": params, "lr": self.config.optimizer.lr}]
+        return [{"params": params, "lr": self.config.optimizer.lr, "component": "unet"}]
 
     def trainable(self) -> dict[str, Any]:
         out: dict[str, Any] = {}

@@ -19,6 +19,7 @@ from typing import Any
 from ...ops import modelspec as ms
 from ..export import Written, save_tensors
 from ..ldm_names import unet_ldm_name
+from ..optim import component_lr
 from . import Method
 
 ADAPTER = "modelkit"
@@ -90,7 +91,7 @@ class LoRA(Method):
     def prepare(self) -> list[dict[str, Any]]:
         import torch
 
-        net, opt = self.config.network, self.config.optimizer
+        net = self.config.network
         family, ucfg = self.base.family, self.base.unet_config
         groups: list[dict[str, Any]] = []
         torch.manual_seed(self.config.train.seed)
@@ -99,7 +100,8 @@ class LoRA(Method):
             self._inject(self.base.unet, targets, convs)
             for t in targets:
                 self.modules[kohya_name("unet", t, family, ucfg)] = (self.base.unet, "unet", t)
-            groups.append({"params": self._params(self.base.unet), "lr": net.unet_lr or opt.lr})
+            groups.append({"params": self._params(self.base.unet), "lr": component_lr(self.config, "unet"),
+                           "component": "unet"})
         if net.train_text_encoder:
             for i, te in enumerate(self.base.text_encoders):
                 component = f"te{i + 1}" if family == "sdxl" else "te"
@@ -108,7 +110,8 @@ class LoRA(Method):
                 for t in targets:
                     self.modules[kohya_name(component, t, family, ucfg)] = (te, component, t)
                 self.train_text[i] = True
-                groups.append({"params": self._params(te), "lr": net.text_encoder_lr or opt.lr})
+                groups.append({"params": self._params(te), "lr": component_lr(self.config, "text_encoder"),
+                               "component": "text_encoder"})
         return groups
 
     @staticmethod
@@ -161,8 +164,8 @@ class LoRA(Method):
             **ms.kohya_tags(family, self.base.prediction),
             "ss_network_train_unet_only": str(not net.train_text_encoder),
             "ss_network_train_text_encoder_only": str(not net.train_unet),
-            "ss_unet_lr": _num(net.unet_lr or self.config.optimizer.lr),
-            "ss_text_encoder_lr": _num(net.text_encoder_lr or self.config.optimizer.lr),
+            "ss_unet_lr": _num(component_lr(self.config, "unet")),
+            "ss_text_encoder_lr": _num(component_lr(self.config, "text_encoder")),
         }
 
 

@@ -81,7 +81,7 @@ class TextualInversion(Method):
             self.extras.append(wrapped.extra)
             self.train_text[i] = True
             params.append(wrapped.extra)
-        return [{"params": params, "lr": self.config.optimizer.lr, "weight_decay": 0.0}]
+        return [{"params": params, "lr": self.config.optimizer.lr, "weight_decay": 0.0, "component": "text_encoder"}]
 
     def trainable(self) -> dict[str, Any]:
         return {f"embedding_{i}": p for i, p in enumerate(self.extras)}

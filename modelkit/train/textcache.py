@@ -1,0 +1,131 @@
+"""Text-encoder output caching (``dataset.cache_text``) for runs whose text encoders are frozen.
+
+Each caption the UNet sees is encoded once; its output (``states``, and SDXL's ``pooled``) is one
+``.safetensors`` file, written atomically by the core's writer, named by a hash of the caption and
+of everything the output depends on: each text encoder's config, dtype and weights, the tokenizers
+(class, vocabulary size, maximum length), the base family and ``model.clip_skip``. A changed
+caption or model gives another file. The full key is in the file's metadata and is checked, with
+the tensors' names, before a file is used; a file that cannot be read or does not match is
+encoded again and replaced, and the run gets a one-line note.
+
+Captions are encoded one at a time, so a cached output is exactly what the encoder gives for that
+caption alone: at ``train.batch_size = 1`` a cached run equals an uncached one bit for bit; with
+larger batches the uncached run encodes the captions together and may differ by float rounding.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from typing import Any
+
+from ..errors import ModelkitError
+from .export import save_tensors
+
+LAYOUT = "modelkit-text/1"
+#: The default cache folder, inside ``output.dir``.
+FOLDER = ".modelkit-text"
+
+
+def cache_folder(config: Any) -> str:
+    """``dataset.text_cache_dir``, or ``<output.dir>/.modelkit-text``."""
+    return str(config.dataset.text_cache_dir or os.path.join(config.output.dir, FOLDER))
+
+
+def text_identity(base: Any, clip_skip: int) -> str:
+    """A hash of the text encoders (config, dtype, weights), the tokenizers, the family and clip skip."""
+    import torch
+
+    h = hashlib.blake2b(digest_size=16)
+    h.update(json.dumps({"layout": LAYOUT, "family": base.family, "clip_skip": clip_skip}).encode())
+    for tok in base.tokenizers:
+        h.update(f"{type(tok).__name__}|{len(tok)}|{tok.model_max_length}|".encode())
+    for te in base.text_encoders:
+        inner = getattr(te, "module", te)
+        config = {k: v for k, v in inner.config.to_dict().items() if not k.startswith("_")}
+        h.update(json.dumps(config, sort_keys=True, default=str).encode())
+        for name, tensor in inner.state_dict().items():
+            t = tensor.detach().contiguous().cpu()
+            h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+class TextCache:
+    """The cache of one set of text encoders in one folder.
+
+    Args:
+        folder: where the entries live (created when needed).
+        identity: ``text_identity`` of the encoders.
+        note: called with a one-line message when a corrupt or foreign entry is rebuilt.
+    """
+
+    def __init__(self, folder: str, identity: str, note: Callable[[str], None] | None = None):
+        self.folder = folder
+        self.identity = identity
+        self.note = note
+        self.built = self.reused = self.rebuilt = 0
+
+    def entry(self, caption: str) -> tuple[str, str]:
+        """``(file, key)`` of a caption's entry."""
+        key = hashlib.sha256(json.dumps({"id": self.identity, "caption": caption}).encode()).hexdigest()
+        return os.path.join(self.folder, f"{key[:32]}.safetensors"), key
+
+    def _read(self, file: str, key: str, pooled: bool) -> tuple[Any, Any] | str:
+        """The entry's tensors, or why it cannot be used."""
+        from .. import load, open_model
+
+        try:
+            with open_model(file) as mf:
+                meta, names = dict(mf.metadata), set(mf)
+            if meta.get("modelkit.text.key") != key:
+                return "its key does not match"
+            if names != ({"states", "pooled"} if pooled else {"states"}):
+                return f"it holds {sorted(names)}"
+            tensors = load(file)
+        except (ModelkitError, OSError) as exc:
+            return f"{type(exc).__name__}: {exc}"
+        return tensors["states"], tensors.get("pooled")
+
+    def encode(self, base: Any, captions: list[str], device: Any, clip_skip: int) -> tuple[Any, Any]:
+        """``(encoder_hidden_states, pooled or None)`` for the captions, as ``step.encode_text``
+        gives them, from the cache where possible (missing entries are encoded and written)."""
+        import torch
+
+        from .step import encode_text
+
+        os.makedirs(self.folder, exist_ok=True)
+        pooled_wanted = base.family == "sdxl"
+        states, pools = [], []
+        for caption in captions:
+            file, key = self.entry(caption)
+            got: tuple[Any, Any] | str = "missing"
+            if os.path.isfile(file):
+                got = self._read(file, key, pooled_wanted)
+                if isinstance(got, str) and self.note is not None:
+                    self.note(f"text cache entry {file} is unusable ({got}); encoded again")
+            if isinstance(got, str):
+                with torch.no_grad():
+                    s, p = encode_text(base, [caption], device, clip_skip)
+                tensors = {"states": s[0].detach().cpu().contiguous()}
+                if p is not None:
+                    tensors["pooled"] = p[0].detach().cpu().contiguous()
+                save_tensors(file, tensors, {"modelkit.layout": LAYOUT, "modelkit.text.key": key}, force=True)
+                if got == "missing":
+                    self.built += 1
+                else:
+                    self.rebuilt += 1
+                states.append(tensors["states"])
+                pools.append(tensors.get("pooled"))
+            else:
+                self.reused += 1
+                states.append(got[0])
+                pools.append(got[1])
+        out_states = torch.stack(states).to(device)
+        out_pooled = torch.stack([p for p in pools if p is not None]).to(device) if pooled_wanted else None
+        return out_states, out_pooled
+
+
+__all__ = ["FOLDER", "LAYOUT", "TextCache", "cache_folder", "text_identity"]

@@ -1,0 +1,315 @@
+"""Masked loss, the optimizer registry, EMA, the text-encoder cache, validation loss and wandb, on the tiny model."""
+
+from __future__ import annotations
+
+import glob
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("diffusers")
+pytest.importorskip("peft")
+pytest.importorskip("accelerate")
+
+import torch  # noqa: E402
+
+import modelkit  # noqa: E402
+from modelkit.errors import ConfigError, TrainingError  # noqa: E402
+from modelkit.train import train  # noqa: E402
+from modelkit.train.config import Config, build_config, resolved  # noqa: E402
+
+
+def _config(tiny_model: dict[str, str], out: Path, method: str = "lora", *overrides: str,
+            images: str | None = None) -> Config:
+    data: dict[str, Any] = {
+        "model": {"path": tiny_model["checkpoint"], "base": "sd1", "configs": tiny_model["configs"]},
+        "dataset": {"path": images or tiny_model["images"], "resolution": 64, "min_bucket": 32, "max_bucket": 128,
+                    "bucket_step": 32},
+        "network": {"dim": 4, "alpha": 2.0},
+        "train": {"max_steps": 2, "device": "cpu", "seed": 3, "threads": 1},
+        "optimizer": {"lr": 1e-3},
+        "output": {"dir": str(out), "dtype": "float32"},
+    }
+    return build_config(method, data, overrides)
+
+
+def _masked_images(folder: Path) -> Path:
+    """Three 64x64 images: transparent left half (alpha), a separate mask file, and a fully opaque RGBA."""
+    from PIL import Image
+
+    folder.mkdir()
+    rgba = Image.new("RGBA", (64, 64), (200, 30, 30, 255))
+    rgba.paste((0, 0, 0, 0), (0, 0, 32, 64))
+    rgba.save(folder / "alpha.png")
+    Image.new("RGB", (64, 64), (30, 30, 200)).save(folder / "masked.png")
+    mask = Image.new("L", (64, 64), 255)
+    mask.paste(0, (0, 0, 64, 32))  # top half ignored
+    mask.save(folder / "masked.mask.png")
+    Image.new("RGBA", (64, 64), (30, 160, 30, 255)).save(folder / "opaque.png")
+    for name in ("alpha", "masked", "opaque"):
+        (folder / f"{name}.txt").write_text(f"{name} square")
+    return folder
+
+
+# --- 1. masked loss --------------------------------------------------------------------------------
+
+def test_masked_loss_gives_no_gradient_where_the_mask_is_zero(tiny_model: dict[str, str], tmp_path: Path) -> None:
+    from modelkit.train import data
+    from modelkit.train.base import load_base
+    from modelkit.train.methods import make_method
+    from modelkit.train.step import compute_loss, load_batch
+
+    images = str(_masked_images(tmp_path / "img"))
+    plain = data.scan(_config(tiny_model, tmp_path, images=images).dataset)
+    # without masked_loss: the transparent image is skipped (one line saying how to use it), the opaque one is RGB
+    assert [os.path.basename(i.path) for i in plain.items] == ["masked.png", "opaque.png"]
+    assert [os.path.basename(i.path) for i in plain.items if i.mask] == []
+    assert "dataset.masked_loss" in plain.skipped[0].reason and "mask.png" not in str(plain.skipped)
+    cfg = resolved(_config(tiny_model, tmp_path, "lora", "dataset.masked_loss=true", images=images))
+    ds = data.scan(cfg.dataset)
+    masks = {os.path.basename(i.path): i.mask for i in ds.items}
+    assert masks == {"alpha.png": "alpha", "masked.png": os.path.join(images, "masked.mask.png"), "opaque.png": ""}
+    base = load_base(cfg.model)
+    method = make_method(cfg, base)
+    method.prepare()
+    seen: list[Any] = []
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        out = base.unet(*args, **kwargs)
+        out.sample.retain_grad()
+        seen.append(out.sample)
+        return out
+
+    for index, zero in ((0, (slice(None), slice(0, 4))), (1, (slice(0, 4), slice(None)))):  # (rows, cols) of 8x8
+        batch = load_batch(ds, [index], cfg, 0, method.caption)
+        assert batch.mask is not None and tuple(batch.mask.shape) == (1, 1, 64, 64)
+        seen.clear()
+        compute_loss(cfg, base, spy, batch, 0, "cpu", torch.float32, False).backward()
+        grad = seen[0].grad[0]
+        assert torch.count_nonzero(grad[:, zero[0], zero[1]]) == 0
+        ones = (slice(4, 8), slice(None)) if index == 1 else (slice(None), slice(4, 8))
+        assert bool((grad[:, ones[0], ones[1]] != 0).all())
+    batch = load_batch(ds, [2], cfg, 0, method.caption)
+    assert batch.mask is None  # a fully opaque image is simply RGB
+
+
+# --- 2. optimizers ---------------------------------------------------------------------------------
+
+def test_each_optimizer_builds_and_steps_with_per_component_rates(tiny_model: dict[str, str], tmp_path: Path) -> None:
+    from modelkit.train.base import load_base
+    from modelkit.train.methods import make_method
+    from modelkit.train.optim import OPTIMIZERS, make_optimizer, make_scheduler
+    from modelkit.train.step import load_batch
+
+    cfg = resolved(_config(tiny_model, tmp_path, "lora", "network.train_text_encoder=true"))
+    base = load_base(cfg.model)
+    method = make_method(cfg, base)
+    groups = method.prepare()
+    from modelkit.train import data
+    from modelkit.train.step import compute_loss
+
+    batch = load_batch(data.scan(cfg.dataset), [0], cfg, 0, method.caption)
+    ran = []
+    for name in OPTIMIZERS:
+        try:
+            __import__(OPTIMIZERS[name].module)
+        except ImportError:
+            continue
+        for rates in ((), ("optimizer.unet_lr=2e-4", "optimizer.text_encoder_lr=5e-5")):
+            c = resolved(_config(tiny_model, tmp_path, "lora", "network.train_text_encoder=true", f"optimizer.name={name}",
+                                 *(("optimizer.lr=none",) if OPTIMIZERS[name].lr_free else ()), *rates))
+            if name == "prodigy" and rates:
+                with pytest.raises(ConfigError, match="one learning rate"):
+                    make_optimizer(c, [dict(g) for g in groups])
+                continue
+            opt = make_optimizer(c, [dict(g) for g in groups])
+            lrs = [g["lr"] for g in opt.param_groups]
+            sched = make_scheduler(c, opt, 2)
+            if rates:
+                assert lrs == [2e-4, 5e-5], name
+            elif name == "prodigy":
+                assert lrs == [1.0, 1.0] and c.optimizer.lr == 1.0 and c.optimizer.weight_decay == 0.0
+            elif name == "adafactor":
+                assert lrs == [None, None]  # relative step: Adafactor sets its own rate
+            if name.startswith("lion"):
+                assert c.optimizer.betas == (0.9, 0.99)
+            before = {k: v.detach().clone() for k, v in method.trainable().items()}
+            for _ in range(2):
+                compute_loss(c, base, base.unet, batch, 0, "cpu", torch.float32, True).backward()
+                opt.step()
+                sched.step()
+                opt.zero_grad()
+            after = method.trainable()
+            assert any(not torch.equal(before[k], after[k].detach()) for k in before), name
+            ran.append(name)
+    assert {"adamw", "adafactor"} <= set(ran)
+    assert resolved(_config(tiny_model, tmp_path)).optimizer.weight_decay == 1e-2  # AdamW's defaults are unchanged
+
+
+def test_missing_optimizer_package_is_one_line_with_the_pip_command(tiny_model: dict[str, str], tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    from modelkit.train import optim
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(optim.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "prodigyopt" else real(name, *a))
+    with pytest.raises(ConfigError) as info:
+        train(_config(tiny_model, tmp_path, "lora", "optimizer.name=prodigy"))
+    assert "pip install prodigyopt" in str(info.value) and "\n" not in str(info.value)
+    assert not (tmp_path / "lora.safetensors").exists()
+    with pytest.raises(ConfigError, match="scheduler.name"):
+        _config(tiny_model, tmp_path, "lora", "optimizer.name=adafactor", "optimizer.lr=none", "scheduler.name=cosine")
+
+
+# --- 3. EMA ----------------------------------------------------------------------------------------
+
+def test_ema_output_and_resume_are_bit_exact(tiny_model: dict[str, str], tmp_path: Path) -> None:
+    extra = ("train.max_steps=4", "train.ema=true", "train.ema_decay=0.5")
+    straight = train(_config(tiny_model, tmp_path / "a", "lora", *extra, "output.save_every_steps=2"))
+    assert straight.ema_saved == (str(tmp_path / "a" / "lora-step000002-ema.safetensors"),
+                                  str(tmp_path / "a" / "lora-ema.safetensors"))
+    ema, main = modelkit.load(straight.ema_saved[-1]), modelkit.load(straight.output)
+    assert set(ema) == set(main) and any(not torch.equal(ema[k], main[k]) for k in main if k.endswith("up.weight"))
+    assert modelkit.detect(straight.ema_saved[-1]).kind == "lora"
+    state = str(tmp_path / "a" / "lora-step000002-state")
+    resumed = train(_config(tiny_model, tmp_path / "b", "lora", *extra, f"output.resume={state}"))
+    again = modelkit.load(resumed.ema_saved[-1])
+    assert all(torch.equal(ema[k], again[k]) for k in ema)
+    with pytest.raises(TrainingError, match="ema"):  # a state without EMA, or with another decay
+        train(_config(tiny_model, tmp_path / "c", "lora", *extra[:2], "train.ema_decay=0.9", f"output.resume={state}"))
+
+
+# --- 4. text-encoder cache -------------------------------------------------------------------------
+
+def test_text_cache_equals_no_cache_and_rebuilds_a_corrupt_entry(tiny_model: dict[str, str], tmp_path: Path) -> None:
+    uncached = train(_config(tiny_model, tmp_path / "a", "lora", "output.save_state=false"))
+    cached = train(_config(tiny_model, tmp_path / "b", "lora", "output.save_state=false", "dataset.cache_text=true"))
+    assert cached.losses == uncached.losses
+    a, b = modelkit.load(uncached.output), modelkit.load(cached.output)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    files = sorted(glob.glob(str(tmp_path / "b" / ".modelkit-text" / "*.safetensors")))
+    assert files and any("2 encoded" in n for n in cached.notes)
+    with modelkit.open_model(files[0]) as mf:
+        assert mf.metadata["modelkit.layout"] == "modelkit-text/1" and set(mf) == {"states"}
+    Path(files[0]).write_bytes(b"\x00" * 40)
+    again = train(_config(tiny_model, tmp_path / "b", "lora", "output.save_state=false", "dataset.cache_text=true",
+                          "output.force=true"))
+    assert again.losses == uncached.losses
+    warned = [n for n in again.notes if "unusable" in n]
+    assert len(warned) == 1 and files[0] in warned[0] and "\n" not in warned[0]
+    with modelkit.open_model(files[0]) as mf:
+        assert set(mf) == {"states"}
+    with pytest.raises(ConfigError, match="dataset.cache_text"):
+        _config(tiny_model, tmp_path, "lora", "dataset.cache_text=true", "network.train_text_encoder=true")
+
+
+# --- 6. validation loss, TensorBoard and wandb -----------------------------------------------------
+
+def test_validation_loss_is_the_same_in_two_runs_and_logged(tiny_model: dict[str, str], tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("tensorboard")
+    extra = ("dataset.validation_split=0.34", "train.validation_every=1", "output.save_state=false",
+             "output.tensorboard=true")
+    one = train(_config(tiny_model, tmp_path / "a", "lora", *extra))
+    two = train(_config(tiny_model, tmp_path / "b", "lora", *extra))
+    assert [s for s, _ in one.validation] == [1, 2] and one.images == 2  # one of three images held out
+    assert one.validation == two.validation
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tmp_path / "a" / "logs"))
+    acc.Reload()
+    logged = [(e.step, e.value) for e in acc.Scalars("validation/loss")]
+    assert [s for s, _ in logged] == [1, 2]
+    assert [v for _, v in logged] == pytest.approx([v for _, v in one.validation], rel=1e-6)
+
+
+def test_validation_is_deterministic_and_changes_no_weights(tiny_model: dict[str, str], tmp_path: Path) -> None:
+    from modelkit.train import data
+
+    held = tmp_path / "held"
+    held.mkdir()
+    src = data.scan(_config(tiny_model, tmp_path).dataset).items[0].path
+    (held / "h.png").write_bytes(Path(src).read_bytes())
+    (held / "h.txt").write_text("held out")
+    extra = (f"dataset.validation_path={held}", "train.validation_every=1", "output.save_state=false")
+    one = train(_config(tiny_model, tmp_path / "a", "lora", *extra))
+    two = train(_config(tiny_model, tmp_path / "b", "lora", *extra))
+    plain = train(_config(tiny_model, tmp_path / "c", "lora", "output.save_state=false"))
+    assert one.validation == two.validation and len(one.validation) == 2
+    assert one.losses == plain.losses  # validation takes nothing from the training's random streams
+    a, c = modelkit.load(one.output), modelkit.load(plain.output)
+    assert all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_wandb_offline_logs_the_run(tiny_model: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb-home"))
+    result = train(_config(tiny_model, tmp_path, "lora", "output.wandb=true", "output.save_state=false",
+                           "dataset.validation_split=0.34", "train.validation_every=2"))
+    runs = glob.glob(str(tmp_path / "**" / "offline-run-*" / "*.wandb"), recursive=True)
+    assert result.steps == 2 and len(runs) == 1 and os.path.getsize(runs[0]) > 0
+    assert len(result.validation) == 1
+
+
+def test_missing_wandb_is_one_line_and_the_extras_list_the_packages(tiny_model: dict[str, str], tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+    import re
+
+    from modelkit.train import logs
+    from modelkit.train.optim import OPTIMIZERS
+    from modelkit.train.tomlio import read_toml
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(logs.importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    with pytest.raises(ConfigError) as info:
+        train(_config(tiny_model, tmp_path, "lora", "output.wandb=true"))
+    assert "pip install 'modelkit[wandb]'" in str(info.value) and "\n" not in str(info.value)
+    extras = read_toml(str(Path(__file__).resolve().parents[2] / "pyproject.toml"))["project"]["optional-dependencies"]
+    names = {re.split(r"[<>=;\[ ]", req, maxsplit=1)[0].lower() for req in extras["optimizers"] + extras["train"]}
+    assert {spec.pip for spec in OPTIMIZERS.values() if spec.pip != "torch"} <= names
+    assert any(req.startswith("wandb") for req in extras["wandb"])
+
+
+def test_text_cache_of_sdxl_keeps_the_pooled_output(tmp_path: Path) -> None:
+    from . import tiny
+
+    checkpoint, configs, _ = tiny.family_checkpoint("sdxl", str(tmp_path))
+    images = tiny.write_images(str(tmp_path / "img"))
+    runs = []
+    for extra in ((), ("dataset.cache_text=true",)):
+        cfg = build_config("lora", {
+            "model": {"path": checkpoint, "base": "sdxl", "configs": configs},
+            "dataset": {"path": images, "resolution": 64, "min_bucket": 32, "max_bucket": 128, "bucket_step": 32},
+            "train": {"max_steps": 2, "device": "cpu", "threads": 1},
+            "output": {"dir": str(tmp_path / f"out{len(extra)}"), "save_state": False}}, extra)
+        runs.append(train(cfg).losses)
+    assert runs[0] == runs[1]
+    entry = sorted(glob.glob(str(tmp_path / "out1" / ".modelkit-text" / "*.safetensors")))[0]
+    with modelkit.open_model(entry) as mf:
+        assert set(mf) == {"states", "pooled"} and tuple(mf["states"].shape)[0] == 77 and mf["pooled"].shape[0] > 0
+
+
+def test_every_optimizer_resumes_bit_exactly(tiny_model: dict[str, str], tmp_path: Path) -> None:
+    """Prodigy's scalars, Adafactor's tensor learning rates and bitsandbytes' nested state go through the state."""
+    from modelkit.train.optim import OPTIMIZERS
+
+    for name, spec in OPTIMIZERS.items():
+        if name == "adamw":
+            continue  # test_train's resume test
+        try:
+            __import__(spec.module)
+        except ImportError:
+            continue
+        extra = (f"optimizer.name={name}", *(("optimizer.lr=none",) if spec.lr_free else ()))
+        straight = train(_config(tiny_model, tmp_path / f"{name}-a", "lora", *extra, "output.save_every_steps=1"))
+        state = str(tmp_path / f"{name}-a" / "lora-step000001-state")
+        resumed = train(_config(tiny_model, tmp_path / f"{name}-b", "lora", *extra, f"output.resume={state}"))
+        a, b = modelkit.load(straight.output), modelkit.load(resumed.output)
+        assert all(torch.equal(a[k], b[k]) for k in a), name
