@@ -137,8 +137,39 @@ def _regular_temp(path: str) -> os.stat_result | None:
     return st if stat.S_ISREG(st.st_mode) else None
 
 
+def _temp_folder(path: str) -> tuple[int, float] | None:
+    """(bytes inside, newest mtime inside) of a folder with a modelkit temp name (the temp sibling a
+    folder output is built in: a diffusers folder, PEFT adapters, a DreamBooth pipeline), else None.
+    Its last write is the newest mtime of anything in it: files are written deep inside."""
+    import stat
+
+    if not is_temp_name(os.path.basename(path)):
+        return None
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    if not stat.S_ISDIR(st.st_mode):
+        return None
+    size, newest = 0, st.st_mtime
+    for root, dirs, files in os.walk(path, followlinks=False):
+        for n in (*dirs, *files):
+            try:
+                e = os.lstat(os.path.join(root, n))
+            except OSError:
+                continue
+            newest = max(newest, e.st_mtime)
+            if stat.S_ISREG(e.st_mode):
+                size += e.st_size
+    return size, newest
+
+
 def _stale(name: str, st: os.stat_result, now: float | None) -> bool:
-    age = (time.time() if now is None else now) - st.st_mtime
+    return _stale_since(name, st.st_mtime, now)
+
+
+def _stale_since(name: str, mtime: float, now: float | None) -> bool:
+    age = (time.time() if now is None else now) - mtime
     pid = writer_pid(name)
     alive = process_alive(pid) if pid is not None else None
     if alive:
@@ -155,9 +186,11 @@ class TempFile:
     size: int
     pid: int | None
     stale: bool
+    #: a temp folder (a folder output being built), removed with everything in it
+    folder: bool = False
 
     def to_dict(self) -> dict[str, Any]:
-        return {"path": self.path, "size": self.size, "pid": self.pid, "stale": self.stale}
+        return {"path": self.path, "size": self.size, "pid": self.pid, "stale": self.stale, "folder": self.folder}
 
 
 def temp_file(path: str) -> TempFile | None:
@@ -175,6 +208,13 @@ def find_temps(folders: Iterable[str | os.PathLike[str]], recursive: bool = True
     for folder in folders:
         for root, dirs, files in os.walk(os.fspath(folder), followlinks=False):
             dirs.sort()
+            for name in [d for d in dirs if is_temp_name(d)]:
+                dirs.remove(name)  # a temp folder is one temp: never walked into
+                found = _temp_folder(os.path.join(root, name))
+                if found is not None:
+                    size, newest = found
+                    yield TempFile(os.path.join(root, name), size, writer_pid(name), _stale_since(name, newest, None),
+                                   folder=True)
             if not recursive:
                 dirs.clear()
             for name in sorted(files):
@@ -205,7 +245,8 @@ class CleanResult:
 
 
 def clean(folders: Iterable[str | os.PathLike[str]], *, dry_run: bool = False, recursive: bool = True) -> CleanResult:
-    """Remove the abandoned modelkit temp files in ``folders`` (see ``is_stale``); nothing else.
+    """Remove the abandoned modelkit temp files, and temp folders (a folder output's temp sibling),
+    in ``folders`` (see ``is_stale``); nothing else.
 
     Example:
         >>> clean(["models/"], dry_run=True).removed   # doctest: +SKIP
@@ -227,7 +268,12 @@ def clean(folders: Iterable[str | os.PathLike[str]], *, dry_run: bool = False, r
             continue
         if not dry_run:
             try:
-                os.unlink(t.path)
+                if t.folder:
+                    import shutil
+
+                    shutil.rmtree(t.path)  # never follows a symlink inside
+                else:
+                    os.unlink(t.path)
             except FileNotFoundError:
                 continue  # removed meanwhile (another clean, another sweep)
             except OSError as exc:

@@ -224,3 +224,57 @@ def test_api_write_logs_the_sweep(tmp_path: Path, caplog: pytest.LogCaptureFixtu
     assert [r.getMessage() for r in caplog.records] == [
         f"{tmp_path}: removed 2 abandoned temp files (3.0 kB) left by an interrupted modelkit"]
     assert not any(p.exists() for p in stale)
+
+
+def _temp_folder(folder: Path, token: str, name: str = "model") -> Path:
+    """A temp sibling of a folder output (a diffusers folder, PEFT adapters) left half written."""
+    t = folder / f".{name}.{token}.modelkit-tmp"
+    (t / "unet").mkdir(parents=True)
+    (t / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"x" * 700)
+    (t / "model_index.json").write_text("{}")
+    return t
+
+
+def _age_tree(path: Path, seconds: float) -> None:
+    t = time.time() - seconds
+    for root, dirs, files in os.walk(path):
+        for n in (*dirs, *files):
+            p = Path(root) / n
+            if p.is_symlink():
+                if os.utime in os.supports_follow_symlinks:
+                    os.utime(p, (t, t), follow_symlinks=False)
+            else:
+                _age(p, seconds)
+    _age(path, seconds)
+
+
+def test_abandoned_temp_folders_are_cleaned_and_live_ones_kept(tmp_path: Path) -> None:
+    host = tempfiles.host_tag()
+    dead = _temp_folder(tmp_path, f"0a1b2c3d-p{_dead_pid()}-h{host}", "dead")
+    mine = _temp_folder(tmp_path, f"0a1b2c3d-p{os.getpid()}-h{host}", "mine")
+    recent = _temp_folder(tmp_path, f"0a1b2c3d-p{_dead_pid()}-h{host}", "recent")
+    outside = tmp_path / "keep.safetensors"
+    outside.write_bytes(b"keep")
+    if hasattr(os, "symlink") and os.utime in os.supports_follow_symlinks:  # (Windows: no symlink ages)
+        os.symlink(outside, dead / "link-out")  # removal must not follow it
+    for t in (dead, mine):
+        _age_tree(t, HOURS_AGO)
+    (recent / "unet" / "diffusion_pytorch_model.safetensors").touch()  # written just now, deep inside
+    _age(recent, HOURS_AGO)
+    found = {Path(t.path).name: t for t in tempfiles.find_temps([tmp_path])}
+    assert found[dead.name].folder and found[dead.name].size == 702 and found[dead.name].stale
+    assert not found[mine.name].stale, "a running writer's temp folder is never stale"
+    assert not found[recent.name].stale, "the newest write inside decides the age"
+    r = tempfiles.clean([tmp_path])
+    assert [Path(t.path).name for t in r.removed] == [dead.name]
+    assert not dead.exists() and mine.exists() and recent.exists() and outside.read_bytes() == b"keep"
+    res = CliRunner().invoke(cli, ["clean", str(tmp_path), "--json"])
+    assert res.exit_code == 0 and json.loads(res.stdout)["kept"][0]["folder"] is True
+
+
+def test_the_next_write_sweeps_an_abandoned_temp_folder(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    dead = _temp_folder(tmp_path, f"0a1b2c3d-p{_dead_pid()}-h{tempfiles.host_tag()}")
+    _age_tree(dead, HOURS_AGO)
+    with caplog.at_level(logging.WARNING, logger="modelkit"), atomic_output(str(tmp_path / "new.safetensors")) as fd:
+        os.write(fd, b"data")
+    assert not dead.exists() and (tmp_path / "new.safetensors").read_bytes() == b"data"
