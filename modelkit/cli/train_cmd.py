@@ -178,6 +178,15 @@ def _render(out: Output, r: Any) -> None:
         out.line(f"  config {r.config_file}")
     for p in r.saved[:-1]:
         out.line(f"  saved {p}")
+    ema = list(getattr(r, "ema_saved", ()))
+    if ema:
+        out.result(f"  wrote {ema[-1]} (EMA of the trained weights)")
+        for p in ema[:-1]:
+            out.line(f"  saved {p}")
+    checks = list(getattr(r, "validation", ()))
+    if checks:
+        out.result(f"  validation loss {checks[-1][1]:.4f} at step {checks[-1][0]}"
+                   + (f" (first {checks[0][1]:.4f} at step {checks[0][0]})" if len(checks) > 1 else ""))
     if r.class_images:
         out.line(f"  generated {len(r.class_images)} class images in {os.path.dirname(r.class_images[0])}")
     if r.samples:

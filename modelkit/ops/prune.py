@@ -347,7 +347,9 @@ def prune(
                                 "the output holds the same tensors; `modelkit convert` does this too")
             overflow = dict(stats.overflow) if stats else {}
             if overflow:
-                warnings.append(f"{sum(overflow.values()):,} values in {len(overflow)} tensors overflowed to inf in "
+                what = ("were saturated to ±448 in" if str(dtype).replace("fp8_", "float8_") == "float8_e4m3fn"
+                        else "overflowed to inf in")  # torch's e4m3fn cast saturates; e5m2 and the rest go to inf
+                warnings.append(f"{sum(overflow.values()):,} values in {len(overflow)} tensors {what} "
                                 f"{dtype}: " + ", ".join(f"{k} ({v})" for k, v in list(overflow.items())[:3]))
             if plan.dropped:
                 warnings.append(f"{len(plan.dropped)} non-tensor value{_s(len(plan.dropped))} dropped: "

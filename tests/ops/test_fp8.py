@@ -51,6 +51,8 @@ def test_every_fp16_code_round_trips_as_torch_casts(tmp_path: Path, monkeypatch:
     assert err.value.counts == {"blk.weight": want_over} and not out.exists()
     r = modelkit.prune(src, out, dtype=CLI[fmt], allow_overflow=True)
     assert r.overflow == {"blk.weight": want_over}
+    said = "were saturated to ±448 in" if fmt == "float8_e4m3fn" else "overflowed to inf in"
+    assert any(said in w for w in r.warnings), r.warnings
     got = load_file(str(out))["blk.weight"]
     want = codes.to(getattr(torch, fmt))
     assert got.dtype == want.dtype and np.array_equal(_bits(got), _bits(want))

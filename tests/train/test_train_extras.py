@@ -313,3 +313,20 @@ def test_every_optimizer_resumes_bit_exactly(tiny_model: dict[str, str], tmp_pat
         resumed = train(_config(tiny_model, tmp_path / f"{name}-b", "lora", *extra, f"output.resume={state}"))
         a, b = modelkit.load(straight.output), modelkit.load(resumed.output)
         assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_the_human_result_names_the_ema_file_and_the_validation_loss(tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    from types import SimpleNamespace
+
+    from modelkit.cli.output import Output
+    from modelkit.cli.train_cmd import _render
+
+    r = SimpleNamespace(method="lora", steps=4, epochs=1, images=3, base="sd1", prediction="epsilon", loss=0.1,
+                        seconds=1.0, output=str(tmp_path / "o.safetensors"), config_file=None, saved=["o"],
+                        class_images=[], samples=[], states=[], ema_saved=("o-ema.safetensors",),
+                        validation=((2, 0.5), (4, 0.25)))
+    _render(Output(), r)
+    out = capsys.readouterr().out
+    assert "wrote o-ema.safetensors (EMA of the trained weights)" in out
+    assert "validation loss 0.2500 at step 4 (first 0.5000 at step 2)" in out
