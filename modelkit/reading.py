@@ -14,7 +14,8 @@ import os
 
 from .errors import UnsafeFileError
 from .formats import open_model as _open_raw
-from .model import ModelFile
+from .model import ModelFile, Source
+from .remote import is_remote
 
 
 def open_model(path: str | os.PathLike[str], *, ignore_scan: bool = False) -> ModelFile:
@@ -43,22 +44,25 @@ def open_model(path: str | os.PathLike[str], *, ignore_scan: bool = False) -> Mo
     mf = _open_raw(p, allow_hidden_pickles=ignore_scan)
     if not ignore_scan and mf.container != "safetensors":
         try:
-            refuse_unsafe(p)
+            refuse_unsafe(p, mf.source if is_remote(p) else None)
         except BaseException:
             mf.close()
             raise
     return mf
 
 
-def refuse_unsafe(path: str) -> None:
+def refuse_unsafe(path: str, source: Source | None = None) -> None:
     """Raise ``UnsafeFileError`` naming the first unsafe finding when the scan calls ``path`` unsafe.
+
+    Args:
+        source: the remote source a reader already opened for ``path`` (its fetched bytes are reused).
 
     Raises:
         UnsafeFileError: the scan's verdict is ``unsafe``.
     """
     from .scan.engine import scan_file
 
-    report = scan_file(path)
+    report = scan_file(path, source=source)
     if report.verdict != "unsafe":
         return
     first = next(f for f in report.findings if f.verdict == "unsafe")

@@ -182,13 +182,16 @@ def check_allow(allow: Iterable[str]) -> tuple[str, ...]:
     return out
 
 
-def scan_file(path: str | os.PathLike[str], allow: Iterable[str] = (), require_safetensors: bool = False) -> FileReport:
+def scan_file(path: str | os.PathLike[str], allow: Iterable[str] = (), require_safetensors: bool = False, *,
+              source: Source | None = None) -> FileReport:
     """Scan one file statically.
 
     Args:
         path: the file.
         allow: audited ``module.name`` globals to accept for this scan (reported, never silent).
         require_safetensors: any container but safetensors is a finding (a repository policy).
+        source: ``path`` already open as a remote source (a reader's): scanned through it, so the
+            bytes it fetched are not fetched again; the caller keeps it open.
 
     Returns:
         A FileReport whose verdict is ``safe``, ``suspicious``, ``unsafe`` or ``error``. An
@@ -204,7 +207,12 @@ def scan_file(path: str | os.PathLike[str], allow: Iterable[str] = (), require_s
     remote: dict[str, Any] | None = None
     try:
         src: Source
-        if is_remote(p):
+        if source is not None:
+            from ..formats.sniff import sniff_bytes
+
+            remote = {"requests": 0, "bytes": 0, "whole_file": False, "notes": []}
+            src, container = source, sniff_bytes(source.pread(min(512, source.size), 0), source.size)
+        elif is_remote(p):
             remote = {"requests": 0, "bytes": 0, "whole_file": False, "notes": []}
             src, container = _open_remote(p, remote)
         else:
@@ -218,7 +226,8 @@ def scan_file(path: str | os.PathLike[str], allow: Iterable[str] = (), require_s
             if remote is not None:
                 remote.update(src.transfer.to_dict(), size=src.size)  # type: ignore[attr-defined]
                 remote["notes"] = list(src.notes)  # type: ignore[attr-defined]
-            src.close()
+            if source is None:
+                src.close()
     except RemoteError as exc:
         ctx.add(R.REMOTE_ERROR, exc.problem)
     except ModelkitError as exc:

@@ -368,3 +368,15 @@ def test_multipart_bodies_are_parsed_by_their_content_ranges() -> None:
                 b"no boundary at all"):
         with pytest.raises(RemoteError):
             multipart_ranges(bad, b, 100, "u")
+
+
+def test_inspect_scans_through_the_readers_source_not_a_second_download(srv: Loopback, files: dict[str, str]) -> None:
+    import modelkit
+
+    url = srv.url + next(k for k in files if k.endswith("/big.ckpt"))
+    srv.reset_counts()
+    scan_file(url)
+    scanned = srv.sent
+    srv.reset_counts()
+    assert modelkit.inspect(url).tensor_count == 320
+    assert srv.sent < scanned * 1.5, (srv.sent, scanned)  # the scan reused what the reader fetched
