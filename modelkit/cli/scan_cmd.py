@@ -101,8 +101,9 @@ def scan_cmd(paths: tuple[str, ...], json_mode: bool, sarif_path: str | None, al
         if r.remote is not None:
             for note in r.remote.get("notes", ()):
                 out.result(f"  note: {note}")
-            out.line(f"  fetched {human_bytes(int(r.remote['bytes']))} of {human_bytes(max(int(r.remote['size']), 0))} "
-                     f"in {count(int(r.remote['requests']), 'request')}")
+            size = r.remote.get("size")
+            of = f" of {human_bytes(size)}" if isinstance(size, int) and size >= 0 else ""
+            out.line(f"  fetched {human_bytes(int(r.remote['bytes']))}{of} in {count(int(r.remote['requests']), 'request')}")
         if explain and r.verdict == "unsafe":
             from ..scan.explain import explain as explain_report
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .. import portable
-from ..errors import FormatError, InputNotFoundError
+from ..errors import FormatError, InputNotFoundError, RemoteError
 from ..formats.sniff import check_file
 from ..remote import is_remote
 from . import hashcache
@@ -182,6 +182,8 @@ def _hash_stream(p: str, f: Any, size: int, algos: tuple[str, ...],
             lanes.wait(i)  # the lanes are done with this buffer
             try:
                 n = f.readinto(bufs[i])
+            except RemoteError:
+                raise  # a remote stream says what went wrong itself; it is no disk error
             except OSError as exc:
                 raise FormatError(p, f"could not be read at byte {pos:,} ({exc.strerror or exc})",
                                   "Check the disk or copy the file again") from None

@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from .. import remote as cfg
-from ..errors import InputNotFoundError, MissingExtraError, RemoteError, TruncatedFileError, UsageError
+from ..errors import InputNotFoundError, MissingExtraError, ModelkitError, RemoteError, TruncatedFileError, UsageError
 from . import _CONTENT_RANGE, _INSTALL, _hf_endpoint, _hub, _why, parse_hf
 
 if TYPE_CHECKING:
@@ -74,30 +74,34 @@ class Http:
         if a != start or b != min(end, int(total)) - 1:
             raise RemoteError(self.label, f"asked for bytes {start}-{end - 1}, the server sent {a}-{b}")
 
-    def _get(self, src: RemoteSource, start: int, end: int | None, first: bool = False) -> bytes:
-        """GET bytes [start, end) (``end`` None: the whole file, into ``src``'s local copy).
-
-        Status retries (429/5xx) and network retries before the answer are huggingface_hub's;
-        a body that breaks off is not retried: it fails closed.
-        """
+    @contextmanager
+    def _response(self, headers: dict[str, str]) -> Iterator[Any]:
+        """A streamed GET. Status retries (429/5xx) and network retries before the answer are
+        huggingface_hub's; any other failure, asking or reading the body, becomes one RemoteError
+        line (a body that breaks off is not retried: it fails closed). modelkit's own errors pass."""
         hub = _hub()
-        headers = dict(self.headers)
-        if end is not None:
-            headers["Range"] = f"bytes={start}-{end - 1}"
         try:
             with hub.utils.http_stream_backoff("GET", self.url, headers=headers, timeout=cfg.TIMEOUT,
                                                max_retries=cfg.RETRIES, base_wait_time=cfg.BASE_WAIT,
                                                max_wait_time=8) as resp:
                 try:
-                    return self._answer(src, resp, start, end, first)
-                except (RemoteError, TruncatedFileError):
+                    yield resp
+                except ModelkitError:
                     raise
                 except Exception as exc:  # noqa: BLE001 - a body that breaks off, in any way
                     raise _network_error(self.label, exc) from None
-        except (RemoteError, TruncatedFileError):
+        except ModelkitError:
             raise
         except Exception as exc:  # noqa: BLE001 - network errors of any kind: one line
             raise _network_error(self.label, exc) from None
+
+    def _get(self, src: RemoteSource, start: int, end: int | None, first: bool = False) -> bytes:
+        """GET bytes [start, end) (``end`` None: the whole file, into ``src``'s local copy)."""
+        headers = dict(self.headers)
+        if end is not None:
+            headers["Range"] = f"bytes={start}-{end - 1}"
+        with self._response(headers) as resp:
+            return self._answer(src, resp, start, end, first)
 
     def _answer(self, src: RemoteSource, resp: Any, start: int, end: int | None, first: bool) -> bytes:
         code = int(resp.status_code)
@@ -143,26 +147,13 @@ class Http:
         not asked again, and the caller fetches what is missing one span at a time."""
         if self.multirange is False or len(spans) < 2:
             return []
-        hub = _hub()
         headers = {**self.headers, "Range": "bytes=" + ",".join(f"{a}-{b - 1}" for a, b in spans)}
         cap = sum(b - a for a, b in spans) + 256 * len(spans) + 4096
-        try:
-            with hub.utils.http_stream_backoff("GET", self.url, headers=headers, timeout=cfg.TIMEOUT,
-                                               max_retries=cfg.RETRIES, base_wait_time=cfg.BASE_WAIT,
-                                               max_wait_time=8) as resp:
-                if int(resp.status_code) == 200:
-                    self.multirange = False  # the whole file is coming: closing drops it unread
-                    return []
-                try:
-                    return self._parts(src, resp, cap)
-                except (RemoteError, TruncatedFileError):
-                    raise
-                except Exception as exc:  # noqa: BLE001 - a body that breaks off, in any way
-                    raise _network_error(self.label, exc) from None
-        except (RemoteError, TruncatedFileError):
-            raise
-        except Exception as exc:  # noqa: BLE001
-            raise _network_error(self.label, exc) from None
+        with self._response(headers) as resp:
+            if int(resp.status_code) == 200:
+                self.multirange = False  # the whole file is coming: closing drops it unread
+                return []
+            return self._parts(src, resp, cap)
 
     def _parts(self, src: RemoteSource, resp: Any, cap: int) -> list[tuple[int, bytes]]:
         self._check(resp)
@@ -405,18 +396,11 @@ def open_stream(url: str) -> Iterator[StreamReader]:
 
         yield StreamReader(chunks(), size, url)
         return
-    hub = _hub()
-    try:
-        with hub.utils.http_stream_backoff("GET", backend.url, headers=dict(backend.headers), timeout=cfg.TIMEOUT,
-                                           max_retries=cfg.RETRIES, base_wait_time=cfg.BASE_WAIT, max_wait_time=8) as resp:
-            backend._check(resp)
-            if int(resp.status_code) != 200:
-                raise RemoteError(url, f"the server answered a plain GET with HTTP {resp.status_code}")
-            length = resp.headers.get("content-length")
-            if not (length and length.isdigit()):
-                raise RemoteError(url, "the server does not say how long the file is (no Content-Length)")
-            yield StreamReader(resp.iter_bytes(cfg.BIG_STEP), int(length), url)
-    except (RemoteError, TruncatedFileError, MissingExtraError):
-        raise
-    except Exception as exc:  # noqa: BLE001
-        raise _network_error(url, exc) from None
+    with backend._response(dict(backend.headers)) as resp:
+        backend._check(resp)
+        if int(resp.status_code) != 200:
+            raise RemoteError(url, f"the server answered a plain GET with HTTP {resp.status_code}")
+        length = resp.headers.get("content-length")
+        if not (length and length.isdigit()):
+            raise RemoteError(url, "the server does not say how long the file is (no Content-Length)")
+        yield StreamReader(resp.iter_bytes(cfg.BIG_STEP), int(length), url)

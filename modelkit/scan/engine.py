@@ -210,10 +210,10 @@ def scan_file(path: str | os.PathLike[str], allow: Iterable[str] = (), require_s
         if source is not None:
             from ..formats.sniff import sniff_bytes
 
-            remote = {"requests": 0, "bytes": 0, "whole_file": False, "notes": []}
+            remote = {"requests": 0, "bytes": 0, "whole_file": False, "notes": [], "size": None}
             src, container = source, sniff_bytes(source.pread(min(512, source.size), 0), source.size)
         elif is_remote(p):
-            remote = {"requests": 0, "bytes": 0, "whole_file": False, "notes": []}
+            remote = {"requests": 0, "bytes": 0, "whole_file": False, "notes": [], "size": None}
             src, container = _open_remote(p, remote)
         else:
             container = sniff(p, wrappers=True, unknown_ok=True)

@@ -172,3 +172,13 @@ def test_detection_sees_logical_shapes(tmp_path: Path) -> None:
     with modelkit.open_model(p) as mf:
         assert mf["x.weight"].shape == (64, 272)  # packed bytes per row
         assert KeyView.of(mf).shape("x.weight") == (64, 256)
+
+
+@pytest.mark.parametrize("cut", [4, 8, 23])
+def test_a_gguf_cut_short_is_named_as_one(tmp_path: Path, cut: int) -> None:
+    p = tmp_path / "short.gguf"
+    p.write_bytes(build(GOOD)[:cut])
+    with pytest.raises(FormatError, match="GGUF"):
+        modelkit.open_model(p)
+    r = scan_file(p)
+    assert r.container == "gguf" and [f.rule for f in r.findings] == ["MK-S001"]

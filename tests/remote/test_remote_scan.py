@@ -380,3 +380,13 @@ def test_inspect_scans_through_the_readers_source_not_a_second_download(srv: Loo
     srv.reset_counts()
     assert modelkit.inspect(url).tensor_count == 320
     assert srv.sent < scanned * 1.5, (srv.sent, scanned)  # the scan reused what the reader fetched
+
+
+def test_an_unreachable_server_is_one_error_line_not_a_traceback() -> None:
+    from click.testing import CliRunner
+
+    from modelkit.cli.main import cli
+
+    r = CliRunner().invoke(cli, ["scan", "http://127.0.0.1:9/x.ckpt"])
+    assert r.exit_code == 2 and r.exception is None or isinstance(r.exception, SystemExit), r.output
+    assert "MK-R001" in r.output and "Traceback" not in r.output and "fetched 0 B in 0 requests" in r.output
