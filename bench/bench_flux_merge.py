@@ -1,8 +1,8 @@
 """``modelkit merge lora`` on a Flux-shaped checkpoint beside a naive in-RAM bake, in one run.
 
-Input: a Flux.1 transformer in BFL's keys, bf16, with the real widths (hidden 3072, MLP 12288) but
-only ``--double`` double and ``--single`` single blocks (the full 19 + 38 is 23.8 GB, more than a
-naive bake can hold in RAM here); random weights. The LoRA is a rank-32 kohya LoRA (bf16, alpha 16)
+Input: a Flux.1 transformer in BFL's keys, fp16, with the real widths (hidden 3072, MLP 12288) but
+only ``--double`` double and ``--single`` single blocks (default 4 + 5: 4.1 GB, the issue asks for at least 4 GB) (the full 19 + 38 is 23.8 GB, more than a
+naive bake can hold in RAM here); random weights. The LoRA is a rank-32 kohya LoRA (fp16, alpha 16)
 on every linear layer of every block (``img_attn.qkv``, ``img_attn.proj``, ``img_mlp.0/2``,
 ``img_mod.lin``, the ``txt_`` ones, ``linear1``, ``linear2``, ``modulation.lin``), as sd-scripts trains.
 
@@ -10,7 +10,7 @@ Rows, each a fresh child process (``bench/rounds.py``: wall time with a final ``
 
 * ``modelkit merge lora`` (the command: streaming, the input scanned and its sha256 recorded);
 * naive: ``load_file`` the whole checkpoint, every tensor to fp32, ``W + (up @ down) * alpha / rank``
-  per module, back to bf16, ``save_file``.
+  per module, back to fp16, ``save_file``.
 
 Usage: ``python bench/bench_flux_merge.py [--out bench/out] [--double 2] [--single 4] [--runs N]``.
 """
@@ -68,22 +68,22 @@ def build(path: str, lora: str, pairs: str, double: int, single: int) -> None:
     if all(os.path.exists(p) for p in (path, lora, pairs)):
         return
     g = torch.Generator().manual_seed(0)
-    sd = {k: (torch.randn(shape, generator=g) * 0.02).to(torch.bfloat16) for k, shape in layers(double, single).items()}
-    sd.update({"img_in.weight": torch.zeros(H, 64, dtype=torch.bfloat16), "txt_in.weight": torch.zeros(H, 4096, dtype=torch.bfloat16),
-               "final_layer.linear.weight": torch.zeros(64, H, dtype=torch.bfloat16)})
+    sd = {k: (torch.randn(shape, generator=g) * 0.02).to(torch.float16) for k, shape in layers(double, single).items()}
+    sd.update({"img_in.weight": torch.zeros(H, 64, dtype=torch.float16), "txt_in.weight": torch.zeros(H, 4096, dtype=torch.float16),
+               "final_layer.linear.weight": torch.zeros(64, H, dtype=torch.float16)})
     for n in range(double):
         for s in ("img", "txt"):
             for q in ("query", "key"):
-                sd[f"double_blocks.{n}.{s}_attn.norm.{q}_norm.scale"] = torch.ones(128, dtype=torch.bfloat16)
+                sd[f"double_blocks.{n}.{s}_attn.norm.{q}_norm.scale"] = torch.ones(128, dtype=torch.float16)
     save_file(sd, path)
     del sd
     out, table = {}, {}
     for k, (o, i) in layers(double, single).items():
         name = "lora_unet_" + k[: -len(".weight")].replace(".", "_")
         table[name] = k
-        out[name + ".lora_down.weight"] = (torch.randn(RANK, i, generator=g) * 0.01).to(torch.bfloat16)
-        out[name + ".lora_up.weight"] = (torch.randn(o, RANK, generator=g) * 0.01).to(torch.bfloat16)
-        out[name + ".alpha"] = torch.tensor(ALPHA, dtype=torch.bfloat16)
+        out[name + ".lora_down.weight"] = (torch.randn(RANK, i, generator=g) * 0.01).to(torch.float16)
+        out[name + ".lora_up.weight"] = (torch.randn(o, RANK, generator=g) * 0.01).to(torch.float16)
+        out[name + ".alpha"] = torch.tensor(ALPHA, dtype=torch.float16)
     save_file(out, lora)
     with open(pairs, "w", encoding="utf-8") as f:
         json.dump(table, f)
@@ -109,18 +109,18 @@ def compare(a: str, b: str) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="bench/out")
-    ap.add_argument("--double", type=int, default=2)
-    ap.add_argument("--single", type=int, default=4)
+    ap.add_argument("--double", type=int, default=4)
+    ap.add_argument("--single", type=int, default=5)
     ap.add_argument("--runs", type=int, default=1)
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     tag = f"flux-d{args.double}-s{args.single}"
-    ckpt, lora = (os.path.join(args.out, f"{tag}{s}.safetensors") for s in ("-bf16", "-lora-r32"))
+    ckpt, lora = (os.path.join(args.out, f"{tag}{s}.safetensors") for s in ("-fp16", "-lora-r32"))
     pairs = os.path.join(args.out, f"{tag}-lora-r32.json")
     build(ckpt, lora, pairs, args.double, args.single)
     ours, naive = (os.path.join(args.out, f"{tag}-{s}.safetensors") for s in ("modelkit", "naive"))
     subprocess.run(["cat", ckpt, lora], stdout=subprocess.DEVNULL, check=True)
-    print(f"merge lora: Flux-shaped {ckpt} ({os.path.getsize(ckpt) / 1e9:.2f} GB bf16, {args.double} double + "
+    print(f"merge lora: Flux-shaped {ckpt} ({os.path.getsize(ckpt) / 1e9:.2f} GB fp16, {args.double} double + "
           f"{args.single} single blocks at full width) + rank-{RANK} kohya LoRA on every block linear "
           f"({os.path.getsize(lora) / 1e6:.0f} MB)")
     py = sys.executable

@@ -31,6 +31,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from .. import dtypes
 from .._torch import require_torch
 from ..detect import detect_modelfile
 from ..errors import UsageError
@@ -42,7 +43,7 @@ from . import families
 from . import metadata as md
 from . import modelspec as ms
 from .convert import Progress, check_scan, default_output
-from .fp8 import refuse_scaled
+from .fp8_merge import Requant, Scaled, dequantized
 from .result import result_dict
 from .streaming import (
     CHUNK,
@@ -195,8 +196,17 @@ class _Mixer:
         self.overflow: dict[str, int] = {}
         self.lock = threading.Lock()
 
-    def fn(self, refs: list[TensorRef], alpha: float, out_dt: Any) -> Any:
+    def fn(self, refs: list[TensorRef], alpha: float, out_dt: Any, factors: list[float | None] | None = None,
+           copy: bool = False) -> Any:
+        """The job of one merged tensor (``copy``: A's values only, a scaled fp8 weight upcast)."""
         name = refs[0].name
+        scale = factors or [None] * len(refs)
+
+        def load(x: Any, chunk: Any, f: float | None) -> None:
+            if f is None:
+                x.copy_(chunk)
+            else:  # a scaled fp8 weight: q.float() * scale, in float32 as ComfyUI dequantizes
+                x.copy_(chunk.float().mul_(f))
 
         def run(slot: int) -> Any:
             lost = 0
@@ -206,14 +216,18 @@ class _Mixer:
             readers = [chunks(r, self.slots, slot, f"raw{i}") for i, r in enumerate(refs)]
             for s in range(0, n, CHUNK):
                 e = min(n, s + CHUNK)
-                x, y = (p[: e - s] for p in parts[:2])
-                x.copy_(next(readers[0]))
-                y.copy_(next(readers[1]))
-                if self.mode == "weighted-sum":
+                x = parts[0][: e - s]
+                load(x, next(readers[0]), scale[0])
+                if copy:
+                    pass
+                elif self.mode == "weighted-sum":
+                    y = parts[1][: e - s]
+                    load(y, next(readers[1]), scale[1])
                     x.lerp_(y, alpha)  # A + (B - A)·α, one pass: A·(1-α) + B·α within the compute dtype's rounding
                 else:
-                    z = parts[2][: e - s]
-                    z.copy_(next(readers[2]))
+                    y, z = parts[1][: e - s], parts[2][: e - s]
+                    load(y, next(readers[1]), scale[1])
+                    load(z, next(readers[2]), scale[2])
                     x.add_(y.sub_(z), alpha=alpha)
                 lost += overflow_count(x, out_dt)
                 out[s:e].copy_(x)
@@ -222,6 +236,17 @@ class _Mixer:
                     self.overflow[name] = lost
             return tensor_bytes(out)
         return run
+
+    def dense(self, refs: list[TensorRef], factors: list[float | None], alpha: float) -> Any:
+        """The merged values of one tensor as a new tensor in the compute dtype (for ``fp8_merge.Requant``)."""
+        def make() -> Any:
+            x, *rest = (dequantized(r, f, self.compute).reshape(-1) for r, f in zip(refs, factors))
+            if self.mode == "weighted-sum":
+                x.lerp_(rest[0], alpha)
+            else:
+                x.add_(rest[0].sub_(rest[1]), alpha=alpha)
+            return x.view(refs[0].shape)
+        return make
 
 
 def _vae_refs(mf_vae: ModelFile, ma: ModelFile, path: str) -> dict[str, TensorRef]:
@@ -349,8 +374,7 @@ def _merge(mfs: list[ModelFile], paths: list[str], vae_path: str | None, target:
            compute: Any, compute_name: str, warnings: list[str], *, force: bool, dry_run: bool, jobs: int | None,
            progress: Progress | None, allow_overflow: bool, dtype: str | None) -> MergeModelsResult:
     ma, others = mfs[0], mfs[1:len(paths)]
-    for mf, p in zip(mfs, paths):
-        refuse_scaled(mf.tensors, mf.metadata, p, "merge models")
+    scaled = [Scaled(mf.tensors, mf.metadata) for mf in mfs[:len(paths)]]
     mvae = mfs[len(paths)] if vae_path else None
     names = block_names(list(ma))
     family = families.family_of(ma)
@@ -360,7 +384,28 @@ def _merge(mfs: list[ModelFile], paths: list[str], vae_path: str | None, target:
     mixer = _Mixer(compute, mode)
     ahead = Ahead(jobs or default_jobs())
     tensors: list[OutTensor] = []
-    counts = {"merged": 0, "a": 0, "b": 0, "vae": 0, "ema": 0, "missing": 0}
+    counts = {"merged": 0, "a": 0, "b": 0, "vae": 0, "ema": 0, "missing": 0, "rescaled": 0}
+
+    def role(name: str, ref: TensorRef) -> tuple[str, float, list[TensorRef | None], list[float | None]]:
+        """How A's tensor ``name`` is made: ``a``, ``missing``, ``b`` or ``merge``, its weight, the inputs' tensors and
+        the scales of those that are scaled fp8 weights."""
+        w = weights.get(block_of(name, names) or "", base_w)
+        refs = [ref] + [m.get(name) for m in others]
+        factors = [sc.factor(name) for sc in scaled]
+        if component_of(name, family) not in components or not ref.dtype.is_float or w == 0.0:
+            return "a", w, refs, factors
+        if any(r is None or not r.dtype.is_float or (r.name in sc.drop) for r, sc in zip(refs[1:], scaled[1:])):
+            return "missing", w, refs, factors
+        if mode == "weighted-sum" and w == 1.0 and factors[1] is None and factors[0] is None:
+            return "b", w, refs, factors
+        return "merge", w, refs, factors
+
+    cells: dict[str, Requant] = {}
+    if cast is None:  # A's merged scaled fp8 weights are scaled again; made by whichever tensor comes first
+        for wname, sw in scaled[0].found.items():
+            how, w, refs, factors = role(wname, ma[wname])
+            if how == "merge":
+                cells[wname] = Requant(mixer.dense([r for r in refs if r is not None], factors, w), sw.format, wname)
     for name, ref in ma.items():
         if name.startswith(EMA_PREFIX):
             counts["ema"] += 1
@@ -371,24 +416,41 @@ def _merge(mfs: list[ModelFile], paths: list[str], vae_path: str | None, target:
             tensors.append(OutTensor.of(vref, name, out_dt if vref.dtype.is_float else vref.dtype))
             counts["vae"] += 1
             continue
-        w = weights.get(block_of(name, names) or "", base_w)
-        refs = [ref] + [m.get(name) for m in others]
-        if component_of(name, family) not in components or not ref.dtype.is_float or w == 0.0:
-            tensors.append(OutTensor.of(ref, dtype=out_dt))
-            counts["a"] += 1
+        if name in scaled[0].drop:  # A's scales and markers: kept, replaced by a new scale, or dropped with --dtype
+            cell = cells.get(scaled[0].scale_of.get(name, ""))
+            if cast is None:
+                tensors.append(OutTensor.of(ref) if cell is None else
+                               OutTensor(name, dtypes.BY_NAME["float32"], ref.shape, compute=cell.scale))
             continue
-        if any(r is None or not r.dtype.is_float for r in refs[1:]):
-            tensors.append(OutTensor.of(ref, dtype=out_dt))
-            counts["missing"] += 1
+        if name in cells:
+            tensors.append(OutTensor(name, ref.dtype, ref.shape, ref, compute=ahead.bind(
+                name, cells[name].weight, ref.numel * compute.itemsize)))
+            counts["merged"] += 1
+            counts["rescaled"] += 1
             continue
-        if mode == "weighted-sum" and w == 1.0:
+        how, w, refs, factors = role(name, ref)
+        if how in ("a", "missing"):
+            counts[how] += 1
+            if factors[0] is not None and cast is not None:  # A's scaled weight as its value in the cast dtype
+                fn = mixer.fn([ref], 0.0, out_dt.torch(), factors[:1], copy=True)
+                tensors.append(OutTensor(name, out_dt, ref.shape, ref, compute=ahead.bind(name, fn, ref.numel * out_dt.itemsize)))
+            else:
+                tensors.append(OutTensor.of(ref, dtype=out_dt))
+            continue
+        if how == "b":
             assert refs[1] is not None
             tensors.append(OutTensor.of(refs[1], name, out_dt))
             counts["b"] += 1
             continue
-        fn = mixer.fn([r for r in refs if r is not None], w, out_dt.torch())
+        fn = mixer.fn([r for r in refs if r is not None], w, out_dt.torch(), factors)
         tensors.append(OutTensor(name, out_dt, ref.shape, ref, compute=ahead.bind(name, fn, ref.numel * out_dt.itemsize)))
         counts["merged"] += 1
+    if counts["rescaled"]:
+        changes_fp8 = [f"{counts['rescaled']} scaled fp8 weights merged as weight*scale and scaled again (new scales)"]
+    elif cast is not None and scaled[0]:
+        changes_fp8 = [f"{len(scaled[0].found)} scaled fp8 weights written as {dtype} values; their scales dropped"]
+    else:
+        changes_fp8 = []
     if counts["missing"]:
         warnings.append(f"{counts['missing']} tensors of A are missing (or not float) in B/C and were kept from A")
     changes = [f"container {ma.container} -> safetensors"] if ma.container != "safetensors" else []
@@ -396,6 +458,7 @@ def _merge(mfs: list[ModelFile], paths: list[str], vae_path: str | None, target:
     changes.append(f"{mode} {what} with a={alpha:g} of {', '.join(components)}: {counts['merged']} tensors merged")
     if weights:
         changes.append("block weights " + ",".join(f"{v:g}" for v in [base_w, *weights.values()]) + " (BASE first)")
+    changes += changes_fp8
     if counts["ema"]:
         changes.append(f"removed {counts['ema']} EMA tensors (model_ema.*)")
     if vae_path:

@@ -359,3 +359,26 @@ def test_a_flux_single_file_takes_text_encoder_modules_and_merges_by_component(t
     assert res.vae_tensors == 1
     assert torch.equal(load_file(str(tmp_path / "vae.safetensors"))["vae.decoder.conv_in.weight"],
                        torch.full((4, 16, 3, 3), 2.0, dtype=torch.bfloat16))
+
+
+@pytest.mark.parametrize("style", ["kohya", "diffusers-fused"])
+def test_large_weights_baked_a_block_of_rows_at_a_time_are_within_one_ulp(tmp_path: Path, models, style: str,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Weights over ``4 * CHUNK`` elements are baked a block of rows at a time (each module on its rows of a
+    fused weight); with CHUNK made tiny, every weight of the tiny models takes that path, one row per block."""
+    from modelkit.ops.lora import bake
+
+    monkeypatch.setattr(bake, "CHUNK", 8)
+    calls = []
+    by_rows = bake._Baker._by_rows
+
+    def spy(self: Any, ref: Any, *args: Any) -> Any:
+        calls.append(ref.name)
+        return by_rows(self, ref, *args)
+
+    monkeypatch.setattr(bake._Baker, "_by_rows", spy)
+    if style == "kohya":
+        test_original_style_lora_in_every_layout_is_within_one_ulp(tmp_path, models, "kohya")
+    else:
+        test_diffusers_lora_bake_is_within_one_ulp(tmp_path, models, "flux")
+    assert any(".qkv." in n or "to_q" in n for n in calls)

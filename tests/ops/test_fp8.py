@@ -14,7 +14,7 @@ import pytest
 import modelkit
 from fixtures import fp8 as fx
 from modelkit import numcast
-from modelkit.errors import CastOverflowError, UnsupportedFormatError, UsageError
+from modelkit.errors import CastOverflowError, UsageError
 from modelkit.formats import safetensors_write
 
 torch = pytest.importorskip("torch")
@@ -164,7 +164,7 @@ def test_reads_every_comfyui_scaled_layout(tmp_path: Path, layout: str) -> None:
     assert modelkit.verify(path, half).ok
 
 
-def test_merges_plain_fp8_and_refuses_scaled(tmp_path: Path) -> None:
+def test_merges_plain_fp8(tmp_path: Path) -> None:
     names = ["model.diffusion_model.a.weight", "model.diffusion_model.b.weight"]
     sds = [{n: torch.randn(16, 8).to(torch.float8_e4m3fn) for n in names} for _ in range(2)]
     paths = [tmp_path / f"{i}.safetensors" for i in range(2)]
@@ -176,11 +176,6 @@ def test_merges_plain_fp8_and_refuses_scaled(tmp_path: Path) -> None:
     for n in names:
         want = sds[0][n].float().lerp(sds[1][n].float(), 0.5).to(torch.float8_e4m3fn)
         assert got[n].dtype == torch.float8_e4m3fn and np.array_equal(_bits(got[n]), _bits(want))
-    scaled = tmp_path / "scaled.safetensors"
-    fx.write_scaled(str(scaled), {n: sds[0][n].float().numpy() for n in names})
-    with pytest.raises(UnsupportedFormatError, match="scaled fp8") as err:
-        modelkit.merge_models(scaled, paths[1], out=tmp_path / "x.safetensors")
-    assert "--dtype fp16" in str(err.value)
 
 
 def test_options_are_checked(tmp_path: Path) -> None:

@@ -15,10 +15,11 @@ import math
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ... import dtypes
 from ..._torch import require_torch
 from ...detect import detect_modelfile
 from ...errors import UsageError
@@ -29,9 +30,10 @@ from ...paths import check_output
 from .. import metadata as md
 from .. import modelspec as ms
 from ..convert import Progress, check_scan, default_output
-from ..fp8 import refuse_scaled
+from ..fp8_merge import Requant, Scaled, dequantized
 from ..result import result_dict
 from ..streaming import (
+    CHUNK,
     COMPUTE_DTYPES,
     OUTPUT_DTYPES,
     Ahead,
@@ -39,6 +41,8 @@ from ..streaming import (
     default_jobs,
     float_dtype,
     narrow_in_place,
+    overflow_count,
+    plain_ref,
     read_into,
     tensor_bytes,
     write_output,
@@ -221,10 +225,18 @@ class _Baker:
         self.overflow: dict[str, int] = {}
         self.lock = threading.Lock()
 
-    def fn(self, ref: TensorRef, contribs: list[tuple[tuple[int, int] | None, Module, float]], out_dt: Any) -> Any:
+    def fn(self, ref: TensorRef, contribs: list[tuple[tuple[int, int] | None, Module, float]], out_dt: Any,
+           factor: float | None = None) -> Any:
+        if (factor is None and ref.numel > 4 * CHUNK and len(ref.shape) >= 2 and plain_ref(ref)
+                and all(_plain(mod) for _r, mod, _x in contribs)):
+            return self._by_rows(ref, contribs, out_dt)
+
         def run(slot: int) -> Any:
             flat = self.slots.scratch(slot, ref.numel, self.compute)
-            read_into(ref, flat, self.slots, slot)
+            if factor is None:
+                read_into(ref, flat, self.slots, slot)
+            else:  # a scaled fp8 weight: its value, q.float() * scale
+                flat.copy_(dequantized(ref, factor, self.compute).reshape(-1))
             w = flat.view(ref.shape)
             for rows, mod, ratio in contribs:
                 lmath.apply(mod, w if rows is None else w[rows[0]:rows[1]], ratio)
@@ -234,6 +246,62 @@ class _Baker:
                     self.overflow[ref.name] = lost
             return tensor_bytes(res)
         return run
+
+    def _by_rows(self, ref: TensorRef, contribs: list[tuple[tuple[int, int] | None, Module, float]],
+                 out_dt: Any) -> Any:
+        """A large weight changed by plain LoRAs only: a block of rows at a time (read, ``addmm_`` of each module's
+        rows of ``up``, rounded into the output), so only the output-dtype result is whole in memory."""
+        import torch
+
+        rows = int(ref.shape[0])
+        cols = ref.numel // rows
+        per = max(1, CHUNK // cols)
+        item, stored, begin = ref.dtype.itemsize, ref.dtype.torch(), ref.byte_range[0]
+        assert ref.source is not None
+        source = ref.source
+
+        def run(slot: int) -> Any:
+            mods = []
+            for span, mod, ratio in contribs:
+                if ratio == 0.0:
+                    continue
+                a, b = span or (0, rows)
+                up = mod.parts["up"].to(self.compute).reshape(b - a, -1)
+                down = mod.parts["down"].to(self.compute)
+                mods.append((a, b, up, down.reshape(int(down.shape[0]), -1), ratio * mod.scale()))
+            res = self.slots.scratch(slot, ref.numel, out_dt)
+            buf = self.slots.get(slot, "rows", per * cols, self.compute)
+            raw = self.slots.get(slot, "raw", per * cols * item, torch.uint8)
+            lost = 0
+            for r0 in range(0, rows, per):
+                r1 = min(rows, r0 + per)
+                n = (r1 - r0) * cols
+                source.read_into(memoryview(raw[: n * item].numpy()), begin + r0 * cols * item)
+                part = buf[:n]
+                part.copy_(raw[: n * item].view(stored))
+                block = part.view(r1 - r0, cols)
+                for a, b, up, down, alpha in mods:
+                    lo, hi = max(a, r0), min(b, r1)
+                    if lo < hi:
+                        block[lo - r0:hi - r0].addmm_(up[lo - a:hi - a], down, alpha=alpha)
+                lost += overflow_count(part, out_dt)
+                res[r0 * cols:r1 * cols].copy_(part)
+            if lost:
+                with self.lock:
+                    self.overflow[ref.name] = lost
+            return tensor_bytes(res)
+        return run
+
+    def dense(self, ref: TensorRef, contribs: list[tuple[tuple[int, int] | None, Module, float]],
+              factor: float | None) -> Callable[[], Any]:
+        """The merged weight of a scaled fp8 input, as a new tensor in the compute dtype (``fp8_merge.Requant``
+        scales it again)."""
+        def make() -> Any:
+            w = dequantized(ref, factor, self.compute)
+            for rows, mod, ratio in contribs:
+                lmath.apply(mod, w if rows is None else w[rows[0]:rows[1]], ratio)
+            return w
+        return make
 
 
 def merge_lora(
@@ -306,7 +374,7 @@ def merge_lora(
         warnings += check_scan(p, ignore_scan)[1]
     loaded = [(load_lora(p), r) for p, r in specs]
     with open_model(src) as mf:
-        refuse_scaled(mf.tensors, mf.metadata, src, "merge lora")
+        scaled = Scaled(mf.tensors, mf.metadata)
         det = detect_modelfile(mf)
         if det.kind != "checkpoint":
             raise UsageError(src, f"is not a checkpoint (detected as {det.kind})", "Pass the checkpoint first, then the LoRAs")
@@ -316,9 +384,25 @@ def merge_lora(
         baker = _Baker(compute.torch())
         ahead = Ahead(jobs or default_jobs())
         tensors: list[OutTensor] = []
+        cells = {w: Requant(baker.dense(mf[w], plan.contribs[w], scaled.factor(w)), scaled.found[w].format, w)
+                 for w in scaled.found if w in plan.contribs and cast is None}
         for name, ref in mf.items():
             out_dt = cast if cast is not None and ref.dtype.is_float else ref.dtype
             contribs = plan.contribs.get(name)
+            if name in scaled.drop:  # a scale or marker of a scaled fp8 weight
+                if cast is None:
+                    cell = cells.get(scaled.scale_of.get(name, ""))
+                    tensors.append(OutTensor.of(ref) if cell is None else
+                                   OutTensor(name, dtypes.BY_NAME["float32"], ref.shape, compute=cell.scale))
+                continue
+            if name in cells:
+                tensors.append(OutTensor(name, ref.dtype, ref.shape, ref,
+                                         compute=ahead.bind(name, cells[name].weight, ref.numel * compute.itemsize)))
+                continue
+            if name in scaled.found and cast is not None:  # written as its value in the cast dtype
+                fn = baker.fn(ref, contribs or [], out_dt.torch(), scaled.factor(name))
+                tensors.append(OutTensor(name, out_dt, ref.shape, ref, compute=ahead.bind(name, fn, ref.numel * compute.itemsize)))
+                continue
             if contribs is None:
                 tensors.append(OutTensor.of(ref, dtype=out_dt))
                 continue
@@ -327,6 +411,10 @@ def merge_lora(
             fn = baker.fn(ref, contribs, out_dt.torch())
             tensors.append(OutTensor(name, out_dt, ref.shape, ref, compute=ahead.bind(name, fn, ref.numel * compute.itemsize)))
         changes = _changes(mf.container, plan, dtype)
+        if cells:
+            changes.append(f"{len(cells)} scaled fp8 weights merged as weight*scale and scaled again (new scales)")
+        if scaled and cast is not None:
+            changes.append(f"{len(scaled.found)} scaled fp8 weights written as {dtype} values; their scales dropped")
         meta_extra, _dropped = md.split_extras(mf.extras)
         record = {"loras": [{"file": os.path.basename(u.path), "sha256": u.sha256, "ratio": u.ratio,
                              "modules": u.matched} for u in plan.uses],
@@ -354,6 +442,11 @@ def merge_lora(
         touched=len(plan.contribs), size=header.size, overflow=overflow, changes=tuple(changes),
         metadata=meta, warnings=tuple(warnings), stats=stats, scan=verdict, seconds=time.perf_counter() - t0,
     )
+
+
+def _plain(mod: Module) -> bool:
+    """A plain LoRA/LoCon module, whose change is one ``addmm_`` (so rows of it can be applied alone)."""
+    return mod.algo == "lora" and "mid" not in mod.parts and not mod.dora
 
 
 def _stem(path: str) -> str:
