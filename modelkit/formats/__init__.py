@@ -50,14 +50,14 @@ def open_model(path: str | os.PathLike[str], *, allow_hidden_pickles: bool = Fal
 
 
 def _open_remote(url: str) -> tuple[Source, str]:
-    """A remote file read by ranges (safetensors, zip) or downloaded whole (the other containers)."""
+    """A remote file read by ranges (safetensors, zip, GGUF) or downloaded whole (the other containers)."""
     from ..remote.source import RemoteSource
     from .sniff import check_kind, sniff_bytes
 
     src = RemoteSource(url)
     try:
         kind = check_kind(url, sniff_bytes(src.head[:512], src.size))
-        if kind not in ("safetensors", "zip"):
+        if kind not in ("safetensors", "zip", "gguf"):
             src.materialize()
     except BaseException:
         src.close()

@@ -238,6 +238,72 @@ class RemoteSource(Source):
 
 
 
+class RemoteBytes:
+    """A remote file's bytes as the pickle VM reads them (``len``, an index, a slice, ``find``), fetched
+    on demand: a file the scan reads only the start of (a GGUF: its header, and the few bytes a
+    pickle VM gets through from byte 0) is never downloaded whole. Reads go through a window that
+    doubles, up to ``WINDOW_MAX``, while they go forward, so a long read costs few requests."""
+
+    WINDOW_MIN = 64 << 10
+    WINDOW_MAX = 16 << 20
+
+    def __init__(self, src: RemoteSource):
+        self.src = src
+        self.size = src.size
+        self.start = 0
+        self.win = b""
+        self.step = self.WINDOW_MIN
+
+    def __len__(self) -> int:
+        return self.size
+
+    def _load(self, pos: int) -> None:
+        """Make the window hold byte ``pos`` (0 <= pos < size)."""
+        if self.start <= pos < self.start + len(self.win):
+            return
+        forward = pos == self.start + len(self.win)
+        self.step = min(self.step * 2, self.WINDOW_MAX) if forward else self.WINDOW_MIN
+        self.win = self.src.pread(min(self.step, self.size - pos), pos)
+        self.start = pos
+
+    def __getitem__(self, key: int | slice) -> Any:
+        if isinstance(key, slice):
+            a, b, step = key.indices(self.size)
+            if step != 1:
+                raise ValueError("only contiguous slices")
+            if b <= a:
+                return b""
+            if self.start <= a and b <= self.start + len(self.win):
+                return self.win[a - self.start : b - self.start]
+            if b - a <= self.WINDOW_MAX:
+                self._load(a)
+                if b <= self.start + len(self.win):
+                    return self.win[a - self.start : b - self.start]
+            return self.src.pread(b - a, a)
+        i = key + self.size if key < 0 else key
+        if not 0 <= i < self.size:
+            raise IndexError("index out of range")
+        self._load(i)
+        return self.win[i - self.start]
+
+    def find(self, sub: bytes, start: int = 0, end: int | None = None) -> int:
+        end = self.size if end is None else min(end, self.size)
+        pos, keep = max(start, 0), len(sub) - 1
+        while pos < end:
+            self._load(pos)
+            stop = min(end, self.start + len(self.win))
+            lo = max(pos - keep, start, 0)  # bytes before ``pos`` again, for a match across windows
+            chunk = self.win[lo - self.start : stop - self.start] if lo >= self.start else \
+                self.src.pread(stop - lo, lo)
+            i = chunk.find(sub)
+            if i >= 0:
+                return lo + i
+            pos = stop
+        return -1
+
+    def close(self) -> None:
+        """Nothing to release: the source is closed by its owner."""
+
 
 def _merge(spans: list[tuple[int, int]], gap: int, budget: int) -> list[tuple[int, int]]:
     """Sorted spans joined where they are ``gap`` bytes apart or less, then more of them, the closest

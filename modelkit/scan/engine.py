@@ -244,14 +244,14 @@ def scan_file(path: str | os.PathLike[str], allow: Iterable[str] = (), require_s
 
 def _open_remote(url: str, remote: dict[str, Any]) -> tuple[Source, str]:
     """A remote file opened for ranged reads, and its container (sniffed from its first bytes).
-    Containers that are read whole (anything but zip and safetensors) are downloaded first."""
+    Containers that are read whole (anything but zip, safetensors and GGUF) are downloaded first."""
     from ..formats.sniff import sniff_bytes
     from ..remote.source import RemoteSource
 
     src = RemoteSource(url)
     try:
         container = sniff_bytes(src.head[:512], src.size)
-        if container not in ("zip", "safetensors"):
+        if container not in ("zip", "safetensors", "gguf"):
             src.materialize()
     except BaseException:
         remote.update(src.transfer.to_dict(), size=src.size, notes=list(src.notes))
@@ -353,6 +353,11 @@ def _m(src: Source, member: str) -> str:
 def _data(src: Source) -> Any:
     if isinstance(src, MemorySource):
         return src.data
+    if src.fd < 0:  # a remote file still read by ranges (a GGUF): fetched as far as the scan reads
+        from ..remote.source import RemoteBytes, RemoteSource
+
+        if isinstance(src, RemoteSource):
+            return RemoteBytes(src)
     src.materialize()
     return mmap.mmap(src.fd, 0, access=mmap.ACCESS_READ)
 
