@@ -153,6 +153,20 @@ def chunks(ref: TensorRef) -> Iterator[Any]:
         yield numcast.values(np.frombuffer(view, dtype=code), ref.dtype).astype(np.float32)
 
 
+def fp8_bits(f32: Any, name: str) -> Any:
+    """float32 values (numpy) -> their fp8 bits (``uint8``): torch's cast where torch is installed (the
+    reference, and a single fast pass), else ``numcast.to_fp8_bits``, which rounds the same bit for bit."""
+    from .._torch import have_torch
+
+    if not have_torch():
+        return numcast.to_fp8_bits(f32, name)
+    import numpy as np
+    import torch
+
+    t = torch.from_numpy(np.ascontiguousarray(f32, dtype=np.float32))
+    return t.to(getattr(torch, name)).view(torch.uint8).numpy()
+
+
 def _bind_clamp(ref: TensorRef, target: DType) -> Any:
     return lambda: clamp_cast(ref, target)
 
@@ -165,7 +179,7 @@ def clamp_cast(ref: TensorRef, target: DType) -> Any:
     out = np.empty(ref.numel, dtype=np.uint8)
     s = 0
     for part in chunks(ref):
-        out[s:s + part.size] = numcast.to_fp8_bits(np.clip(part, -fmax, fmax), target.name)
+        out[s:s + part.size] = fp8_bits(np.clip(part, -fmax, fmax), target.name)
         s += part.size
     return out
 
@@ -199,7 +213,7 @@ def scaled_cast(ref: TensorRef, target: DType, scale: Any) -> Any:
     out = np.empty(ref.numel, dtype=np.uint8)
     s = 0
     for part in chunks(ref):
-        out[s:s + part.size] = numcast.to_fp8_bits(np.clip(part / np.float32(scale), -fmax, fmax), target.name)
+        out[s:s + part.size] = fp8_bits(np.clip(part / np.float32(scale), -fmax, fmax), target.name)
         s += part.size
     return out
 
