@@ -270,3 +270,18 @@ def test_output_rules_dry_run_force_provenance(tmp_path: Path, sd1) -> None:
     assert md["modelkit.source_sha256"] != "0" * 64
     assert any("l.safetensors at ratio 0.5" in c for c in json.loads(md["modelkit.changes"]))
     assert list(tmp_path.glob(".*modelkit-tmp")) == []
+
+
+@pytest.mark.parametrize(("spec", "want"), [
+    ("a.safetensors", ("a.safetensors", 1.0)),
+    ("a.safetensors:0.8", ("a.safetensors", 0.8)),
+    ("a.safetensors:-1.5", ("a.safetensors", -1.5)),
+    ("http://127.0.0.1:8000/a.safetensors", ("http://127.0.0.1:8000/a.safetensors", 1.0)),
+    ("http://127.0.0.1:8000/a.safetensors:0.3", ("http://127.0.0.1:8000/a.safetensors", 0.3)),
+    ("C:\\loras\\a.safetensors", ("C:\\loras\\a.safetensors", 1.0)),
+    ("C:\\loras\\a.safetensors:2", ("C:\\loras\\a.safetensors", 2.0)),
+])
+def test_lora_specs_split_a_ratio_off_but_never_a_port_or_a_drive(spec: str, want: tuple[str, float]) -> None:
+    from modelkit.ops.lora.bake import parse_spec
+
+    assert parse_spec(spec) == want

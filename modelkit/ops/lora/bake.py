@@ -128,7 +128,8 @@ def parse_spec(spec: str | tuple[str | os.PathLike[str], float]) -> tuple[str, f
     if isinstance(spec, tuple):
         return os.fspath(spec[0]), float(spec[1])
     path, sep, tail = spec.rpartition(":")
-    if sep and path and not os.path.exists(spec):
+    # a ratio holds no slash: "http://host:8000/a.safetensors" and "C:\\a.safetensors" are paths alone
+    if sep and path and not os.path.exists(spec) and not any(c in tail for c in "/\\"):
         try:
             ratio = float(tail)
         except ValueError:
