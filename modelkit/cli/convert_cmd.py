@@ -45,14 +45,15 @@ def common_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--to", "to", type=click.Choice(["single", "diffusers", "gguf"]),
               help="Between layouts: a diffusers folder -> one LDM .safetensors (single), or back (diffusers); "
                    "gguf: the denoiser as a GGUF file ComfyUI-GGUF loads.")
-@click.option("--part", type=click.Choice(["unet", "vae", "te", "te2"]),
-              help="With --to: one component only (te2: SDXL's second text encoder).")
+@click.option("--part", type=click.Choice(["unet", "vae", "te", "te2", "transformer", "clip_l", "clip_g", "t5xxl"]),
+              help="With --to: one component only (te2: SDXL's second text encoder; Flux/SD3: transformer, "
+                   "clip_l, clip_g, t5xxl).")
 @click.option("--configs", "configs", type=click.Path(),
               help="With --to diffusers: a diffusers folder whose */config.json to use instead of the shipped ones.")
 @click.option("--prediction", type=click.Choice(["eps", "v"]),
               help="With --to diffusers: the prediction type (SD2 files that do not say need it).")
 @click.option("--quant", default="Q8_0", show_default=True,
-              help="With --to gguf: Q8_0, Q5_1, Q5_0, Q4_1, Q4_0, BF16, F16 or F32.")
+              help="With --to gguf: Q8_0, Q6_K, Q5_K, Q4_K, Q3_K, Q2_K, Q5_1, Q5_0, Q4_1, Q4_0, BF16, F16 or F32.")
 @click.option("--base", type=click.Choice(["sd1", "sd2", "sdxl", "sd3", "flux"]),
               help="With --to gguf: the model family, where detection cannot tell.")
 @click.option("--dtype", type=click.Choice(["fp16", "bf16", "fp32"]),

@@ -19,7 +19,8 @@ from typing import Any
 
 from ..errors import FormatError, InputNotFoundError, ModelkitError, UsageError
 from ..model import ModelFile, Source, TensorRef
-from . import names
+from . import dit, names
+from .dit_folder import dit_pipeline, holds, unprojected
 from .plan import EXTRA_FILE, Part, has_projection, load_json, parts_of, transposed, view
 
 _WEIGHTS = re.compile(r"^(diffusion_pytorch_model|model|pytorch_model)(\.[A-Za-z0-9_-]+)?\.(safetensors|bin)"
@@ -189,8 +190,11 @@ def pipeline_parts(path: str) -> tuple[str, list[Part]]:
     with open(index_path, encoding="utf-8") as f:
         index = load_json(f.read(), index_path)
     cls = index.get("_class_name")
+    if cls in dit.PIPELINES:
+        return dit_pipeline(path, index, dit.PIPELINES[str(cls)])
     if cls not in PIPELINES:
-        raise FormatError(path, f"is a {cls} folder; modelkit converts Stable Diffusion 1/2 and SDXL pipelines")
+        raise FormatError(path, f"is a {cls} folder; modelkit converts Stable Diffusion 1/2/XL, SD3.x and Flux.1 "
+                                "pipelines")
     if "XL" in str(cls):
         family = "sdxl"
     else:
@@ -220,13 +224,19 @@ def component_part(path: str, want: str | None = None) -> Part:
         return Part("unet", "unet", names.UNET_PREFIX)
     if cls == "AutoencoderKL":
         return Part("vae", "vae", "")
+    if cls in dit.TRANSFORMERS:
+        return Part("transformer", dit.TRANSFORMERS[cls], "")
+    if cls == "T5EncoderModel":
+        return Part("text_encoder_2", "t5", "")
+    if cls.startswith("CLIPTextModel") and want in ("clip_l", "clip_g"):
+        return Part("text_encoder", "clip", "")
     if cls.startswith("CLIPTextModel"):
         if cls.endswith("WithProjection") or want == "te2":
             return Part("text_encoder_2", "openclip", names.TEXT_ENCODERS["sdxl"][1][2])
         if cfg.get("hidden_act") == "gelu":
             return Part("text_encoder", "openclip", names.TEXT_ENCODERS["sd2"][0][2])
         return Part("text_encoder", "clip", names.TEXT_ENCODERS["sd1"][0][2])
-    raise FormatError(path, f"holds a {cls or 'model of unknown class'}, not a UNet, VAE or CLIP text encoder")
+    raise FormatError(path, f"holds a {cls or 'model of unknown class'}, not a UNet, transformer, VAE or text encoder")
 
 
 def open_folder(path: str | os.PathLike[str], *, part: str | None = None, ignore_scan: bool = False) -> FolderModel:
@@ -253,16 +263,17 @@ def open_folder(path: str | os.PathLike[str], *, part: str | None = None, ignore
     if os.path.isfile(os.path.join(p, "model_index.json")):
         family, parts = pipeline_parts(p)
         if part is not None:
-            parts = [x for x in parts if x.folder == PARTS[part]]
+            want = dit.part_folder(family, part) if family in dit.COMPONENTS else PARTS.get(part)
+            parts = [x for x in parts if x.folder == want]
             if not parts:
-                raise FormatError(p, f"has no {PARTS[part]} ({family} pipelines have no {part})")
-            if parts[0].kind == "vae":
-                parts = [Part("vae", "vae", "")]
+                raise FormatError(p, f"has no {want or part} ({family} pipelines have no {part})")
+            if parts[0].kind == "vae" or family in dit.COMPONENTS:
+                parts = [dataclasses.replace(parts[0], prefix="")]
         located = [(x, os.path.join(p, x.folder)) for x in parts]
     else:
         comp = component_part(p, part)
-        if part is not None and PARTS[part] != comp.folder:
-            raise UsageError(p, f"holds the {comp.folder}, not the {PARTS[part]} (--part {part})")
+        if part is not None and not holds(comp, part):
+            raise UsageError(p, f"holds the {comp.folder}, not the {PARTS.get(part, part)} (--part {part})")
         located = [(comp, p)]
     model = FolderModel(path=p, container="diffusers", size=0, tensors={}, family=family)
     try:
@@ -309,7 +320,20 @@ def _add(model: FolderModel, part: Part, cfg: dict[str, Any], refs: dict[str, Te
                 _put(model, part.prefix + name, ref, folder)
         elif part.kind == "clip":
             for k, ref in refs.items():
-                _put(model, part.prefix + (k if k.startswith("text_model.") else "text_model." + k), ref, folder)
+                if k == "text_projection.weight" and unprojected(model.family, part, ref):
+                    continue
+                _put(model, part.prefix + (k if k.startswith(("text_model.", "text_projection")) else "text_model." + k),
+                     ref, folder)
+        elif part.kind == "t5":
+            for k, ref in refs.items():
+                _put(model, part.prefix + k, ref, folder)
+        elif part.kind in dit.TRANSFORMERS.values():
+            mapped, left = dit.to_original(refs, part.kind, folder)
+            if left:
+                raise FormatError(folder, f"holds {len(left)} tensors with no place in a {part.kind} single file "
+                                          f"(first: {left[0]})")
+            for k, ref in mapped.items():
+                _put(model, part.prefix + k, ref, folder)
         else:
             _add_openclip(model, part, cfg, refs, folder)
     except ValueError as exc:

@@ -42,7 +42,7 @@ class Part:
 
     @property
     def weights(self) -> str:
-        return "model.safetensors" if self.kind in ("clip", "openclip") else "diffusion_pytorch_model.safetensors"
+        return "model.safetensors" if self.kind in ("clip", "openclip", "t5") else "diffusion_pytorch_model.safetensors"
 
 
 def parts_of(family: str) -> list[Part]:
@@ -84,6 +84,10 @@ def expected(kind: str, cfg: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
     Raises:
         ValueError: the config lacks a key or describes a model outside the SD families.
     """
+    if kind == "t5":
+        from .dit import t5_expected
+
+        return t5_expected(cfg)
     if kind == "unet":
         boc = [int(b) for b in cfg["block_out_channels"]]
         mc = boc[0]
@@ -116,7 +120,13 @@ def expected(kind: str, cfg: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
                         ff=_int(cfg, "intermediate_size"))
     layout = component_layout(kind, **settings)
     if kind == "clip":
-        return {"text_model." + k: shape for k, (shape, _) in layout.items()}
+        out = {"text_model." + k: shape for k, (shape, _) in layout.items()}
+        if any(str(a).endswith("WithProjection") for a in cfg.get("architectures") or [cfg.get("_class_name")]):
+            out["text_projection.weight"] = (_int(cfg, "projection_dim"), settings["width"])
+        return out
+    if kind == "vae":  # Flux and SD3 VAEs have no quant_conv / post_quant_conv
+        drop = tuple(f"{n}." for n in ("quant_conv", "post_quant_conv") if cfg.get(f"use_{n}") is False)
+        return {k: shape for k, (shape, _) in layout.items() if not (drop and k.startswith(drop))}
     return {k: shape for k, (shape, _) in layout.items()}
 
 
@@ -191,7 +201,7 @@ def _map(part: Part, cfg: Mapping[str, Any], want: dict[str, tuple[int, ...]], p
          tensors: list[OutTensor], out: Split) -> None:
     levels = len(cfg.get("block_out_channels") or ())
     te_layers = int(cfg.get("num_hidden_layers") or 0)
-    projection = part.kind == "openclip" and has_projection(part, cfg)
+    projection = part.kind in ("clip", "openclip") and has_projection(part, cfg)
     for rest, ref in present.items():
         full = part.prefix + rest
         spare = _spare(part, rest, te_layers, projection)
@@ -216,8 +226,10 @@ def _map(part: Part, cfg: Mapping[str, Any], want: dict[str, tuple[int, ...]], p
 
 def _spare(part: Part, rest: str, te_layers: int, projection: bool) -> bool:
     """A tensor of this component that its diffusers model has no place for."""
-    if part.kind == "clip":
-        return rest == "text_model.embeddings.position_ids"
+    if part.kind == "clip":  # a CLIP-L without projection may still carry one (ComfyUI saves it)
+        return rest == "text_model.embeddings.position_ids" or (rest == "text_projection.weight" and not projection)
+    if part.kind == "t5":
+        return rest == "encoder.embed_tokens.weight"
     if part.kind == "openclip":
         if rest == "logit_scale" or (rest == "text_projection" and not projection):
             return True
@@ -235,7 +247,7 @@ def _convert(part: Part, cfg: Mapping[str, Any], rest: str, ref: TensorRef, leve
             v = view(ref, name, ref.shape[:2], ref.strides[:2])
             return [OutTensor(name, ref.dtype, v.shape, v)]
         return [OutTensor.of(ref, name)]
-    if part.kind == "clip":
+    if part.kind in ("clip", "t5"):
         return [OutTensor.of(ref, rest)]
     targets = names.openclip_diffusers_names(rest)
     if len(targets) == 3:

@@ -7,6 +7,8 @@ ones, or ``--configs DIR``), and writes a folder ``DiffusionPipeline.from_pretra
 ``model_index.json``, ``scheduler/``, ``tokenizer/`` (and ``tokenizer_2/``) from the shipped CLIP BPE,
 each component's ``config.json`` and safetensors weights, and ``ldm_extra.safetensors`` with what a
 diffusers folder has no place for. The folder is built in a temp sibling and renamed into place.
+Flux.1 and SD3.x files take the same road through ``modelkit.ops.layout_dit``; their folders are read
+back by the same ``open_folder``.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import Any
 
 from ..errors import FormatError, OutputExistsError, OutputWriteError, UsageError
 from ..formats.safetensors_write import OutTensor, layout, write_stream
-from ..layout import names
+from ..layout import dit, names
 from ..layout import plan as lp
 from ..layout.bpe import configs_root, shipped_bpe
 from ..layout.folder import FolderModel, open_folder
@@ -96,7 +98,8 @@ def convert_layout(
             ``open_model`` reads).
         out: the output ``.safetensors`` file, or the output folder.
         to: ``single`` or ``diffusers``.
-        part: ``unet``, ``vae``, ``te`` or ``te2`` (SDXL's second text encoder): that component only.
+        part: ``unet``, ``vae``, ``te`` or ``te2`` (SDXL's second text encoder), or for Flux/SD3
+            ``transformer``, ``clip_l``, ``clip_g``, ``t5xxl``: that component only.
         configs: a diffusers folder whose ``*/config.json`` (and ``scheduler/``, ``tokenizer/``,
             ``model_index.json`` where present) to use instead of the shipped ones.
         prediction: ``eps`` or ``v``: the scheduler's prediction type (needed for SD2 when the file
@@ -122,8 +125,9 @@ def convert_layout(
     s, target = os.fspath(src), os.fspath(out)
     if to not in DIRECTIONS:
         raise UsageError(None, f"--to must be single or diffusers, not {to!r}")
-    if part is not None and part not in lp.PARTS:
-        raise UsageError(None, f"--part must be one of {', '.join(lp.PARTS)}, not {part!r}")
+    if part is not None and part not in lp.PARTS and part not in dit.PART_NAMES:
+        raise UsageError(None, f"--part must be one of {', '.join(dict.fromkeys([*lp.PARTS, *dit.PART_NAMES]))}, "
+                               f"not {part!r}")
     if prediction is not None and prediction not in PREDICTIONS:
         raise UsageError(None, f"--prediction must be eps or v, not {prediction!r}")
     if not os.path.exists(s):
@@ -171,7 +175,8 @@ def _to_single(s: str, target: str, part: str | None, force: bool, dry_run: bool
 
 
 #: --part -> the ModelSpec kind of a file holding that part alone.
-_PART_KIND = {"unet": "unet", "vae": "vae", "te": "text-encoder", "te2": "text-encoder"}
+_PART_KIND = {"unet": "unet", "vae": "vae", "te": "text-encoder", "te2": "text-encoder", "transformer": "unet",
+              "clip_l": "text-encoder", "clip_g": "text-encoder", "t5xxl": "text-encoder"}
 
 
 def _folder_prediction(s: str) -> str | None:
@@ -188,6 +193,9 @@ def _folder_prediction(s: str) -> str | None:
 
 def _folders_of(model: ModelFile) -> list[str]:
     keys = list(model)
+    if isinstance(model, FolderModel) and model.family in dit.COMPONENTS:
+        return [f for f, kind, prefix, _ in dit.COMPONENTS[model.family]
+                if any(n.startswith(dit.VAE_PREFIXES if kind == "vae" else prefix) for n in keys)]
     found = []
     for folder, prefix in (("unet", names.UNET_PREFIX), ("vae", names.VAE_PREFIX),
                            ("text_encoder", "cond_stage_model."), ("text_encoder", "conditioner.embedders.0."),
@@ -208,6 +216,11 @@ def _single_part(s: str, part: str | None, ignore_scan: bool) -> ModelFile:
                          "Pass the folder, or --part unet|vae|te|te2 to take one component out of the file")
     mf = open_model(s, ignore_scan=ignore_scan)
     try:
+        found = dit.single_family(list(mf))
+        if found is not None:
+            from .layout_dit import single_part
+
+            return single_part(mf, s, found[0], part)
         family = lp.family_of(mf)
         parts = [p for p in lp.parts_of(family or "sd1") if p.folder == lp.PARTS[part]]
         if not parts or family is None and part != "vae":
@@ -299,10 +312,17 @@ def _to_diffusers(s: str, target: str, part: str | None, configs: str | os.PathL
         raise UsageError(s, "is a folder; --to diffusers reads a single file", "Use --to single for a folder")
     _check_folder_output(target, s, force)
     with open_model(s, ignore_scan=ignore_scan) as mf:
+        from .layout_dit import diffusers_transformer, to_diffusers
+
+        found = dit.single_family(list(mf)) or diffusers_transformer(mf, s)
+        if found is not None:
+            if prediction is not None:
+                raise UsageError(s, f"is a {found[0]} model; --prediction is for SD2")
+            return to_diffusers(s, target, mf, found[0], found[1], part, configs, force, dry_run, progress)
         family = lp.family_of(mf)
         bare_vae = family is None and part == "vae" and "encoder.conv_in.weight" in mf
         if family is None and not bare_vae:
-            raise FormatError(s, "is not an SD1, SD2 or SDXL checkpoint (no text encoder under cond_stage_model. "
+            raise FormatError(s, "is not an SD1, SD2, SDXL, SD3 or Flux checkpoint (no text encoder under cond_stage_model. "
                                  "or conditioner.embedders.)", "--part vae converts a standalone VAE file")
         # a standalone VAE is the same AutoencoderKL in every family: SD1's config fits it
         cfgs, pred = _pick_configs(s, family or "sd1", configs, prediction, mf)

@@ -1,0 +1,376 @@
+"""``modelkit convert --to diffusers|single`` for Flux.1 and SD3.x single files, transformer-only files
+and diffusers folders.
+
+Tiny pipelines (``fixtures/dit_layouts.py``: transformer, 16-channel VAE, CLIP-L, SD3's CLIP-G, T5) are
+saved in the ComfyUI single-file layout; the folder loads in diffusers/transformers offline with no
+missing or unexpected keys and the weights diffusers' own single-file converters give; the way back
+is bit-identical; the shipped configs describe the real models' shapes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from fixtures import dit_layouts as dl
+from modelkit.cli.main import cli
+from modelkit.layout import dit
+from modelkit.layout import plan as lp
+from modelkit.layout.bpe import configs_root
+from modelkit.layout.folder import open_folder
+from modelkit.ops import families as fam
+from modelkit.reading import open_model
+from tests.conftest import same_bits
+
+pytestmark = pytest.mark.filterwarnings("ignore")  # diffusers/transformers deprecation chatter
+P = "model.diffusion_model."
+FAMILIES = ("flux", "sd3")
+
+
+def _run(*args: str) -> Any:
+    return CliRunner().invoke(cli, list(args))
+
+
+def _load(path: str | Path) -> dict[str, torch.Tensor]:
+    with safe_open(str(path), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is no Mapping
+
+
+def _meta(path: str | Path) -> dict[str, str]:
+    with safe_open(str(path), "pt") as f:
+        return f.metadata() or {}
+
+
+class Tiny:
+    """One tiny Flux or SD3 pipeline: its modules, single file, configs folder and diffusers folder."""
+
+    def __init__(self, family: str, root: Path):
+        self.family = family
+        self.root = root / family
+        self.root.mkdir()
+        self.mods = dl.components(family)
+        self.configs = str(self.root / "configs")
+        dl.write_configs(self.mods, self.configs)
+        sd = dl.single_file(family, self.mods)
+        if family == "flux":  # ComfyUI saves CLIP-L's projection too: Flux's CLIPTextModel has no place for it
+            sd["text_encoders.clip_l.transformer.text_projection.weight"] = torch.randn(16, 16)
+        self.file = str(self.root / f"tiny-{family}.safetensors")
+        save_file(sd, self.file, {"note": "kept"})
+        self.folder = self.root / "diffusers"
+        r = _run("convert", self.file, "--to", "diffusers", "--configs", self.configs, "-o", str(self.folder))
+        assert r.exit_code == 0, r.output
+
+    def config(self, sub: str) -> dict[str, Any]:
+        return json.loads(Path(self.configs, sub, "config.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def tinies(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Tiny]]:
+    root = tmp_path_factory.mktemp("dit-layout")
+    yield {f: Tiny(f, root) for f in FAMILIES}
+
+
+def _same_dicts(mine: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor], what: str) -> None:
+    assert set(mine) == set(theirs), (what, sorted(set(mine) ^ set(theirs))[:5])
+    for k, v in theirs.items():
+        assert same_bits(mine[k], v.contiguous()), (what, k)
+
+
+# --- the maps are diffusers' maps ---------------------------------------------------------------
+
+def test_maps_equal_diffusers_converters(tinies: dict[str, Tiny]) -> None:
+    from diffusers.loaders.single_file_utils import (
+        convert_ldm_clip_checkpoint,
+        convert_ldm_vae_checkpoint,
+        convert_sd3_t5_checkpoint_to_diffusers,
+        convert_sd3_transformer_checkpoint_to_diffusers,
+    )
+
+    for family, t in tinies.items():
+        state = _load(t.file)
+        folder = t.folder
+        if family == "sd3":  # diffusers' Flux converter assumes the real width: checked below on a full-width model
+            theirs = convert_sd3_transformer_checkpoint_to_diffusers({k: v for k, v in state.items() if k.startswith(P)})
+            _same_dicts(_load(folder / "transformer" / "diffusion_pytorch_model.safetensors"), theirs, "transformer")
+        vprefix = "vae." if family == "flux" else "first_stage_model."
+        vae = convert_ldm_vae_checkpoint({"first_stage_model." + k[len(vprefix):]: v for k, v in state.items()
+                                          if k.startswith(vprefix)}, t.config("vae"))
+        _same_dicts(_load(folder / "vae" / "diffusion_pytorch_model.safetensors"), vae, "vae")
+        for sub, prefix in dl.PIPELINE[family][1:]:
+            picked = {k: v for k, v in state.items() if k.startswith(prefix)}
+            got = (convert_sd3_t5_checkpoint_to_diffusers(picked) if "t5xxl" in prefix
+                   else convert_ldm_clip_checkpoint(picked, prefix))
+            if family == "flux" and sub == "text_encoder":
+                got.pop("text_projection.weight")  # kept in ldm_extra.safetensors
+            if family == "sd3" and sub == "text_encoder":  # SD3's CLIP-L pools unprojected, as in diffusers
+                got["text_projection.weight"] = torch.eye(16)
+            _same_dicts(_load(folder / sub / "model.safetensors"), got, sub)
+
+
+def test_flux_transformer_map_equals_diffusers_at_full_width(tmp_path: Path) -> None:
+    """diffusers' Flux converter splits linear1 by the real width (3072): a full-width model of
+    ``[rows, 1]`` tensors follows every row through both."""
+    from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpoint_to_diffusers
+
+    orig = dl.to_original(dl.fake_flux_full_width(), "flux")
+    save_file(orig, str(tmp_path / "t.safetensors"))
+    theirs = convert_flux_transformer_checkpoint_to_diffusers(dict(orig))
+    with open_model(tmp_path / "t.safetensors") as mf:
+        mine, used, problems = dit.to_diffusers(dict(mf.tensors), "flux", "t")
+        assert not problems and sorted(used) == sorted(orig)
+        _same_dicts({k: r.read("torch") for k, r in mine.items()}, theirs, "flux transformer")
+
+
+@pytest.mark.parametrize("shipped", ["flux-dev", "flux-schnell", "sd3-medium", "sd3.5-medium", "sd3.5-large"])
+def test_shipped_configs_describe_the_real_models(shipped: str) -> None:
+    """The real models (built on the meta device) have the shapes their shipped configs say: the
+    transformer's config follows from its shapes, the VAE and T5 are the layouts the split expects."""
+    from diffusers import AutoencoderKL, FluxTransformer2DModel, SD3Transformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    family = "flux" if shipped.startswith("flux") else "sd3"
+    root = configs_root().joinpath(shipped)
+    cfg = json.loads(root.joinpath("transformer", "config.json").read_text())
+    cls = FluxTransformer2DModel if family == "flux" else SD3Transformer2DModel
+    with torch.device("meta"):
+        model = cls.from_config(cfg)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    orig: dict[str, tuple[int, ...]] = {p + ".weight": s for p, (s, _, _) in fam.diffusers_weights(shapes, family).items()}
+    for dtemplate, otemplate in dit.NORMS[family]:
+        for i in range(64):
+            if dtemplate.format(i=i) in shapes:
+                orig[otemplate.format(i=i)] = shapes[dtemplate.format(i=i)]
+    derived = dit.derived_config(orig, family, cfg)
+    assert dit.config_problems(cfg, derived) == []
+    assert dit.shipped_variant(family, derived) == shipped
+    vcfg = json.loads(root.joinpath("vae", "config.json").read_text())
+    with torch.device("meta"):
+        vae = AutoencoderKL.from_config(vcfg)
+    want = lp.expected("vae", vcfg)
+    mapped = {}
+    for rest, shape in want.items():
+        name, conv = lp.names.vae_diffusers_name(rest, len(vcfg["block_out_channels"]))
+        mapped[name] = shape[:2] if conv else shape
+    assert mapped == {k: tuple(v.shape) for k, v in vae.state_dict().items()}
+    t5cfg = json.loads(root.joinpath("text_encoder_2" if family == "flux" else "text_encoder_3", "config.json").read_text())
+    with torch.device("meta"):
+        t5 = T5EncoderModel(T5Config(**{k: v for k, v in t5cfg.items() if not k.startswith("_")}))
+    real = {k: tuple(v.shape) for k, v in t5.state_dict().items() if k != "encoder.embed_tokens.weight"}
+    assert lp.expected("t5", t5cfg) == real
+
+
+# --- folders diffusers loads --------------------------------------------------------------------
+
+def test_folder_loads_in_diffusers_with_the_source_weights(tinies: dict[str, Tiny], monkeypatch: pytest.MonkeyPatch) -> None:
+    from diffusers import (
+        AutoencoderKL,
+        FluxPipeline,
+        FluxTransformer2DModel,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for family, t in tinies.items():
+        d = str(t.folder)
+        loaders = {"transformer": FluxTransformer2DModel if family == "flux" else SD3Transformer2DModel,
+                   "vae": AutoencoderKL,
+                   "text_encoder": CLIPTextModel if family == "flux" else CLIPTextModelWithProjection,
+                   "text_encoder_2": T5EncoderModel if family == "flux" else CLIPTextModelWithProjection,
+                   "text_encoder_3": T5EncoderModel}
+        for sub, module in t.mods.items():
+            model, info = loaders[sub].from_pretrained(d, subfolder=sub, local_files_only=True, output_loading_info=True)
+            assert not any(info.get(k) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), (family, sub, info)
+            loaded, want = model.state_dict(), dict(module.state_dict())
+            if family == "sd3" and sub == "text_encoder":
+                want["text_projection.weight"] = torch.eye(16)
+            assert set(loaded) == set(want), (family, sub)
+            for k, v in want.items():
+                assert same_bits(loaded[k], v), (family, sub, k)
+        cls = FluxPipeline if family == "flux" else StableDiffusion3Pipeline
+        t5_tok = "tokenizer_2" if family == "flux" else "tokenizer_3"
+        # no SentencePiece model offline: the user passes the T5 tokenizer (None here)
+        pipe = cls.from_pretrained(d, local_files_only=True, **{t5_tok: None})
+        assert type(pipe) is cls and getattr(pipe, t5_tok) is None
+        assert same_bits(pipe.transformer.state_dict()["proj_out.weight"], t.mods["transformer"].state_dict()["proj_out.weight"])
+        index = json.loads((t.folder / "model_index.json").read_text())
+        assert index[t5_tok] == [None, None]
+        assert json.loads((t.folder / "scheduler" / "scheduler_config.json").read_text())["_class_name"] == \
+            "FlowMatchEulerDiscreteScheduler"
+        tok = CLIPTokenizer.from_pretrained(d, subfolder="tokenizer", local_files_only=True)
+        assert tok("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
+
+
+# --- the way back -------------------------------------------------------------------------------
+
+def _identical(a_path: str | Path, b_path: str | Path) -> None:
+    with open_model(a_path) as a, open_model(b_path) as b:
+        assert sorted(a) == sorted(b), sorted(set(a) ^ set(b))[:5]
+        for k in a:
+            assert (a[k].dtype, a[k].shape) == (b[k].dtype, b[k].shape), k
+            assert a[k].read_raw() == b[k].read_raw(), k
+
+
+def test_round_trip_is_bit_identical(tinies: dict[str, Tiny], tmp_path: Path) -> None:
+    for family, t in tinies.items():
+        back = tmp_path / f"{family}.safetensors"
+        r = _run("convert", str(t.folder), "--to", "single", "-o", str(back))
+        assert r.exit_code == 0, r.output
+        _identical(t.file, back)
+        assert _meta(back)["note"] == "kept"
+    # an SD3 file without CLIP-L's projection: the identity diffusers needs is not carried back
+    t = tinies["sd3"]
+    sd = dl.single_file("sd3", t.mods, projection=False)
+    src = tmp_path / "noproj.safetensors"
+    save_file(sd, str(src))
+    folder, back = tmp_path / "noproj", tmp_path / "noproj-back.safetensors"
+    assert _run("convert", str(src), "--to", "diffusers", "--configs", t.configs, "-o", str(folder)).exit_code == 0
+    assert not (folder / lp.EXTRA_FILE).exists()
+    assert _run("convert", str(folder), "--to", "single", "-o", str(back)).exit_code == 0
+    _identical(src, back)
+
+
+def test_open_folder_is_the_single_file(tinies: dict[str, Tiny]) -> None:
+    for family, t in tinies.items():
+        with open_folder(t.folder) as mf, open_model(t.file) as single:
+            assert mf.family == family and set(mf) == set(single)
+            for k in single:
+                assert mf[k].read_raw() == single[k].read_raw(), (family, k)
+
+
+def test_transformer_only_file_and_parts(tinies: dict[str, Tiny], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from diffusers import FluxTransformer2DModel
+    from transformers import T5EncoderModel
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    t = tinies["flux"]
+    # the transformer of the single file, in ComfyUI's diffusion_models/ names (prefix gone)
+    part = tmp_path / "transformer.safetensors"
+    r = _run("convert", str(t.folder), "--to", "single", "--part", "transformer", "-o", str(part))
+    assert r.exit_code == 0, r.output
+    state = _load(t.file)
+    assert set(_load(part)) == {k[len(P):] for k in state if k.startswith(P)}
+    # a transformer-only file -> a component folder -> back, bit for bit
+    comp = tmp_path / "comp"
+    r = _run("convert", str(part), "--to", "diffusers", "--configs", t.configs, "-o", str(comp))
+    assert r.exit_code == 0, r.output
+    model, info = FluxTransformer2DModel.from_pretrained(str(comp), local_files_only=True, output_loading_info=True)
+    assert not any(info.get(k) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    _same_dicts(model.state_dict(), t.mods["transformer"].state_dict(), "transformer")
+    back = tmp_path / "back.safetensors"
+    assert _run("convert", str(comp), "--to", "single", "-o", str(back)).exit_code == 0
+    _identical(part, back)
+    # a transformer file in diffusers keys gives the same folder
+    dkeys, comp2 = tmp_path / "diffusers-keys.safetensors", tmp_path / "comp2"
+    shutil.copyfile(comp / "diffusion_pytorch_model.safetensors", dkeys)
+    r = _run("convert", str(dkeys), "--to", "diffusers", "--configs", t.configs, "-o", str(comp2))
+    assert r.exit_code == 0, r.output
+    _identical(comp / "diffusion_pytorch_model.safetensors", comp2 / "diffusion_pytorch_model.safetensors")
+    # --part t5xxl of the single file: a T5EncoderModel folder
+    t5 = tmp_path / "t5"
+    r = _run("convert", t.file, "--to", "diffusers", "--part", "t5xxl", "--configs", t.configs, "-o", str(t5))
+    assert r.exit_code == 0, r.output
+    model, info = T5EncoderModel.from_pretrained(str(t5), local_files_only=True, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    _same_dicts(model.state_dict(), t.mods["text_encoder_2"].state_dict(), "t5")
+    # and --part on a pipeline folder or a single file gives the same file
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    assert _run("convert", str(t.folder), "--to", "single", "--part", "t5xxl", "-o", str(a)).exit_code == 0
+    assert _run("convert", t.file, "--to", "single", "--part", "t5xxl", "-o", str(b)).exit_code == 0
+    _identical(a, b)
+
+
+def test_shipped_configs_pick_the_variant_and_adapt_channels(tinies: dict[str, Tiny], tmp_path: Path) -> None:
+    """Without --configs the tiny files do not fit the real sizes: one line names the variant chosen."""
+    for family, shipped in (("flux", "flux-dev"), ("sd3", "sd3.5-medium")):
+        r = _run("convert", tinies[family].file, "--to", "diffusers", "-o", str(tmp_path / family))
+        _one_line_error(r, f"shapes do not fit the shipped {shipped} configs", "--configs FOLDER")
+    cfg = json.loads(configs_root().joinpath("flux-dev", "transformer", "config.json").read_text())
+    derived = {"in_channels": 384, "out_channels": 64}
+    out = dit.adapted(cfg, "flux", derived)
+    assert (out["in_channels"], out["out_channels"]) == (384, 64)
+    assert dit.adapted(cfg, "flux", {"in_channels": 64, "out_channels": 64})["out_channels"] is None
+
+
+# --- ops on a folder equal the ops on the file ---------------------------------------------------
+
+def test_prune_and_merge_on_a_folder_equal_on_the_file(tinies: dict[str, Tiny], tmp_path: Path) -> None:
+    t = tinies["sd3"]
+    for label, args in (("prune", ["prune", "{src}", "--dtype", "fp16", "-o", "{out}"]),
+                        ("part", ["prune", "{src}", "--part", "transformer", "-o", "{out}"]),
+                        ("models", ["merge", "models", "{src}", "{src2}", "--alpha", "0.25", "-o", "{out}"])):
+        outs = []
+        for i, src in enumerate((t.file, str(t.folder))):
+            out = tmp_path / f"{label}-{i}.safetensors"
+            r = _run(*[a.format(src=src, src2=t.file, out=out) for a in args])
+            assert r.exit_code == 0, (label, r.output)
+            outs.append(_load(out))
+        _same_dicts(outs[1], outs[0], label)
+
+
+def test_merge_lora_on_a_folder_equals_on_the_file(tinies: dict[str, Tiny], tmp_path: Path) -> None:
+    t = tinies["flux"]
+    g = torch.Generator().manual_seed(1)
+    lora = {"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.randn(4, 32, generator=g),
+            "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.randn(32, 4, generator=g),
+            "transformer.single_transformer_blocks.0.proj_mlp.lora_A.weight": torch.randn(4, 32, generator=g),
+            "transformer.single_transformer_blocks.0.proj_mlp.lora_B.weight": torch.randn(128, 4, generator=g)}
+    save_file(lora, str(tmp_path / "l.safetensors"))
+    outs = []
+    for i, src in enumerate((t.file, str(t.folder))):
+        out = tmp_path / f"lora-{i}.safetensors"
+        r = _run("merge", "lora", src, str(tmp_path / "l.safetensors"), "-o", str(out))
+        assert r.exit_code == 0, r.output
+        outs.append(_load(out))
+    _same_dicts(outs[1], outs[0], "merge lora")
+    assert not same_bits(outs[0][P + "double_blocks.0.img_attn.qkv.weight"], _load(t.file)[P + "double_blocks.0.img_attn.qkv.weight"])
+
+
+# --- bad inputs: one line, nothing written -------------------------------------------------------
+
+def _one_line_error(r: Any, *needles: str) -> None:
+    assert r.exit_code == 2, r.output
+    lines = [x for x in r.stderr.splitlines() if x.strip()]
+    assert len(lines) == 1 and lines[0].startswith("modelkit: error: "), r.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+def test_bad_inputs(tinies: dict[str, Tiny], tmp_path: Path) -> None:
+    t = tinies["flux"]
+    lora = {"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.randn(4, 32),
+            "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.randn(32, 4)}
+    save_file(lora, str(tmp_path / "lora.safetensors"))
+    before = set(os.listdir(tmp_path))
+    r = _run("convert", str(tmp_path / "lora.safetensors"), "--to", "diffusers", "-o", str(tmp_path / "f"))
+    _one_line_error(r, "is not an SD1, SD2, SDXL, SD3 or Flux checkpoint")
+    data = Path(t.file).read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
+    before.add("cut.safetensors")
+    r = _run("convert", str(tmp_path / "cut.safetensors"), "--to", "diffusers", "--configs", t.configs,
+             "-o", str(tmp_path / "f"))
+    _one_line_error(r)
+    r = _run("convert", t.file, "--to", "diffusers", "--part", "clip_g", "--configs", t.configs, "-o", str(tmp_path / "f"))
+    _one_line_error(r, "no clip_g")
+    # a pipeline folder whose transformer holds a foreign tensor
+    broken = tmp_path / "broken"
+    shutil.copytree(t.folder, broken)
+    w = broken / "transformer" / "diffusion_pytorch_model.safetensors"
+    sd = _load(w)
+    sd["stray.weight"] = torch.zeros(2)
+    save_file(sd, str(w))
+    before.add("broken")
+    r = _run("convert", str(broken), "--to", "single", "-o", str(tmp_path / "x.safetensors"))
+    _one_line_error(r, "stray.weight")
+    assert set(os.listdir(tmp_path)) == before
