@@ -15,7 +15,7 @@ from .merge_cmd import output_options, passive_threads, run_op
 from .output import Output, human_bytes
 
 STYLES = ("kohya", "diffusers", "peft")
-BASES = ("sd1", "sd2", "sdxl")
+BASES = ("sd1", "sd2", "sdxl", "flux", "sd3")
 
 
 @click.group("lora")

@@ -150,6 +150,9 @@ def _base_from_shapes(view: KeyView, mods: list[_Module], components: Counter[st
                 evidence.append(f"{m.name} input width {w} -> {base}")
                 break
     te_base = _text_base(view, mods, components, evidence)
+    if base is None and te_base in ("sd1", "sd2", "sdxl") and any(n.startswith("transformer.") for n in names):
+        evidence.append(f"the denoiser is a DiT transformer (transformer.*), so not {te_base}: base not known")
+        te_base = None  # diffusers names a UNet ``unet.``; the metadata, if any, decides
     if base is None and te_base:
         base, level = te_base, "medium"
     elif te_base and base and te_base != base and not (te_base == "sdxl" and base == "sd3"):
@@ -166,10 +169,22 @@ def _component(m: _Module) -> str:
     return _namespace(m.name)[0]
 
 
+#: A T5 encoder module (``encoder.block.N.layer.M...``), whatever its prefix.
+T5_MODULE = r"(?:^|[._])encoder[._]block[._]\d+[._]layer[._]\d+[._]"
+
+
 def _text_base(view: KeyView, mods: list[_Module], components: Counter[str], evidence: list[str]) -> str | None:
-    if components.get("te3"):
-        evidence.append("a third text encoder (T5) -> sd3")
-        return "sd3"
+    t5_te2 = [m.name for m in mods if _component(m) == "te2" and rx(T5_MODULE).search(m.name)]
+    if t5_te2:
+        evidence.append(f"T5 modules as the second text encoder ({t5_te2[0]}: OneTrainer's and diffusers' Flux "
+                        "names) -> flux")
+        return "flux"
+    if components.get("te3"):  # kohya names T5 ``lora_te3_`` for Flux and SD3 alike; only SD3 has a CLIP-G (te2)
+        if components.get("te2"):
+            evidence.append("a third text encoder (T5) beside a second (CLIP-G) -> sd3")
+            return "sd3"
+        evidence.append("a T5 text encoder (te3): Flux or SD3")
+        return None
     if components.get("te2"):
         evidence.append("modules for a second text encoder (te2) -> sdxl")
         return "sdxl"

@@ -7,6 +7,11 @@ transformer blocks (attention, feed-forward, ``proj_in``/``proj_out``) and the t
 attention and MLP layers; with ``conv_rank`` also the ResBlock, downsampler and upsampler
 convolutions (3x3 at ``conv_rank``, 1x1 at ``rank``). An OpenCLIP fused ``in_proj_weight`` gives
 three modules, ``q_proj``, ``k_proj``, ``v_proj``. The checkpoints are read one tensor at a time.
+
+A Flux.1 or SD3.x transformer (single file, transformer-only file or diffusers transformer) gives one
+module per weight of its original layout, in kohya's names (``lora_unet_double_blocks_0_img_attn_qkv``),
+fused ``qkv``/``linear1`` whole as kohya's trainers and ComfyUI have them (``dit_tools.extract``); its
+text encoders (CLIP-L, CLIP-G, T5-XXL) as ``lora_te1_``/``lora_te2_``/``lora_te3_`` modules.
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ from .. import modelspec as ms
 from ..convert import Progress, check_scan, default_output
 from ..result import result_dict
 from ..streaming import COMPUTE_DTYPES, OUTPUT_DTYPES, float_dtype, overflow_count, tensor_bytes, write_output
+from . import dit, dit_tools
+from .dit_tools import DIT
 from .keymap import KeyMap, Target
 
 #: Blocks extracted always, and those extracted only with ``conv_rank``.
@@ -174,10 +181,21 @@ def extract_lora(
         det = detect_modelfile(mb)
         if det.kind != "checkpoint":
             raise UsageError(b, f"is not a checkpoint (detected as {det.kind})")
+        det_t = detect_modelfile(mt)
+        if det.base != det_t.base and (det.base in DIT or det_t.base in DIT):
+            raise UsageError(t, f"is {_family(det_t.base)} but the base {os.path.basename(b)} is {_family(det.base)}",
+                             "Extract from two checkpoints of the same base model")
         km = KeyMap.build({k: r.shape for k, r in mb.items()}, det.base)
         overflow: dict[str, int] = {}
         tensors, skipped = _extract(km, mb, mt, t, rank, conv_rank, compute.torch(), cast.torch(), min_diff, progress,
                                     overflow)
+        if dit.layout({k: r.shape for k, r in mb.items()}) is not None:  # Flux, SD3: the transformer by original weight
+            def named(name: str, up: Any, down: Any) -> list[OutTensor]:
+                return _module(name, up, down, cast.torch(), overflow)
+
+            more, more_skipped = dit_tools.extract(mb, mt, t, rank, compute.torch(), cast.torch(), min_diff, progress,
+                                                   overflow, named)
+            tensors, skipped = more + tensors, skipped + more_skipped
     if not tensors:
         raise UsageError(t, f"no adaptable layer differs from {b}", "Check that these are two different checkpoints")
     modules = len(tensors) // 3
@@ -201,6 +219,21 @@ def extract_lora(
     return LoraOutResult("extract", (b, t), target, "dry-run" if dry_run else "written", det.base, "kohya", modules,
                          skipped, rank, conv_rank, len(tensors), header.size, tuple(changes), meta, tuple(warnings),
                          stats, time.perf_counter() - t0)
+
+
+def _family(base: str | None) -> str:
+    from .bake import FAMILY_NAMES
+
+    return FAMILY_NAMES.get(base or "", base or "of no known base")
+
+
+def _module(name: str, up: Any, down: Any, cast: Any, overflow: dict[str, int]) -> list[OutTensor]:
+    """A kohya module's three tensors, ``alpha`` = its rank (scale 1)."""
+    import torch
+
+    return [out_tensor(f"{name}.lora_down.weight", down, cast, overflow),
+            out_tensor(f"{name}.lora_up.weight", up, cast, overflow),
+            out_tensor(f"{name}.alpha", torch.tensor(float(down.shape[0])), cast, overflow)]
 
 
 def _extract(km: KeyMap, mb: Any, mt: Any, tuned: str, rank: int, conv_rank: int | None, compute: Any, cast: Any,
@@ -234,10 +267,7 @@ def _extract(km: KeyMap, mb: Any, mt: Any, tuned: str, rank: int, conv_rank: int
                 skipped += 1
                 continue
             up, down = svd_factors(d, tg.shape, r)
-            name = km.name_for(tg, "kohya")
-            tensors += [out_tensor(f"{name}.lora_down.weight", down, cast, overflow),
-                        out_tensor(f"{name}.lora_up.weight", up, cast, overflow),
-                        out_tensor(f"{name}.alpha", torch.tensor(float(down.shape[0])), cast, overflow)]
+            tensors += _module(km.name_for(tg, "kohya"), up, down, cast, overflow)
         if progress is not None:
             progress(key, ref_b.nbytes)
     return tensors, skipped

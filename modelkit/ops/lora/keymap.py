@@ -21,7 +21,10 @@ derives the module's paths, then registers the module under every name each key 
 
 A Flux.1 or SD3.x transformer is registered by ``dit`` from ``families.RULES`` instead (original and
 diffusers names; a module on a fused weight the checkpoint keeps apart, or the reverse, is cut by
-rows: ``splits``, ``pieces``).
+rows: ``splits``, ``pieces``). The T5-XXL encoder of their single files (``text_encoders.t5xxl.``,
+component ``t5``) takes kohya's ``lora_te3_`` (its Flux and SD3 trainers; ComfyUI also reads
+OneTrainer's ``lora_te2_`` for Flux) and diffusers' ``text_encoder_2.`` (Flux) / ``text_encoder_3.``
+(SD3) names (``T5_STYLES``).
 
 What differs between SD1, SD2 and SDXL is data: which text encoders sit under which prefix
 (``TEXT_LAYOUTS``) and which path kohya uses for the UNet (``KOHYA_UNET_PATHS``).
@@ -87,12 +90,21 @@ TEXT_STYLES = {
     "te1": (("kohya", "lora_te1_", "_"), ("diffusers", "text_encoder.", "."), ("peft", "base_model.model.", ".")),
     "te2": (("kohya", "lora_te2_", "_"), ("diffusers", "text_encoder_2.", ".")),
 }
+#: The T5-XXL encoder in a Flux/SD3 single file, and its adaptable linear layers.
+T5_PREFIX = "text_encoders.t5xxl.transformer."
+T5_LINEAR = re.compile(r"encoder\.block\.\d+\.layer\.\d+\.(?:SelfAttention\.[qkvo]|DenseReluDense\.(?:wi_0|wi_1|wi|wo))")
+#: T5 module names per family: (style, prefix, separator).
+T5_STYLES = {
+    "flux": (("kohya", "lora_te3_", "_"), ("kohya", "lora_te2_", "_"), ("diffusers", "text_encoder_2.", ".")),
+    "sd3": (("kohya", "lora_te3_", "_"), ("diffusers", "text_encoder_3.", ".")),
+}
 #: Which UNet path kohya's names use, per base (its SDXL trainer names the UNet in LDM style).
 KOHYA_UNET_PATHS = {"sd1": "diffusers", "sd2": "diffusers", "sdxl": "ldm"}
 #: Output naming per style: UNet prefix and path, text-encoder prefix per component, separator.
 OUTPUT_STYLES = {
-    "kohya": ("lora_unet_", None, {"te": "lora_te_", "te1": "lora_te1_", "te2": "lora_te2_"}, "_"),
-    "diffusers": ("unet.", "diffusers", {"te": "text_encoder.", "te1": "text_encoder.", "te2": "text_encoder_2."}, "."),
+    "kohya": ("lora_unet_", None, {"te": "lora_te_", "te1": "lora_te1_", "te2": "lora_te2_", "t5": "lora_te3_"}, "_"),
+    "diffusers": ("unet.", "diffusers", {"te": "text_encoder.", "te1": "text_encoder.", "te2": "text_encoder_2.",
+                                         "t5": "text_encoder_3."}, "."),
     "peft": ("base_model.model.", "diffusers", {"te": "base_model.model.", "te1": "base_model.model."}, "."),
 }
 
@@ -105,7 +117,7 @@ class Target:
         key: the checkpoint tensor.
         shape: the shape a module must produce (the slice's shape for a fused q/k/v third).
         rows: ``(begin, end)`` rows of ``key`` for a fused third, else None.
-        component: ``unet``, ``te``, ``te1`` or ``te2``.
+        component: ``unet``, ``te``, ``te1``, ``te2`` or ``t5`` (T5-XXL).
         path: the diffusers (UNet) or Hugging Face (text) path; the LDM path where the UNet layer
             has no diffusers name.
         ldm: the LDM path of a UNet layer (None for text encoders).
@@ -152,8 +164,12 @@ class KeyMap:
         lay = dit.layout(shapes)
         covered = dit.add(km, shapes, *lay) if lay is not None else set()
         blocks = _unet_blocks(k[len(UNET_PREFIX):] for k in shapes if k.startswith(UNET_PREFIX)) if lay is None else {}
+        family = lay[0] if lay is not None else base
         for key, shape in shapes.items():
             if len(shape) < 2 or key in covered or (lay is not None and key.startswith(UNET_PREFIX)):
+                continue
+            if key.startswith(T5_PREFIX):
+                km._add_t5(key, shape, family)
                 continue
             if key.startswith(UNET_PREFIX) and key.endswith(".weight"):
                 km._add_unet(key, shape, blocks)
@@ -234,6 +250,15 @@ class KeyMap:
                 if style != "kohya":  # transformers 5 names CLIPTextModel's modules without ``text_model.``
                     self._register(pre + path.removeprefix("text_model."), t)
 
+    def _add_t5(self, key: str, shape: Shape, family: str | None) -> None:
+        path = key[len(T5_PREFIX):].removesuffix(".weight")
+        if not key.endswith(".weight") or len(shape) != 2 or not T5_LINEAR.fullmatch(path):
+            return
+        t = Target(key, shape, None, "t5", path, None, "text")
+        self.targets.append(t)
+        for _style, pre, sep in T5_STYLES["sd3" if family == "sd3" else "flux"]:
+            self._register(pre + path.replace(".", sep), t)
+
     def name_for(self, target: Target, style: str) -> str:
         """The module name ``style`` (``kohya``, ``diffusers`` or ``peft``) gives ``target``.
 
@@ -241,6 +266,8 @@ class KeyMap:
             KeyError: the style has no name for this component (PEFT and a second text encoder).
         """
         unet_prefix, unet_path, te_prefixes, sep = OUTPUT_STYLES[style]
+        if target.component == "t5" and style == "diffusers" and self.base != "sd3":
+            return "text_encoder_2." + target.path  # FluxPipeline's T5 is its second text encoder
         if target.component == "unet":
             which = unet_path or KOHYA_UNET_PATHS.get(self.base or "", "diffusers")
             path = target.ldm if which == "ldm" and target.ldm else target.path

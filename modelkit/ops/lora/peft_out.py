@@ -150,19 +150,21 @@ def lora_config(items: Sequence[Adapted], style: str) -> dict[str, Any]:
             "alpha_pattern": {n: _num(a.alpha) for n, a in zip(names, items) if a.alpha != alpha}}
 
 
-def by_component(items: Sequence[Adapted]) -> dict[str, list[Adapted]]:
-    """Modules grouped by loader component (``unet``, ``text_encoder``, ``text_encoder_2``)."""
+def by_component(items: Sequence[Adapted], denoiser: str = "unet") -> dict[str, list[Adapted]]:
+    """Modules grouped by loader component (``unet``, ``text_encoder``, ``text_encoder_2``); the
+    denoiser's modules under ``denoiser`` (``transformer`` for Flux and SD3)."""
     out: dict[str, list[Adapted]] = {}
     for a in items:
-        out.setdefault(LOADER_COMPONENTS[a.component][0], []).append(a)
+        out.setdefault(denoiser if a.component == "unet" else LOADER_COMPONENTS[a.component][0], []).append(a)
     return out
 
 
-def diffusers_tensors(items: Sequence[Adapted]) -> tuple[list[Any], dict[str, str]]:
-    """The tensors of a diffusers LoRA file and its ``lora_adapter_metadata`` header entry."""
+def diffusers_tensors(items: Sequence[Adapted], denoiser: str = "unet") -> tuple[list[Any], dict[str, str]]:
+    """The tensors of a diffusers LoRA file and its ``lora_adapter_metadata`` header entry (the denoiser's
+    modules under ``denoiser``: ``unet`` or, for Flux and SD3, ``transformer``)."""
     tensors: list[Any] = []
     config: dict[str, Any] = {}
-    for prefix, group in by_component(items).items():
+    for prefix, group in by_component(items, denoiser).items():
         for a in group:
             name = f"{prefix}.{module_name(a, 'file')}"
             tensors += [out_tensor(f"{name}.lora_A.weight", a.down, a.down.dtype),

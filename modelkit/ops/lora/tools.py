@@ -12,6 +12,11 @@ diffusers and PEFT names of the same layer meet.
 * convert ``to``: kohya (``lora_down``/``lora_up``/``alpha``, tensors unchanged), diffusers
   (``unet.``/``text_encoder.``… ``lora_A``/``lora_B``) or PEFT (``base_model.model.``…); the last
   two have no alpha, so the scale is folded into ``lora_B`` when it is not 1.
+
+Flux.1 and SD3.x (``dit_tools``): the key table is that of the layout the output names (original keys
+for kohya and for merge, diffusers' keys for diffusers), from ``dit_ref``'s reference sizes or from
+``checkpoint``; every module that lands on one weight of it becomes one module there (fused q/k/v
+into ``qkv`` for kohya, a ``qkv`` module into ``to_q``/``to_k``/``to_v`` for diffusers), exactly.
 """
 
 from __future__ import annotations
@@ -30,9 +35,9 @@ from .. import metadata as md
 from .. import modelspec as ms
 from ..convert import check_scan
 from ..streaming import COMPUTE_DTYPES, OUTPUT_DTYPES, float_dtype, write_output
+from . import dit_tools, peft_out
 from . import math as lmath
-from . import peft_out
-from .bake import parse_spec
+from .bake import FAMILY_NAMES, _refuse_family, parse_spec
 from .extract import LoraOutResult, lora_metadata, out_tensor, svd_factors
 from .keymap import OUTPUT_STYLES, KeyMap, Target
 from .loader import LoraFile, Module, load_lora
@@ -40,18 +45,27 @@ from .loader import LoraFile, Module, load_lora
 STYLES = tuple(OUTPUT_STYLES)
 
 
+#: The bases these tools read LoRAs for without a checkpoint (``arch``, ``dit_ref``).
+BASES = ("sd1", "sd2", "sdxl", "flux", "sd3")
+
+
 def _base(loras: list[LoraFile], base: str | None) -> str:
     if base is not None:
-        if base not in ("sd1", "sd2", "sdxl"):
-            raise UsageError(None, f"--base must be sd1, sd2 or sdxl, not {base!r}")
+        if base not in BASES:
+            raise UsageError(None, f"--base must be one of {', '.join(BASES)}, not {base!r}")
+        for lf in loras:
+            if lf.base and lf.base != base and (lf.base in dit_tools.DIT or base in dit_tools.DIT):
+                raise UsageError(lf.path, f"this LoRA is for {FAMILY_NAMES.get(lf.base, lf.base)}, not "
+                                          f"{FAMILY_NAMES.get(base, base)} (--base {base})",
+                                 "Leave --base out, or pass the base the LoRA was made for")
         return base
     found = {lf.base for lf in loras}
     known = sorted(b for b in found if b)
     if len(known) > 1:
         raise UsageError(None, f"the LoRAs are for different bases ({', '.join(known)})", "Merge LoRAs of one base model")
-    if not known or known[0] not in ("sd1", "sd2", "sdxl"):
+    if not known or known[0] not in BASES:
         what = known[0] if known else "not known"
-        raise UsageError(loras[0].path, f"its base model is {what}", "Pass --base sd1|sd2|sdxl")
+        raise UsageError(loras[0].path, f"its base model is {what}", f"Pass --base {'|'.join(BASES)}")
     return known[0]
 
 
@@ -117,7 +131,7 @@ def merge_loras(
         out: the output file.
         rank: None for the exact merge (ranks concatenated); else the SVD rank of every layer.
         conv_rank: the SVD rank of 3x3 convolutions (default ``rank``).
-        base: ``sd1``, ``sd2`` or ``sdxl`` when detection cannot tell.
+        base: ``sd1``, ``sd2``, ``sdxl``, ``flux`` or ``sd3`` when detection cannot tell.
         dtype, compute_dtype, allow_unmatched, force, dry_run, ignore_scan: as elsewhere.
 
     Returns:
@@ -142,10 +156,14 @@ def merge_loras(
     for p, _ in specs:
         warnings += check_scan(p, ignore_scan)[1]
     loaded = [(load_lora(p), r) for p, r in specs]
-    km = KeyMap.reference(_base([lf for lf, _ in loaded], base))
+    family = _base([lf for lf, _ in loaded], base)
+    dit = family in dit_tools.DIT
+    km = (dit_tools.reference_keymap([lf for lf, _ in loaded], family, diffusers=False) if dit
+          else KeyMap.reference(family))
     groups: dict[tuple[str, tuple[int, int] | None], list[tuple[Target, Module, float]]] = {}
-    for lf, ratio in loaded:
-        for t, mod in _targets(km, lf, allow_unmatched, warnings):
+    for lf, ratio in loaded:  # Flux, SD3: each LoRA first as one module per original weight (fused q/k/v ...)
+        for t, mod in (dit_tools.fused(lf.path, km, lf, allow_unmatched, warnings) if dit
+                       else _targets(km, lf, allow_unmatched, warnings)):
             groups.setdefault((t.key, t.rows), []).append((t, mod, ratio))
     c, dt = compute.torch(), cast.torch()
     tensors = []
@@ -234,7 +252,7 @@ def convert_lora(
         src: the input LoRA.
         out: the output file, or folder for PEFT adapters.
         to: the style of the output.
-        base: ``sd1``, ``sd2`` or ``sdxl`` when detection cannot tell.
+        base: ``sd1``, ``sd2``, ``sdxl``, ``flux`` or ``sd3`` when detection cannot tell.
         checkpoint: the checkpoint the LoRA is for; its own layers name the modules instead of the
             base's reference layout (for a model whose size differs from it).
         allow_unmatched, force, dry_run, ignore_scan: as elsewhere.
@@ -266,10 +284,16 @@ def convert_lora(
     warnings = check_scan(s, ignore_scan)[1]
     lf = load_lora(s)
     lf.metadata.pop(peft_out.DIFFUSERS_METADATA_KEY, None)  # now in the alphas; a stale copy would mislead diffusers
-    km = _keymap(lf, base, checkpoint, ignore_scan, warnings)
+    km = _keymap(lf, base, checkpoint, ignore_scan, warnings, diffusers=to != "kohya")
     tensors = []
-    pairs = _targets(km, lf, allow_unmatched, warnings)
+    dit = km.base in dit_tools.DIT
+    if dit and folder:
+        raise UsageError(s, f"PEFT adapter folders are made for SD 1/2/XL; a {km.base} LoRA converts --to diffusers "
+                            "(the file FluxPipeline/StableDiffusion3Pipeline.load_lora_weights applies) or --to kohya")
+    pairs = dit_tools.fused(s, km, lf, allow_unmatched, warnings) if dit else _targets(km, lf, allow_unmatched, warnings)
     if to == "diffusers" or folder:
+        if dit:
+            dit_tools.refuse_t5(s, pairs, km.base)
         return _for_loaders(s, target, lf, km, pairs, to, folder, force, dry_run, warnings, t0)
     for t, mod in pairs:
         if mod.algo != "lora" or mod.dora or (to != "kohya" and "mid" in mod.parts):
@@ -289,10 +313,14 @@ def convert_lora(
 
 
 def _keymap(lf: LoraFile, base: str | None, checkpoint: str | os.PathLike[str] | None, ignore_scan: bool,
-            warnings: list[str]) -> KeyMap:
-    """The key table of ``checkpoint`` when given, else of the base's reference layout."""
+            warnings: list[str], diffusers: bool = False) -> KeyMap:
+    """The key table of ``checkpoint`` when given, else of the base's reference layout (for Flux and SD3
+    in the layout the output names: diffusers' keys for ``diffusers``, else the original ones)."""
     if checkpoint is None:
-        return KeyMap.reference(_base([lf], base))
+        family = _base([lf], base)
+        if family in dit_tools.DIT:
+            return dit_tools.reference_keymap([lf], family, diffusers=diffusers)
+        return KeyMap.reference(family)
     from ...detect import detect_modelfile
     from ...formats import open_model
 
@@ -302,7 +330,11 @@ def _keymap(lf: LoraFile, base: str | None, checkpoint: str | os.PathLike[str] |
         det = detect_modelfile(mf)
         if det.kind != "checkpoint":
             raise UsageError(c, f"is not a checkpoint (detected as {det.kind})", "Pass the checkpoint the LoRA is for")
-        return KeyMap.build({k: r.shape for k, r in mf.items()}, base or det.base)
+        _refuse_family(lf, base or det.base, c)
+        shapes = {k: r.shape for k, r in mf.items()}
+        if (base or det.base) in dit_tools.DIT:
+            return dit_tools.checkpoint_keymap(shapes, base or det.base, diffusers=diffusers)
+        return KeyMap.build(shapes, base or det.base)
 
 
 def _for_loaders(s: str, target: str, lf: LoraFile, km: KeyMap, pairs: list[tuple[Target, Module]], to: str,
@@ -321,7 +353,7 @@ def _for_loaders(s: str, target: str, lf: LoraFile, km: KeyMap, pairs: list[tupl
     if folder:
         count, size, meta = peft_out.write_peft_folder(target, items, meta, source=s, force=force, dry_run=dry_run)
     else:
-        tensors, extra = peft_out.diffusers_tensors(items)
+        tensors, extra = peft_out.diffusers_tensors(items, "transformer" if km.base in dit_tools.DIT else "unet")
         header, meta, stats = write_output(target, tensors, md.combine(meta, extra), source=s, inputs=[s],
                                            force=force, dry_run=dry_run)
         count, size = len(tensors), header.size
