@@ -6,12 +6,15 @@
   (innermost first), 32-byte alignment. Which tensors are quantized follows ComfyUI-GGUF's own
   converter: 1-D tensors, the small and 1x1/3x3 convolutions, embeddings and the final layer
   stay at full precision (F16 from F16 sources, else F32), as do tensors whose rows are not a
-  whole number of quant blocks.
+  whole number of quant blocks (32 values, or 256 for the K-quants: ComfyUI-GGUF's patched
+  ``llama-quantize`` falls back to F16 there, not to upstream llama.cpp's Q4_0/Q5_0/Q5_1/Q8_0).
+  A K-quant file is "pure": every quantized tensor has the one type (no Q4_K_M-style mixing).
 * ``from_gguf``: a GGUF file back to ``.safetensors``, every tensor dequantized to one float dtype.
 
 The ``gguf`` package (what llama.cpp and ComfyUI-GGUF use) quantizes and dequantizes, so the
-values are its own, bit for bit. It has no quantizer for the K-quants (Q4_K, Q5_K ...), which
-llama.cpp's C tools make; those are refused in one line. modelkit lays the file out and writes it
+values are its own, bit for bit. It has no quantizer for the K-quants (Q2_K ... Q6_K); those come
+from ``kquants``, which gives the bytes of llama.cpp's reference quantizer (``llama-quantize``
+without an importance matrix); the package dequantizes them. modelkit lays the file out and writes it
 atomically: the header (every tensor's type, shape and offset known up front), then each
 tensor's bytes as it is quantized.
 """
@@ -33,9 +36,10 @@ from ..formats.gguf_file import DEFAULT_ALIGNMENT, GGML_TYPES
 from ..formats.safetensors_write import OutTensor
 from ..model import ModelFile, TensorRef
 
-#: What ``--quant`` takes: the types the gguf package quantizes.
-QUANTS = ("Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0", "BF16", "F16", "F32")
-K_QUANTS = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+#: The K-quants, which ``kquants`` makes (the gguf package only reads them).
+K_QUANTS = ("Q6_K", "Q5_K", "Q4_K", "Q3_K", "Q2_K")
+#: What ``--quant`` takes.
+QUANTS = ("Q8_0", *K_QUANTS, "Q5_1", "Q5_0", "Q4_1", "Q4_0", "BF16", "F16", "F32")
 #: detection's base -> ComfyUI-GGUF's architecture name (it lists sd1, sdxl, sd3, flux ...;
 #: ComfyUI then tells SD1 from SD2 by the shapes, as for any UNet).
 ARCH = {"flux": "flux", "sd3": "sd3", "sdxl": "sdxl", "sd1": "sd1", "sd2": "sd1"}
@@ -44,8 +48,10 @@ UNET_PREFIX = "model.diffusion_model."
 KEEP = ("time_embedding.", "add_embedding.", "time_in.", "txt_in.", "vector_in.", "img_in.", "guidance_in.",
         "final_layer.", "time_embed.", "label_emb.", "input_blocks.0.", "out.2.")
 _CODES = {name: code for code, (name, _b, _s) in GGML_TYPES.items()}
-#: llama.cpp's ``general.file_type`` for the file's main quant type.
-FILE_TYPE = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "BF16": 32}
+#: llama.cpp's ``general.file_type`` for the file's main quant type (a K-quant as its "_S" file
+#: type, the one mostly of that type: Q3_K_S, Q4_K_S, Q5_K_S).
+FILE_TYPE = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q2_K": 10,
+             "Q3_K": 11, "Q4_K": 14, "Q5_K": 16, "Q6_K": 18, "BF16": 32}
 
 
 def _gguf() -> Any:
@@ -60,10 +66,6 @@ def _gguf() -> Any:
 def check_quant(quant: str) -> str:
     """``quant`` upper-cased, or a UsageError naming what is possible."""
     q = quant.upper()
-    if q in K_QUANTS:
-        raise UsageError(None, f"--quant {q}: the gguf package has no quantizer for K-quants (llama.cpp's C tools "
-                               "make them)", f"Choose one of {', '.join(QUANTS)}, or run llama.cpp's llama-quantize "
-                               "on a Q8_0 or F16 file")
     if q not in QUANTS:
         raise UsageError(None, f"--quant must be one of {', '.join(QUANTS)}, not {quant!r}")
     return q
@@ -138,7 +140,12 @@ def _float32(ref: TensorRef) -> Any:
 
 
 def quantized_bytes(ref: TensorRef, qtype: str) -> bytes:
-    """The bytes the gguf package makes of ``ref`` in ``qtype`` (what ``to_gguf`` writes)."""
+    """The bytes of ``ref`` in ``qtype`` (what ``to_gguf`` writes and ``verify`` recomputes): the gguf
+    package's quantizer, or for a K-quant ``kquants`` (llama.cpp's reference quantizer's bytes)."""
+    if qtype in K_QUANTS:
+        from . import kquants
+
+        return bytes(kquants.quantize(_float32(ref), qtype).tobytes())
     gguf = _gguf()
     return bytes(gguf.quantize(_float32(ref), gguf.GGMLQuantizationType[qtype]).tobytes())
 
@@ -262,7 +269,7 @@ def to_gguf(src: str | os.PathLike[str], out: str | os.PathLike[str], *, quant: 
         GgufResult.
 
     Raises:
-        UsageError: a quant type the gguf package cannot make, a model without a GGUF architecture.
+        UsageError: an unknown quant type, a model without a GGUF architecture.
         MissingExtraError: the gguf package is missing.
         OutputExistsError, OutputWriteError: see ``paths.atomic_output``.
     """
