@@ -8,6 +8,8 @@ Two sources:
 * a local diffusers folder: each component's ``config.json`` and its weights, again read by
   ``modelkit.load`` (``.safetensors`` or ``.bin``), never by ``torch.load``.
 
+A Flux.1 or SD3.x diffusers folder is built by ``dit_base`` (transformer, VAE, CLIP and T5 encoders).
+
 The configs for SD1.x, SD2.x and SDXL are package data (``configs/<base>/``); ``model.configs`` may
 point at another folder of the same layout. Nothing is fetched from a hub.
 """
@@ -35,10 +37,12 @@ class BaseModel:
     """The pieces a training loop needs.
 
     Attributes:
-        family: ``sd1``, ``sd2`` or ``sdxl``.
-        prediction: ``epsilon`` or ``v_prediction``.
-        unet, vae, scheduler: diffusers objects (the scheduler is a ``DDPMScheduler``).
-        text_encoders, tokenizers: one each (SD1/SD2) or two (SDXL).
+        family: ``sd1``, ``sd2``, ``sdxl``, ``flux`` or ``sd3``.
+        prediction: ``epsilon``, ``v_prediction`` or ``flow`` (Flux, SD3).
+        unet, vae, scheduler: diffusers objects (the scheduler is a ``DDPMScheduler``; Flux/SD3: ``unet``
+            is the transformer and the scheduler a ``FlowMatchEulerDiscreteScheduler``).
+        text_encoders, tokenizers: one each (SD1/SD2), two (SDXL), CLIP-L + T5 (Flux) or CLIP-L,
+            CLIP-G + T5 (SD3).
         source: the checkpoint file or folder.
         notes: what was assumed or ignored while loading.
     """
@@ -123,6 +127,11 @@ def load_base(cfg: ModelConfig, dtype: Any = None) -> BaseModel:
     path = cfg.path
     if not os.path.exists(path):
         raise InputNotFoundError(path, "no such checkpoint file or diffusers folder")
+    dit = _dit_family(cfg)
+    if dit is not None:
+        from .dit_base import load_dit
+
+        return load_dit(cfg, dit, dtype)
     if os.path.isdir(path):
         family, pred = _folder_base(cfg)
         base = _load_folder(cfg, family, pred, dtype)
@@ -132,6 +141,28 @@ def load_base(cfg: ModelConfig, dtype: Any = None) -> BaseModel:
         module.requires_grad_(False)
         module.eval()
     return base
+
+
+def _dit_family(cfg: ModelConfig) -> str | None:
+    """``flux``/``sd3`` for a Flux/SD3 diffusers folder (``dit_base``); refuses a single-file one, and a
+    ``model.base`` of flux/sd3 on anything else."""
+    from .dit_base import folder_family, refuse_single_file
+
+    if os.path.isdir(cfg.path):
+        family = folder_family(cfg.path)
+    else:
+        from .. import detect
+
+        family = detect(cfg.path).base
+        if family in ("flux", "sd3"):
+            refuse_single_file(cfg.path, family)
+        family = None
+    if cfg.base in ("flux", "sd3") and family != cfg.base:
+        raise ConfigError(cfg.path, f"model.base = {cfg.base!r} but this is not a diffusers {cfg.base} folder",
+                          "Point model.path at a FluxPipeline/StableDiffusion3Pipeline folder, or fix model.base")
+    if family is not None and cfg.base not in ("auto", family):
+        raise ConfigError(cfg.path, f"is a {family} folder, but model.base = {cfg.base!r}", f'Set model.base = "{family}"')
+    return family
 
 
 def _configs_for(cfg: ModelConfig, family: str, prediction: str | None) -> _Folder:

@@ -23,7 +23,7 @@ from ..errors import ConfigError
 from .tomlio import parse_override, read_toml, render_toml
 
 METHODS = ("lora", "locon", "ti", "hypernetwork", "dreambooth")
-BASES = ("auto", "sd1", "sd2", "sd2-v", "sdxl")
+BASES = ("auto", "sd1", "sd2", "sd2-v", "sdxl", "flux", "sd3")
 
 
 def _choice(*values: str) -> Any:
@@ -36,7 +36,8 @@ class ModelConfig:
 
     Attributes:
         path: a single-file ``.safetensors``/``.ckpt`` checkpoint, or a local diffusers folder.
-        base: ``auto`` (detected from the file), ``sd1``, ``sd2`` (eps), ``sd2-v`` or ``sdxl``.
+        base: ``auto`` (detected from the file), ``sd1``, ``sd2`` (eps), ``sd2-v``, ``sdxl``, or ``flux`` /
+            ``sd3`` (a diffusers ``FluxPipeline`` / ``StableDiffusion3Pipeline`` folder; ``lora`` only).
         configs: a folder laid out like a diffusers folder (``unet/config.json``, ...) whose configs
             replace the shipped ones (custom or tiny models).
         tokenizer: a folder with ``vocab.json`` and ``merges.txt``; default: the shipped CLIP BPE.
@@ -101,7 +102,15 @@ class DatasetConfig:
 
 @dataclass(frozen=True)
 class NetworkConfig:
-    """``[network]``: LoRA/LoCon shape. ``conv_dim``/``conv_alpha`` (LoCon) default to ``dim``/``alpha``."""
+    """``[network]``: LoRA/LoCon shape. ``conv_dim``/``conv_alpha`` (LoCon) default to ``dim``/``alpha``.
+
+    Attributes:
+        layout: the key layout of a Flux/SD3 LoRA: ``kohya`` (the original BFL/Stability module names,
+            ``lora_unet_double_blocks_0_img_attn_qkv``, with fused ``qkv``/``linear1``), ``diffusers``
+            (``transformer.transformer_blocks.0.attn.to_q.lora_A.weight``, alpha folded into the
+            weights) or ``auto``: ``kohya`` for Flux, ``diffusers`` for SD3 (the only SD3 layout
+            diffusers' ``load_lora_weights`` reads). SD1/SD2/SDXL LoRAs are always kohya's.
+    """
 
     dim: int = 8
     alpha: float = 4.0
@@ -112,6 +121,7 @@ class NetworkConfig:
     train_text_encoder: bool = False
     unet_lr: float | None = None
     text_encoder_lr: float | None = None
+    layout: str = field(default="auto", metadata=_choice("auto", "kohya", "diffusers"))
 
 
 @dataclass(frozen=True)
@@ -264,6 +274,38 @@ class OutputConfig:
     wandb_project: str = "modelkit"
 
 
+@dataclass(frozen=True)
+class FlowConfig:
+    """``[flow]``: flow matching for Flux and SD3 bases (ignored by SD1/SD2/SDXL).
+
+    A timestep ``u`` in (0, 1) is drawn per image, then shifted to the noise level ``sigma``; the
+    model sees ``(1 - sigma) * latents + sigma * noise`` and learns ``noise - latents``.
+
+    Attributes:
+        timestep_sampling: ``sigmoid`` (logit-normal: ``u = sigmoid(logit_mean + logit_std * N(0, 1))``,
+            as SD3's paper and kohya's ``sigmoid``) or ``uniform``.
+        logit_mean, logit_std: the logit-normal's mean and standard deviation.
+        shift_mode: ``fixed``: ``sigma = shift * u / (1 + (shift - 1) * u)``; ``resolution``: Flux's
+            resolution-dependent shift, ``sigma = e^mu / (e^mu + 1/u - 1)`` with ``mu`` linear in the
+            number of image tokens (``base_shift`` at ``base_image_seq_len``, ``max_shift`` at
+            ``max_image_seq_len``, from the base's scheduler config); ``none``: ``sigma = u``;
+            ``auto``: ``resolution`` when the scheduler config has ``use_dynamic_shifting`` (Flux-dev),
+            else ``fixed``.
+        shift: the fixed shift; 0: the scheduler config's ``shift`` (SD3: 3.0).
+        guidance_scale: the guidance the transformer is given during training when its config has
+            ``guidance_embeds`` (Flux-dev); otherwise not used.
+        t5_max_length: T5 tokens per caption; 0: 512 for Flux-dev, 256 for Flux-schnell and SD3.
+    """
+
+    timestep_sampling: str = field(default="sigmoid", metadata=_choice("sigmoid", "uniform"))
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    shift_mode: str = field(default="auto", metadata=_choice("auto", "fixed", "resolution", "none"))
+    shift: float = 0.0
+    guidance_scale: float = 1.0
+    t5_max_length: int = 0
+
+
 SAMPLERS = ("ddim", "euler", "euler_a", "dpm++")
 
 
@@ -317,6 +359,7 @@ class Config:
     train: TrainingConfig = field(default_factory=TrainingConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    flow: FlowConfig = field(default_factory=FlowConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dicts (tuples as lists), in section order."""
@@ -515,10 +558,14 @@ def check(config: Config, source: str | None = None) -> None:
         "sample.width": c.sample.width, "sample.height": c.sample.height, "sample.guidance_scale": c.sample.guidance_scale,
         "dreambooth.class_guidance_scale": c.dreambooth.class_guidance_scale,
         "train.threads": c.train.threads, "output.log_every": c.output.log_every,
+        "flow.shift": c.flow.shift, "flow.guidance_scale": c.flow.guidance_scale,
+        "flow.t5_max_length": c.flow.t5_max_length,
     }
     for key, num in at_least_zero.items():
         if num < 0:
             raise _bad(source, key, f"must not be negative, got {num}")
+    if c.flow.logit_std <= 0:
+        raise _bad(source, "flow.logit_std", f"must be positive, got {c.flow.logit_std}")
     if c.train.max_steps == 0 and c.train.epochs == 0:
         raise _bad(source, "train.max_steps", "give max_steps or epochs (both are 0)")
     for key, p in (("dataset.tag_dropout", c.dataset.tag_dropout), ("dataset.caption_dropout", c.dataset.caption_dropout),
@@ -622,6 +669,7 @@ def _resolved_optimizer(config: Config) -> OptimizerConfig:
                    weight_decay=opt.weight_decay if opt.weight_decay is not None else spec.weight_decay)
 
 
-__all__ = ["BASES", "DEFAULT_INIT_WORD", "DEFAULT_LR", "METHODS", "SECTIONS", "Config", "DatasetConfig", "DreamBoothConfig", "HypernetworkConfig",
+__all__ = ["BASES", "DEFAULT_INIT_WORD", "DEFAULT_LR", "METHODS", "SECTIONS", "Config", "DatasetConfig", "DreamBoothConfig",
+           "FlowConfig", "HypernetworkConfig",
            "ModelConfig", "NetworkConfig", "OptimizerConfig", "OutputConfig", "SAMPLERS", "SampleConfig", "SchedulerConfig", "TIConfig", "TrainingConfig", "build_config",
            "check", "load_config", "parse_override", "render_toml", "resolved"]

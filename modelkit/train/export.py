@@ -65,7 +65,7 @@ class Written:
 
 
 def save_tensors(path: str | os.PathLike[str], tensors: Mapping[str, Any], metadata: Mapping[str, str] | None = None,
-                 *, dtype: Any = None, force: bool = False) -> Written:
+                 *, dtype: Any = None, force: bool = False, implementation: str | None = None) -> Written:
     """Write ``{name: torch.Tensor}`` as ``.safetensors``, atomically.
 
     Args:
@@ -74,6 +74,8 @@ def save_tensors(path: str | os.PathLike[str], tensors: Mapping[str, Any], metad
         metadata: ``__metadata__`` strings.
         dtype: cast floating-point tensors to this torch dtype.
         force: replace an existing file.
+        implementation: ``modelspec.implementation`` to write instead of the one the tensor names give
+            (a Flux/SD3 LoRA in the original keys names BFL's or Stability's codebase).
 
     Returns:
         What was written.
@@ -84,6 +86,9 @@ def save_tensors(path: str | os.PathLike[str], tensors: Mapping[str, Any], metad
     """
     target = os.fspath(path)
     records = [out_tensor(k, v, dtype) for k, v in tensors.items()]
+    meta = ms.settled(metadata or {}, [r.name for r in records])
+    if implementation is not None and "modelspec.architecture" in meta:
+        meta["modelspec.implementation"] = implementation
     with atomic_output(target, force=force) as fd:
-        stats = write_stream(fd, records, ms.settled(metadata or {}, [r.name for r in records]), path=target)
+        stats = write_stream(fd, records, meta, path=target)
     return Written(target, len(records), stats.size)

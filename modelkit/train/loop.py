@@ -111,7 +111,8 @@ def _fingerprint(config: Config) -> dict[str, Any]:
     """Settings a resume must keep (the rest may change, e.g. max_steps or the save cadence)."""
     c = config
     d = c.to_dict()
-    return {"method": c.method, "network": d["network"], "ti": d["ti"], "hypernetwork": d["hypernetwork"],
+    network = {k: v for k, v in d["network"].items() if k != "layout"}  # the layout only changes the export
+    return {"method": c.method, "network": network, "ti": d["ti"], "hypernetwork": d["hypernetwork"],
             "dreambooth": {k: v for k, v in d["dreambooth"].items() if k not in _DB_FREE}, "seed": c.train.seed,
             "batch_size": c.train.batch_size, "grad_accum": c.train.grad_accum, "optimizer": c.optimizer.name,
             **({"ema": c.train.ema_decay} if c.train.ema else {})}
@@ -215,6 +216,10 @@ def _train(config: Config, progress: Progress | None, on_skip: Callable[[data.Sk
     if cfg.method == "dreambooth" and cfg.dreambooth.num_class_images:
         generated = _class_images(cfg, base, accelerator)
     method = make_method(cfg, base)
+    if base.prediction == "flow":
+        from .flow import t5_length
+
+        base.tokenizers[-1].model_max_length = t5_length(cfg, base)
     groups = method.prepare()
     _configure(cfg, base, method, weight_dtype)
     optimizer = make_optimizer(cfg, groups)
@@ -432,7 +437,8 @@ def _configure(cfg: Config, base: Any, method: Any, weight_dtype: Any) -> None:
     import torch
     from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
-    base.unet.set_attn_processor(AttnProcessor2_0() if cfg.train.attention == "sdpa" else AttnProcessor())
+    if base.prediction != "flow":  # Flux/SD3 keep their own processors (SDPA)
+        base.unet.set_attn_processor(AttnProcessor2_0() if cfg.train.attention == "sdpa" else AttnProcessor())
     if cfg.train.gradient_checkpointing:
         base.unet.enable_gradient_checkpointing()
         for te, on in zip(base.text_encoders, method.train_text):

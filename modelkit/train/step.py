@@ -81,10 +81,15 @@ def encode_text(base: BaseModel, captions: list[str], device: Any, clip_skip: in
     """``(encoder_hidden_states, pooled or None)`` for the captions.
 
     SD1/SD2 use the last layer (or the ``clip_skip``-th last, re-normalised); SDXL concatenates the
-    penultimate layers of both encoders and adds the second one's projected pooled output.
+    penultimate layers of both encoders and adds the second one's projected pooled output. Flux and
+    SD3: ``flow.encode_text``.
     """
     import torch
 
+    if base.prediction == "flow":
+        from .flow import encode_text as flow_text
+
+        return flow_text(base, captions, device)
     ids = [tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
                return_tensors="pt").input_ids.to(device) for tok in base.tokenizers]
     if base.family != "sdxl":
@@ -121,6 +126,10 @@ def compute_loss(config: Config, base: BaseModel, unet: Any, batch: Batch, micro
 
     tc = config.train
     gen = generator(tc.seed, micro)
+    if base.prediction == "flow":  # Flux / SD3: flow matching (text encoders always frozen)
+        from .flow import flow_loss
+
+        return flow_loss(config, base, unet, batch, gen, device, weight_dtype, text_cache)
     vae = base.vae
     with torch.no_grad():
         if batch.latent_mean is not None:

@@ -14,9 +14,9 @@ from .config import DEFAULT_INIT_WORD, PATH_KEYS, Config, _resolved_optimizer
 from .tomlio import _toml_value
 
 #: The sections each method reads besides the common ones.
-_OWN = {"lora": ("network",), "locon": ("network",), "ti": ("ti",), "hypernetwork": ("hypernetwork",),
+_OWN = {"lora": ("network", "flow"), "locon": ("network",), "ti": ("ti",), "hypernetwork": ("hypernetwork",),
         "dreambooth": ("dreambooth",)}
-_METHOD_SECTIONS = {"network", "ti", "hypernetwork", "dreambooth"}
+_METHOD_SECTIONS = {"network", "ti", "hypernetwork", "dreambooth", "flow"}
 
 #: One-line notes for keys whose default needs saying.
 _NOTES = {
@@ -56,6 +56,10 @@ _NOTES = {
     "output.resume": "a state folder written by a save",
     "output.log_dir": "default: <output.dir>/logs",
     "output.log_every": "off a terminal, a progress line every N steps; 0: steps // 20",
+    "network.layout": "Flux/SD3 LoRAs; auto: kohya for Flux, diffusers for SD3",
+    "flow.shift": "0: the scheduler config's shift",
+    "flow.guidance_scale": "Flux-dev (guidance_embeds) only",
+    "flow.t5_max_length": "0: 512 for Flux-dev, 256 for Flux-schnell and SD3",
     "sample.every_steps": "0: never",
     "sample.width": "0: dataset.resolution",
     "sample.height": "0: dataset.resolution",

@@ -1,6 +1,6 @@
 """Text-encoder output caching (``dataset.cache_text``) for runs whose text encoders are frozen.
 
-Each caption the UNet sees is encoded once; its output (``states``, and SDXL's ``pooled``) is one
+Each caption the UNet sees is encoded once; its output (``states``, and SDXL's, Flux's and SD3's ``pooled``) is one
 ``.safetensors`` file, written atomically by the core's writer, named by a hash of the caption and
 of everything the output depends on: each text encoder's config, dtype and weights, the tokenizers
 (class, vocabulary size, maximum length), the base family and ``model.clip_skip``. A changed
@@ -97,7 +97,7 @@ class TextCache:
         from .step import encode_text
 
         os.makedirs(self.folder, exist_ok=True)
-        pooled_wanted = base.family == "sdxl"
+        pooled_wanted = base.family in ("sdxl", "flux", "sd3")
         states, pools = [], []
         for caption in captions:
             file, key = self.entry(caption)

@@ -71,8 +71,13 @@ def make_method(config: Config, base: BaseModel) -> Method:
     """The method object for ``config.method``.
 
     Raises:
-        UsageError: a method that this version cannot train yet.
+        UsageError: a method that this version cannot train yet, or (Flux/SD3) a setting it does not support.
     """
+    if base.prediction == "flow":
+        _check_flow(config, base)
+        from .dit_lora import DiTLoRA
+
+        return DiTLoRA(config, base)
     if config.method in ("lora", "locon"):
         from .lora import LoRA
 
@@ -90,3 +95,25 @@ def make_method(config: Config, base: BaseModel) -> Method:
 
         return Hypernetwork(config, base)
     raise UsageError(None, f"unknown method {config.method}", "Use lora, locon, ti, hypernetwork or dreambooth")
+
+
+def _check_flow(config: Config, base: BaseModel) -> None:
+    """What a Flux/SD3 base cannot do yet, refused in one line each.
+
+    Raises:
+        UsageError: the first unsupported setting.
+    """
+    fam = base.family
+    refused = (
+        (config.method != "lora", f"{config.method} on a {fam} base", "Use modelkit train lora"),
+        (config.network.train_text_encoder, f"network.train_text_encoder on a {fam} base (text encoders stay frozen)",
+         "Set network.train_text_encoder = false"),
+        (config.sample.enabled, f"sample images during a {fam} run", "Set sample.every_steps = 0 and sample.at_start = false"),
+        (config.train.attention != "sdpa", f"train.attention = {config.train.attention!r} on a {fam} base "
+         "(its own attention processors are used)", 'Set train.attention = "sdpa"'),
+        (bool(config.train.min_snr_gamma), f"train.min_snr_gamma on a {fam} base (flow matching has no SNR weighting here)",
+         "Set train.min_snr_gamma = 0"),
+    )
+    for bad, what, hint in refused:
+        if bad:
+            raise UsageError(None, f"{what} is not supported", hint)

@@ -1,0 +1,330 @@
+"""LoRA training on tiny Flux.1 and SD3 diffusers folders, on the CPU: the loss, the output's layouts
+(diffusers' ``load_lora_weights``, ``modelkit merge lora``, exact kohya fusion), resume, and the
+timestep samplers."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("diffusers")
+pytest.importorskip("peft")
+pytest.importorskip("accelerate")
+
+import torch  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+import modelkit  # noqa: E402
+from fixtures import dit_layouts as dl  # noqa: E402
+from fixtures import dit_train as dt  # noqa: E402
+from modelkit.errors import ConfigError, UsageError  # noqa: E402
+from modelkit.ops import families as fam  # noqa: E402
+from modelkit.train import flow, train  # noqa: E402
+from modelkit.train.base import load_base  # noqa: E402
+from modelkit.train.config import Config, FlowConfig, ModelConfig, build_config  # noqa: E402
+from tests.ops.modelspec_validator import problems  # noqa: E402
+
+TRANSFORMER = os.path.join("transformer", "diffusion_pytorch_model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def bases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Tiny diffusers folders: ``flux``, ``sd3``, ``flux-double`` (Flux without single blocks), and images."""
+    root = tmp_path_factory.mktemp("dit")
+    return {
+        "flux": dt.write_folder("flux", str(root / "flux")),
+        "sd3": dt.write_folder("sd3", str(root / "sd3")),
+        "flux-double": dt.write_folder("flux", str(root / "flux-double"),
+                                       transformer={**dt.FLUX_TRANSFORMER, "num_single_layers": 0}),
+        "images": dt.write_images(str(root / "images")),
+    }
+
+
+def _config(bases: dict[str, str], base: str, out: Path, *overrides: str) -> Config:
+    data: dict[str, Any] = {
+        "model": {"path": bases[base]},
+        "dataset": {"path": bases["images"], "resolution": 32, "min_bucket": 32, "max_bucket": 32, "bucket_step": 16,
+                    "min_image_size": 16},
+        "network": {"dim": 4, "alpha": 2.0},
+        "train": {"max_steps": 3, "device": "cpu", "seed": 5, "threads": 1},
+        "optimizer": {"lr": 1e-2},
+        "output": {"dir": str(out), "dtype": "float32"},
+        "flow": {"t5_max_length": 8},
+    }
+    return build_config("lora", data, overrides)
+
+
+@pytest.fixture(scope="module")
+def runs(bases: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The trained LoRAs every test below reads (a few steps each)."""
+    root = tmp_path_factory.mktemp("runs")
+    held = ("train.max_steps=24", "train.validation_every=8", f"dataset.validation_path={bases['images']}")
+    return {
+        "flux": train(_config(bases, "flux", root / "flux", *held)),
+        "sd3": train(_config(bases, "sd3", root / "sd3", *held)),
+        "flux-diffusers": train(_config(bases, "flux", root / "flux-diffusers", "network.layout=diffusers")),
+        "flux-double": train(_config(bases, "flux-double", root / "flux-double")),
+        "sd3-kohya": train(_config(bases, "sd3", root / "sd3-kohya", "network.layout=kohya")),
+    }
+
+
+@pytest.mark.parametrize("name", ["flux", "sd3"])
+def test_the_validation_loss_goes_down(runs: dict[str, Any], name: str) -> None:
+    """The held-out loss (fixed noise and timesteps, the training images) falls over 24 steps."""
+    result = runs[name]
+    values = [v for _step, v in result.validation]
+    assert [s for s, _v in result.validation] == [8, 16, 24]
+    assert all(math.isfinite(v) for v in values) and values[-1] < values[0], values
+    assert result.base == name and result.prediction == "flow" and result.steps == 24
+
+
+def test_outputs_carry_modelspec_and_kohya_metadata(runs: dict[str, Any]) -> None:
+    want = {"flux": ("flux-1-dev/lora", "https://github.com/black-forest-labs/flux", "flux1", "networks.lora_flux"),
+            "sd3": ("stable-diffusion-3.5-medium/lora", "diffusers", "sd3", "networks.lora_sd3"),
+            "sd3-kohya": ("stable-diffusion-3.5-medium/lora", "https://github.com/Stability-AI/generative-models",
+                          "sd3", "networks.lora_sd3")}
+    for name, (arch, impl, version, module) in want.items():
+        path = runs[name].output
+        assert problems(path) == [], name
+        with modelkit.open_model(path) as mf:
+            meta = dict(mf.metadata)
+        assert (meta["modelspec.architecture"], meta["modelspec.implementation"]) == (arch, impl), name
+        assert (meta["ss_base_model_version"], meta["ss_network_module"]) == (version, module), name
+        assert meta["ss_network_dim"] == "4" and meta["ss_network_alpha"] == "2" and meta["ss_steps"] == str(runs[name].steps)
+    with modelkit.open_model(runs["flux"].output) as mf:
+        meta = dict(mf.metadata)
+    assert meta["ss_timestep_sampling"] == "flux_shift" and meta["ss_guidance_scale"] == "1"
+
+
+def _state_parts(result: Any) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """diffusers module -> (down, up) as trained, from the run's resume state (unfused, float32)."""
+    state = load_file(os.path.join(result.states[-1], "state.safetensors"))
+    out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for key, value in state.items():
+        if key.startswith("param.") and key.endswith(".lora_down.weight"):
+            module = key[len("param."):-len(".lora_down.weight")]
+            out[module] = (value, state[f"param.{module}.lora_up.weight"])
+    return out
+
+
+@pytest.mark.parametrize("name, family", [("flux", "flux"), ("sd3-kohya", "sd3")])
+def test_kohya_fusion_is_exact(bases: dict[str, str], runs: dict[str, Any], name: str, family: str) -> None:
+    """Every fused kohya module (qkv, linear1) is the trained q/k/v(/mlp) modules exactly: the downs
+    stacked, the ups block-diagonal (zeros elsewhere), alpha x parts; so baking it with ``modelkit
+    merge lora`` adds to each diffusers weight just its own trained delta, alpha/rank x up @ down."""
+    lora = load_file(runs[name].output)
+    parts = _state_parts(runs[name])
+    base_path = os.path.join(bases["flux" if family == "flux" else "sd3"], TRANSFORMER)
+    base = load_file(base_path)
+    table = fam.diffusers_weights({k: tuple(v.shape) for k, v in base.items()}, family)
+    fused = 0
+    for path, (_shape, _split, dpaths) in table.items():
+        name_k = "lora_unet_" + path.replace(".", "_")
+        if f"{name_k}.lora_down.weight" not in lora:
+            assert not any(d in parts for d in dpaths), path
+            continue
+        down, up = lora[f"{name_k}.lora_down.weight"], lora[f"{name_k}.lora_up.weight"]
+        assert torch.equal(down, torch.cat([parts[d][0] for d in dpaths]))
+        assert torch.equal(up, torch.block_diag(*[parts[d][1] for d in dpaths]))
+        assert lora[f"{name_k}.alpha"].item() == 2.0 * len(dpaths)
+        fused += len(dpaths) > 1
+    # ComfyUI maps lora_unet_<original weight name, dots as underscores> for every original weight
+    comfy = {"lora_unet_" + path.replace(".", "_") for path in table}
+    assert {k.rsplit(".", 2)[0] if "lora_" in k.rsplit(".", 2)[-2] else k.rsplit(".", 1)[0] for k in lora} <= comfy
+    assert fused == (3 if family == "flux" else 5)  # Flux: img/txt qkv, linear1; SD3: x/context qkv x 2, attn2 in 0
+    merged = Path(runs[name].output).with_name("merged.safetensors")
+    res = modelkit.merge_lora(base_path, [(runs[name].output, 1.0)], merged, compute_dtype="fp64", force=True)
+    assert res.base == family and res.loras[0].matched == len({k.rsplit(".", 2)[0] for k in lora})
+    got = load_file(str(merged))
+    for module, (down, up) in parts.items():
+        want = (base[f"{module}.weight"].double() + 0.5 * (up.double() @ down.double())).float()
+        torch.testing.assert_close(got[f"{module}.weight"], want, rtol=0, atol=0)  # one rounding, both sides
+    untouched = [k for k in base if k.removesuffix(".weight") not in parts]
+    assert untouched and all(torch.equal(got[k], base[k]) for k in untouched)
+
+
+@contextmanager
+def _no_warnings() -> Iterator[list[str]]:
+    """Python warnings and WARNING+ records of the diffusers, peft and transformers loggers."""
+    seen: list[str] = []
+
+    class Catch(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(f"{record.name}: {record.getMessage()}")
+
+    handler = Catch(logging.WARNING)
+    loggers = [logging.getLogger(n) for n in ("diffusers", "peft", "transformers")]
+    for lg in loggers:
+        lg.addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield seen
+        seen.extend(f"warning: {w.message}" for w in caught)
+    finally:
+        for lg in loggers:
+            lg.removeHandler(handler)
+
+
+def _pipeline(folder: str) -> Any:
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline
+
+    base = load_base(ModelConfig(path=folder))
+    te, tok = base.text_encoders, base.tokenizers
+    if base.family == "flux":
+        return FluxPipeline(scheduler=base.scheduler, vae=base.vae, text_encoder=te[0], tokenizer=tok[0],
+                            text_encoder_2=te[1], tokenizer_2=tok[1], transformer=base.unet)
+    return StableDiffusion3Pipeline(transformer=base.unet, scheduler=base.scheduler, vae=base.vae, text_encoder=te[0],
+                                    tokenizer=tok[0], text_encoder_2=te[1], tokenizer_2=tok[1], text_encoder_3=te[2],
+                                    tokenizer_3=tok[2])
+
+
+@pytest.mark.parametrize("name, folder", [("flux-diffusers", "flux"), ("flux-double", "flux-double"), ("sd3", "sd3")])
+def test_diffusers_loads_the_lora_and_fused_equals_modelkit_merge(bases: dict[str, str], runs: dict[str, Any],
+                                                                   name: str, folder: str) -> None:
+    """``load_lora_weights`` takes the file with no warning (but diffusers' note that it has no
+    text-encoder modules); fused, the transformer's weights equal
+    ``modelkit merge lora`` of the same file. ``flux-double`` is the kohya layout (fused qkv), on a
+    Flux without single blocks: diffusers' kohya converter splits ``linear1`` by the full-size Flux
+    widths (3072), so a tiny model's ``linear1`` cannot go through it.
+
+    Tolerance: diffusers adds ``up @ down`` in float32 (kohya files: after scaling the factors by
+    powers of two), modelkit in float64 then rounds once; the weights differ by float32 rounding of
+    a rank-4 product, well under 1e-6 here (|weights| < 1)."""
+    path = runs[name].output
+    pipe = _pipeline(bases[folder])
+    with _no_warnings() as seen:
+        pipe.load_lora_weights(path)
+    # diffusers' Flux and SD3 pipelines also try every CLIP encoder and log, for any LoRA without
+    # text-encoder modules, that it has none; those lines (one per CLIP encoder) are the only records allowed.
+    te_note = re.compile(r"^diffusers\.loaders\.lora_base: No LoRA keys associated to CLIPTextModel(WithProjection)? "
+                         r"found with the prefix='(text_encoder|text_encoder_2)'\.")
+    assert [m for m in seen if not te_note.match(m)] == []
+    assert len(seen) == (1 if folder.startswith("flux") else 2)
+    pipe.fuse_lora(lora_scale=1.0)
+    pipe.unload_lora_weights()
+    fused = {k: v.detach() for k, v in pipe.transformer.state_dict().items()}
+    base = load_file(os.path.join(bases[folder], TRANSFORMER))
+    if name != "flux-double":  # ComfyUI reads diffusers-named LoRAs as transformer.<diffusers module>
+        modules = {k.removesuffix(".lora_A.weight").removesuffix(".lora_B.weight") for k in load_file(path)}
+        assert modules <= {"transformer." + k.removesuffix(".weight") for k in base}
+    out = Path(path).with_name(f"{name}-merged.safetensors")
+    if folder == "flux-double":  # modelkit tells a diffusers Flux by its single blocks: merge the original keys
+        original = out.with_name("flux-double-original.safetensors")
+        save_file(dl.to_original(base, "flux"), str(original))
+        modelkit.merge_lora(original, [(path, 1.0)], out, compute_dtype="fp64", force=True)
+        merged = dl.to_diffusers(load_file(str(out)), "flux", "")
+    else:
+        modelkit.merge_lora(os.path.join(bases[folder], TRANSFORMER), [(path, 1.0)], out, compute_dtype="fp64",
+                            force=True)
+        merged = load_file(str(out))
+    assert set(merged) == set(fused)
+    changed = [k for k in merged if not torch.equal(merged[k], base[k])]
+    assert len(changed) >= 8
+    for key in merged:
+        torch.testing.assert_close(fused[key], merged[key], rtol=1e-6, atol=1e-6, msg=key)
+
+
+@pytest.mark.parametrize("base", ["flux", "sd3"])
+def test_resume_is_bit_exact(bases: dict[str, str], tmp_path: Path, base: str) -> None:
+    full = train(_config(bases, base, tmp_path / "full", "train.max_steps=4", "output.save_every_steps=2"))
+    state = os.path.join(tmp_path / "full", "lora-step000002-state")
+    resumed = train(_config(bases, base, tmp_path / "resumed", "train.max_steps=4", f"output.resume={state}"))
+    assert resumed.steps == 4 and resumed.losses == full.losses[2:]
+    a, b = load_file(full.output), load_file(resumed.output)
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_text_and_latent_caches_give_the_same_lora(bases: dict[str, str], tmp_path: Path) -> None:
+    """Cached T5/CLIP outputs and VAE latents (batch size 1) give the uncached run bit for bit; the
+    second run reuses them."""
+    plain = train(_config(bases, "flux", tmp_path / "plain", "train.max_steps=2"))
+    caches = ("train.max_steps=2", "dataset.cache_text=true", "dataset.cache_latents=true")
+    cached = train(_config(bases, "flux", tmp_path / "cached", *caches))
+    again = train(_config(bases, "flux", tmp_path / "cached", *caches, "output.force=true"))
+    a, b = load_file(plain.output), load_file(cached.output)
+    assert all(torch.equal(a[k], b[k]) for k in a) and cached.losses == plain.losses == again.losses
+    assert any(n.startswith("text cache") and "0 encoded" in n for n in again.notes)
+    assert any(n.startswith("latent cache") and "0 encoded" in n for n in again.notes)
+
+
+def test_timestep_samplers_follow_their_distributions() -> None:
+    n, sched = 20000, {"shift": 3.0, "use_dynamic_shifting": False}
+
+    def draw(**kw: Any) -> torch.Tensor:
+        return flow.sample_sigmas(FlowConfig(**kw), sched, n, torch.Generator().manual_seed(0), 256)
+
+    u = draw(timestep_sampling="uniform", shift_mode="none")
+    assert torch.equal(u, torch.rand(n, generator=torch.Generator().manual_seed(0)))
+    assert abs(u.mean().item() - 0.5) < 0.01 and 0.0 <= u.min().item() and u.max().item() < 1.0
+    logit = torch.logit(draw(shift_mode="none", logit_mean=-0.5, logit_std=1.5).double())
+    assert abs(logit.mean().item() + 0.5) < 0.03 and abs(logit.std().item() - 1.5) < 0.03
+    plain = draw(shift_mode="none")
+    for s in (1.0, 3.0):
+        shifted = draw(shift_mode="fixed", shift=s)
+        torch.testing.assert_close(shifted, s * plain / (1 + (s - 1) * plain))
+    assert abs(draw(shift_mode="fixed").median().item() - 0.75) < 0.01  # scheduler shift 3: median 3/(3+1)
+    assert flow.resolution_mu(256, {}) == 0.5 and abs(flow.resolution_mu(4096, {}) - 1.15) < 1e-12
+    for tokens in (256, 1024, 4096):
+        e = math.exp(flow.resolution_mu(tokens, {}))
+        got = flow.sample_sigmas(FlowConfig(shift_mode="resolution"), {}, n, torch.Generator().manual_seed(0), tokens)
+        torch.testing.assert_close(got, e * plain / (e * plain + 1 - plain))
+    assert flow.shift_mode(FlowConfig(), {"use_dynamic_shifting": True}) == "resolution"
+    assert flow.shift_mode(FlowConfig(), {"shift": 3.0}) == "fixed"
+
+
+def test_flux_packing_round_trips() -> None:
+    x = torch.randn(2, 4, 6, 8)
+    packed = flow.pack(x)
+    assert packed.shape == (2, 12, 16) and torch.equal(flow.unpack(packed, 6, 8), x)
+    ids = flow.image_ids(6, 8, "cpu", torch.float32)
+    assert ids.shape == (12, 3) and ids[5].tolist() == [0.0, 1.0, 1.0]
+
+
+def test_unsupported_settings_are_one_line(bases: dict[str, str], tmp_path: Path) -> None:
+    cases = [("locon", (), "locon on a flux base is not supported"),
+             ("lora", ("network.train_text_encoder=true",), "network.train_text_encoder on a flux base"),
+             ("lora", ("sample.every_steps=1", "sample.prompts=['x']"), "sample images during a flux run"),
+             ("lora", ("train.min_snr_gamma=5",), "train.min_snr_gamma on a flux base")]
+    for method, overrides, text in cases:
+        cfg = replace(_config(bases, "flux", tmp_path / method, *overrides), method=method)
+        with pytest.raises(UsageError) as info:
+            train(cfg)
+        assert text in str(info.value) and "\n" not in str(info.value)
+    from click.testing import CliRunner
+
+    from modelkit.cli.main import cli
+
+    toml = tmp_path / "flux.toml"
+    toml.write_text(f'[model]\npath = "{bases["flux"]}"\n[dataset]\npath = "{bases["images"]}"\nresolution = 32\n'
+                    f'min_bucket = 32\nmax_bucket = 32\nbucket_step = 16\nmin_image_size = 16\n[network]\ntrain_text_encoder = true\n[output]\ndir = "{tmp_path / "cli"}"\n'
+                    '[train]\ndevice = "cpu"\n', encoding="utf-8")
+    r = CliRunner().invoke(cli, ["train", "lora", "--config", str(toml), "-q"])
+    assert r.exit_code == 2 and "network.train_text_encoder on a flux base" in r.stderr and r.stderr.count("\n") == 1
+    single = tmp_path / "flux-single.safetensors"
+    save_file(dl.to_original(dl.tiny("flux").state_dict(), "flux", "model.diffusion_model."), str(single))
+    with pytest.raises(ConfigError) as err:
+        load_base(ModelConfig(path=str(single)))
+    assert "single-file flux checkpoint" in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(ConfigError, match="not a diffusers sd3 folder"):
+        load_base(ModelConfig(path=bases["flux"], base="sd3"))
+
+
+def test_docs_flux_block_is_a_valid_config(tmp_path: Path) -> None:
+    from modelkit.train.tomlio import read_toml
+
+    text = (Path(__file__).parents[2] / "docs" / "train.md").read_text(encoding="utf-8")
+    block = text.split("## Flux and SD3 LoRA", 1)[1].split("```toml", 1)[1].split("```", 1)[0]
+    (tmp_path / "flux.toml").write_text(block + '\n[dataset]\npath = "data"\n', encoding="utf-8")
+    c = build_config("lora", read_toml(str(tmp_path / "flux.toml")))
+    assert c.flow == FlowConfig() and c.network.layout == "auto" and c.model.path == "FLUX.1-dev"
