@@ -362,7 +362,7 @@ def _bind_dequantize(tensors: Mapping[str, TensorRef], sw: ScaledWeight, target:
 
 
 def refuse_scaled(tensors: Mapping[str, TensorRef], metadata: Mapping[str, str], path: str, what: str) -> None:
-    """Raise for a file with scaled fp8 weights, which ``what`` (a merge) cannot combine as stored.
+    """Raise for a file with scaled fp8 weights, which ``what`` would read without their scales.
 
     Raises:
         UnsupportedFormatError: the file has scaled fp8 weights.
@@ -373,9 +373,8 @@ def refuse_scaled(tensors: Mapping[str, TensorRef], metadata: Mapping[str, str],
     if found:
         raise UnsupportedFormatError(
             path, f"has {len(found)} scaled fp8 weights ({next(iter(found.values())).layout} layout), which {what} "
-                  "cannot combine as stored (each has its own scale)",
-            "Upcast it first: `modelkit prune IN --dtype fp16` writes weight*scale; prune the result with "
-            "--dtype fp8_e4m3fn --fp8 scaled afterwards")
+                  "does not read as weight*scale",
+            "Upcast it first: `modelkit prune IN --dtype fp16` writes weight*scale")
 
 
 def summary(tensors: Mapping[str, TensorRef], metadata: Mapping[str, str] | None = None) -> dict[str, Any]:

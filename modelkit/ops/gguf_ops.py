@@ -276,6 +276,7 @@ def to_gguf(src: str | os.PathLike[str], out: str | os.PathLike[str], *, quant: 
     from ..detect import detect
     from ..paths import atomic_output, check_output
     from ..reading import open_model
+    from .fp8 import refuse_scaled
 
     t0 = time.perf_counter()
     q = check_quant(quant)
@@ -284,6 +285,7 @@ def to_gguf(src: str | os.PathLike[str], out: str | os.PathLike[str], *, quant: 
         raise UsageError(target, "a GGUF output's name ends in .gguf")
     check_output(target, force=force, inputs=[s])
     with open_model(s, ignore_scan=ignore_scan) as mf:
+        refuse_scaled(mf.tensors, mf.metadata, s, "convert --to gguf")
         tensors, kv, left = plan_to_gguf(mf, base or detect(mf).base, q)
         head, _ = gguf_header(tensors, kv)
         size = len(head) + sum(-(-t.nbytes // DEFAULT_ALIGNMENT) * DEFAULT_ALIGNMENT for t in tensors)

@@ -34,6 +34,7 @@ from ..paths import atomic_output, check_output, ensure_room, require_safetensor
 from . import metadata as md
 from . import modelspec as ms
 from .convert import Progress
+from .fp8 import refuse_scaled
 from .result import result_dict
 
 DIRECTIONS = ("single", "diffusers")
@@ -216,6 +217,7 @@ def _single_part(s: str, part: str | None, ignore_scan: bool) -> ModelFile:
                          "Pass the folder, or --part unet|vae|te|te2 to take one component out of the file")
     mf = open_model(s, ignore_scan=ignore_scan)
     try:
+        refuse_scaled(mf.tensors, mf.metadata, s, "convert --to single")
         found = dit.single_family(list(mf))
         if found is not None:
             from .layout_dit import single_part
@@ -313,6 +315,8 @@ def _to_diffusers(s: str, target: str, part: str | None, configs: str | os.PathL
     _check_folder_output(target, s, force)
     with open_model(s, ignore_scan=ignore_scan) as mf:
         from .layout_dit import diffusers_transformer, to_diffusers
+
+        refuse_scaled(mf.tensors, mf.metadata, s, "convert --to diffusers")
 
         found = dit.single_family(list(mf)) or diffusers_transformer(mf, s)
         if found is not None:

@@ -194,7 +194,7 @@ def _file_base(cfg: ModelConfig, dtype: Any) -> BaseModel:
     pred = {"v": "v_prediction", "eps": "epsilon"}.get(str(det.variant.get("prediction")))
     if det.kind not in ("checkpoint", "unknown"):
         raise FormatError(cfg.path, f"is a {det.kind}, not a full checkpoint", "Train on a full SD checkpoint")
-    state = load(cfg.path, dtype=dtype)
+    state = load(cfg.path, dtype=dtype, dequantize=True)
     if family is None:
         family = _family_from_keys(state)
         if family:
@@ -265,14 +265,14 @@ def _folder_weights(root: str, sub: str, dtype: Any) -> dict[str, Any]:
     folder = os.path.join(root, sub)
     for name in _WEIGHT_NAMES:
         if os.path.isfile(os.path.join(folder, name)):
-            return load(os.path.join(folder, name), dtype=dtype)
+            return load(os.path.join(folder, name), dtype=dtype, dequantize=True)
         index = os.path.join(folder, name + ".index.json")
         if os.path.isfile(index):
             with open(index, encoding="utf-8") as f:
                 shards = sorted(set(json.load(f).get("weight_map", {}).values()))
             out: dict[str, Any] = {}
             for shard in shards:
-                out.update(load(os.path.join(folder, os.path.basename(shard)), dtype=dtype))
+                out.update(load(os.path.join(folder, os.path.basename(shard)), dtype=dtype, dequantize=True))
             return out
     raise FormatError(folder, "has no weights (diffusion_pytorch_model.safetensors, model.safetensors or .bin)")
 

@@ -195,3 +195,24 @@ def test_cli_merge_lora_of_a_scaled_file_says_so(tmp_path: Path) -> None:
     assert "scaled again" in r.output
     info = modelkit.inspect(out)
     assert info.quantization["scaled"] == info.quantization["fp8_tensors"] > 0
+
+
+def test_commands_that_would_read_scaled_weights_without_their_scales_refuse_them(tmp_path: Path) -> None:
+    """extract, --to gguf and the layout conversions would take the fp8 codes for the values: one line each."""
+    from modelkit.errors import UnsupportedFormatError
+
+    ckpt, _orig = _flux_scaled(tmp_path, "float8_e4m3fn", "comfy_quant")
+    calls = [lambda: modelkit.extract_lora(ckpt, ckpt, tmp_path / "l.safetensors", rank=4),
+             lambda: modelkit.convert_layout(ckpt, tmp_path / "folder", to="diffusers"),
+             lambda: modelkit.convert_layout(ckpt, tmp_path / "t.safetensors", to="single", part="transformer")]
+    try:
+        from modelkit.ops.gguf_ops import to_gguf
+
+        calls.append(lambda: to_gguf(ckpt, tmp_path / "x.gguf", quant="Q8_0"))
+    except ImportError:  # the [gguf] extra
+        pass
+    for call in calls:
+        with pytest.raises(UnsupportedFormatError, match="scaled fp8") as err:
+            call()
+        assert "\n" not in str(err.value) and "--dtype fp16" in str(err.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [ckpt.name]

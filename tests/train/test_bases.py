@@ -110,3 +110,21 @@ def test_sd2_v_single_file(sd2: tuple[str, str, dict[str, Any]], tiny_model: dic
     with modelkit.open_model(result.output) as mf:
         assert mf.metadata["ss_v2"] == "True" and mf.metadata["ss_v_parameterization"] == "True"
         assert mf.metadata["modelspec.architecture"] == "stable-diffusion-v2-768-v/lora"
+
+
+def test_a_scaled_fp8_base_is_read_as_weight_times_scale(sdxl: tuple[str, str, dict[str, Any]], tmp_path: Path) -> None:
+    """ComfyUI's scaled fp8 checkpoints train from their values (weight*scale), not from their fp8 codes."""
+    path, configs, _originals = sdxl
+    scaled = tmp_path / "fp8.safetensors"
+    modelkit.prune(path, scaled, dtype="fp8_e4m3fn", fp8="scaled")
+    want = modelkit.load(scaled, dequantize=True)
+    codes = modelkit.load(scaled)
+    base = load_base(ModelConfig(path=str(scaled), configs=configs))
+    from modelkit.ops.fp8 import scaled_weights
+
+    picked = [k for k in scaled_weights(modelkit.open_model(scaled).tensors, {}) if k.startswith("model.diffusion_model.")]
+    assert len(picked) > 20
+    params = {repr(v.float().flatten()[:8].tolist()) for v in base.unet.state_dict().values()}
+    for k in picked:  # each scaled weight's values (weight*scale) are one of the UNet's parameters
+        assert repr(want[k].float().flatten()[:8].tolist()) in params, k
+        assert repr(codes[k].float().flatten()[:8].tolist()) not in params, k  # not its fp8 codes

@@ -33,6 +33,7 @@ from ...paths import check_output
 from .. import metadata as md
 from .. import modelspec as ms
 from ..convert import Progress, check_scan, default_output
+from ..fp8 import refuse_scaled
 from ..result import result_dict
 from ..streaming import COMPUTE_DTYPES, OUTPUT_DTYPES, float_dtype, overflow_count, tensor_bytes, write_output
 from . import dit, dit_tools
@@ -178,6 +179,8 @@ def extract_lora(
     check_output(target, force=force, inputs=[b, t])
     warnings = check_scan(b, ignore_scan)[1] + check_scan(t, ignore_scan)[1]
     with open_model(b) as mb, open_model(t) as mt:
+        for mf, path in ((mb, b), (mt, t)):
+            refuse_scaled(mf.tensors, mf.metadata, path, "lora extract")
         det = detect_modelfile(mb)
         if det.kind != "checkpoint":
             raise UsageError(b, f"is not a checkpoint (detected as {det.kind})")
