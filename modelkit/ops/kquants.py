@@ -22,7 +22,6 @@ infinity are quantized but are outside that check.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -399,8 +398,6 @@ def quantize(values: Arr, qtype: str, threads: int | None = None) -> Arr:
 
 def default_threads() -> int:
     """Threads ``quantize`` uses: the CPUs this process may run on, at most 8."""
-    try:
-        n = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on every platform
-        n = os.cpu_count() or 1
-    return max(1, min(8, n))
+    from ..portable import usable_cpus
+
+    return max(1, min(8, usable_cpus()))
