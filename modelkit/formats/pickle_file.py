@@ -14,7 +14,7 @@ from ..errors import FormatError, UnsafeFileError
 from ..model import ModelFile, Source
 from .flatten import assemble, flatten
 from .pickle_vm import PickleError
-from .probe import probe, probe_chain
+from .probe import probe, probe_chain, tail
 from .torch_legacy import magic_kind
 from .unpickler import StorageRef, make_policy, reader_error, refuse, run_pickle
 
@@ -52,7 +52,7 @@ def refuse_trailing(path: str, data: Any, end: int) -> None:
     loop; refuse the file when one of them reaches a global outside the allow-list."""
     if end >= len(data):
         return
-    for p in probe_chain(data[end:], end):
+    for p in probe_chain(tail(data, end), end):
         if p.dangerous:
             module, name, off = p.dangerous[0]
             if module == "<call>":

@@ -104,12 +104,52 @@ def probe(data: Any, base: int = 0, persistent_load: Callable[[Any], Any] | None
     return out
 
 
+class Window:
+    """``data[start:end]`` without a copy, read as the VM reads ``bytes`` or an ``mmap``."""
+
+    __slots__ = ("data", "start", "end")
+
+    def __init__(self, data: Any, start: int, end: int):
+        self.data = data
+        self.start = start
+        self.end = end
+
+    def __len__(self) -> int:
+        return self.end - self.start
+
+    def __getitem__(self, key: int | slice) -> Any:
+        n = self.end - self.start
+        if isinstance(key, slice):
+            a, b, step = key.indices(n)
+            if step != 1:
+                raise ValueError("a Window slices with step 1 only")
+            return self.data[self.start + a : self.start + max(a, b)]
+        i = key + n if key < 0 else key
+        if not 0 <= i < n:
+            raise IndexError("Window index out of range")
+        return self.data[self.start + i]
+
+    def find(self, sub: bytes, start: int = 0, end: int | None = None) -> int:
+        n = self.end - self.start
+        a, b, _ = slice(start, end).indices(n)
+        at: int = self.data.find(sub, self.start + a, self.start + max(a, b))
+        return at - self.start if at >= 0 else -1
+
+
+def tail(data: Any, pos: int) -> Any:
+    """``data[pos:]``: a copy for ``bytes``, else a ``Window`` (an mmap of a big file, or a remote file read by
+    ranges, must not be copied whole, nor fetched whole, to scan what follows a pickle)."""
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        return data[pos:]
+    return Window(data, pos, len(data))
+
+
 def probe_chain(data: Any, base: int = 0, max_pickles: int = 64) -> list[Probe]:
     """Probe a pickle and whatever follows each STOP, as a loop of ``pickle.load`` would."""
     out: list[Probe] = []
     pos = 0
     while len(out) < max_pickles and pos < len(data):
-        p = probe(data[pos:], base + pos)
+        p = probe(tail(data, pos), base + pos)
         out.append(p)
         if p.end is None or p.end == 0:
             break

@@ -253,6 +253,18 @@ class RemoteBytes:
         self.start = 0
         self.win = b""
         self.step = self.WINDOW_MIN
+        #: what the scan may fetch through this view in all: the cap on a whole-file download
+        self.budget = max_download()
+
+    def _fetch(self, n: int, pos: int) -> bytes:
+        """``n`` bytes at ``pos``, within the budget (a crafted file whose byte-0 pickle reads on and
+        on is then an error, as a download over the cap is, not a download into memory)."""
+        if n > self.budget:
+            raise RemoteError(self.src.path, f"reading it as torch.load would, the scan would fetch more than "
+                                             f"{max_download()} bytes, the cap on reading a remote file whole",
+                              "Download it and scan the local copy, or raise MODELKIT_REMOTE_MAX_DOWNLOAD")
+        self.budget -= n
+        return self.src.pread(n, pos)
 
     def __len__(self) -> int:
         return self.size
@@ -263,7 +275,7 @@ class RemoteBytes:
             return
         forward = pos == self.start + len(self.win)
         self.step = min(self.step * 2, self.WINDOW_MAX) if forward else self.WINDOW_MIN
-        self.win = self.src.pread(min(self.step, self.size - pos), pos)
+        self.win = self._fetch(min(self.step, self.size - pos), pos)
         self.start = pos
 
     def __getitem__(self, key: int | slice) -> Any:
@@ -279,7 +291,7 @@ class RemoteBytes:
                 self._load(a)
                 if b <= self.start + len(self.win):
                     return self.win[a - self.start : b - self.start]
-            return self.src.pread(b - a, a)
+            return self._fetch(b - a, a)
         i = key + self.size if key < 0 else key
         if not 0 <= i < self.size:
             raise IndexError("index out of range")
@@ -287,14 +299,16 @@ class RemoteBytes:
         return self.win[i - self.start]
 
     def find(self, sub: bytes, start: int = 0, end: int | None = None) -> int:
-        end = self.size if end is None else min(end, self.size)
-        pos, keep = max(start, 0), len(sub) - 1
+        start, end, _ = slice(start, end).indices(self.size)
+        if not sub:
+            return start if start <= end else -1
+        pos, keep = start, len(sub) - 1
         while pos < end:
             self._load(pos)
             stop = min(end, self.start + len(self.win))
             lo = max(pos - keep, start, 0)  # bytes before ``pos`` again, for a match across windows
             chunk = self.win[lo - self.start : stop - self.start] if lo >= self.start else \
-                self.src.pread(stop - lo, lo)
+                self._fetch(stop - lo, lo)
             i = chunk.find(sub)
             if i >= 0:
                 return lo + i

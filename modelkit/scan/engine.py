@@ -23,7 +23,7 @@ from typing import Any
 from ..errors import FormatError, ModelkitError, RemoteError, UnsafeFileError, UsageError
 from ..formats.numpy_file import NPY_MAGIC, parse_npy_header
 from ..formats.pickle_vm import COMPUTED, PickleError, PickleVM, opcode_name
-from ..formats.probe import Probe, probe, probe_chain, unsafe_collector
+from ..formats.probe import Probe, probe, probe_chain, tail, unsafe_collector
 from ..formats.sniff import sniff, sniff_bytes
 from ..formats.unpickler import ALLOWED, collect, make_policy
 from ..model import MemorySource, Source
@@ -410,13 +410,14 @@ def _scan_stream_chain(ctx: _Ctx, data: Any, member: str, base: int, pload: Any,
     for i in range(1, MAX_CONCATENATED):
         if pos >= len(data):
             break
-        p = probe(data[pos:], base + pos, keep_blobs=True)
+        rest = tail(data, pos)
+        p = probe(rest, base + pos, keep_blobs=True)
         if not p.is_pickle:
-            ctx.note_probe(p, f"{member} (after STOP)", data[pos:], base + pos, depth)
+            ctx.note_probe(p, f"{member} (after STOP)", rest, base + pos, depth)
             break
         ctx.add(R.TRAILING_PICKLE, "another pickle follows the first one; it is scanned too", member, base + pos)
         assert p.end is not None
-        ctx.run_pickle(data[pos:], f"{member} (pickle #{i + 1})", base + pos, pload, depth)
+        ctx.run_pickle(rest, f"{member} (pickle #{i + 1})", base + pos, pload, depth)
         pos += p.end
     return pos
 
@@ -490,8 +491,9 @@ def _scan_legacy(ctx: _Ctx, src: Source, data: Any, depth: int, drop_frames: boo
     if any(kind == "frame" for _m_, _o, kind in unsafe) and not drop_frames:
         _scan_legacy(ctx, src, data, depth, drop_frames=True, quiet_errors=quiet_errors)
     if end < len(data) and not drop_frames:
-        for p in probe_chain(data[end:], end):
-            ctx.note_probe(p, label, data[end:], end, depth)
+        rest = tail(data, end)
+        for p in probe_chain(rest, end):
+            ctx.note_probe(p, label, rest, end, depth)
         _after_stop(ctx, src, data, end, label, depth)
 
 

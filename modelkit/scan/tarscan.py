@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import RemoteError
 from ..formats.pickle_vm import Symbolic, VMCallable
-from ..formats.probe import probe
+from ..formats.probe import Window, probe
 from ..formats.unpickler import DTypeConst, NumpyArray, PlaceholderObject, StorageType, TensorSpec
 from ..model import MemorySource, Source
 from . import rules as R
@@ -54,38 +54,6 @@ PICKLE_BUDGET = 2 << 20
 MAX_PICKLES = 20_000
 
 _ROLES = ("storages", "tensors", "pickle")
-
-
-class Window:
-    """``data[start:end]`` without a copy, read as the VM reads ``bytes`` or an ``mmap``."""
-
-    __slots__ = ("data", "start", "end")
-
-    def __init__(self, data: Any, start: int, end: int):
-        self.data = data
-        self.start = start
-        self.end = end
-
-    def __len__(self) -> int:
-        return self.end - self.start
-
-    def __getitem__(self, key: int | slice) -> Any:
-        n = self.end - self.start
-        if isinstance(key, slice):
-            a, b, step = key.indices(n)
-            if step != 1:
-                raise ValueError("a Window slices with step 1 only")
-            return self.data[self.start + a : self.start + max(a, b)]
-        i = key + n if key < 0 else key
-        if not 0 <= i < n:
-            raise IndexError("Window index out of range")
-        return self.data[self.start + i]
-
-    def find(self, sub: bytes, start: int = 0, end: int | None = None) -> int:
-        n = self.end - self.start
-        a, b, _ = slice(start, end).indices(n)
-        at: int = self.data.find(sub, self.start + a, self.start + max(a, b))
-        return at - self.start if at >= 0 else -1
 
 
 class _HeaderTooBig(Exception):

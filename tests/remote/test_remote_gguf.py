@@ -48,6 +48,10 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
         p.write_bytes(data)
         out[f"/v/{name}.gguf"] = str(p)
     # the BINBYTES ends 9 + 5 + pad bytes in; windows end at 128 KiB, then 384 KiB: straddle both
+    for name, data in _long_reads().items():
+        p = root / f"{name}.gguf"
+        p.write_bytes(data)
+        out[f"/long/{name}.gguf"] = str(p)
     for edge in (128 << 10, 384 << 10):
         for back in (-3, 0, 1, 2, 4, 5, 9, 14):
             pad = edge - 14 - back
@@ -55,6 +59,16 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
             p.write_bytes(_pickle_from_byte0(pad, str(root / "PWNED")))
             out[f"/p/{p.name}"] = str(p)
     return out
+
+
+def _long_reads() -> dict[str, bytes]:
+    """GGUF-looking files whose byte-0 pickle reads far (byte 9 is the attacker's, through the tensor count):
+    a STOP then 8 MB of data, a text opcode with no end of line in 8 MB, and a BINBYTES8 of nearly the file."""
+    head = b"GGUF" + struct.pack("<I", 3) + b"\x00"
+    body = bytes(range(1, 256)).replace(b"\n", b"") * (8 * MB // 254)
+    return {"stop-then-data": head + b"." + body,
+            "text-without-newline": head + b"S'" + body,
+            "binbytes8-of-the-file": head + b"\x8e" + struct.pack("<Q", len(body) - 16) + body}
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +94,7 @@ def test_remote_gguf_verdicts_equal_local_ones(server: Loopback, files: dict[str
         got = scan_file(server.url + url_path)
         assert _comparable(got) == _comparable(want), url_path
         assert got.remote is not None and not got.remote["whole_file"], url_path
-        if os.path.getsize(local) > MB:
+        if os.path.getsize(local) > MB and not url_path.startswith("/long/"):
             assert server.sent < os.path.getsize(local) // 2, url_path
         verdicts.add(want.verdict)
     assert verdicts == {"safe", "error", "unsafe"}
@@ -121,3 +135,22 @@ def test_remote_bytes_read_as_bytes_do(server: Loopback, files: dict[str, str]) 
             data[len(local)]
     finally:
         src.close()
+
+
+@pytest.mark.parametrize("name", sorted(_long_reads()))
+def test_a_byte0_pickle_that_reads_on_stays_within_the_download_cap(server: Loopback, files: dict[str, str], name: str,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the VM reads of a remote file counts against MODELKIT_REMOTE_MAX_DOWNLOAD: past it, the verdict is
+    error (MK-R001, fail closed), never an unbounded download into memory; within it, the local verdict."""
+    url_path = f"/long/{name}.gguf"
+    local = scan_file(files[url_path])
+    monkeypatch.setenv("MODELKIT_REMOTE_MAX_DOWNLOAD", str(2 * MB))
+    server.reset_counts()
+    got = scan_file(server.url + url_path)
+    assert server.sent <= 3 * MB, server.sent  # the cap, the header's first fetch and one window at most
+    if any(f.rule == "MK-R001" for f in got.findings):
+        assert got.verdict == "error" and any("cap" in f.message for f in got.findings), got.findings
+    else:
+        assert _comparable(got) == _comparable(local)
+    monkeypatch.delenv("MODELKIT_REMOTE_MAX_DOWNLOAD")
+    assert _comparable(scan_file(server.url + url_path)) == _comparable(local)
