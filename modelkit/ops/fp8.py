@@ -281,6 +281,10 @@ def scaled_weights(tensors: Mapping[str, TensorRef], metadata: Mapping[str, str]
     for layer, fmt in layers.items():
         w, sc = layer + ".weight", layer + SCALE
         if fmt in FP8_CHOICES.values() and w in tensors and sc in tensors:
+            if tensors[w].dtype.name != fmt:  # read as the marker says, it would be other values, silently
+                raise FormatError(getattr(tensors[w].source, "path", None),
+                                  f"the scaled fp8 marker of {layer!r} says {fmt}, but its weight is "
+                                        f"{tensors[w].dtype.name}", "The file is inconsistent; re-export it")
             extras = tuple(x for x in (sc, layer + QUANT, layer + ".input_scale") if x in tensors)
             found[w] = ScaledWeight(w, sc, fmt, "comfy_quant", extras)
     markers = [n for n in tensors if n == LEGACY_MARKER or n.endswith("." + LEGACY_MARKER)]

@@ -15,9 +15,9 @@ was:
 * with ``--dtype fp16|bf16|fp32``, every scaled weight is written as its value in that dtype and the
   scales and markers are dropped, as ``prune --dtype`` does.
 
-The merged weight and its new scale are written as two tensors, in whichever order the file has
-them, so one ``Requant`` cell computes both once (under a lock: the writer and the compute-ahead
-threads may ask for them at the same time) and hands each over once.
+The merged weight and its new scale are two output tensors, and the writer puts every float32
+scale before any fp8 weight; ``Requant`` computes the scale from one merge and the weight from a
+second, so no merged weight waits in memory for its turn (see there).
 """
 
 from __future__ import annotations
@@ -62,8 +62,9 @@ def dequantized(ref: TensorRef, factor: float | None, compute: Any) -> Any:
     return w.to(torch.float32).mul_(factor).to(compute)
 
 
-def requantize(w: Any, fmt: str, name: str) -> tuple[bytes, bytes]:
-    """``w`` (compute dtype) as scaled fp8 of format ``fmt``: (the fp8 bytes, the float32 scale's bytes).
+def scale_for(w: Any, fmt: str, name: str) -> Any:
+    """The float32 scale of merged weights ``w`` (compute dtype) as scaled fp8 of format ``fmt``:
+    ``amax(|w|) / max``, 1.0 for an all-zero tensor.
 
     Raises:
         FormatError: the merged weight holds inf or NaN, which no scale can store.
@@ -71,40 +72,56 @@ def requantize(w: Any, fmt: str, name: str) -> tuple[bytes, bytes]:
     import numpy as np
     import torch
 
-    fmax = float(numcast.FP8_LIMITS[fmt][0])
-    amax = w.abs().max() if w.numel() else w.new_zeros(())
-    if not bool(torch.isfinite(amax)):
+    fmax = np.float32(numcast.FP8_LIMITS[fmt][0])
+    if not w.numel():
+        return np.float32(1.0)
+    lo, hi = torch.aminmax(w)
+    amax = max(-float(lo), float(hi))
+    if not (np.isfinite(amax) and bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))):
         raise FormatError(None, f"the merged {name!r} holds inf or NaN, which scaled fp8 cannot store",
                           "Merge with --dtype fp16 (or lower the LoRA ratio)")
-    scale = np.float32(float(amax)) / np.float32(fmax)
-    if not scale > 0:
-        scale = np.float32(1.0)
+    scale = np.float32(amax) / fmax
+    return scale if scale > 0 else np.float32(1.0)
+
+
+def quantize(w: Any, fmt: str, scale: Any) -> Any:
+    """``(w / scale).clamp(-max, max)`` cast to ``fmt``: the fp8 bytes (a ``uint8`` array)."""
+    import torch
+
+    fmax = float(numcast.FP8_LIMITS[fmt][0])
     q = w.div(float(scale)).clamp_(-fmax, fmax).to(getattr(torch, fmt))
-    return q.contiguous().view(torch.uint8).numpy().tobytes(), np.asarray(scale, dtype="<f4").tobytes()
+    return q.contiguous().view(torch.uint8).numpy()
 
 
 class Requant:
-    """One merged scaled weight: computed once, by whichever of its two tensors is written first."""
+    """One merged scaled weight, as two output tensors: its new scale and its fp8 values.
+
+    The writer puts a file's float32 tensors before its fp8 ones, so every scale is asked for
+    before any weight. Keeping each merged weight from its scale until its own turn would hold
+    them all at once; instead ``scale`` merges, keeps the 4-byte scale and drops the values, and
+    ``weight`` merges again (the same deterministic computation) and casts with that scale. A
+    weight asked for first computes both from one merge.
+    """
 
     def __init__(self, make: Callable[[], Any], fmt: str, name: str) -> None:
         self.make, self.fmt, self.name = make, fmt, name
         self.lock = threading.Lock()
-        self.q: bytes | None = None
-        self.s: bytes | None = None
+        self.value: Any = None
 
-    def _done(self) -> None:
+    def _scale_of(self, w: Any) -> Any:
         with self.lock:
-            if self.s is None:
-                self.q, self.s = requantize(self.make(), self.fmt, self.name)
-
-    def weight(self, _slot: int = 0) -> bytes:
-        self._done()
-        with self.lock:
-            q, self.q = self.q, None  # handed over once: the cell keeps no copy of a written weight
-        assert q is not None
-        return q
+            if self.value is None:
+                self.value = scale_for(w, self.fmt, self.name)
+            return self.value
 
     def scale(self) -> bytes:
-        self._done()
-        assert self.s is not None
-        return self.s
+        import numpy as np
+
+        with self.lock:
+            known = self.value
+        value = known if known is not None else self._scale_of(self.make())
+        return np.asarray(value, dtype="<f4").tobytes()
+
+    def weight(self, _slot: int = 0) -> Any:
+        w = self.make()
+        return quantize(w, self.fmt, self._scale_of(w))

@@ -43,6 +43,7 @@ from . import families
 from . import metadata as md
 from . import modelspec as ms
 from .convert import Progress, check_scan, default_output
+from .fp8 import QUANT_METADATA
 from .fp8_merge import Requant, Scaled, dequantized
 from .result import result_dict
 from .streaming import (
@@ -484,6 +485,8 @@ def _merge(mfs: list[ModelFile], paths: list[str], vae_path: str | None, target:
     record["inputs"] = entries
     meta = md.combine(base_meta, meta_extra, md.provenance(paths[0], changes),
                       {"modelkit.merge": json.dumps(record, separators=(",", ":"))})
+    if scaled[0] and cast is not None:  # the layers ComfyUI's quantization metadata names are plain now
+        meta.pop(QUANT_METADATA, None)
     with contextlib.ExitStack() as stack:
         hashers = [] if dry_run else [stack.enter_context(md.SourceHash(p)) for p in files]
 

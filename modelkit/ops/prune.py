@@ -177,6 +177,8 @@ def plan_prune(mf: ModelFile, *, ema: str = "drop", dtype: str | None = None, pa
     if dropped:
         st.changes.append(f"{len(dropped)} non-tensor value{_s(len(dropped))} dropped")
     base = dict(mf.metadata)
+    if any("scaled fp8 weights written as" in c for c in st.changes):  # the layers it names are plain now
+        base.pop(fp8_ops.QUANT_METADATA, None)
     arch = _architecture(mf, "checkpoint") if part is None else None
     if part is not None and base.get("modelspec.architecture") is not None:
         st.changes.append("modelspec.architecture replaced (it described the whole checkpoint)")

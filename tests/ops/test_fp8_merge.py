@@ -216,3 +216,59 @@ def test_commands_that_would_read_scaled_weights_without_their_scales_refuse_the
             call()
         assert "\n" not in str(err.value) and "--dtype fp16" in str(err.value)
     assert sorted(p.name for p in tmp_path.iterdir()) == [ckpt.name]
+
+
+def test_a_merged_scaled_weight_is_not_held_from_its_scale_to_its_turn() -> None:
+    """The writer asks for every float32 scale before any fp8 weight: the cell keeps only the 4-byte scale
+    and merges again for the weight, with the same bytes as one merge would give."""
+    from modelkit.ops.fp8_merge import Requant, quantize, scale_for
+
+    w = torch.randn(64, 32) * 3
+    calls = []
+
+    def make() -> torch.Tensor:
+        calls.append(1)
+        return w.clone()
+
+    cell = Requant(make, "float8_e4m3fn", "x.weight")
+    s = cell.scale()
+    assert len(calls) == 1 and set(vars(cell)) == {"make", "fmt", "name", "lock", "value"}
+    assert np.frombuffer(s, "<f4")[0] == scale_for(w, "float8_e4m3fn", "x")
+    q = cell.weight()
+    assert len(calls) == 2
+    assert np.array_equal(np.asarray(q), np.asarray(quantize(w, "float8_e4m3fn", scale_for(w, "float8_e4m3fn", "x"))))
+    first = Requant(make, "float8_e4m3fn", "x.weight")  # weight first: one merge gives both
+    assert np.array_equal(np.asarray(first.weight()), np.asarray(q)) and first.scale() == s and len(calls) == 3
+
+
+@pytest.mark.parametrize("how", ["merge", "prune"])
+def test_plain_values_drop_comfyuis_quantization_metadata(tmp_path: Path, how: str) -> None:
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    fx.write_scaled(str(a), fx.fp16_model(5), "float8_e4m3fn", "metadata")
+    save_file({k: torch.from_numpy(v) for k, v in fx.fp16_model(6).items()}, str(b))
+    assert "_quantization_metadata" in modelkit.open_model(a).metadata
+    out = tmp_path / "o.safetensors"
+    if how == "merge":
+        modelkit.merge_models(a, b, out=out, alpha=0.5, dtype="fp16")
+    else:
+        modelkit.prune(a, out, dtype="fp16")
+    assert "_quantization_metadata" not in modelkit.open_model(out).metadata
+    kept = tmp_path / "kept.safetensors"  # still scaled: the metadata still describes its layers
+    modelkit.merge_models(a, b, out=kept, alpha=0.5)
+    assert "_quantization_metadata" in modelkit.open_model(kept).metadata
+
+
+def test_a_marker_that_names_another_fp8_format_is_refused_in_one_line(tmp_path: Path) -> None:
+    from modelkit.errors import FormatError
+
+    good = tmp_path / "good.safetensors"
+    fx.write_scaled(str(good), fx.fp16_model(2), "float8_e5m2", "comfy_quant")
+    raw = load_file(str(good))
+    marker = "double_blocks.0.img_mlp.0.comfy_quant"
+    raw[marker] = torch.frombuffer(bytearray(b'{"format": "float8_e4m3fn"}'), dtype=torch.uint8)
+    bad = tmp_path / "bad.safetensors"
+    save_file(raw, str(bad))
+    with pytest.raises(FormatError, match="says float8_e4m3fn, but its weight is float8_e5m2") as err:
+        modelkit.merge_models(bad, good, out=tmp_path / "m.safetensors")
+    assert "\n" not in str(err.value) and str(bad) in str(err.value)
+    assert not (tmp_path / "m.safetensors").exists()

@@ -30,6 +30,7 @@ from ...paths import check_output
 from .. import metadata as md
 from .. import modelspec as ms
 from ..convert import Progress, check_scan, default_output
+from ..fp8 import QUANT_METADATA
 from ..fp8_merge import Requant, Scaled, dequantized
 from ..result import result_dict
 from ..streaming import (
@@ -429,6 +430,8 @@ def merge_lora(
                             override=("modelspec.title", "modelspec.date", "modelspec.merged_from"))
         meta = md.combine(base_meta, meta_extra, md.provenance(src, changes),
                           {"modelkit.merge": json.dumps(record, separators=(",", ":"))})
+        if scaled and cast is not None:  # the layers ComfyUI's quantization metadata names are plain now
+            meta.pop(QUANT_METADATA, None)
         header, meta, stats = write_output(target, tensors, meta, source=src, inputs=[src, *(p for p, _ in specs)],
                                            force=force, dry_run=dry_run, progress=progress, ahead=ahead,
                                            allow_overflow=allow_overflow, overflow=lambda: dict(baker.overflow),
