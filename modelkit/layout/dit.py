@@ -106,7 +106,13 @@ def _pattern(template: str) -> re.Pattern[str]:
 
 
 def _rows(ref: TensorRef, a: int, b: int, name: str) -> TensorRef:
-    """Rows ``[a, b)`` of ``ref`` as a view (``ref`` itself when that is all of it)."""
+    """Rows ``[a, b)`` of ``ref`` as a view (``ref`` itself when that is all of it).
+
+    Raises:
+        ValueError: the rows are not inside ``ref`` (a view past them would read another tensor's bytes).
+    """
+    if not ref.shape or not 0 <= a < b <= ref.shape[0]:
+        raise ValueError(f"{name} would be rows {a}..{b} of {ref.name}, which is {list(ref.shape)}")
     if a == 0 and b == ref.shape[0]:
         return ref
     return view(ref, name, (b - a, *ref.shape[1:]), ref.strides, a * ref.strides[0])
@@ -123,7 +129,9 @@ def _joined(parts: list[TensorRef], name: str, label: str) -> TensorRef:
 def to_diffusers(refs: Mapping[str, TensorRef], family: str, label: str) -> tuple[dict[str, TensorRef], list[str], list[str]]:
     """A transformer in the original keys (no prefix) -> ``(diffusers name -> tensor, names used, problems)``.
 
-    Names not used have no place in the diffusers model (the caller reports them).
+    Names not used have no place in the diffusers model (the caller reports them). A fused weight
+    whose rows do not split as its rule says, or a bias that is not one value per row of its weight,
+    is a problem (nothing of it is mapped).
     """
     shapes = {k: r.shape for k, r in refs.items()}
     out: dict[str, TensorRef] = {}
@@ -131,21 +139,25 @@ def to_diffusers(refs: Mapping[str, TensorRef], family: str, label: str) -> tupl
     problems: list[str] = []
     for path, (shape, split, dpaths) in fam.original_weights(shapes, family, "").items():
         width = shapes.get(path.replace("linear1", "linear2") + ".weight")
-        if split == "head3" and width is not None:  # q, k, v are one hidden width each: linear2's rows
+        if split == "head3" and width:  # q, k, v are one hidden width each: linear2's rows
             shape = (shape[0], width[0])
         for suffix in (".weight", ".bias"):
             ref = refs.get(path + suffix)
             if ref is None:
                 continue
             used.append(path + suffix)
+            if suffix == ".bias" and ref.shape != shape[:1]:
+                problems.append(f"{path}.bias is {list(ref.shape)}, not one value per row of its "
+                                f"{list(shapes[path + '.weight'])} weight")
+                continue
             try:
                 segs = fam.segments(split, dpaths, shape)
-            except ValueError as exc:
+                pieces: dict[str, list[tuple[int, TensorRef]]] = {}
+                for a, b, dpath, da, *_ in segs:
+                    pieces.setdefault(dpath, []).append((da, _rows(ref, a, b, dpath + suffix)))
+            except (ValueError, IndexError) as exc:
                 problems.append(f"{path}{suffix}: {exc}")
                 continue
-            pieces: dict[str, list[tuple[int, TensorRef]]] = {}
-            for a, b, dpath, da, *_ in segs:
-                pieces.setdefault(dpath, []).append((da, _rows(ref, a, b, dpath + suffix)))
             for dpath, got in pieces.items():
                 name = dpath + suffix
                 out[name] = _joined([r for _, r in sorted(got, key=lambda x: x[0])], name, label)
@@ -163,17 +175,28 @@ def to_original(refs: Mapping[str, TensorRef], family: str, label: str) -> tuple
     """A diffusers transformer -> ``(original name -> tensor, diffusers names with no original place)``.
 
     Raises:
-        ValueError: a fused weight whose parts do not fit together.
+        ValueError: a fused weight whose parts do not fit together (rows that do not make the
+            original's row blocks, other trailing sizes); the message names the tensors.
     """
     shapes = {k: r.shape for k, r in refs.items()}
     out: dict[str, TensorRef] = {}
     used: set[str] = set()
-    for path, (shape, split, dpaths) in fam.diffusers_weights(shapes, family).items():
+    try:
+        table = fam.diffusers_weights(shapes, family)
+    except IndexError:  # a part with no dimensions
+        raise ValueError("a transformer weight has no dimensions: "
+                         + ", ".join(k for k, v in shapes.items() if not v and k.endswith(".weight"))) from None
+    for path, (shape, split, dpaths) in table.items():
         for suffix in (".weight", ".bias"):
             if any(d + suffix not in refs for d in dpaths):
                 continue
-            parts = [_rows(refs[dpath + suffix], da, db, path + suffix)
-                     for _a, _b, dpath, da, db, _n in fam.segments(split, dpaths, shape)]
+            try:
+                segs = fam.segments(split, dpaths, shape)
+            except (ValueError, IndexError) as exc:
+                have = ", ".join(f"{d}{suffix} {list(shapes[d + suffix])}" for d in dpaths)
+                raise ValueError(f"{have} cannot make {path}{suffix}: {exc}") from None
+            _check_parts(refs, segs, suffix, path + suffix)
+            parts = [_rows(refs[dpath + suffix], da, db, path + suffix) for _a, _b, dpath, da, db, _n in segs]
             used.update(d + suffix for d in dpaths)
             out[path + suffix] = _joined(parts, path + suffix, label)
     for dtemplate, otemplate in NORMS[family]:
@@ -184,6 +207,21 @@ def to_original(refs: Mapping[str, TensorRef], family: str, label: str) -> tuple
                 out[otemplate.format(i=m.group(1)) if m.groups() else otemplate] = ref
                 used.add(k)
     return out, sorted(set(refs) - used)
+
+
+def _check_parts(refs: Mapping[str, TensorRef], segs: Sequence[fam.Segment], suffix: str, name: str) -> None:
+    """Each diffusers part of ``name`` has the rows its segment says and the others' trailing sizes
+    (a bias: one dimension).
+
+    Raises:
+        ValueError: a part that does not fit, named.
+    """
+    first = refs[segs[0][2] + suffix].shape
+    for _a, _b, dpath, _da, _db, rows in segs:
+        shape = refs[dpath + suffix].shape
+        if not shape or shape[0] != rows or shape[1:] != first[1:] or (suffix == ".bias" and len(shape) != 1):
+            want = [rows] if suffix == ".bias" else [rows, *first[1:]]
+            raise ValueError(f"{dpath}{suffix} {list(shape)} does not fit {name}, which needs {want} there")
 
 
 #: The bytes of 1.0 in the float types an identity matrix is written in.
@@ -204,6 +242,21 @@ def _count(keys: Sequence[str], block: str) -> int:
     return max(found) + 1 if found else 0
 
 
+def _size(shapes: Mapping[str, tuple[int, ...]], key: str, dim: int) -> int:
+    """Size ``dim`` of ``shapes[key]``, which must be there and positive.
+
+    Raises:
+        KeyError: no ``key``.
+        ValueError: ``key`` has no such dimension, or it is empty.
+    """
+    shape = shapes[key]
+    if len(shape) <= dim:
+        raise ValueError(f"{key} is {list(shape)}, with no dimension {dim}")
+    if shape[dim] <= 0:
+        raise ValueError(f"{key} is {list(shape)}, empty")
+    return int(shape[dim])
+
+
 def derived_config(shapes: Mapping[str, tuple[int, ...]], family: str, base: Mapping[str, Any]) -> dict[str, Any]:
     """The diffusers config keys a transformer's shapes (original keys, no prefix) decide.
 
@@ -211,29 +264,34 @@ def derived_config(shapes: Mapping[str, tuple[int, ...]], family: str, base: Map
 
     Raises:
         KeyError: a tensor every transformer of the family has is missing.
+        ValueError: such a tensor lacks a dimension or is empty, or ``base`` gives a head size that is
+            not a positive number.
     """
     keys = list(shapes)
     if family == "flux":
-        hidden, cin = shapes["img_in.weight"][:2]
-        head = shapes["double_blocks.0.img_attn.norm.query_norm.scale"][0] if _count(keys, "double_blocks") else (
-            shapes["single_blocks.0.norm.query_norm.scale"][0])
-        return {"in_channels": cin, "out_channels": shapes["final_layer.linear.weight"][0],
+        hidden, cin = _size(shapes, "img_in.weight", 0), _size(shapes, "img_in.weight", 1)
+        norm = ("double_blocks.0.img_attn.norm.query_norm.scale" if _count(keys, "double_blocks")
+                else "single_blocks.0.norm.query_norm.scale")
+        head = _size(shapes, norm, 0)
+        return {"in_channels": cin, "out_channels": _size(shapes, "final_layer.linear.weight", 0),
                 "num_layers": _count(keys, "double_blocks"), "num_single_layers": _count(keys, "single_blocks"),
                 "attention_head_dim": head, "num_attention_heads": hidden // head,
-                "joint_attention_dim": shapes["txt_in.weight"][1],
-                "pooled_projection_dim": shapes["vector_in.in_layer.weight"][1],
+                "joint_attention_dim": _size(shapes, "txt_in.weight", 1),
+                "pooled_projection_dim": _size(shapes, "vector_in.in_layer.weight", 1),
                 "guidance_embeds": "guidance_in.in_layer.weight" in shapes}
-    hidden, cin, patch = shapes["x_embedder.proj.weight"][:3]
+    hidden, cin, patch = (_size(shapes, "x_embedder.proj.weight", d) for d in range(3))
     layers = _count(keys, "joint_blocks")
     qk = "joint_blocks.0.x_block.attn.ln_q.weight" in shapes
-    head = shapes["joint_blocks.0.x_block.attn.ln_q.weight"][0] if qk else int(base.get("attention_head_dim") or 64)
-    pos = shapes["pos_embed"][1]
-    side = int(round(pos ** 0.5))
-    return {"in_channels": cin, "patch_size": patch, "out_channels": shapes["final_layer.linear.weight"][0] // (patch * patch),
+    head = _size(shapes, "joint_blocks.0.x_block.attn.ln_q.weight", 0) if qk else base.get("attention_head_dim") or 64
+    if not isinstance(head, int) or isinstance(head, bool) or head <= 0:
+        raise ValueError(f"attention_head_dim is {head!r}, not a positive number")
+    side = int(round(_size(shapes, "pos_embed", 1) ** 0.5))
+    return {"in_channels": cin, "patch_size": patch,
+            "out_channels": _size(shapes, "final_layer.linear.weight", 0) // (patch * patch),
             "num_layers": layers, "attention_head_dim": head, "num_attention_heads": hidden // head,
-            "joint_attention_dim": shapes["context_embedder.weight"][1],
-            "caption_projection_dim": shapes["context_embedder.weight"][0],
-            "pooled_projection_dim": shapes["y_embedder.mlp.0.weight"][1], "pos_embed_max_size": side,
+            "joint_attention_dim": _size(shapes, "context_embedder.weight", 1),
+            "caption_projection_dim": _size(shapes, "context_embedder.weight", 0),
+            "pooled_projection_dim": _size(shapes, "y_embedder.mlp.0.weight", 1), "pos_embed_max_size": side,
             "dual_attention_layers": [i for i in range(layers) if f"joint_blocks.{i}.x_block.attn2.qkv.weight" in shapes],
             "qk_norm": "rms_norm" if qk else None}
 

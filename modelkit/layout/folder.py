@@ -339,7 +339,9 @@ def _add(model: FolderModel, part: Part, cfg: dict[str, Any], refs: dict[str, Te
     except ValueError as exc:
         if isinstance(exc, ModelkitError):
             raise
-        raise FormatError(folder, str(exc), "Is this a Stable Diffusion component?") from None
+        dit_kind = part.kind in dit.TRANSFORMERS.values()
+        raise FormatError(folder, str(exc), "Is this a Flux.1 or SD3.x transformer?" if dit_kind else
+                          "Is this a Stable Diffusion component?") from None
 
 
 def _add_openclip(model: FolderModel, part: Part, cfg: dict[str, Any], refs: dict[str, TensorRef],

@@ -63,8 +63,22 @@ def family_of(keys: Sequence[str] | Mapping[str, Any]) -> str | None:
 
 
 def view(ref: TensorRef, name: str, shape: tuple[int, ...], strides: tuple[int, ...], offset: int = 0) -> TensorRef:
-    """A view of ``ref`` (same storage): new shape and strides, ``offset`` more elements in."""
-    return dataclasses.replace(ref, name=name, shape=shape, strides=strides, storage_offset=ref.storage_offset + offset)
+    """A view of ``ref`` (same storage): new shape and strides, ``offset`` more elements in.
+
+    The view must stay inside ``ref``'s storage: the writer reads a view's bytes by their place in
+    the file, so one that ran past its storage would silently copy a neighbouring tensor's bytes.
+
+    Raises:
+        FormatError: the view starts before the storage or ends past it (names the file and ``ref``).
+    """
+    out = dataclasses.replace(ref, name=name, shape=shape, strides=strides, storage_offset=ref.storage_offset + offset)
+    if (out.storage_offset < 0 or any(n < 0 for n in shape) or any(st < 0 for st in strides)
+            or (out.storage_offset + out.span) * ref.dtype.itemsize > ref.storage_nbytes):
+        where = ref.source.path if ref.source is not None else None
+        raise FormatError(where, f"{name} would be a {list(shape)} view of {ref.name} at element {out.storage_offset}, "
+                                 f"outside its {ref.storage_nbytes}-byte storage",
+                          "The tensor's shape does not fit the layout; check the file")
+    return out
 
 
 def transposed(ref: TensorRef, name: str) -> TensorRef:

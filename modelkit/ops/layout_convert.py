@@ -31,6 +31,7 @@ from ..layout.bpe import configs_root, shipped_bpe
 from ..layout.folder import FolderModel, open_folder
 from ..model import ModelFile
 from ..paths import atomic_output, check_output, ensure_room, require_safetensors_name, temp_path
+from ..remote import is_remote
 from . import metadata as md
 from . import modelspec as ms
 from .convert import Progress
@@ -131,6 +132,8 @@ def convert_layout(
                                f"not {part!r}")
     if prediction is not None and prediction not in PREDICTIONS:
         raise UsageError(None, f"--prediction must be eps or v, not {prediction!r}")
+    if is_remote(s):  # the refusal every command that writes gives (check_output raises it for a remote input)
+        check_output(target, force=True, inputs=[s])
     if not os.path.exists(s):
         from ..errors import InputNotFoundError
 

@@ -67,10 +67,7 @@ def to_diffusers(s: str, target: str, mf: ModelFile, family: str, tprefix: str, 
     trans = {k[len(tprefix):]: mf[k] for k in keys if k.startswith(tprefix) and fam.component_of(k, family) == "transformer"}
     if not trans:
         raise FormatError(s, f"holds no {family} transformer")
-    try:
-        derived = dit.derived_config({k: r.shape for k, r in trans.items()}, family, {})
-    except (KeyError, IndexError) as exc:
-        raise FormatError(s, f"is a {family} transformer missing {exc}", "Is the file complete?") from None
+    derived = _derived(s, trans, family, {})
     variant = dit.shipped_variant(family, derived)
     if configs is not None:
         root = Path(os.fspath(configs))
@@ -127,17 +124,39 @@ def _transformer(s: str, p: lp.Part, cfgs: _Configs, trans: dict[str, Any], fami
     if dit.TRANSFORMERS.get(str(cfg.get("_class_name"))) != family:
         sp.problems.append(f"transformer/config.json is a {cfg.get('_class_name')}, not a {family} transformer")
         return cfg
-    derived = dit.derived_config({k: r.shape for k, r in trans.items()}, family, cfg)
+    derived = _derived(s, trans, family, cfg, "transformer/config.json")
     if not cfgs.user:
         cfg = dit.adapted(cfg, family, derived)
     sp.problems.extend(dit.config_problems(cfg, derived))
     refs, used, problems = dit.to_diffusers(trans, family, s)
-    sp.problems.extend(problems)
+    if problems:  # the file's own weights do not fit together: no config can help
+        raise FormatError(s, f"is a {family} transformer whose fused weights do not split ({len(problems)} "
+                             f"problem{'s' if len(problems) > 1 else ''}; first: {problems[0]})")
     left = sorted(set(trans) - set(used))
     sp.problems.extend(f"{p.prefix}{k} has no place in a diffusers {family} transformer" for k in left)
     sp.components["transformer"] = [OutTensor.of(r, n) for n, r in refs.items()]
     claimed.update(p.prefix + k for k in trans)
     return cfg
+
+
+def _derived(s: str, trans: dict[str, Any], family: str, base: dict[str, Any], cfg_name: str | None = None) -> dict[str, Any]:
+    """``dit.derived_config`` of the transformer ``trans``, its failures as one line (``cfg_name``: the
+    config ``base`` comes from, once the shapes alone gave a config).
+
+    Raises:
+        FormatError: a tensor every transformer of the family has is missing, lacks a dimension or is
+            empty, or the config gives a head size that is not a positive number.
+    """
+    try:
+        return dit.derived_config({k: r.shape for k, r in trans.items()}, family, base)
+    except KeyError as exc:
+        raise FormatError(s, f"is a {family} transformer missing {exc}", "Is the file complete?") from None
+    except (IndexError, ValueError, ZeroDivisionError, TypeError) as exc:
+        if cfg_name is not None:  # the shapes gave a config before: what fails now is the config's
+            raise FormatError(s, f"is a {family} transformer that its {cfg_name} does not fit ({exc})",
+                              "Pass --configs FOLDER (a diffusers folder whose */config.json fit the file)") from None
+        raise FormatError(s, f"is a {family} transformer whose shapes make no config ({exc})",
+                          "Is this a Flux.1 or SD3.x transformer?") from None
 
 
 def _as_loaded(cfg: dict[str, Any], family: str, folder: str) -> dict[str, Any]:
@@ -219,7 +238,12 @@ def diffusers_transformer(mf: ModelFile, s: str) -> tuple[str, str] | None:
     family = fam.family_of(mf)
     if family is None or any(k.startswith(("model.diffusion_model.", "text_encoders.")) for k in mf):
         return None
-    refs, left = dit.to_original(dict(mf.tensors), family, s)
+    try:
+        refs, left = dit.to_original(dict(mf.tensors), family, s)
+    except ValueError as exc:
+        if isinstance(exc, FormatError):
+            raise
+        raise FormatError(s, f"is a {family} transformer in diffusers keys whose parts do not fit ({exc})") from None
     if left:
         raise FormatError(s, f"holds {len(left)} tensors with no place in a {family} transformer (first: {left[0]})")
     mf.tensors = refs

@@ -165,7 +165,8 @@ def _fake(name: str, shape: tuple[int, ...]) -> Any:
     from modelkit.model import TensorRef
 
     strides = tuple(int(torch.tensor(shape[i + 1:]).prod()) for i in range(len(shape)))
-    return TensorRef(name, dtypes.ALIASES["fp32"], shape, strides, 0, 0, 0)
+    nbytes = int(torch.tensor(shape).prod()) * 4  # a storage as big as the tensor: views must stay inside it
+    return TensorRef(name, dtypes.ALIASES["fp32"], shape, strides, 0, 0, nbytes)
 
 
 # --- folders diffusers loads --------------------------------------------------------------------

@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 
 from fixtures import dit_layouts as dl
 from modelkit.cli.main import cli
+from modelkit.errors import FormatError
 from modelkit.layout import dit
 from modelkit.layout import plan as lp
 from modelkit.layout.bpe import configs_root
@@ -374,3 +375,165 @@ def test_bad_inputs(tinies: dict[str, Tiny], tmp_path: Path) -> None:
     r = _run("convert", str(broken), "--to", "single", "-o", str(tmp_path / "x.safetensors"))
     _one_line_error(r, "stray.weight")
     assert set(os.listdir(tmp_path)) == before
+
+
+# --- fused weights whose parts do not fit: one line, never a neighbour's bytes -------------------
+
+class Bare:
+    """A tiny transformer of one family alone: its diffusers state dict, its config folder, and files
+    built from edited copies of it (nothing else in the folder, so "nothing written" is a listing)."""
+
+    def __init__(self, family: str, root: Path):
+        model = dl.tiny(family)
+        self.family, self.root = family, root
+        self.sd = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+        self.configs = str(root / "configs")
+        dl.write_configs({"transformer": model}, self.configs)
+        self.files = root / "files"
+        self.files.mkdir()
+
+    def original(self, name: str, **edits: torch.Tensor) -> str:
+        """A transformer-only file in the original keys, ``edits`` (original names) put in."""
+        sd = {**dl.to_original(self.sd, self.family), **edits}
+        path = self.files / f"{name}.safetensors"
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+        return str(path)
+
+    def diffusers(self, name: str, **edits: torch.Tensor) -> str:
+        """A transformer file in diffusers keys, ``edits`` (diffusers names) put in."""
+        path = self.files / f"{name}.safetensors"
+        save_file({**self.sd, **edits}, str(path))
+        return str(path)
+
+    def folder(self, name: str, **edits: torch.Tensor) -> str:
+        """A diffusers component folder (config.json and weights), ``edits`` put in."""
+        path = self.files / name
+        shutil.rmtree(path, ignore_errors=True)
+        shutil.copytree(Path(self.configs) / "transformer", path)
+        save_file({**self.sd, **edits}, str(path / "diffusion_pytorch_model.safetensors"))
+        return str(path)
+
+    def convert(self, src: str, to: str) -> Any:
+        out = self.root / ("out" if to == "diffusers" else "out.safetensors")
+        return _run("convert", src, "--to", to, "--configs", self.configs, "-o", str(out)) if to == "diffusers" \
+            else _run("convert", src, "--to", to, "-o", str(out))
+
+    def nothing_written(self) -> None:
+        assert sorted(os.listdir(self.root)) == ["configs", "files"]
+
+
+@pytest.fixture(scope="module")
+def bare(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Bare]:
+    root = tmp_path_factory.mktemp("dit-bare")
+    out = {}
+    for family in FAMILIES:
+        (root / family).mkdir()
+        out[family] = Bare(family, root / family)
+    return out
+
+
+def test_bare_files_convert(bare: dict[str, Bare]) -> None:
+    """The unedited files of the fixture convert both ways (so each failure below is its edit's)."""
+    for t in bare.values():
+        for src, to in ((t.original("ok-orig"), "diffusers"), (t.diffusers("ok-diff"), "diffusers"),
+                        (t.folder("ok-folder"), "single")):
+            r = t.convert(src, to)
+            assert r.exit_code == 0, r.output
+            shutil.rmtree(t.root / "out", ignore_errors=True)
+            (t.root / "out.safetensors").unlink(missing_ok=True)
+        t.nothing_written()
+
+
+def test_view_outside_its_storage_is_refused(tmp_path: Path) -> None:
+    """``plan.view`` refuses a view that starts before or ends past its tensor's bytes, naming both."""
+    save_file({"a": torch.arange(6.0).reshape(3, 2), "b": torch.arange(4.0)}, str(tmp_path / "t.safetensors"))
+    with open_model(tmp_path / "t.safetensors") as mf:
+        a = mf["a"]
+        assert lp.view(a, "a2", (2, 2), (2, 1), 2).read("torch").tolist() == [[2.0, 3.0], [4.0, 5.0]]
+        for shape, strides, offset in (((2, 2), (2, 1), 4), ((4, 2), (2, 1), 0), ((2, 2), (2, 1), -2),
+                                       ((2, 4), (4, 1), 0), ((3, 2), (4, 1), 0)):
+            with pytest.raises(FormatError) as e:
+                lp.view(a, "a2", shape, strides, offset)
+            assert e.value.path == str(tmp_path / "t.safetensors") and "a2" in str(e.value) and "of a " in str(e.value)
+        for a_, b_ in ((0, 4), (2, 2), (-1, 1)):  # rows outside the tensor, or none
+            with pytest.raises(ValueError, match="rows"):
+                dit._rows(a, a_, b_, "a2")
+
+
+def test_fused_parts_that_do_not_fit(bare: dict[str, Bare], tmp_path: Path) -> None:
+    # original -> diffusers: a qkv bias shorter than its weight's rows (the bias views went into the weight)
+    w = torch.arange(12.0).reshape(6, 2) + 100
+    save_file({"double_blocks.0.img_attn.qkv.weight": w, "double_blocks.0.img_attn.qkv.bias": torch.tensor([1.0, 2, 3])},
+              str(tmp_path / "qkv.safetensors"))
+    with open_model(tmp_path / "qkv.safetensors") as mf:
+        out, _, problems = dit.to_diffusers(dict(mf.tensors), "flux", "qkv")
+        assert problems == ["double_blocks.0.img_attn.qkv.bias is [3], not one value per row of its [6, 2] weight"]
+        assert not any(k.endswith(".bias") for k in out)
+        assert out["transformer_blocks.0.attn.to_k.weight"].read("torch").tolist() == [[104.0, 105.0], [106.0, 107.0]]
+    # diffusers -> original: q, k, v of 1, 2 and 3 rows (qkv took rows past to_q and to_k)
+    parts = {f"transformer_blocks.0.attn.to_{n}.weight": torch.full((i + 1, 2), float(i + 1)) for i, n in enumerate("qkv")}
+    save_file(parts, str(tmp_path / "uneven.safetensors"))
+    with open_model(tmp_path / "uneven.safetensors") as mf, pytest.raises(ValueError) as e:
+        dit.to_original(dict(mf.tensors), "flux", "uneven")
+    assert str(e.value) == ("transformer_blocks.0.attn.to_q.weight [1, 2] does not fit double_blocks.0.img_attn.qkv.weight, "
+                            "which needs [2, 2] there")
+
+    # the same through the CLI: one line that names the tensor, nothing written
+    for family, t in bare.items():
+        h = t.sd["transformer_blocks.0.attn.to_q.weight"].shape[0]
+        qkv = "double_blocks.0.img_attn.qkv" if family == "flux" else "joint_blocks.0.x_block.attn.qkv"
+        r = t.convert(t.original("short-bias", **{qkv + ".bias": torch.ones(3 * h - 1)}), "diffusers")
+        _one_line_error(r, f"is a {family} transformer whose fused weights do not split (1 problem; first: "
+                           f"{qkv}.bias is [{3 * h - 1}], not one value per row of its [{3 * h}, {h}] weight)")
+        for name, tensor in (("to_k.weight", torch.ones(h - 1, h)), ("to_k.weight", torch.ones(h, h + 1)),
+                             ("to_v.bias", torch.ones(h + 1)), ("to_q.bias", torch.ones(h, 1))):
+            edit = {f"transformer_blocks.0.attn.{name}": tensor}
+            for src, to in ((t.diffusers("uneven", **edit), "diffusers"), (t.folder("uneven", **edit), "single")):
+                _one_line_error(t.convert(src, to), f"transformer_blocks.0.attn.{name} {list(tensor.shape)}",
+                                f"{qkv}.{name.split('.')[1]}")
+        t.nothing_written()
+    # Flux's linear1: a proj_mlp of other trailing size than q, k, v
+    t = bare["flux"]
+    edit = {"single_transformer_blocks.0.proj_mlp.weight": torch.ones(4, 3)}
+    _one_line_error(t.convert(t.diffusers("mlp", **edit), "diffusers"),
+                    "proj_mlp.weight [4, 3] does not fit single_blocks.0.linear1.weight, which needs [4, 32] there")
+    t.nothing_written()
+
+
+def test_transformer_shapes_that_make_no_config(bare: dict[str, Bare]) -> None:
+    """What used to escape as a ValueError or ZeroDivisionError traceback is one line."""
+    t = bare["flux"]
+    hidden = t.sd["proj_out.weight"].shape[1]
+    # a diffusers Flux file whose final modulation has odd rows: they do not halve into scale and shift
+    odd = {"norm_out.linear.weight": torch.ones(2 * hidden - 1, hidden), "norm_out.linear.bias": torch.ones(2 * hidden - 1)}
+    for src, to in ((t.diffusers("odd", **odd), "diffusers"), (t.folder("odd", **odd), "single")):
+        _one_line_error(t.convert(src, to), f"norm_out.linear.weight [{2 * hidden - 1}, {hidden}] cannot make final_layer.adaLN_modulation.1.weight",
+                        f"{2 * hidden - 1} rows do not halve")
+    # original keys: a 1-D img_in, an empty query norm
+    for edit, needle in (({"img_in.weight": torch.ones(hidden)}, f"img_in.weight is [{hidden}], with no dimension 1"),
+                         ({"double_blocks.0.img_attn.norm.query_norm.scale": torch.ones(0)},
+                          "double_blocks.0.img_attn.norm.query_norm.scale is [0], empty")):
+        _one_line_error(t.convert(t.original("shape", **edit), "diffusers"), "flux transformer whose shapes make no config",
+                        needle)
+    t.nothing_written()
+    # SD3 without qk norm takes the head size from its config: one that is not a number is the config's fault
+    t = bare["sd3"]
+    cfg_path = Path(t.configs, "transformer", "config.json")
+    good = cfg_path.read_text()
+    try:
+        for bad in ("x", -8, [8]):
+            cfg_path.write_text(json.dumps({**json.loads(good), "attention_head_dim": bad}))
+            _one_line_error(t.convert(t.original("ok"), "diffusers"), "transformer/config.json does not fit",
+                            f"attention_head_dim is {bad!r}")
+    finally:
+        cfg_path.write_text(good)
+    t.nothing_written()
+
+
+def test_remote_input_is_refused(tmp_path: Path) -> None:
+    """A URL is refused as every command that writes refuses one, not reported missing."""
+    for to, out in (("diffusers", "f"), ("single", "f.safetensors")):
+        r = _run("convert", "http://host/x.ckpt", "--to", to, "-o", str(tmp_path / out))
+        _one_line_error(r, "http://host/x.ckpt: a remote file is read by scan, inspect, detect and hash; "
+                           "commands that write a file take local inputs")
+    assert os.listdir(tmp_path) == []
