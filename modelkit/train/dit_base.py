@@ -43,6 +43,29 @@ def folder_family(path: str) -> str | None:
     return None
 
 
+def check_channels(cfg: ModelConfig, family: str) -> None:
+    """Refuse a transformer that takes more than the noisy latents (Flux Fill, Canny, Depth: ``in_channels``
+    384 or 128, the conditioning image's latents concatenated), which this trainer does not feed: Flux takes
+    ``4 x`` the VAE's latent channels (2x2 patches), SD3 the latent channels themselves.
+
+    Raises:
+        ConfigError: as said, or a missing ``transformer``/``vae`` config.
+    """
+    configs = _user_folder(cfg.configs) if cfg.configs else _user_folder(cfg.path)
+    raw = (_need(configs, "transformer").get("in_channels", 64 if family == "flux" else 16),  # diffusers' defaults
+           _need(configs, "vae").get("latent_channels", 4))
+    try:
+        got, latent = int(raw[0]), int(raw[1])
+    except (TypeError, ValueError):
+        raise ConfigError(configs.label, f"transformer in_channels {raw[0]!r} or vae latent_channels {raw[1]!r} is "
+                          "not a number", "Fix the folder's config.json files") from None
+    want = 4 * latent if family == "flux" else latent
+    if got != want:
+        raise ConfigError(cfg.path, f"its transformer takes {got} input channels, not the {want} of plain {family} "
+                          "latents (a Fill, Canny or Depth model conditions on an extra image, which training here "
+                          "does not feed)", f"Train on the base {family} model's folder")
+
+
 def refuse_single_file(path: str, family: str) -> None:
     """Raise the one-line refusal for a single-file Flux/SD3 base.
 
@@ -64,6 +87,7 @@ def load_dit(cfg: ModelConfig, family: str, dtype: Any) -> BaseModel:
     """
     from diffusers import FlowMatchEulerDiscreteScheduler
 
+    check_channels(cfg, family)
     folder = _user_folder(cfg.path)
     configs = _user_folder(cfg.configs) if cfg.configs else folder
     _pipe, cls, encoder_dirs = LAYOUT[family]
@@ -156,4 +180,4 @@ def _t5_tokenizer(root: str, sub: str) -> Any:
         raise FormatError(folder, f"is not a usable T5 tokenizer ({exc})") from None
 
 
-__all__ = ["DIT_FAMILIES", "LAYOUT", "folder_family", "load_dit", "refuse_single_file"]
+__all__ = ["DIT_FAMILIES", "LAYOUT", "check_channels", "folder_family", "load_dit", "refuse_single_file"]

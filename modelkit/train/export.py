@@ -65,7 +65,8 @@ class Written:
 
 
 def save_tensors(path: str | os.PathLike[str], tensors: Mapping[str, Any], metadata: Mapping[str, str] | None = None,
-                 *, dtype: Any = None, force: bool = False, implementation: str | None = None) -> Written:
+                 *, dtype: Any = None, force: bool = False, implementation: str | None = None,
+                 fp32_alpha: bool = False) -> Written:
     """Write ``{name: torch.Tensor}`` as ``.safetensors``, atomically.
 
     Args:
@@ -76,6 +77,8 @@ def save_tensors(path: str | os.PathLike[str], tensors: Mapping[str, Any], metad
         force: replace an existing file.
         implementation: ``modelspec.implementation`` to write instead of the one the tensor names give
             (a Flux/SD3 LoRA in the original keys names BFL's or Stability's codebase).
+        fp32_alpha: write the ``.alpha`` tensors in float32 whatever ``dtype`` (a fused alpha, parts x
+            alpha, may not fit float16/bfloat16 exactly; loaders read it with ``.item()``).
 
     Returns:
         What was written.
@@ -85,7 +88,10 @@ def save_tensors(path: str | os.PathLike[str], tensors: Mapping[str, Any], metad
         OutputWriteError: the file system refused.
     """
     target = os.fspath(path)
-    records = [out_tensor(k, v, dtype) for k, v in tensors.items()]
+    import torch
+
+    records = [out_tensor(k, v, torch.float32 if fp32_alpha and k.endswith(".alpha") else dtype)
+               for k, v in tensors.items()]
     meta = ms.settled(metadata or {}, [r.name for r in records])
     if implementation is not None and "modelspec.architecture" in meta:
         meta["modelspec.implementation"] = implementation

@@ -177,10 +177,11 @@ def _train(config: Config, progress: Progress | None, on_skip: Callable[[data.Sk
     import torch
 
     from .base import load_base
-    from .methods import make_method
+    from .methods import make_method, preflight
 
     started = time.monotonic()
     cfg = resolved(config)
+    preflight(cfg)  # Flux/SD3: what cannot be trained is refused before anything is loaded or written
     oc = cfg.output
     if oc.tensorboard:
         require_tensorboard()

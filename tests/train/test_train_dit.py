@@ -90,7 +90,7 @@ def test_the_validation_loss_goes_down(runs: dict[str, Any], name: str) -> None:
 
 def test_outputs_carry_modelspec_and_kohya_metadata(runs: dict[str, Any]) -> None:
     want = {"flux": ("flux-1-dev/lora", "https://github.com/black-forest-labs/flux", "flux1", "networks.lora_flux"),
-            "sd3": ("stable-diffusion-3.5-medium/lora", "diffusers", "sd3", "networks.lora_sd3"),
+            "sd3": ("stable-diffusion-3.5-medium/lora", "diffusers", "sd3", None),  # not kohya's network's keys
             "sd3-kohya": ("stable-diffusion-3.5-medium/lora", "https://github.com/Stability-AI/generative-models",
                           "sd3", "networks.lora_sd3")}
     for name, (arch, impl, version, module) in want.items():
@@ -99,11 +99,25 @@ def test_outputs_carry_modelspec_and_kohya_metadata(runs: dict[str, Any]) -> Non
         with modelkit.open_model(path) as mf:
             meta = dict(mf.metadata)
         assert (meta["modelspec.architecture"], meta["modelspec.implementation"]) == (arch, impl), name
-        assert (meta["ss_base_model_version"], meta["ss_network_module"]) == (version, module), name
+        assert (meta["ss_base_model_version"], meta.get("ss_network_module")) == (version, module), name
         assert meta["ss_network_dim"] == "4" and meta["ss_network_alpha"] == "2" and meta["ss_steps"] == str(runs[name].steps)
     with modelkit.open_model(runs["flux"].output) as mf:
         meta = dict(mf.metadata)
     assert meta["ss_timestep_sampling"] == "flux_shift" and meta["ss_guidance_scale"] == "1"
+    assert all(load_file(runs[n].output)[k].dtype == torch.float32 for n in ("flux", "sd3-kohya")
+               for k in load_file(runs[n].output) if k.endswith(".alpha"))
+    with modelkit.open_model(runs["sd3"].output) as mf:  # SD3: logit-normal, shift 3 = kohya's "shift"
+        meta = dict(mf.metadata)
+    assert (meta["ss_timestep_sampling"], meta["ss_discrete_flow_shift"], meta["modelkit.flow.shift"]) == ("shift", "3", "3")
+
+
+def test_kohya_sampling_names_only_what_kohya_does() -> None:
+    """kohya's ``uniform`` and ``sigmoid`` are unshifted, its ``shift``/``flux_shift`` shift a logit-normal draw:
+    uniform timesteps with a shift have no kohya name (the ``modelkit.flow.*`` keys say what was done)."""
+    from modelkit.train.methods.dit_lora import _kohya_sampling
+
+    assert [_kohya_sampling(s, m) for s in ("uniform", "sigmoid") for m in ("none", "fixed", "resolution")] == [
+        "uniform", None, None, "sigmoid", "shift", "flux_shift"]
 
 
 def _state_parts(result: Any) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -328,3 +342,125 @@ def test_docs_flux_block_is_a_valid_config(tmp_path: Path) -> None:
     (tmp_path / "flux.toml").write_text(block + '\n[dataset]\npath = "data"\n', encoding="utf-8")
     c = build_config("lora", read_toml(str(tmp_path / "flux.toml")))
     assert c.flow == FlowConfig() and c.network.layout == "auto" and c.model.path == "FLUX.1-dev"
+
+
+class _Stub(torch.nn.Module):
+    """A transformer that records what it is called with and answers ``answer(hidden_states)``."""
+
+    def __init__(self, config: Any, answer: Any) -> None:
+        super().__init__()
+        self.config, self.answer, self.seen = config, answer, {}
+
+    def forward(self, **kwargs: Any) -> tuple[torch.Tensor]:
+        self.seen = kwargs
+        return (self.answer(kwargs["hidden_states"]),)
+
+
+@pytest.mark.parametrize("family, sampling", [("flux", "sigmoid"), ("sd3", "uniform")])
+def test_flow_loss_feeds_the_transformer_what_diffusers_would(bases: dict[str, str], tmp_path: Path, family: str,
+                                                              sampling: str) -> None:
+    """``flow_loss`` against diffusers' own math, replaying its generator: the noise levels are the drawn
+    timesteps shifted as ``FlowMatchEulerDiscreteScheduler.set_timesteps`` shifts them (Flux: ``mu`` of the
+    image tokens as the Flux pipeline's ``calculate_shift`` gives it; SD3: the fixed shift 3), the input is
+    ``scale_noise`` of the VAE-shifted-and-scaled latents, the timestep is sigma (Flux) or 1000 sigma (SD3),
+    Flux-dev gets ``guidance_scale``, and the target is noise - x0: a transformer that predicts exactly that
+    has loss 0."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    from modelkit.train.step import Batch
+
+    cfg = _config(bases, family, tmp_path, f"flow.timestep_sampling={sampling}", "flow.guidance_scale=2.5")
+    base = load_base(cfg.model)
+    base.tokenizers[-1].model_max_length = 8
+    mean = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    batch = Batch(None, ["a red square", "a blue circle"], [(32, 32)] * 2, [(0, 0)] * 2, mean, torch.zeros_like(mean))
+    vae = base.vae.config
+    x0 = (mean - vae.shift_factor) * vae.scaling_factor
+    replay = torch.Generator().manual_seed(11)
+    torch.randn(mean.shape, generator=replay)  # the latent sample (std 0 here)
+    noise = torch.randn(mean.shape, generator=replay)
+    u = torch.rand(2, generator=replay) if sampling == "uniform" else torch.sigmoid(torch.randn(2, generator=replay))
+    sched = FlowMatchEulerDiscreteScheduler.from_config(base.scheduler.config)
+    c = base.scheduler.config
+    mu = calculate_shift(16, c.base_image_seq_len, c.max_image_seq_len, c.base_shift, c.max_shift)  # 4x4 patches
+    sched.set_timesteps(sigmas=u.tolist(), mu=mu if family == "flux" else None)
+    sigma, steps = sched.sigmas[:2], sched.timesteps[:2]
+    want_in = sched.scale_noise(x0, steps, noise)
+    inner = base.unet.config
+    answer = (lambda h: flow.pack(noise - x0)) if family == "flux" else (lambda h: noise - x0)
+    stub = _Stub(inner, answer)
+    loss = flow.flow_loss(cfg, base, stub, batch, torch.Generator().manual_seed(11), "cpu", torch.float32)
+    seen = stub.seen
+    assert float(loss) < 1e-12  # the target's sign: noise - x0
+    if family == "flux":
+        torch.testing.assert_close(seen["hidden_states"], flow.pack(want_in))
+        torch.testing.assert_close(seen["timestep"], sigma)  # Flux scales by 1000 itself
+        assert seen["guidance"].dtype == torch.float32 and seen["guidance"].tolist() == [2.5, 2.5]
+        assert seen["img_ids"].shape == (16, 3) and not seen["txt_ids"].any()
+    else:
+        torch.testing.assert_close(seen["hidden_states"], want_in)
+        torch.testing.assert_close(seen["timestep"], steps)
+        torch.testing.assert_close(seen["timestep"], 1000 * sigma)
+        assert "guidance" not in seen
+    wrong = _Stub(inner, lambda h: -answer(h))  # the opposite sign: 4 x the target's mean square
+    loss = flow.flow_loss(cfg, base, wrong, batch, torch.Generator().manual_seed(11), "cpu", torch.float32)
+    torch.testing.assert_close(loss, 4 * ((noise - x0) ** 2).mean())
+
+
+def test_what_a_dit_base_cannot_train_is_refused_before_it_loads(bases: dict[str, str], tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """DreamBooth (with class images to make), fp16, image sizes off the 16-pixel grid, and a Fill/Canny/
+    Depth transformer (more input channels than the latents) are refused in one line before the base is
+    loaded and before anything is written."""
+    import shutil
+
+    import modelkit.train.base as tbase
+
+    def no_load(*_a: Any, **_k: Any) -> None:
+        raise AssertionError("the base was loaded")
+
+    fill = tmp_path / "flux-fill"
+    shutil.copytree(bases["flux"], fill)
+    conf = fill / "transformer" / "config.json"
+    conf.write_text(conf.read_text(encoding="utf-8").replace('"in_channels": 16', '"in_channels": 32'),
+                    encoding="utf-8")
+    bases = {**bases, "flux-fill": str(fill)}
+    monkeypatch.setattr(tbase, "load_base", no_load)
+    db = _config(bases, "sd3", tmp_path / "x")
+    db = replace(db, method="dreambooth", dreambooth=replace(db.dreambooth, num_class_images=2,
+                                                             class_path=str(tmp_path / "class"), class_prompt="a toy"))
+    cases: list[tuple[Config, type, str]] = [
+        (db, UsageError, "dreambooth on a sd3 base is not supported"),
+        (_config(bases, "flux", tmp_path / "x", "train.mixed_precision=fp16"), UsageError,
+         'train.mixed_precision = "fp16" on a flux base'),
+        (_config(bases, "sd3", tmp_path / "x", "dataset.resolution=40", "dataset.max_bucket=48"), ConfigError,
+         "key dataset.resolution: must be a multiple of 16 for a sd3 base"),
+        (_config(bases, "sd3", tmp_path / "x", "dataset.bucket_step=8"), ConfigError, "key dataset.bucket_step"),
+        (_config(bases, "flux", tmp_path / "x", "dataset.max_bucket=40"), ConfigError, "key dataset.max_bucket"),
+        (_config(bases, "flux-fill", tmp_path / "x"), ConfigError, "its transformer takes 32 input channels, not the 16"),
+    ]
+    for cfg, error, text in cases:
+        with pytest.raises(error) as info:
+            train(cfg)
+        assert text in str(info.value) and "\n" not in str(info.value), str(info.value)
+    assert not (tmp_path / "x").exists() and not (tmp_path / "class").exists()
+    monkeypatch.undo()
+    with pytest.raises(ConfigError, match="its transformer takes 32 input channels"):
+        load_base(ModelConfig(path=str(fill)))
+
+
+def test_a_kohya_layout_that_cannot_be_written_is_refused_before_step_1(bases: dict[str, str], tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Targets that leave a fused original weight partly trained (here ``to_v`` left out of ``qkv``) are
+    refused by ``prepare``, not after training; ``network.layout = "diffusers"`` trains them."""
+    from modelkit.train.methods import dit_lora
+
+    monkeypatch.setattr(dit_lora, "TARGETS", re.compile(r"^transformer_blocks\.\d+\.attn\.(?:to_q|to_k)$"))
+    steps: list[Any] = []
+    with pytest.raises(ConfigError, match=r"double_blocks\.0\.img_attn\.qkv is one weight in the kohya layout") as info:
+        train(_config(bases, "flux", tmp_path / "k", "train.max_steps=1"), progress=lambda *a: steps.append(a))
+    assert "\n" not in str(info.value) and not steps and not list((tmp_path / "k").glob("*.safetensors"))
+    res = train(_config(bases, "flux", tmp_path / "d", "train.max_steps=1", "network.layout=diffusers"))
+    assert {k.rsplit(".", 2)[0] for k in load_file(res.output)} == {"transformer.transformer_blocks.0.attn.to_q",
+                                                                    "transformer.transformer_blocks.0.attn.to_k"}

@@ -8,8 +8,10 @@ one weight of that layout becomes one plain LoRA module there (``combine``):
 * the downs are stacked, ``down = [d_1; d_2; ...]`` (rank ``R = Σ r_i``), and ``up`` is block-diagonal:
   the rows each module covers in its own column block, zeros elsewhere, so ``up @ down`` is exactly the
   sum of the modules' products on their rows. Modules with the very same down and scale (the parts of a
-  module split before) share one block, so a split and re-fused module comes back as it was. ``alpha = s R`` keeps the scale ``s = alpha / rank``;
-  modules of another scale have ``s_i / s`` folded into their block of ``up`` (the only rounding);
+  module split before) share one block, so a split and re-fused module comes back as it was. ``alpha = s R``
+  keeps the scale ``s = alpha / rank`` of the module whose scale is largest in size; modules of another scale
+  have ``s_i / s`` (at most 1 in size) folded into their block of ``up`` (the only rounding). A module of
+  alpha 0 has scale 0, as ``loader.Module.scale`` reads it (its block of ``up`` is zeros);
 * to kohya (original keys): three diffusers ``to_q``/``to_k``/``to_v`` modules become one ``qkv`` module,
   as kohya's Flux and SD3 trainers save them and ComfyUI loads them;
 * to diffusers: a fused module gives each diffusers weight the same down and its rows of ``up`` (exact).
@@ -132,8 +134,9 @@ def combine(src: str, km: KeyMap, key: str, pieces: Sequence[Piece]) -> tuple[Ta
                                   "a plain LoRA can be", "Convert a plain LoRA, or bake this one with `modelkit merge lora`")
     shape = whole.shape
     out_rows = shape[0]
-    scales = [m.scale() for m in mods]
-    s = scales[0] if all(x == scales[0] for x in scales) else 1.0
+    # the largest scale (by size) is kept as alpha / rank: the others' ratios to it are at most 1, so no up
+    # grows, and an fp16 up is not pushed toward subnormals by a small common scale
+    s = max((m.scale() for m in mods), key=abs)
     # one column block per distinct down: modules that share theirs (the parts of a split module) share it again
     blocks: list[tuple[Any, float, tuple[int, int]]] = []  # (down, scale, its columns)
     cols: dict[int, tuple[int, int]] = {}
@@ -155,7 +158,7 @@ def combine(src: str, km: KeyMap, key: str, pieces: Sequence[Piece]) -> tuple[Ta
         u = m.parts["up"].reshape(int(m.parts["up"].shape[0]), -1)
         if rows is not None:
             u = u[rows[0]:rows[1]]
-        f = m.scale() / s
+        f = m.scale() / s if s else 0.0  # all scales 0 (alpha 0, as the loader reads it): nothing is applied
         if f != 1.0:
             u = (u.double() * f).to(up.dtype)
         a, b = t.rows or (0, out_rows)

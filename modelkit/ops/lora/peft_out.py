@@ -31,6 +31,7 @@ from typing import Any
 from ...errors import OutputExistsError, OutputWriteError, UsageError
 from ...paths import refuse_windows_name, temp_path, write_text_atomic
 from ..streaming import write_output
+from .dit_tools import DIT
 from .extract import out_tensor
 from .keymap import KeyMap, Target
 from .loader import Module
@@ -95,7 +96,7 @@ def adapted(src: str, km: KeyMap, pairs: Sequence[tuple[Target, Module]],
             raise UsageError(src, f"module {mod.name} is {mod.kind}, which a {to} LoRA cannot hold",
                              "diffusers and PEFT load plain LoRA/LoCon only: use the file as it is (A1111, "
                              "ComfyUI) or bake it into the checkpoint with `modelkit merge lora`")
-        if t.component == "unet" and t.path == t.ldm:
+        if t.component == "unet" and t.path == t.ldm and km.base not in DIT:  # a DiT's own names may agree
             raise UsageError(src, f"module {mod.name} adapts {t.ldm}, which has no diffusers name",
                              "Convert --to kohya instead")
         if (t.key, t.rows) in seen:

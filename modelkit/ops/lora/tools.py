@@ -174,7 +174,7 @@ def merge_loras(
         up, down = _exact(items, c) if rank is None else _svd(items, c, rank, conv_rank)
         tensors += [out_tensor(f"{name}.lora_down.weight", down, dt, overflow),
                     out_tensor(f"{name}.lora_up.weight", up, dt, overflow),
-                    out_tensor(f"{name}.alpha", _scalar(float(down.shape[0])), dt, overflow)]
+                    _alpha(name, float(down.shape[0]))]
     how = "ranks concatenated (exact)" if rank is None else f"SVD to rank {rank}"
     changes = [f"merged {len(specs)} LoRAs into {len(groups)} modules, {how}: "
                + ", ".join(f"{os.path.basename(p)} x{r:g}" for p, r in specs)]
@@ -193,10 +193,13 @@ def merge_loras(
                          tuple(warnings), stats, time.perf_counter() - t0)
 
 
-def _scalar(v: float) -> Any:
+def _alpha(name: str, v: float) -> Any:
+    """Module ``name``'s ``.alpha`` tensor, in float32 whatever the factors' dtype: a fused or merged alpha
+    (parts x alpha, or a total rank, e.g. 3 x 101 = 303) may not fit float16/bfloat16 exactly, and kohya,
+    ComfyUI and diffusers read an alpha of any float dtype with ``.item()``."""
     import torch
 
-    return torch.tensor(v)
+    return out_tensor(f"{name}.alpha", torch.tensor(float(v), dtype=torch.float32), torch.float32)
 
 
 def _exact(items: list[tuple[Target, Module, float]], c: Any) -> tuple[Any, Any]:
@@ -369,7 +372,7 @@ def _renamed(name: str, mod: Module, to: str) -> list[Any]:
         if "mid" in mod.parts:
             out.append(out_tensor(f"{name}.lora_mid.weight", mod.parts["mid"], mod.parts["mid"].dtype))
         if mod.alpha is not None:
-            out.append(out_tensor(f"{name}.alpha", _scalar(mod.alpha), down.dtype))
+            out.append(_alpha(name, mod.alpha))
         return out
     s = mod.scale()
     b = up if s == 1.0 else (up.double() * s).to(up.dtype)

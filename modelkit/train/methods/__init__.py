@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ...errors import UsageError
+from ...errors import ConfigError, UsageError
 from ..base import BaseModel
 from ..config import Config
 from ..export import Written
@@ -74,7 +74,7 @@ def make_method(config: Config, base: BaseModel) -> Method:
         UsageError: a method that this version cannot train yet, or (Flux/SD3) a setting it does not support.
     """
     if base.prediction == "flow":
-        _check_flow(config, base)
+        check_flow(config, base.family)
         from .dit_lora import DiTLoRA
 
         return DiTLoRA(config, base)
@@ -97,13 +97,16 @@ def make_method(config: Config, base: BaseModel) -> Method:
     raise UsageError(None, f"unknown method {config.method}", "Use lora, locon, ti, hypernetwork or dreambooth")
 
 
-def _check_flow(config: Config, base: BaseModel) -> None:
-    """What a Flux/SD3 base cannot do yet, refused in one line each.
+def check_flow(config: Config, family: str) -> None:
+    """What a Flux/SD3 base cannot do yet, refused in one line each. It needs the settings and the family
+    only, so the loop calls it before the base is loaded (``preflight``).
 
     Raises:
         UsageError: the first unsupported setting.
+        ConfigError: an image size (``dataset.resolution``, ``min_bucket``, ``max_bucket``, ``bucket_step``)
+            that is not a multiple of 16: the VAE's 8x and the transformer's 2x2 patches.
     """
-    fam = base.family
+    fam = family
     refused = (
         (config.method != "lora", f"{config.method} on a {fam} base", "Use modelkit train lora"),
         (config.network.train_text_encoder, f"network.train_text_encoder on a {fam} base (text encoders stay frozen)",
@@ -113,7 +116,39 @@ def _check_flow(config: Config, base: BaseModel) -> None:
          "(its own attention processors are used)", 'Set train.attention = "sdpa"'),
         (bool(config.train.min_snr_gamma), f"train.min_snr_gamma on a {fam} base (flow matching has no SNR weighting here)",
          "Set train.min_snr_gamma = 0"),
+        (config.train.mixed_precision == "fp16", f"train.mixed_precision = \"fp16\" on a {fam} base (T5 and the "
+         "transformer overflow in float16)", 'Set train.mixed_precision = "bf16" (or "no")'),
     )
     for bad, what, hint in refused:
         if bad:
             raise UsageError(None, f"{what} is not supported", hint)
+    ds = config.dataset
+    sizes = [("dataset.resolution", ds.resolution)]
+    if ds.bucketing:
+        sizes += [("dataset.min_bucket", ds.min_bucket), ("dataset.max_bucket", ds.max_bucket),
+                  ("dataset.bucket_step", ds.bucket_step)]
+    for key, size in sizes:
+        if size % 16:
+            raise ConfigError(None, f"key {key}: must be a multiple of 16 for a {fam} base (the VAE's 8x and the "
+                                    f"transformer's 2x2 patches), got {size}")
+
+
+def preflight(config: Config) -> str | None:
+    """``flux``/``sd3`` when ``config.model.path`` is a diffusers folder of that family, after refusing what
+    such a base cannot train (``check_flow``, ``dit_base.check_channels``); else None. It reads the folder's
+    JSON configs only, so a refusal does not wait for the base to load.
+
+    Raises:
+        UsageError, ConfigError: as ``check_flow`` and ``check_channels``.
+    """
+    import os
+
+    from ..dit_base import check_channels, folder_family
+
+    if not os.path.isdir(config.model.path):
+        return None
+    family = folder_family(config.model.path)
+    if family is not None:
+        check_flow(config, family)
+        check_channels(config.model, family)
+    return family

@@ -107,6 +107,8 @@ class DiTLoRA(Method):
         shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
         self.table = fam.diffusers_weights(shapes, self.base.family)
         self.modules = targets(model)
+        if layout_of(self.config, self.base.family) == "kohya":
+            self._kohya_groups(self.modules)  # refused now, not at the first save
         torch.manual_seed(self.config.train.seed)
         alpha: Any = net.alpha
         inject_adapter_in_model(LoraConfig(r=net.dim, lora_alpha=alpha, target_modules=self.modules,
@@ -140,30 +142,44 @@ class DiTLoRA(Method):
                            float(layer.scaling[ADAPTER] * rank))
         return out
 
-    def kohya_state(self) -> dict[str, Any]:
-        """The network in kohya's original-key layout (fused where the original fuses).
+    def _kohya_groups(self, trained: list[str]) -> list[tuple[str, list[str]]]:
+        """``(original weight path, its trained diffusers modules in row order)`` for the kohya layout.
 
         Raises:
-            ConfigError: a fused original weight has only some of its modules trained.
+            ConfigError: a fused original weight has only some of its modules trained, or a trained
+                module has no original name.
         """
-        import torch
-
-        parts, out, done = self.parts(), {}, set()
+        have_all, out, done = set(trained), [], set()
         for path, (_shape, split, dpaths) in sorted(self.table.items()):
-            have = [d for d in dpaths if d in parts]
+            have = [d for d in dpaths if d in have_all]
             if not have:
                 continue
             if len(have) != len(dpaths) or split == "swap":
                 raise ConfigError(None, f"{path} is one weight in the kohya layout but only {have} are trained",
                                   'Use network.layout = "diffusers"')
-            down, up, alpha = parts[have[0]] if len(have) == 1 else fuse([parts[d] for d in dpaths])
-            name = "lora_unet_" + path.replace(".", "_")
-            out[f"{name}.lora_down.weight"], out[f"{name}.lora_up.weight"] = down, up
-            out[f"{name}.alpha"] = torch.tensor(alpha)
+            out.append((path, list(dpaths)))
             done.update(have)
-        left = sorted(set(parts) - done)
+        left = sorted(have_all - done)
         if left:
             raise ConfigError(None, f"{left[0]} has no name in the kohya layout", 'Use network.layout = "diffusers"')
+        return out
+
+    def kohya_state(self) -> dict[str, Any]:
+        """The network in kohya's original-key layout (fused where the original fuses); each alpha in
+        float32 whatever the weights' dtype (``export``), since a fused alpha (parts x alpha, e.g. 3 x 101)
+        may not fit bfloat16 exactly.
+
+        Raises:
+            ConfigError: as ``_kohya_groups`` (checked already in ``prepare``).
+        """
+        import torch
+
+        parts, out = self.parts(), {}
+        for path, dpaths in self._kohya_groups(list(parts)):
+            down, up, alpha = parts[dpaths[0]] if len(dpaths) == 1 else fuse([parts[d] for d in dpaths])
+            name = "lora_unet_" + path.replace(".", "_")
+            out[f"{name}.lora_down.weight"], out[f"{name}.lora_up.weight"] = down, up
+            out[f"{name}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
         return out
 
     def diffusers_state(self) -> dict[str, Any]:
@@ -181,32 +197,50 @@ class DiTLoRA(Method):
         meta = {**metadata, **self.ss_metadata(),
                 "modelspec.architecture": architecture(family, self.transformer_config)}
         return save_tensors(path, tensors, meta, dtype=dtype, force=force,
-                            implementation=IMPLEMENTATION[family] if layout == "kohya" else None)
+                            implementation=IMPLEMENTATION[family] if layout == "kohya" else None, fp32_alpha=True)
 
     def ss_metadata(self) -> dict[str, str]:
-        """kohya's ``ss_*`` keys of the network and of the flow-matching settings."""
+        """kohya's ``ss_*`` keys of the network and of the flow-matching settings, and ``modelkit.flow.*``
+        keys that say exactly how the noise levels were drawn.
+
+        ``ss_timestep_sampling`` is left out where kohya has no name for the settings (uniform timesteps
+        with a shift: kohya's ``uniform`` has none); ``ss_network_module`` (kohya's ``networks.lora_flux``
+        / ``lora_sd3``, whose own keys they are) is written for the kohya layout only.
+        """
         from ..flow import fixed_shift, shift_mode
 
         net, flow, family = self.config.network, self.config.flow, self.base.family
         sched = dict(self.base.scheduler.config)
         mode = shift_mode(flow, sched)
-        return {
-            "ss_network_module": SS_MODULE[family], "ss_network_dim": str(net.dim), "ss_network_alpha": _num(net.alpha),
+        layout = layout_of(self.config, family)
+        sampling = _kohya_sampling(flow.timestep_sampling, mode)
+        out = {
+            "ss_network_dim": str(net.dim), "ss_network_alpha": _num(net.alpha),
             "ss_network_args": "null", "ss_network_dropout": _num(net.dropout),
             "ss_base_model_version": SS_BASE[family], "ss_v2": "False", "ss_v_parameterization": "False",
             "ss_network_train_unet_only": "True", "ss_network_train_text_encoder_only": "False",
             "ss_unet_lr": _num(component_lr(self.config, "unet")), "ss_text_encoder_lr": "None",
             "ss_model_prediction_type": "raw", "ss_weighting_scheme": "none",
-            "ss_timestep_sampling": _kohya_sampling(flow.timestep_sampling, mode),
             "ss_logit_mean": _num(flow.logit_mean), "ss_logit_std": _num(flow.logit_std),
             "ss_discrete_flow_shift": _num(fixed_shift(flow, sched)) if mode == "fixed" else "None",
-            "ss_guidance_scale": _num(flow.guidance_scale), "modelkit.flow.layout": layout_of(self.config, family),
+            "ss_guidance_scale": _num(flow.guidance_scale), "modelkit.flow.layout": layout,
             "modelkit.flow.timestep_sampling": flow.timestep_sampling, "modelkit.flow.shift_mode": mode,
         }
+        if mode == "fixed":
+            out["modelkit.flow.shift"] = _num(fixed_shift(flow, sched))
+        if sampling is not None:
+            out["ss_timestep_sampling"] = sampling
+        if layout == "kohya":
+            out["ss_network_module"] = SS_MODULE[family]
+        return out
 
 
-def _kohya_sampling(sampling: str, mode: str) -> str:
-    """kohya's ``--timestep_sampling`` name for these settings (``flux_shift``, ``shift``, ``sigmoid``, ``uniform``)."""
-    if sampling == "sigmoid" and mode != "none":
+def _kohya_sampling(sampling: str, mode: str) -> str | None:
+    """kohya's ``--timestep_sampling`` name for these settings (``flux_shift``, ``shift``, ``sigmoid``,
+    ``uniform``), or None when kohya has none: its ``uniform`` and ``sigmoid`` draw unshifted timesteps,
+    and its shifts apply to the logit-normal draw only."""
+    if mode == "none":
+        return sampling
+    if sampling == "sigmoid":
         return "flux_shift" if mode == "resolution" else "shift"
-    return sampling
+    return None
