@@ -37,6 +37,7 @@ Setting:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import mmap
@@ -68,6 +69,15 @@ CHILD_HASH: bool = (os.name == "posix" and not PORTABLE and hasattr(signal, "SIG
 
 #: Linux's ``sync_file_range`` may start the writeback of an output early.
 LINUX_WRITEBACK: bool = sys.platform.startswith("linux") and not PORTABLE
+
+
+def drop_cached(fd: int, offset: int, length: int) -> None:
+    """Tell the kernel it may drop ``[offset, offset+length)`` of ``fd`` from the page cache (bytes
+    already on disk: a written output the process will not read again). Linux ``posix_fadvise``
+    DONTNEED where the writer streams with ``LINUX_WRITEBACK``; a no-op elsewhere."""
+    if LINUX_WRITEBACK and hasattr(os, "posix_fadvise"):
+        with contextlib.suppress(OSError):
+            os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
 
 #: ``O_BINARY`` on Windows (no newline translation), 0 elsewhere.
 O_BINARY: int = getattr(os, "O_BINARY", 0)

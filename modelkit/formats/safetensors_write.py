@@ -573,11 +573,16 @@ def fp8_overflow_torch(src: Any, name: str) -> int:
 
 
 class _Writeback:
-    """Start the disk writes of what is written, every ``STEP`` bytes, without waiting for them.
+    """Stream the output to disk as it is written, every ``STEP`` bytes, and out of the page cache.
 
-    The final ``fsync`` then waits only for the tail, instead of for the whole file after the
-    last byte went into the page cache: the copy and the disk overlap. Linux
-    ``sync_file_range(SYNC_FILE_RANGE_WRITE)`` through libc; elsewhere (or if it fails) nothing.
+    Each step starts the disk writes of the step just written, without waiting for them, then
+    waits for those of the step before (long done, as a rule) and lets the page cache drop it.
+    The final ``fsync`` then waits only for the tail, instead of for the whole file after the last
+    byte went into the page cache: the copy and the disk overlap. And a multi-GB output never
+    fills the page cache, which on a machine whose memory is full of cached files makes every
+    write reclaim pages first: a 4 GB merge took 28-32 s that way here and 9-10 s streamed (the
+    same bytes). Linux ``sync_file_range`` through libc and ``posix_fadvise`` DONTNEED
+    (``portable.drop_cached``); elsewhere (or if it fails) nothing.
     """
 
     STEP = 64 << 20
@@ -586,6 +591,7 @@ class _Writeback:
     def __init__(self, fd: int, start: int):
         self.fd, self.done, self.pos = fd, start, start
         self.fn = self._libc()
+        self.prev: tuple[int, int] | None = None  # the step whose writes were started last time
 
     @classmethod
     def _libc(cls) -> Any:
@@ -610,6 +616,12 @@ class _Writeback:
             return
         if self.fn(self.fd, self.done, self.pos - self.done, 2) != 0:  # 2: SYNC_FILE_RANGE_WRITE
             self.fn = None  # not supported here: the final fsync does it all
+            return
+        if self.prev is not None:  # 7: WAIT_BEFORE | WRITE | WAIT_AFTER: that step is on disk, drop it
+            a, n = self.prev
+            if self.fn(self.fd, a, n, 7) == 0:
+                portable.drop_cached(self.fd, a, n)
+        self.prev = (self.done, self.pos - self.done)
         self.done = self.pos
 
 

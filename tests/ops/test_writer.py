@@ -169,7 +169,8 @@ LINUX_WRITEBACK = pytest.mark.skipif(not _linux_writeback(), reason="sync_file_r
 @LINUX_WRITEBACK
 def test_disk_writes_start_while_streaming(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every STEP bytes the writer asks the kernel to start writing them out (sync_file_range
-    WRITE, no wait), so the final fsync waits only for the tail; the bytes are unchanged."""
+    WRITE, no wait) and waits for the step before (WAIT_BEFORE|WRITE|WAIT_AFTER), which the page
+    cache may then drop, so the final fsync waits only for the tail; the bytes are unchanged."""
     from modelkit.formats import safetensors_write as sw
 
     calls: list[tuple[int, int, int]] = []
@@ -185,8 +186,11 @@ def test_disk_writes_start_while_streaming(tmp_path: Path, monkeypatch: pytest.M
     build.save_torch(tensors, str(src), "zip")
     got = load_file(modelkit.convert(src).output)
     assert all(same_bits(got[k], v) for k, v in tensors.items())
-    assert len(calls) >= 7 and all(flags == 2 for _, _, flags in calls)
-    assert all(a + n == b for (a, n, _), (b, _, _) in zip(calls, calls[1:]))  # back to back, no gaps
+    started = [(a, n) for a, n, flags in calls if flags == 2]
+    waited = [(a, n) for a, n, flags in calls if flags == 7]
+    assert len(started) >= 7 and {f for _, _, f in calls} == {2, 7}
+    assert all(a + n == b for (a, n), (b, _) in zip(started, started[1:]))  # back to back, no gaps
+    assert waited == started[:-1]  # each step, once the next one is started, is waited for (then dropped)
 
 
 @LINUX_WRITEBACK
