@@ -27,7 +27,7 @@ import json
 import math
 import os
 import struct
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,8 +64,9 @@ class OutTensor:
         data: replacement bytes (little-endian, C order) used instead of ``ref``.
         compute: a zero-argument callable the writer calls when it reaches this tensor; it returns
             the tensor's bytes (any object with the buffer protocol: ``bytes``, a numpy array ...,
-            little-endian, C order, exactly ``nbytes`` long). Merges use it so that each output
-            tensor is computed only when it is written, never all at once.
+            little-endian, C order, exactly ``nbytes`` long), or a ``Pieces`` of such buffers in order.
+            Merges use it so that each output tensor is computed only when it is written, never all
+            at once.
     """
 
     name: str
@@ -296,10 +297,31 @@ def _mode(t: OutTensor) -> str:
     return "buffer"
 
 
+class Pieces:
+    """What a ``compute`` may return instead of the whole tensor: its bytes as consecutive buffers
+    (an iterable, typically a generator), each written as it comes, so a large computed tensor is
+    never whole in memory. A buffer may be reused for the next piece once the iterator resumes."""
+
+    def __init__(self, parts: Iterable[Any]):
+        self.parts = parts
+
+
 def _write_computed(fd: int, t: OutTensor, path: str | None) -> None:
     """Call ``t.compute`` and write what it returns, after checking its length."""
     assert t.compute is not None
     payload = t.compute()
+    if isinstance(payload, Pieces):
+        done = 0
+        for part in payload.parts:
+            view = memoryview(part).cast("B")
+            done += len(view)
+            if done > t.nbytes:
+                break
+            _write_all(fd, view)
+        if done != t.nbytes:
+            got = f"more than {t.nbytes}" if done > t.nbytes else str(done)
+            raise FormatError(path, f"tensor {t.name!r}: computed {got} bytes for {t.nbytes}")
+        return
     view = memoryview(payload).cast("B")
     if len(view) != t.nbytes:
         raise FormatError(path, f"tensor {t.name!r}: computed {len(view)} bytes for {t.nbytes}")
@@ -410,10 +432,23 @@ def _backend(src: DType, dst: DType) -> str:
     raise AssertionError("unreachable")
 
 
+def _by_table(src_dt: DType, dst_dt: DType) -> bool:
+    """Whether a stepped cast goes through ``_lut_stepper``'s table (numpy, never torch)."""
+    return src_dt.name in ("float16", "bfloat16") and dst_dt.name in ("float8_e4m3fn", "float8_e5m2")
+
+
+def casts_with_torch(t: OutTensor) -> bool:
+    """Whether writing ``t`` runs a torch cast (so torch is imported and its thread pool used)."""
+    if not t.is_cast:
+        return False
+    assert t.ref is not None
+    return not (_stepped(t) and _by_table(t.ref.dtype, t.dtype)) and have_torch()
+
+
 def _stepper(buf: bytearray, out: int, per: int, src_dt: DType, dst_dt: DType) -> Callable[[int], int]:
     """A function that casts the first ``k`` source elements at ``buf[0:]`` to ``buf[out:]`` and
     returns how many finite values overflowed to inf (fp8: overflowed its range)."""
-    if src_dt.name in ("float16", "bfloat16") and dst_dt.name in ("float8_e4m3fn", "float8_e5m2"):
+    if _by_table(src_dt, dst_dt):
         return _lut_stepper(buf, out, per, src_dt, dst_dt)
     if _backend(src_dt, dst_dt) == "numpy":
         import numpy as np

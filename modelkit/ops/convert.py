@@ -33,7 +33,7 @@ from typing import Any, TypeVar
 from ..dtypes import BY_NAME, DType
 from ..errors import CastOverflowError, ModelkitError, UnsafeFileError, UsageError
 from ..formats import open_model
-from ..formats.safetensors_write import Header, OutTensor, WriteStats, layout, write_stream
+from ..formats.safetensors_write import Header, OutTensor, WriteStats, casts_with_torch, layout, write_stream
 from ..model import ModelFile
 from ..paths import (
     atomic_output,
@@ -298,7 +298,7 @@ def write_plan(
         return header, meta, None, [b for _, b in cars]
     assert hasher is not None, "write_plan needs the source hash (early_hash) unless dry_run"
     ensure_room(target, header.size)
-    with md.core_for_hash(any(t.is_cast for t in plan.tensors) and not hasher.cached), \
+    with md.core_for_hash(any(casts_with_torch(t) for t in plan.tensors) and not hasher.cached), \
             atomic_output(target, force=force, inputs=[src]) as fd:
         stats = write_stream(fd, header, meta, late={"modelkit.source_sha256": hasher.hexdigest},
                              on_tensor=progress, path=target)

@@ -241,3 +241,38 @@ def test_stepped_casts_match_a_whole_tensor_cast(tmp_path: Path, monkeypatch: py
     r = modelkit.prune(tmp_path / "f16be.npy", tmp_path / "be.safetensors", dtype="fp32")
     got = load_file(r.output)["array"]
     assert got.dtype == torch.float32 and got.tolist() == [[0, 1, 2], [3, 4, 5]]
+
+
+@pytest.mark.parametrize("parts, error", [
+    ([b"\x00\x3c", b"", b"\x00\x40\x00\x42"], None),
+    ([b"\x00\x3c", b"\x00\x40"], "computed 4 bytes for 6"),
+    ([b"\x00\x3c\x00\x40", b"\x00\x42\x00\x44"], "computed more than 6 bytes for 6"),
+])
+def test_computed_pieces_are_written_in_order_and_their_length_checked(tmp_path: Path, parts: list[bytes],
+                                                                     error: str | None) -> None:
+    """A compute that returns ``Pieces`` is written piece by piece (the same bytes as one buffer); too few or too
+    many bytes fail with one line naming the tensor, before more than the tensor's bytes are written."""
+    from modelkit.formats.safetensors_write import Pieces
+
+    out = tmp_path / "p.safetensors"
+    t = OutTensor("w", BY_NAME["float16"], (3,), compute=lambda: Pieces(iter(parts)))
+    if error is None:
+        _write(out, [t])
+        assert load_file(out)["w"].tolist() == [1.0, 2.0, 3.0]
+        return
+    with pytest.raises(FormatError, match=f"tensor 'w': {error}"):
+        _write(out, [t])
+    assert out.stat().st_size <= len(layout([t], None).raw) + 6
+
+
+def test_only_casts_that_run_torch_ask_for_its_threads(tmp_path: Path) -> None:
+    """fp16/bf16 -> fp8 from a file goes through the 64K table (numpy): a prune of that kind neither imports
+    torch nor narrows its thread pool for the hash; a float32 -> float16 cast runs torch where it is installed."""
+    from modelkit.formats.safetensors_write import casts_with_torch
+
+    src = tmp_path / "m.safetensors"
+    save_file({"h": torch.zeros(4, dtype=torch.float16), "f": torch.zeros(4)}, src)
+    with modelkit.open_model(src) as mf:
+        assert not casts_with_torch(OutTensor.of(mf["h"], dtype=BY_NAME["float8_e4m3fn"]))
+        assert not casts_with_torch(OutTensor.of(mf["h"]))  # no cast at all
+        assert casts_with_torch(OutTensor.of(mf["f"], dtype=BY_NAME["float16"]))

@@ -15,7 +15,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +23,7 @@ from ... import dtypes
 from ..._torch import require_torch
 from ...detect import detect_modelfile
 from ...errors import UsageError
-from ...formats.safetensors_write import OutTensor, WriteStats
+from ...formats.safetensors_write import OutTensor, Pieces, WriteStats
 from ...layout.folder import open_input as open_model
 from ...model import TensorRef
 from ...paths import check_output
@@ -227,10 +227,20 @@ class _Baker:
         self.overflow: dict[str, int] = {}
         self.lock = threading.Lock()
 
+    def by_rows(self, ref: TensorRef, contribs: list[tuple[tuple[int, int] | None, Module, float]] | None,
+                factor: float | None) -> bool:
+        """Whether ``fn`` bakes this weight a block of rows at a time (then it holds a block, not the tensor)."""
+        return (factor is None and bool(contribs) and ref.numel > 4 * CHUNK and len(ref.shape) >= 2
+                and plain_ref(ref) and all(_plain(mod) for _r, mod, _x in contribs or []))
+
+    def cost(self, ref: TensorRef, contribs: list[tuple[tuple[int, int] | None, Module, float]] | None,
+             factor: float | None, itemsize: int) -> int:
+        """The bytes ``fn``'s job holds until written (``Ahead``'s budget)."""
+        return 2 * CHUNK * itemsize if self.by_rows(ref, contribs, factor) else ref.numel * itemsize
+
     def fn(self, ref: TensorRef, contribs: list[tuple[tuple[int, int] | None, Module, float]], out_dt: Any,
            factor: float | None = None) -> Any:
-        if (factor is None and ref.numel > 4 * CHUNK and len(ref.shape) >= 2 and plain_ref(ref)
-                and all(_plain(mod) for _r, mod, _x in contribs)):
+        if self.by_rows(ref, contribs, factor):
             return self._by_rows(ref, contribs, out_dt)
 
         def run(slot: int) -> Any:
@@ -251,8 +261,9 @@ class _Baker:
 
     def _by_rows(self, ref: TensorRef, contribs: list[tuple[tuple[int, int] | None, Module, float]],
                  out_dt: Any) -> Any:
-        """A large weight changed by plain LoRAs only: a block of rows at a time (read, ``addmm_`` of each module's
-        rows of ``up``, rounded into the output), so only the output-dtype result is whole in memory."""
+        """A large weight changed by plain LoRAs only, a block of rows at a time (read, ``addmm_`` of each
+        module's rows of ``up``, rounded into the output dtype) as the writer takes it (``Pieces``): no
+        copy of the whole weight is ever in memory, in any dtype."""
         import torch
 
         rows = int(ref.shape[0])
@@ -262,7 +273,7 @@ class _Baker:
         assert ref.source is not None
         source = ref.source
 
-        def run(slot: int) -> Any:
+        def blocks(slot: int) -> Iterator[Any]:
             mods = []
             for span, mod, ratio in contribs:
                 if ratio == 0.0:
@@ -271,9 +282,9 @@ class _Baker:
                 up = mod.parts["up"].to(self.compute).reshape(b - a, -1)
                 down = mod.parts["down"].to(self.compute)
                 mods.append((a, b, up, down.reshape(int(down.shape[0]), -1), ratio * mod.scale()))
-            res = self.slots.scratch(slot, ref.numel, out_dt)
             buf = self.slots.get(slot, "rows", per * cols, self.compute)
             raw = self.slots.get(slot, "raw", per * cols * item, torch.uint8)
+            out = self.slots.get(slot, "out", per * cols, out_dt)
             lost = 0
             for r0 in range(0, rows, per):
                 r1 = min(rows, r0 + per)
@@ -287,12 +298,11 @@ class _Baker:
                     if lo < hi:
                         block[lo - r0:hi - r0].addmm_(up[lo - a:hi - a], down, alpha=alpha)
                 lost += overflow_count(part, out_dt)
-                res[r0 * cols:r1 * cols].copy_(part)
+                yield tensor_bytes(out[:n].copy_(part))
             if lost:
                 with self.lock:
                     self.overflow[ref.name] = lost
-            return tensor_bytes(res)
-        return run
+        return lambda slot: Pieces(blocks(slot))
 
     def dense(self, ref: TensorRef, contribs: list[tuple[tuple[int, int] | None, Module, float]],
               factor: float | None) -> Callable[[], Any]:
@@ -411,7 +421,8 @@ def merge_lora(
             if not ref.dtype.is_float:
                 raise UsageError(src, f"a LoRA targets {name}, which is {ref.dtype.name}, not a float weight")
             fn = baker.fn(ref, contribs, out_dt.torch())
-            tensors.append(OutTensor(name, out_dt, ref.shape, ref, compute=ahead.bind(name, fn, ref.numel * compute.itemsize)))
+            cost = baker.cost(ref, contribs, None, compute.itemsize)
+            tensors.append(OutTensor(name, out_dt, ref.shape, ref, compute=ahead.bind(name, fn, cost)))
         changes = _changes(mf.container, plan, dtype)
         if cells:
             changes.append(f"{len(cells)} scaled fp8 weights merged as weight*scale and scaled again (new scales)")
