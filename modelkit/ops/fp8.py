@@ -25,8 +25,8 @@ for a layer ``L``, ``L.weight`` (fp8), ``L.weight_scale`` (float32, a scalar) an
 (a ``scaled_fp8`` marker tensor, ``L.scale_weight`` and ``L.scale_input``) is read, not written:
 ComfyUI's converter takes every such file for e4m3fn, so it cannot carry e5m2.
 
-All rounding is ``modelkit.numcast``'s (numpy, bit-exact with torch's casts), so none of this needs
-torch.
+All rounding is ``modelkit.numcast``'s (numpy, bit-exact with torch's casts) or, where torch is
+installed, torch's own casts, so none of this needs torch.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from typing import Any
 from .. import dtypes, numcast
 from ..dtypes import DType
 from ..errors import FormatError, UsageError
-from ..formats.safetensors_write import OutTensor
+from ..formats.safetensors_write import OutTensor, Pieces
 from ..model import TensorRef
 
 #: ``--dtype`` spellings of the fp8 targets -> dtype names
@@ -129,28 +129,49 @@ def quant_marker(fmt: str) -> bytes:
     return json.dumps({"format": fmt}).encode("utf-8")
 
 
+def _plain(ref: TensorRef) -> bool:
+    """Whether ``ref``'s bytes sit in its file as they are (read piece by piece)."""
+    return (ref.source is not None and ref.inline is None and ref.compressed is None and ref.is_contiguous
+            and (ref.byteorder == "little" or ref.dtype.itemsize == 1) and ref.source.fd >= 0)
+
+
+def _raw(ref: TensorRef) -> Iterator[memoryview]:
+    """The bytes of a ``_plain`` tensor, ``CHUNK`` elements at a time, in one reused buffer."""
+    assert ref.source is not None
+    n, item = ref.numel, ref.dtype.itemsize
+    buf = bytearray(min(n, CHUNK) * item)
+    begin = ref.byte_range[0]
+    for s in range(0, n, CHUNK):
+        view = memoryview(buf)[: min(CHUNK, n - s) * item]
+        ref.source.read_into(view, begin + s * item)
+        yield view
+
+
 def chunks(ref: TensorRef) -> Iterator[Any]:
     """``ref``'s values as float32 numpy arrays of at most ``CHUNK`` elements, in C order (a
     tensor stored plainly in its file is read piece by piece; any other whole)."""
     import numpy as np
 
-    n, item = ref.numel, ref.dtype.itemsize
-    code = np.dtype(ref.dtype.numpy or f"<u{item}")
-    plain = (ref.source is not None and ref.inline is None and ref.compressed is None and ref.is_contiguous
-             and (ref.byteorder == "little" or item == 1) and ref.source.fd >= 0)
-    if not plain or n <= CHUNK:
+    def f32(values: Any) -> Any:
+        with np.errstate(over="ignore"):  # float64 beyond float32: inf, which the callers refuse or clamp
+            return numcast.values(values, ref.dtype).astype(np.float32)
+
+    n = ref.numel
+    if not _plain(ref) or n <= CHUNK:
         flat = np.asarray(ref.read("numpy")).reshape(-1)
         for s in range(0, n, CHUNK):
-            yield numcast.values(flat[s:s + CHUNK], ref.dtype).astype(np.float32)
+            yield f32(flat[s:s + CHUNK])
         return
-    assert ref.source is not None
-    buf = bytearray(CHUNK * item)
-    begin = ref.byte_range[0]
-    for s in range(0, n, CHUNK):
-        k = min(CHUNK, n - s)
-        view = memoryview(buf)[: k * item]
-        ref.source.read_into(view, begin + s * item)
-        yield numcast.values(np.frombuffer(view, dtype=code), ref.dtype).astype(np.float32)
+    code = np.dtype(ref.dtype.numpy or f"<u{ref.dtype.itemsize}")
+    for view in _raw(ref):
+        yield f32(np.frombuffer(view, dtype=code))
+
+
+#: IEEE float dtypes -> (bits type, sign mask off, the bits of +inf): with the sign bit cleared, the
+#: bits of finite values order as their magnitudes, and inf/NaN sort above every finite value.
+_MAGNITUDE = {"float16": ("<u2", 0x7FFF, 0x7C00), "bfloat16": ("<u2", 0x7FFF, 0x7F80),
+              "float32": ("<u4", 0x7FFF_FFFF, 0x7F80_0000),
+              "float64": ("<u8", 0x7FFF_FFFF_FFFF_FFFF, 0x7FF0_0000_0000_0000)}
 
 
 def fp8_bits(f32: Any, name: str) -> Any:
@@ -188,32 +209,73 @@ def scale_of(ref: TensorRef, target: DType) -> Any:
     """The per-tensor scale of ``ref`` for ``target``: ``amax(|t|) / max`` in float32 (1.0 when
     the tensor is all zeros, or its scale would underflow float32).
 
+    A tensor of an IEEE float type stored plainly is read as integers: its largest magnitude is the
+    largest of its bits with the sign cleared (one integer pass, no conversion to float).
+
     Raises:
-        FormatError: the tensor holds inf or NaN, which no scale can represent.
+        FormatError: the tensor holds inf or NaN (or float64 values beyond float32), which no scale can represent.
     """
     import numpy as np
 
+    def bad() -> FormatError:
+        return FormatError(None, f"tensor {ref.name!r} holds inf or NaN, which scaled fp8 cannot store",
+                           "Use --fp8 clamp, or fix the weights first")
+
     amax = np.float32(0)
-    for part in chunks(ref):
-        if part.size:
-            m = np.max(np.abs(part))
-            if not np.isfinite(m):
-                raise FormatError(None, f"tensor {ref.name!r} holds inf or NaN, which scaled fp8 cannot store",
-                                  "Use --fp8 clamp, or fix the weights first")
-            amax = max(amax, m)
+    mag = _MAGNITUDE.get(ref.dtype.name)
+    if mag is not None and _plain(ref) and ref.numel:
+        code, mask, inf = mag
+        top = 0
+        for view in _raw(ref):
+            top = max(top, int(np.bitwise_and(np.frombuffer(view, dtype=code), mask).max()))
+        if top >= inf:
+            raise bad()
+        with np.errstate(over="ignore"):  # a float64 beyond float32 becomes inf: refused below
+            amax = numcast.values(np.array([top], dtype=code).view(ref.dtype.numpy or code),
+                                  ref.dtype).astype(np.float32)[0]
+        if not np.isfinite(amax):
+            raise bad()
+    else:
+        for part in chunks(ref):
+            if part.size:
+                m = np.max(np.abs(part))
+                if not np.isfinite(m):
+                    raise bad()
+                amax = max(amax, m)
     scale = np.float32(amax) / np.float32(numcast.FP8_LIMITS[target.name][0])
     return scale if scale > 0 else np.float32(1.0)  # all zeros (or too small for a float32 scale)
 
 
-def scaled_cast(ref: TensorRef, target: DType, scale: Any) -> Any:
-    """``(t.float() / scale).clamp(-max, max)`` cast to ``target``: fp8 bits (``uint8``)."""
+def scaled_bits(ref: TensorRef, target: DType, scale: Any) -> Iterator[Any]:
+    """``(t.float() / scale).clamp(-max, max)`` cast to ``target``, as fp8 bits (``uint8`` numpy arrays),
+    ``CHUNK`` elements at a time: in torch where it is installed and the tensor is stored plainly (one
+    vectorised pass per step: the same float32 division, clamp and cast, bit for bit), else in numpy."""
     import numpy as np
 
+    from .._torch import have_torch
+
     fmax = np.float32(numcast.FP8_LIMITS[target.name][0])
+    if have_torch() and _plain(ref) and ref.dtype.name in _MAGNITUDE:
+        import torch
+
+        src, dst = ref.dtype.torch(), getattr(torch, target.name)
+        div = torch.tensor(np.float32(scale), dtype=torch.float32)
+        for view in _raw(ref):
+            t = torch.frombuffer(view, dtype=src).to(torch.float32)
+            yield t.div_(div).clamp_(-float(fmax), float(fmax)).to(dst).view(torch.uint8).numpy()
+        return
+    for part in chunks(ref):
+        yield fp8_bits(np.clip(part / np.float32(scale), -fmax, fmax), target.name)
+
+
+def scaled_cast(ref: TensorRef, target: DType, scale: Any) -> Any:
+    """``scaled_bits`` as one ``uint8`` array of the whole tensor."""
+    import numpy as np
+
     out = np.empty(ref.numel, dtype=np.uint8)
     s = 0
-    for part in chunks(ref):
-        out[s:s + part.size] = fp8_bits(np.clip(part / np.float32(scale), -fmax, fmax), target.name)
+    for part in scaled_bits(ref, target, scale):
+        out[s:s + part.size] = part
         s += part.size
     return out
 
@@ -235,8 +297,8 @@ class _Scale:
 
         return np.asarray(self.get(), dtype="<f4").tobytes()
 
-    def weight(self) -> Any:
-        return scaled_cast(self.ref, self.target, self.get())
+    def weight(self) -> Pieces:
+        return Pieces(scaled_bits(self.ref, self.target, self.get()))
 
 
 # ---- reading -------------------------------------------------------------------------------

@@ -216,3 +216,51 @@ def test_the_writers_lookup_table_is_torchs_cast(src: str, fmt: str) -> None:
     over = (mag > limit) & (mag < inf)
     vals = codes.float().numpy()
     assert int(over.sum()) == numcast.fp8_overflow(vals, fmt) > 0
+
+
+@pytest.mark.parametrize("src", ["float16", "bfloat16", "float32", "float64"])
+def test_scaled_fast_paths_equal_the_float_reference(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, src: str) -> None:
+    """``--fp8 scaled`` takes amax from the integer bits (sign cleared) and casts in torch, a chunk at a time;
+    both equal the plain float path (values to float32, ``np.abs().max()``, divide, clip, numpy's rounding)
+    bit for bit, for every source dtype, magnitudes from subnormal to near the dtype's top, zeros of both
+    signs, over several chunks. inf, NaN and float64 values past float32 are refused by both."""
+    from modelkit import _torch, dtypes
+    from modelkit.errors import FormatError
+    from modelkit.ops import fp8
+
+    monkeypatch.setattr(fp8, "CHUNK", 4096)
+    g = torch.Generator().manual_seed(7)
+    dt = getattr(torch, src)
+    sd: dict[str, Any] = {}
+    for i, mag in enumerate((1e-6, 3e-3, 1.0, 250.0, 5e4)):
+        x = torch.randn(96, 130, generator=g, dtype=torch.float64) * mag
+        x[0, :4] = torch.tensor([0.0, -0.0, 1e-30, -6e-8], dtype=torch.float64)
+        sd[f"m{i}.weight"] = x.to(dt)
+    sd["zeros.weight"] = torch.zeros(50, 100, dtype=dt)
+    bad = {"inf": float("inf"), "nan": float("nan")} | ({"huge": 1e300} if src == "float64" else {})
+    for k, v in bad.items():
+        w = torch.zeros(40, 120, dtype=dt)
+        w[39, 119] = v
+        sd[f"{k}.weight"] = w
+    save_file(sd, str(tmp_path / "s.safetensors"))
+    with modelkit.open_model(tmp_path / "s.safetensors") as mf:
+        for name, ref in mf.items():
+            amax = np.max(np.abs(np.concatenate(list(fp8.chunks(ref)))))
+            for fmt in FORMATS:
+                target = dtypes.BY_NAME[fmt]
+                if not np.isfinite(np.float32(amax)):
+                    assert name.split(".")[0] in bad or src == "float16"  # 5e4 * randn overflows fp16 too
+                    with pytest.raises(FormatError, match="holds inf or NaN"):
+                        fp8.scale_of(ref, target)
+                    continue
+                scale = fp8.scale_of(ref, target)
+                want = np.float32(amax) / np.float32(FMAX[fmt])
+                assert scale == (want if want > 0 else np.float32(1.0)), name
+                fast = fp8.scaled_cast(ref, target, scale)
+                with monkeypatch.context() as m:
+                    m.setattr(_torch, "have_torch", lambda: False)
+                    slow = fp8.scaled_cast(ref, target, scale)
+                assert np.array_equal(fast, slow), (name, fmt)
+                ref_bits = _bits((torch.from_numpy(np.asarray(ref.read("numpy"))).view(dt).float() / float(scale))
+                                 .clamp(-FMAX[fmt], FMAX[fmt]).to(getattr(torch, fmt)))
+                assert np.array_equal(fast, ref_bits), (name, fmt)
