@@ -163,6 +163,17 @@ def output_name(src: str | os.PathLike[str], tag: str = "") -> str:
     return stem(src) + tag + OUTPUT_SUFFIX
 
 
+def default_target(src: str, out_dir: str | os.PathLike[str] | None, tag: str = "") -> str:
+    """Where the output of ``src`` goes when no name is given: ``output_name`` in ``out_dir``, else beside
+    ``src``; for a remote ``src``, named after the remote file, in ``out_dir`` or the current folder."""
+    if is_remote(src):
+        from .remote.download import remote_name
+
+        return os.path.join(os.fspath(out_dir) if out_dir is not None else "", output_name(remote_name(src), tag))
+    folder = os.fspath(out_dir) if out_dir is not None else os.path.dirname(src)
+    return os.path.join(folder, output_name(src, tag))
+
+
 def plan_outputs(
     inputs: Iterable[str | os.PathLike[str]],
     out: str | os.PathLike[str] | None = None,
@@ -200,8 +211,7 @@ def plan_outputs(
             if out is not None:
                 target = os.fspath(out)
             else:
-                folder = os.fspath(out_dir) if out_dir is not None else os.path.dirname(f)
-                target = os.path.join(folder, output_name(f, tag))
+                target = default_target(f, out_dir, tag)
             pairs.append((f, target))
     return pairs
 
@@ -256,8 +266,9 @@ def check_output(
     refuse_windows_name(t)
     for i in inputs:
         if is_remote(os.fspath(i)):
-            raise UsageError(os.fspath(i), "a remote file is read by scan, inspect, detect and hash; commands that "
-                                           "write a file take local inputs", "Download it first, then use the copy")
+            raise UsageError(os.fspath(i), "a remote file is read by scan, inspect, detect and hash, and "
+                                           "downloaded by convert and prune; this command takes local inputs",
+                             "Download it first (or convert it), then use the copy")
         if same_file(t, os.fspath(i)):
             raise OutputExistsError(t, "is the input file; modelkit never writes onto its input",
                                     "Choose another output name or --out-dir")

@@ -198,7 +198,7 @@ def _run_with_progress(out: Output, pairs: list[tuple[str, str]], job: Job, jobs
     """
     events: queue.Queue[tuple[Any, ...]] = queue.Queue()
     stop = threading.Event()
-    sizes = [_size(src) for src, _ in pairs]
+    sizes = [_size(src, out.bars_on()) for src, _ in pairs]
     index = {src: i for i, (src, _) in enumerate(pairs)}
 
     def counted(src: str, target: str, progress: Progress) -> Any:
@@ -254,7 +254,15 @@ def _run_with_progress(out: Output, pairs: list[tuple[str, str]], job: Job, jobs
                 bar.close()
 
 
-def _size(path: str) -> int:
+def _size(path: str, bars: bool = False) -> int:
+    """The bytes a bar counts for ``path``: its size; for a URL (asked only when bars are drawn: one small
+    request), twice its size, downloaded and then written."""
+    from ..remote import is_remote
+
+    if is_remote(path):
+        from ..remote.download import remote_size
+
+        return 2 * remote_size(path) if bars else 0
     try:
         return os.path.getsize(path)
     except OSError:

@@ -39,13 +39,14 @@ from ..paths import (
     atomic_output,
     check_output,
     copy_file_atomic,
+    default_target,
     ensure_room,
-    output_name,
     require_safetensors_name,
     same_file,
     sidecars,
     text_name,
 )
+from ..remote import is_remote
 from . import metadata as md
 from . import modelspec as ms
 from .result import result_dict
@@ -357,6 +358,13 @@ def convert(
 
     want = float_dtype(dtype, OUTPUT_DTYPES, "--dtype")
     target = default_output(s, out, out_dir)
+    if is_remote(s):  # downloaded whole beside the output, converted as a local file, the copy removed
+        from ..remote.download import run_on_copy
+
+        check_output(target, force=force)
+        return run_on_copy(s, target, lambda local: convert(
+            local, target, force=force, dry_run=dry_run, ignore_scan=ignore_scan, progress=progress, dtype=dtype),
+            progress)
     check_output(target, force=force, inputs=[s])
     with early_hash(s, dry_run) as hasher:
         verdict, warnings = check_scan(s, ignore_scan)
@@ -378,13 +386,13 @@ def convert(
 
 def default_output(src: str, out: str | os.PathLike[str] | None, out_dir: str | os.PathLike[str] | None,
                    tag: str = "") -> str:
-    """``out`` (which must end in ``.safetensors``), else ``output_name(src, tag)`` in ``out_dir`` or beside ``src``."""
+    """``out`` (which must end in ``.safetensors``), else ``paths.default_target``: ``output_name(src, tag)`` in
+    ``out_dir`` or beside ``src`` (a remote ``src``: in the current folder)."""
     if out is not None:
         if same_file(os.fspath(out), src):
             return os.fspath(out)  # check_output says what is wrong: it is the input
         return require_safetensors_name(out)
-    folder = os.fspath(out_dir) if out_dir is not None else os.path.dirname(src)
-    return os.path.join(folder, output_name(src, tag))
+    return default_target(src, out_dir, tag)
 
 
 def meta_changes(meta: dict[str, str]) -> list[str]:

@@ -31,6 +31,7 @@ from ..formats.safetensors_write import OutTensor, WriteStats
 from ..layout.folder import open_input
 from ..model import ModelFile, TensorRef
 from ..paths import check_output
+from ..remote import is_remote
 from . import families
 from . import fp8 as fp8_ops
 from . import metadata as md
@@ -335,6 +336,13 @@ def prune(
     t0 = time.perf_counter()
     s = os.fspath(src)
     target = default_output(s, out, out_dir, default_tag(part))
+    if is_remote(s):  # downloaded whole beside the output, pruned as a local file, the copy removed
+        from ..remote.download import run_on_copy
+
+        check_output(target, force=force)
+        return run_on_copy(s, target, lambda local: prune(
+            local, target, ema=ema, dtype=dtype, part=part, force=force, dry_run=dry_run, ignore_scan=ignore_scan,
+            progress=progress, allow_overflow=allow_overflow, fp8=fp8), progress)
     check_output(target, force=force, inputs=[s])
     with early_hash(s, dry_run) as hasher:
         verdict, warnings = check_scan(s, ignore_scan)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import bisect
 import tempfile
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from .. import remote as cfg
@@ -26,8 +26,18 @@ class RemoteSource(Source):
         notes: what the reading had to do differently (a server ignoring ``Range``).
     """
 
-    def __init__(self, url: str):  # noqa: D107 - no local file to open
+    def __init__(self, url: str, *, spool: str | None = None, cap: int | None = None,
+                 on_bytes: Callable[[int], None] | None = None):
+        """Open ``url`` (its first bytes, length and validator).
+
+        Args:
+            spool: where a whole-file read goes (a new file at that path, which the caller removes);
+                default an anonymous temporary file.
+            cap: the most bytes a whole-file read may take (default ``max_download()``).
+            on_bytes: called with the size of each piece of a whole-file read as it arrives.
+        """
         self.path = url
+        self._spool, self._cap, self._on_bytes = spool, cap, on_bytes
         self.fd = -1
         self.size = -1
         self.transfer = Transfer()
@@ -47,12 +57,12 @@ class RemoteSource(Source):
     # -- whole-file mode
     def whole_from(self, chunks: Iterable[bytes], expect: int | None, why: str | None, counted: bool = False) -> None:
         """Copy a whole body into an anonymous temporary file and read from it from now on."""
-        cap = max_download()
+        cap = max_download() if self._cap is None else self._cap
         if expect is not None and expect > cap:
             raise RemoteError(self.path, f"{'the server ignores Range requests, and ' if why else ''}the file is "
                                          f"{expect} bytes, over the {cap}-byte cap on reading a remote file whole",
                               "Download it and scan the local copy, or raise MODELKIT_REMOTE_MAX_DOWNLOAD")
-        tmp = tempfile.TemporaryFile()  # noqa: SIM115 - closed by close()
+        tmp = open(self._spool, "xb+") if self._spool else tempfile.TemporaryFile()  # noqa: SIM115 - closed by close()
         got = 0
         try:
             for c in chunks:
@@ -61,6 +71,8 @@ class RemoteSource(Source):
                     raise RemoteError(self.path, f"the server sent more than {expect if expect is not None else cap} "
                                                  "bytes for the file")
                 tmp.write(c)
+                if self._on_bytes is not None:
+                    self._on_bytes(len(c))
             tmp.flush()
         except BaseException:
             tmp.close()

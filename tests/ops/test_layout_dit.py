@@ -534,6 +534,6 @@ def test_remote_input_is_refused(tmp_path: Path) -> None:
     """A URL is refused as every command that writes refuses one, not reported missing."""
     for to, out in (("diffusers", "f"), ("single", "f.safetensors")):
         r = _run("convert", "http://host/x.ckpt", "--to", to, "-o", str(tmp_path / out))
-        _one_line_error(r, "http://host/x.ckpt: a remote file is read by scan, inspect, detect and hash; "
-                           "commands that write a file take local inputs")
+        _one_line_error(r, "http://host/x.ckpt: a remote file is read by scan, inspect, detect and hash, and "
+                           "downloaded by convert and prune; this command takes local inputs")
     assert os.listdir(tmp_path) == []

@@ -305,16 +305,16 @@ def test_detect_and_open_model_read_a_url_by_ranges(srv: Loopback, files: dict[s
             assert rm[key].read_raw() == lm[key].read_raw()
 
 
-def test_commands_that_write_refuse_a_remote_input_in_one_line(srv: Loopback, files: dict[str, str],
+def test_merges_and_layout_conversions_refuse_a_remote_input_in_one_line(srv: Loopback, files: dict[str, str],
                                                                 tmp_path: Path) -> None:
     url = srv.url + next(k for k in files if k.endswith("/sd15-tiny.ckpt"))
     out = tmp_path / "o.safetensors"
-    for args in (["convert", url, "-o", str(out)], ["prune", url, "-o", str(out)],
-                 ["merge", "models", url, url, "-o", str(out)]):
+    for args in (["merge", "models", url, url, "-o", str(out)], ["convert", url, "--to", "diffusers", "-o", str(out)]):
         p = _cli(*args)
         assert p.returncode == 2, (args, p.stderr)
         lines = p.stderr.strip().splitlines()
-        assert len(lines) == 1 and "commands that write a file take local inputs" in lines[0], p.stderr
+        assert len(lines) == 1 and "downloaded by convert and prune; this command takes local inputs" in lines[0], \
+            p.stderr
     assert not list(tmp_path.iterdir())
 
 
