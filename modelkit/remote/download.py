@@ -42,6 +42,9 @@ def remote_name(url: str) -> str:
         path = urllib.parse.unquote(urllib.parse.urlsplit(url).path)
     name = path.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
     name = "".join("_" if c in '<>:"/\\|?*' or ord(c) < 32 else c for c in name).strip(" .")
+    if len(name) > 120:  # a file name fits in NAME_MAX (255 bytes) in any encoding; the extension is kept
+        stem, dot, ext = name.rpartition(".")
+        name = stem[:100] + "~" + dot + ext[:16] if dot and len(ext) <= 16 else name[:120]
     return name or "model"
 
 

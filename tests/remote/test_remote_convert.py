@@ -108,6 +108,7 @@ def test_hf_path_and_default_output_names(srv: Loopback, tmp_path: Path, monkeyp
         "sd15-tiny.pruned.safetensors"]
     assert remote_name("https://h/a/b%20c.ckpt?x=1") == "b c.ckpt"
     assert remote_name("https://h/") == "model" and remote_name("s3://bucket/dir/x:y.pt") == "x_y.pt"
+    assert remote_name("https://h/..") == "model" and remote_name("https://h/" + "é" * 300 + ".ckpt") == "é" * 100 + "~.ckpt"
 
 
 def test_existing_output_is_refused_before_any_download(srv: Loopback, tmp_path: Path) -> None:
