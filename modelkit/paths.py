@@ -170,6 +170,9 @@ def default_target(src: str, out_dir: str | os.PathLike[str] | None, tag: str = 
         from .remote.download import remote_name
 
         return os.path.join(os.fspath(out_dir) if out_dir is not None else "", output_name(remote_name(src), tag))
+    trimmed = src.rstrip("/\\")  # a folder typed with a trailing separator (tab completion) is named, not entered
+    if trimmed and not trimmed.endswith(":"):
+        src = trimmed
     folder = os.fspath(out_dir) if out_dir is not None else os.path.dirname(src)
     return os.path.join(folder, output_name(src, tag))
 

@@ -398,3 +398,14 @@ def test_publishing_without_hard_links_never_overwrites(tmp_path: Path, monkeypa
             target.write_bytes(b"someone else's")  # appears while modelkit writes
     assert target.read_bytes() == b"someone else's"
     assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]
+
+
+@pytest.mark.parametrize("sep", ["/", "\\"] if sys.platform == "win32" else ["/"])
+def test_a_folder_named_with_a_trailing_separator_gets_its_output_beside_it(sep: str) -> None:
+    """Tab completion types ``tuned/``: the default output is ``tuned.lora.safetensors`` beside the folder,
+    not a hidden ``.lora.safetensors`` inside it."""
+    from modelkit.paths import default_target
+
+    assert default_target(os.path.join("a", "tuned") + sep, None, ".lora") == os.path.join("a", "tuned.lora.safetensors")
+    assert default_target("tuned" + sep + sep, "out", ".pruned") == os.path.join("out", "tuned.pruned.safetensors")
+    assert default_target("m.ckpt", None) == "m.safetensors"

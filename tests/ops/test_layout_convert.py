@@ -338,6 +338,32 @@ def test_merge_lora_on_a_folder_equals_on_the_file(tinies: dict[str, Tiny], tmp_
         assert same_bits(outs[0][k], outs[1][k]), k
 
 
+def test_lora_extract_from_folders_equals_from_files(tinies: dict[str, Tiny], tmp_path: Path) -> None:
+    """``lora extract`` takes diffusers folders for the base, the tuned model or both: the same modules as
+    from the single files."""
+    t = tinies["sd1"]
+    g = torch.Generator().manual_seed(2)
+    sd = _load(t.file)
+    for k in [k for k in sd if k.startswith("model.diffusion_model.") and k.endswith("attn2.to_k.weight")][:3]:
+        sd[k] = sd[k] + 0.01 * torch.randn(sd[k].shape, generator=g, dtype=sd[k].dtype)
+    from safetensors.torch import save_file
+
+    tuned = tmp_path / "tuned.safetensors"
+    save_file(sd, str(tuned))
+    tuned_folder = tmp_path / "tuned-diffusers"
+    r = _run("convert", str(tuned), "--to", "diffusers", "--configs", t.configs, "-o", str(tuned_folder))
+    assert r.exit_code == 0, r.output
+    outs = []
+    for i, (b, tu) in enumerate(((t.file, tuned), (t.folder, tuned_folder), (t.folder, tuned))):
+        out = tmp_path / f"x{i}.safetensors"
+        r = _run("lora", "extract", str(b), str(tu), "--rank", "4", "-o", str(out))
+        assert r.exit_code == 0, r.output
+        outs.append(_load(out))
+    assert len(outs[0]) == 9  # three modules
+    for o in outs[1:]:
+        assert set(o) == set(outs[0]) and all(same_bits(o[k], outs[0][k]) for k in o)
+
+
 # --- bad inputs: one line, exit 2, nothing written ----------------------------------------------
 
 def _one_line_error(r: Any, *needles: str) -> None:

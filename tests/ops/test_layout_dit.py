@@ -250,6 +250,31 @@ def test_open_folder_is_the_single_file(tinies: dict[str, Tiny]) -> None:
                 assert mf[k].read_raw() == single[k].read_raw(), (family, k)
 
 
+def test_lora_extract_from_folders_equals_from_files(tinies: dict[str, Tiny], tmp_path: Path) -> None:
+    """``lora extract`` takes Flux/SD3 diffusers folders (base, tuned or both): the same modules, on the
+    fused original weights, as from the single files."""
+    g = torch.Generator().manual_seed(3)
+    for family, t in tinies.items():
+        sd = _load(t.file)
+        picked = [k for k in sd if k.startswith("model.diffusion_model.") and k.endswith(".weight") and sd[k].dim() == 2]
+        for k in picked[:4]:
+            sd[k] = sd[k] + 0.01 * torch.randn(sd[k].shape, generator=g, dtype=sd[k].dtype)
+        tuned = tmp_path / f"{family}-tuned.safetensors"
+        save_file(sd, str(tuned))
+        tuned_folder = tmp_path / f"{family}-tuned"
+        assert _run("convert", str(tuned), "--to", "diffusers", "--configs", t.configs, "-o",
+                    str(tuned_folder)).exit_code == 0
+        outs = []
+        for i, (b, tu) in enumerate(((t.file, tuned), (t.folder, tuned_folder), (t.file, tuned_folder))):
+            out = tmp_path / f"{family}-x{i}.safetensors"
+            r = _run("lora", "extract", str(b), str(tu), "--rank", "4", "-o", str(out))
+            assert r.exit_code == 0, (family, r.output)
+            outs.append(_load(out))
+        assert len(outs[0]) == 12, (family, sorted(outs[0]))  # four modules
+        for o in outs[1:]:
+            assert set(o) == set(outs[0]) and all(same_bits(o[k], outs[0][k]) for k in o), family
+
+
 def test_transformer_only_file_and_parts(tinies: dict[str, Tiny], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from diffusers import FluxTransformer2DModel
     from transformers import T5EncoderModel

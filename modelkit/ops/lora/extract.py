@@ -27,8 +27,8 @@ from typing import Any
 from ..._torch import require_torch
 from ...detect import detect_modelfile
 from ...errors import FormatError, UsageError
-from ...formats import open_model
 from ...formats.safetensors_write import OutTensor, WriteStats
+from ...layout.folder import open_input
 from ...paths import check_output
 from .. import metadata as md
 from .. import modelspec as ms
@@ -178,7 +178,7 @@ def extract_lora(
     target = default_output(t, out, None, ".lora")
     check_output(target, force=force, inputs=[b, t])
     warnings = check_scan(b, ignore_scan)[1] + check_scan(t, ignore_scan)[1]
-    with open_model(b) as mb, open_model(t) as mt:
+    with open_input(b) as mb, open_input(t) as mt:
         for mf, path in ((mb, b), (mt, t)):
             refuse_scaled(mf.tensors, mf.metadata, path, "lora extract")
         det = detect_modelfile(mb)
