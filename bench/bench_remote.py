@@ -8,7 +8,11 @@ counts the body bytes it sends; each tool's figure is what the server sent for i
 Target (issue 17): modelkit transfers at most 2 MB (0.1% of the file) and is at least 20x faster
 than a peer that downloads the whole file over loopback.
 
-Usage: ``python bench/bench_remote.py [--out bench/out] [--runs 3]``
+Over loopback the peers' whole-file download is as fast as a download can be. ``--rate MB`` (MB/s
+the server sends at most) and ``--rtt MS`` (a wait before each answer) model a real link instead; each
+request then costs modelkit a round trip, as it would.
+
+Usage: ``python bench/bench_remote.py [--out bench/out] [--runs 3] [--rate 100] [--rtt 20]``
 (peers: ``pip install picklescan fickling``; both run as their own command lines.)
 """
 
@@ -52,6 +56,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "out"))
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--rate", type=float, default=0.0, help="MB/s the server sends at most (0: loopback speed)")
+    ap.add_argument("--rtt", type=float, default=0.0, help="ms the server waits before each answer")
     args = ap.parse_args()
     big = os.path.join(args.out, "sd15-full-fp16.ckpt")
     if not os.path.exists(big):
@@ -65,6 +71,7 @@ def main() -> None:
     hf_cache = tempfile.mkdtemp(prefix="mk-remote-bench-hf-")
     with serve({"/sd15.ckpt": big}) as srv:
         srv.hf["bench/sd15"] = {"sd15.ckpt": big}
+        srv.rate, srv.delay = int(args.rate * 1e6), args.rtt / 1000
         env = {**os.environ, "HF_ENDPOINT": srv.url, "HF_HUB_CACHE": hf_cache, "HF_HUB_DISABLE_TELEMETRY": "1",
                "HF_HUB_DISABLE_XET": "1"}
         url = srv.url + "/sd15.ckpt"
@@ -78,7 +85,9 @@ def main() -> None:
                                  f"'--url', {url!r}]; sys.exit(main())"],
             "fickling --hf": [os.path.join(bindir, "fickling"), "--huggingface", "bench/sd15"],
         }
-        print(f"file: {size / 1e9:.2f} GB SD-1.5-shaped .ckpt served on {srv.url} (loopback); "
+        link = "loopback" + (f", at most {args.rate:g} MB/s" if args.rate else "") + \
+            (f", {args.rtt:g} ms before each answer" if args.rtt else "")
+        print(f"file: {size / 1e9:.2f} GB SD-1.5-shaped .ckpt served on {srv.url} ({link}); "
               f"median of {args.runs} runs, wall time of the whole command")
         print(f"{'tool':<16} {'bytes sent':>14} {'% of file':>9} {'requests':>8} {'seconds':>8}  last line of output")
         rows = {}
