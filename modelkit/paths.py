@@ -150,7 +150,12 @@ def text_name(path: str | os.PathLike[str]) -> str:
         >>> text_name(os.fsdecode(b"models/\\xffx.ckpt")) == "\\ufffdx.ckpt"
         True
     """
-    return os.fsencode(os.path.basename(os.fspath(path))).decode("utf-8", "replace")
+    p = os.fspath(path)
+    if is_remote(p):  # the name a download of it gets
+        from .remote.download import remote_name
+
+        return remote_name(p)
+    return os.fsencode(os.path.basename(p)).decode("utf-8", "replace")
 
 
 def output_name(src: str | os.PathLike[str], tag: str = "") -> str:

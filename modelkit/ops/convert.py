@@ -358,14 +358,14 @@ def convert(
 
     want = float_dtype(dtype, OUTPUT_DTYPES, "--dtype")
     target = default_output(s, out, out_dir)
-    if is_remote(s):  # downloaded whole beside the output, converted as a local file, the copy removed
+    if is_remote(s) and not dry_run:  # downloaded whole beside the output, converted as a local file, the copy removed
         from ..remote.download import run_on_copy
 
         check_output(target, force=force)
         return run_on_copy(s, target, lambda local: convert(
             local, target, force=force, dry_run=dry_run, ignore_scan=ignore_scan, progress=progress, dtype=dtype),
             progress)
-    check_output(target, force=force, inputs=[s])
+    check_output(target, force=force, inputs=[] if is_remote(s) else [s])  # a remote dry run: ranged reads
     with early_hash(s, dry_run) as hasher:
         verdict, warnings = check_scan(s, ignore_scan)
         with open_model(s, allow_hidden_pickles=ignore_scan) as mf:

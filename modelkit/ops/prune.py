@@ -336,14 +336,14 @@ def prune(
     t0 = time.perf_counter()
     s = os.fspath(src)
     target = default_output(s, out, out_dir, default_tag(part))
-    if is_remote(s):  # downloaded whole beside the output, pruned as a local file, the copy removed
+    if is_remote(s) and not dry_run:  # downloaded whole beside the output, pruned as a local file, the copy removed
         from ..remote.download import run_on_copy
 
         check_output(target, force=force)
         return run_on_copy(s, target, lambda local: prune(
             local, target, ema=ema, dtype=dtype, part=part, force=force, dry_run=dry_run, ignore_scan=ignore_scan,
             progress=progress, allow_overflow=allow_overflow, fp8=fp8), progress)
-    check_output(target, force=force, inputs=[s])
+    check_output(target, force=force, inputs=[] if is_remote(s) else [s])  # a remote dry run: ranged reads
     with early_hash(s, dry_run) as hasher:
         verdict, warnings = check_scan(s, ignore_scan)
         with open_input(s, allow_hidden_pickles=ignore_scan) as mf:

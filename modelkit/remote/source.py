@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+import os
 import tempfile
 import threading
 from collections.abc import Callable, Iterable
@@ -62,7 +63,7 @@ class RemoteSource(Source):
             raise RemoteError(self.path, f"{'the server ignores Range requests, and ' if why else ''}the file is "
                                          f"{expect} bytes, over the {cap}-byte cap on reading a remote file whole",
                               "Download it and scan the local copy, or raise MODELKIT_REMOTE_MAX_DOWNLOAD")
-        tmp = open(self._spool, "xb+") if self._spool else tempfile.TemporaryFile()  # noqa: SIM115 - closed by close()
+        tmp = self._spool_file(expect) if self._spool else tempfile.TemporaryFile()  # noqa: SIM115 - closed by close()
         got = 0
         try:
             for c in chunks:
@@ -70,10 +71,10 @@ class RemoteSource(Source):
                 if got > cap or (expect is not None and got > expect):
                     raise RemoteError(self.path, f"the server sent more than {expect if expect is not None else cap} "
                                                  "bytes for the file")
-                tmp.write(c)
+                self._write(tmp, c)
                 if self._on_bytes is not None:
                     self._on_bytes(len(c))
-            tmp.flush()
+            self._write(tmp, b"")
         except BaseException:
             tmp.close()
             raise
@@ -95,6 +96,37 @@ class RemoteSource(Source):
             self._cached = 0
         if why:
             self.notes.append(f"{why}: the whole file ({got} bytes) was downloaded to scan it")
+
+    def _spool_file(self, expect: int | None) -> Any:
+        """The new file at ``spool`` (its owner's only), once its folder has room for ``expect`` bytes."""
+        from .. import portable
+        from ..errors import OutputWriteError
+        from ..paths import ensure_room
+
+        assert self._spool is not None
+        if expect is not None:
+            ensure_room(self._spool, expect)
+        try:
+            fd = portable.open_fd(self._spool, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        except OSError as exc:
+            raise OutputWriteError(self._spool, f"cannot write the download ({exc.strerror or exc})",
+                                   "Choose a folder you can write to") from None
+        return os.fdopen(fd, "w+b")
+
+    def _write(self, f: Any, data: bytes) -> None:
+        """Write a piece of a whole-file read (``b""``: flush); a local failure is the output folder's."""
+        try:
+            if data:
+                f.write(data)
+            else:
+                f.flush()
+        except OSError as exc:
+            if not self._spool:
+                raise
+            from ..errors import OutputWriteError
+
+            raise OutputWriteError(self._spool, f"cannot write the download ({exc.strerror or exc})",
+                                   "Free some space, or choose another output folder") from None
 
     def materialize(self) -> None:
         """Read the whole file into a local temporary copy (containers that are read whole)."""

@@ -108,7 +108,7 @@ def test_hf_path_and_default_output_names(srv: Loopback, tmp_path: Path, monkeyp
         "sd15-tiny.pruned.safetensors"]
     assert remote_name("https://h/a/b%20c.ckpt?x=1") == "b c.ckpt"
     assert remote_name("https://h/") == "model" and remote_name("s3://bucket/dir/x:y.pt") == "x_y.pt"
-    assert remote_name("https://h/..") == "model" and remote_name("https://h/" + "é" * 300 + ".ckpt") == "é" * 100 + "~.ckpt"
+    assert remote_name("https://h/..") == "model" and remote_name("https://h/" + "é" * 300 + ".ckpt") == "é" * 77 + "~.ckpt"  # 160 bytes
 
 
 def test_existing_output_is_refused_before_any_download(srv: Loopback, tmp_path: Path) -> None:
@@ -188,3 +188,100 @@ def test_the_bar_counts_a_url_as_downloaded_then_written(srv: Loopback, files: d
     assert srv.requests == 1 and srv.sent <= 64 << 10
     srv.set_mode("status:404:99")
     assert _size(url, bars=True) == 0  # the command's own download says what is wrong
+
+
+def test_a_dry_run_reads_ranges_and_says_what_a_run_writes(srv: Loopback, files: dict[str, str],
+                                                           tmp_path: Path) -> None:
+    """--dry-run downloads nothing whole: it plans from ranged reads, with the header a real run writes."""
+    url = srv.url + "/models/sd15-tiny.ckpt?download=true"
+    for op, kw in (("convert", {}), ("prune", {"dtype": "fp16"})):
+        out = tmp_path / f"{op}.safetensors"
+        srv.reset_counts()
+        dry = getattr(modelkit, op)(url, out, dry_run=True, **kw)
+        assert dry.status == "dry-run" and not out.exists()
+        assert srv.sent < os.path.getsize(files["/models/sd15-tiny.ckpt"]) // 2, (op, srv.sent)
+        real = getattr(modelkit, op)(url, out, force=True, **kw)
+        assert (dry.size, dry.tensors) == (real.size, real.tensors), op
+        assert {k: v for k, v in dry.metadata.items() if k != "modelkit.source_sha256"} == \
+            {k: v for k, v in real.metadata.items() if k != "modelkit.source_sha256"}, op
+
+
+def test_output_folder_problems_are_one_line_naming_the_output(srv: Loopback, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file where the output folder should be, or too little room for the download (known from the
+    length before a byte is written, with or without ranges): OutputWriteError naming the output; the
+    folders this run made are removed again."""
+    from modelkit.errors import OutputWriteError
+
+    (tmp_path / "afile").write_bytes(b"x")
+    with pytest.raises(OutputWriteError, match="a file is in the way"):
+        modelkit.convert(srv.url + "/models/sd15-tiny.ckpt", out_dir=tmp_path / "afile")
+    p = _cli("convert", srv.url + "/models/sd15-tiny.ckpt", "--out-dir", "afile", cwd=tmp_path)
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and len(lines) == 1 and "a file is in the way" in lines[0], p.stderr
+    import shutil as sh
+
+    real = sh.disk_usage
+    monkeypatch.setattr(sh, "disk_usage", lambda f: real(f)._replace(free=1000))
+    for mode in ("", "no-ranges"):
+        srv.set_mode(mode)
+        target = tmp_path / "new" / "deeper" / "o.safetensors"
+        with pytest.raises(OutputWriteError) as ei:
+            modelkit.prune(srv.url + "/models/sd15-tiny.ckpt", target)
+        assert ei.value.path == str(target) and "needs" in ei.value.problem, ei.value
+        assert _left(tmp_path) == ["afile"], mode  # new/deeper made for the output, removed again
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX modes")
+def test_the_downloaded_copy_is_its_owners_only(srv: Loopback, tmp_path: Path) -> None:
+    modes: list[tuple[int, int]] = []
+
+    def look(name: str, n: int) -> None:
+        if name == DOWNLOAD and not modes:
+            (tmp,) = [p for p in tmp_path.iterdir() if p.name.endswith(".modelkit-tmp")]
+            (copy,) = list(tmp.iterdir())
+            modes.append((tmp.stat().st_mode & 0o777, copy.stat().st_mode & 0o777))
+
+    modelkit.convert(srv.url + "/models/sd15-tiny.ckpt", tmp_path / "o.safetensors", progress=look)
+    assert modes == [(0o700, 0o600)]
+
+
+def test_awkward_remote_names(srv: Loopback, files: dict[str, str], tmp_path: Path,
+                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Names from URLs: device names and long non-Latin names become names every OS can hold; the
+    download works under them; a copy that cannot be removed is a warning naming it."""
+    assert remote_name("https://h/NUL.ckpt") == "_NUL.ckpt" and remote_name("https://h/com1") == "_com1"
+    long = remote_name("https://h/" + "模" * 90 + ".ckpt")
+    assert long.endswith("~.ckpt") and len(long.encode()) <= 160
+    server_path = "/models/" + "模" * 90 + ".ckpt"
+    srv.files[server_path] = files["/models/sd15-tiny.ckpt"]
+    monkeypatch.chdir(tmp_path)
+    r = modelkit.convert(srv.url + "/models/" + "%E6%A8%A1" * 90 + ".ckpt")
+    assert r.output == long[: -len(".ckpt")] + ".safetensors" and Path(r.output).is_file()
+    import modelkit.remote.download as dl
+
+    monkeypatch.setattr(dl.shutil, "rmtree", lambda *a, **k: None)
+    r = modelkit.convert(srv.url + "/models/sd15-tiny.ckpt", tmp_path / "k.safetensors")
+    assert any("could not remove the downloaded copy" in w for w in r.warnings), r.warnings
+    left = [p for p in tmp_path.iterdir() if p.name.endswith(".modelkit-tmp")]
+    assert len(left) == 1
+    import shutil as sh
+
+    sh.rmtree(left[0])
+
+
+def test_fsspec_urls_convert_like_local_files(files: dict[str, str], tmp_path: Path) -> None:
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    fs.pipe("/convert-src/sd15-tiny.ckpt", Path(files["/models/sd15-tiny.ckpt"]).read_bytes())
+    try:
+        (tmp_path / "a").mkdir()
+        (tmp_path / "b").mkdir()
+        modelkit.prune(files["/models/sd15-tiny.ckpt"], tmp_path / "a" / "o.safetensors", dtype="bf16")
+        r = modelkit.prune("memory://convert-src/sd15-tiny.ckpt", tmp_path / "b" / "o.safetensors", dtype="bf16")
+        assert r.source == "memory://convert-src/sd15-tiny.ckpt"
+        assert (tmp_path / "a" / "o.safetensors").read_bytes() == (tmp_path / "b" / "o.safetensors").read_bytes()
+        assert _left(tmp_path / "b") == ["o.safetensors"]
+    finally:
+        fs.rm("/convert-src", recursive=True)
