@@ -224,6 +224,10 @@ class TrainingConfig:
         ema: keep an exponential moving average of the trained weights, written beside each output
             as ``<name>-ema.safetensors`` (same layout) and kept in the resume state.
         ema_decay: ``ema = decay * ema + (1 - decay) * weights`` after every optimizer step.
+        validation_seed: seeds the held-out split (``dataset.validation_split``) and the validation
+            noise, apart from ``seed``, so validation curves of runs with other seeds compare.
+        ema_warmup: the decay is ``min(ema_decay, (1 + t) / (10 + t))`` at optimizer step ``t`` (as
+            diffusers' ``EMAModel``), so a short run's average is not mostly its starting values.
         validation_every: every this many steps, the loss on the held-out images
             (``dataset.validation_split`` or ``validation_path``) with fixed noise and timesteps; 0: never.
     """
@@ -242,6 +246,8 @@ class TrainingConfig:
     threads: int = 0
     ema: bool = False
     ema_decay: float = 0.999
+    ema_warmup: bool = True
+    validation_seed: int = 0
     validation_every: int = 0
 
 
@@ -623,6 +629,9 @@ def _check_new(c: Config, source: str | None) -> None:
     if c.train.validation_every and not (c.dataset.validation_split or c.dataset.validation_path):
         raise _bad(source, "train.validation_every", "needs held-out images: set dataset.validation_split "
                    "or dataset.validation_path")
+    if c.dataset.validation_split and not c.train.validation_every:  # images left out for nothing
+        raise _bad(source, "dataset.validation_split", "holds images out of training, but train.validation_every "
+                   "is 0; set it (validation every N steps) or drop the split")
     if c.dataset.cache_text:
         trained = {"ti": "textual inversion trains the text embeddings",
                    "lora": "network.train_text_encoder is on", "locon": "network.train_text_encoder is on",
@@ -631,6 +640,9 @@ def _check_new(c: Config, source: str | None) -> None:
                 c.method == "dreambooth" and c.dreambooth.train_text_encoder):
             raise _bad(source, "dataset.cache_text", f"the text encoder is trained ({trained[c.method]}); "
                        "its outputs cannot be cached")
+        if c.dataset.shuffle_tags or c.dataset.tag_dropout:  # a new caption at nearly every step: an endless cache
+            raise _bad(source, "dataset.cache_text", "dataset.shuffle_tags and dataset.tag_dropout make a new caption "
+                       "at each step, which a cache cannot hold; turn them off or the cache")
     no_lr = c.optimizer.lr is None and c.optimizer.unet_lr is None and c.optimizer.text_encoder_lr is None
     if c.optimizer.name == "adafactor" and no_lr and (c.scheduler.name != "constant" or c.scheduler.warmup_steps):
         raise _bad(source, "scheduler.name", "Adafactor without optimizer.lr sets its own rate (relative step); "

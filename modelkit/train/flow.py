@@ -129,8 +129,9 @@ def image_ids(height: int, width: int, device: Any, dtype: Any) -> Any:
 
 
 def flow_loss(config: Config, base: Any, transformer: Any, batch: Any, gen: Any, device: Any, weight_dtype: Any,
-              text_cache: Any = None) -> Any:
-    """The (masked) flow-matching loss of one micro-batch, a float32 scalar tensor."""
+              text_cache: Any = None, fixed_t: float | None = None) -> Any:
+    """The (masked) flow-matching loss of one micro-batch, a float32 scalar tensor (``fixed_t``: every
+    sample at that sigma instead of a drawn one; validation)."""
     import torch
     import torch.nn.functional as F
 
@@ -156,6 +157,8 @@ def flow_loss(config: Config, base: Any, transformer: Any, batch: Any, gen: Any,
     patch = 2 if flux else int(inner.config.patch_size)
     sched_cfg = dict(base.scheduler.config)
     sigmas = sample_sigmas(config.flow, sched_cfg, b, gen, (h // patch) * (w // patch)).to(device)
+    if fixed_t is not None:
+        sigmas = torch.full_like(sigmas, fixed_t)
     s = sigmas.view(-1, 1, 1, 1).to(weight_dtype)
     noisy = (1.0 - s) * x0 + s * noise
     target = noise - x0

@@ -110,8 +110,14 @@ class WandB:
         import wandb
 
         os.makedirs(folder, exist_ok=True)
-        self.run = wandb.init(project=config.output.wandb_project, name=config.output.name, dir=folder,
-                              config=config.to_dict())
+        try:
+            self.run = wandb.init(project=config.output.wandb_project, name=config.output.name, dir=folder,
+                                  config=config.to_dict())
+        except Exception as exc:  # noqa: BLE001 - no key, no network, a bad project: one line, before training
+            why = " ".join(str(exc).split())[:200] or type(exc).__name__
+            raise ConfigError(None, f"key output.wandb: wandb could not start a run ({why})",
+                              "Run `wandb login` or set WANDB_API_KEY; WANDB_MODE=offline logs locally; "
+                              "or set output.wandb = false") from None
         self.last = time.perf_counter()
 
     def step(self, step: int, loss: float, lrs: list[float], epoch: float) -> None:

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from ..errors import OutputExistsError, TrainingError, UsageError
+from ..errors import OutputExistsError, OutputWriteError, TrainingError, UsageError
 from ..paths import atomic_output, check_output
 from . import data, validation
 from .config import Config, resolved
@@ -115,7 +115,7 @@ def _fingerprint(config: Config) -> dict[str, Any]:
     return {"method": c.method, "network": network, "ti": d["ti"], "hypernetwork": d["hypernetwork"],
             "dreambooth": {k: v for k, v in d["dreambooth"].items() if k not in _DB_FREE}, "seed": c.train.seed,
             "batch_size": c.train.batch_size, "grad_accum": c.train.grad_accum, "optimizer": c.optimizer.name,
-            **({"ema": c.train.ema_decay} if c.train.ema else {})}
+            **({"ema": c.train.ema_decay, "ema_warmup": c.train.ema_warmup} if c.train.ema else {})}
 
 
 def _threads(cfg: Config, device: Any) -> int:
@@ -197,6 +197,10 @@ def _train(config: Config, progress: Progress | None, on_skip: Callable[[data.Sk
     if cfg.method == "dreambooth" and os.path.isdir(cfg.model.path) and not oc.force \
             and os.path.lexists(final[: -len(".safetensors")]):  # DreamBooth on a diffusers folder writes a folder
         raise OutputExistsError(final[: -len(".safetensors")], "already exists")
+    if cfg.train.ema and cfg.method == "dreambooth" and os.path.isdir(cfg.model.path) and not oc.force \
+            and os.path.lexists(ema_path(final)[: -len(".safetensors")]):  # ... and its EMA a folder too
+        raise OutputExistsError(ema_path(final)[: -len(".safetensors")], "already exists")
+    _check_cache_folders(cfg)
     if oc.save_state and os.path.abspath(final_state) != os.path.abspath(oc.resume or ""):
         check_output(os.path.join(final_state, "state.safetensors"), force=oc.force)
     # Saves past the resumed step belong to the abandoned run: a resume may replace them.
@@ -210,73 +214,88 @@ def _train(config: Config, progress: Progress | None, on_skip: Callable[[data.Sk
         cfg = replace(cfg, train=replace(cfg.train, threads=threads))
     config_file = _save_config(cfg) if accelerator.is_main_process else ""
     weight_dtype = _weight_dtype(cfg.train.mixed_precision)
-    ds = data.scan(cfg.dataset, on_skip)
-    held = validation.split(cfg, ds, on_skip)
-    base = load_base(cfg.model, dtype=weight_dtype)
-    generated: list[str] = []
-    if cfg.method == "dreambooth" and cfg.dreambooth.num_class_images:
-        generated = _class_images(cfg, base, accelerator)
-    method = make_method(cfg, base)
-    if base.prediction == "flow":
-        from .flow import t5_length
-
-        base.tokenizers[-1].model_max_length = t5_length(cfg, base)
-    groups = method.prepare()
-    _configure(cfg, base, method, weight_dtype)
-    optimizer = make_optimizer(cfg, groups)
-    world, rank = accelerator.num_processes, accelerator.process_index
-    per_epoch = len(ds.batches(cfg.train.batch_size, cfg.train.seed, 0)) // world
-    if per_epoch < 1:
-        raise UsageError(cfg.dataset.path, f"{len(ds.items)} images make fewer batches than processes ({world})")
-    steps_per_epoch = max(1, per_epoch // cfg.train.grad_accum)
-    total = cfg.train.max_steps or steps_per_epoch * cfg.train.epochs
-    if cfg.train.epochs:
-        total = min(total, steps_per_epoch * cfg.train.epochs)
-    scheduler = make_scheduler(cfg, optimizer, total)
-    unet = accelerator.prepare(base.unet) if method.name != "ti" else base.unet
-    for i, on in enumerate(method.train_text):
-        if on:  # wrapped for multi-GPU gradient sync; the method keeps references to the inner module
-            base.text_encoders[i] = accelerator.prepare(base.text_encoders[i])
-    optimizer = accelerator.prepare(optimizer)
-    params = method.trainable()
-    counters = Counters(0, 0)
-    if oc.resume:
-        counters = load_state(oc.resume, params, optimizer, scheduler, accelerator.scaler, _fingerprint(cfg))
-    for m in method.modules_in_training():
-        m.train()
-    device = accelerator.device
-    for m in (base.vae, *base.text_encoders):
-        m.to(device)
-    base.unet.to(device)
-    notes = list(base.notes)
-    if cfg.dataset.cache_latents:
-        method.latents = _cache_latents(cfg, base, ds, method, accelerator, notes, held)
-    text_cache = _text_cache(cfg, base, notes)
-    ema = EMA(params, cfg.train.ema_decay) if cfg.train.ema else None
-    if ema is not None and oc.resume:
-        ema.load(load_extra(oc.resume, "ema."))
-    ema_saved: list[str] = []
-    validated: list[tuple[int, float]] = []
-    text_grad = any(method.train_text)
-    meta = _metadata(cfg, base, ds, method.adapter)
-    saved: list[str] = []
-    states: list[str] = []
-    losses: list[float] = []
-    samples: list[str] = []
-    epoch_batches: dict[int, list[list[int]]] = {}
-    step, micro = counters.step, counters.micro
-    running = 0.0
-    trainable = [p for g in groups for p in g["params"]]
-    board = TensorBoard(log_dir(cfg)) if oc.tensorboard and accelerator.is_main_process else None
+    # wandb first: a login problem is one line before the base is loaded, not a traceback after it
     wandb_run = WandB(cfg, log_dir(cfg)) if oc.wandb and accelerator.is_main_process else None
-    if on_start is not None and accelerator.is_main_process:
-        on_start(RunStart(cfg.method, base.family, cfg.model.path, len(ds.items), len({i.bucket for i in ds.items}),
-                          total, step, final, config_file, str(device), torch.get_num_threads()))
-    if cfg.sample.at_start and step == 0 and accelerator.is_main_process:
-        samples.extend(sample_images(cfg, base, method, 0, replace_saves, accelerator.autocast,
-                                     board.writer if board is not None else None))
-        if board is not None:
-            board.resume_clock()
+    try:
+        ds = data.scan(cfg.dataset, on_skip)
+        held = validation.split(cfg, ds, on_skip)
+        base = load_base(cfg.model, dtype=weight_dtype)
+        generated: list[str] = []
+        if cfg.method == "dreambooth" and cfg.dreambooth.num_class_images:
+            generated = _class_images(cfg, base, accelerator)
+        method = make_method(cfg, base)
+        if base.prediction == "flow":
+            from .flow import t5_length
+
+            base.tokenizers[-1].model_max_length = t5_length(cfg, base)
+        groups = method.prepare()
+        _configure(cfg, base, method, weight_dtype)
+        optimizer = make_optimizer(cfg, groups)
+        world, rank = accelerator.num_processes, accelerator.process_index
+        per_epoch = len(ds.batches(cfg.train.batch_size, cfg.train.seed, 0)) // world
+        if per_epoch < 1:
+            raise UsageError(cfg.dataset.path, f"{len(ds.items)} images make fewer batches than processes ({world})")
+        steps_per_epoch = max(1, per_epoch // cfg.train.grad_accum)
+        total = cfg.train.max_steps or steps_per_epoch * cfg.train.epochs
+        if cfg.train.epochs:
+            total = min(total, steps_per_epoch * cfg.train.epochs)
+        scheduler = make_scheduler(cfg, optimizer, total)
+        unet = accelerator.prepare(base.unet) if method.name != "ti" else base.unet
+        for i, on in enumerate(method.train_text):
+            if on:  # wrapped for multi-GPU gradient sync; the method keeps references to the inner module
+                base.text_encoders[i] = accelerator.prepare(base.text_encoders[i])
+        optimizer = accelerator.prepare(optimizer)
+        params = method.trainable()
+        counters = Counters(0, 0)
+        if oc.resume:
+            counters = load_state(oc.resume, params, optimizer, scheduler, accelerator.scaler, _fingerprint(cfg))
+        for m in method.modules_in_training():
+            m.train()
+        device = accelerator.device
+        for m in (base.vae, *base.text_encoders):
+            m.to(device)
+        base.unet.to(device)
+        notes = list(base.notes)
+        if cfg.dataset.cache_latents:
+            method.latents = _cache_latents(cfg, base, ds, method, accelerator, notes, held)
+        text_cache = _text_cache(cfg, base, notes)
+        if text_cache is not None:
+            _build_text_cache(cfg, text_cache, base, ds, method, accelerator, held)
+        ema = EMA(params, cfg.train.ema_decay, cfg.train.ema_warmup) if cfg.train.ema else None
+        if ema is not None and oc.resume:
+            ema.load(load_extra(oc.resume, "ema."))
+        ema_saved: list[str] = []
+        validated: list[tuple[int, float]] = []
+        text_grad = any(method.train_text)
+        meta = _metadata(cfg, base, ds, method.adapter)
+        saved: list[str] = []
+        states: list[str] = []
+        losses: list[float] = []
+        samples: list[str] = []
+        epoch_batches: dict[int, list[list[int]]] = {}
+        step, micro = counters.step, counters.micro
+        running = 0.0
+        trainable = [p for g in groups for p in g["params"]]
+        board = TensorBoard(log_dir(cfg)) if oc.tensorboard and accelerator.is_main_process else None
+        if on_start is not None and accelerator.is_main_process:
+            on_start(RunStart(cfg.method, base.family, cfg.model.path, len(ds.items), len({i.bucket for i in ds.items}),
+                              total, step, final, config_file, str(device), torch.get_num_threads()))
+        if cfg.sample.at_start and step == 0 and accelerator.is_main_process:
+            samples.extend(sample_images(cfg, base, method, 0, replace_saves, accelerator.autocast,
+                                         board.writer if board is not None else None))
+            if board is not None:
+                board.resume_clock()
+    except BaseException:
+        if wandb_run is not None:
+            wandb_run.close()
+        raise
+    if held and cfg.train.validation_every and step == 0:  # where the curve starts: the untrained model
+        value = validation.validation_loss(cfg, base, unet, method, held, device, weight_dtype, accelerator.autocast,
+                                           text_cache)
+        validated.append((0, value))
+        for sink in (board, wandb_run):
+            if sink is not None:
+                sink.scalar("validation/loss", value, 0)
     try:
         while step < total:
             epoch, index = divmod(micro, per_epoch)
@@ -309,7 +328,7 @@ def _train(config: Config, progress: Progress | None, on_skip: Callable[[data.Sk
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             if ema is not None:
-                ema.update()
+                ema.update(step)
             step += 1
             losses.append(running)
             if progress is not None and accelerator.is_main_process:
@@ -399,6 +418,29 @@ def _class_images(cfg: Config, base: Any, accelerator: Any) -> list[str]:
     return written
 
 
+def _check_cache_folders(cfg: Config) -> None:
+    """The latent and text cache folders in use: created now, and writable, or one line before anything loads.
+
+    Raises:
+        OutputWriteError: a file is in the way, or the folder cannot be created or written.
+    """
+    from . import latents, textcache
+
+    for on, folder, key in ((cfg.dataset.cache_latents, latents.cache_folder(cfg), "dataset.cache_dir"),
+                            (cfg.dataset.cache_text, textcache.cache_folder(cfg), "dataset.text_cache_dir")):
+        if not on:
+            continue
+        try:
+            os.makedirs(folder, exist_ok=True)
+            writable = os.access(folder, os.W_OK | os.X_OK)
+        except OSError as exc:
+            raise OutputWriteError(folder, f"key {key}: cannot use it as the cache folder ({exc.strerror or exc})",
+                                   f"Set {key} to a folder you can write to") from None
+        if not writable:
+            raise OutputWriteError(folder, f"key {key}: the cache folder is not writable",
+                                   f"Set {key} to a folder you can write to")
+
+
 def _text_cache(cfg: Config, base: Any, notes: list[str]) -> Any:
     """The text-encoder output cache (``dataset.cache_text``), or None."""
     if not cfg.dataset.cache_text:
@@ -406,6 +448,35 @@ def _text_cache(cfg: Config, base: Any, notes: list[str]) -> Any:
     from .textcache import TextCache, cache_folder, text_identity
 
     return TextCache(cache_folder(cfg), text_identity(base, cfg.model.clip_skip), notes.append)
+
+
+def run_captions(cfg: Config, ds: data.Dataset, method: Any, held: list[data.Item] | None) -> list[str]:
+    """Every caption the run can give the text encoders (with ``dataset.cache_text``, whose options make
+    no new captions at a step: caption dropout gives the empty one): training, class and held-out images."""
+    captions = [method.caption(item.caption) for item in ds.items]
+    if cfg.dataset.caption_dropout:
+        captions.append(method.caption(""))
+    captions += [item.caption for item in method.cache_items()]  # DreamBooth's class images, as prior_batch reads them
+    if cfg.dataset.caption_dropout and method.cache_items():
+        captions.append("")
+    captions += [method.caption(item.caption) for item in held or []]
+    return captions
+
+
+def _build_text_cache(cfg: Config, cache: Any, base: Any, ds: data.Dataset, method: Any, accelerator: Any,
+                      held: list[data.Item] | None) -> None:
+    """Encode every caption of the run once (main process; the others wait), then move the text encoders off
+    the GPU when nothing else needs them (samples do)."""
+    import torch
+
+    if accelerator.is_main_process:
+        cache.build(base, run_captions(cfg, ds, method, held), accelerator.device, cfg.model.clip_skip)
+    accelerator.wait_for_everyone()
+    if not cfg.sample.enabled:
+        for te in base.text_encoders:
+            te.to("cpu")
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 def _export_ema(ema: EMA, method: Any, path: str, meta: dict[str, str], cfg: Config, step: int, epoch: float,

@@ -114,8 +114,11 @@ def time_ids(batch: Batch, device: Any, dtype: Any) -> Any:
 
 
 def compute_loss(config: Config, base: BaseModel, unet: Any, batch: Batch, micro: int, device: Any,
-                 weight_dtype: Any, text_grad: bool, text_cache: Any = None) -> Any:
+                 weight_dtype: Any, text_grad: bool, text_cache: Any = None, fixed_t: float | None = None) -> Any:
     """The (min-SNR weighted, masked) diffusion loss of one micro-batch, as a float32 scalar tensor.
+
+    ``fixed_t`` (validation): every sample at that point of the schedule, a fraction in [0, 1] (the
+    timestep ``round(fixed_t * (T - 1))``, or the sigma itself for flow matching), instead of a drawn one.
 
     With a mask (``dataset.masked_loss``) the squared error is multiplied by the mask,
     area-downsampled to the latent size, before the mean (kohya's ``alpha_mask``): where the mask
@@ -129,7 +132,7 @@ def compute_loss(config: Config, base: BaseModel, unet: Any, batch: Batch, micro
     if base.prediction == "flow":  # Flux / SD3: flow matching (text encoders always frozen)
         from .flow import flow_loss
 
-        return flow_loss(config, base, unet, batch, gen, device, weight_dtype, text_cache)
+        return flow_loss(config, base, unet, batch, gen, device, weight_dtype, text_cache, fixed_t)
     vae = base.vae
     with torch.no_grad():
         if batch.latent_mean is not None:
@@ -146,6 +149,8 @@ def compute_loss(config: Config, base: BaseModel, unet: Any, batch: Batch, micro
         noise = noise + tc.noise_offset * offset.to(device, weight_dtype)
     sched = base.scheduler
     timesteps = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), generator=gen).to(device)
+    if fixed_t is not None:
+        timesteps = torch.full_like(timesteps, round(fixed_t * (sched.config.num_train_timesteps - 1)))
     noisy = sched.add_noise(latents, noise, timesteps)
     if text_cache is not None and not text_grad:
         states, pooled = text_cache.encode(base, batch.captions, device, config.model.clip_skip)

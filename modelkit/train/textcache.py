@@ -11,6 +11,12 @@ encoded again and replaced, and the run gets a one-line note.
 Captions are encoded one at a time, so a cached output is exactly what the encoder gives for that
 caption alone: at ``train.batch_size = 1`` a cached run equals an uncached one bit for bit; with
 larger batches the uncached run encodes the captions together and may differ by float rounding.
+
+Every caption a run can feed the encoders is known before it starts (the caption options that make
+new captions at each step, tag shuffling and tag dropout, are refused with the cache), so ``build``
+encodes them all before step 1; the training loop then moves the text encoders off the GPU, which is
+what lets a large model (SDXL, Flux's T5) train in less memory. A caption that shows up anyway is
+encoded where the encoders are and its output moved to the training device.
 """
 
 from __future__ import annotations
@@ -89,6 +95,11 @@ class TextCache:
             return f"{type(exc).__name__}: {exc}"
         return tensors["states"], tensors.get("pooled")
 
+    def build(self, base: Any, captions: list[str], device: Any, clip_skip: int) -> None:
+        """Encode and write every caption of ``captions`` the cache does not hold yet."""
+        for caption in dict.fromkeys(captions):
+            self.encode(base, [caption], device, clip_skip)
+
     def encode(self, base: Any, captions: list[str], device: Any, clip_skip: int) -> tuple[Any, Any]:
         """``(encoder_hidden_states, pooled or None)`` for the captions, as ``step.encode_text``
         gives them, from the cache where possible (missing entries are encoded and written)."""
@@ -96,7 +107,6 @@ class TextCache:
 
         from .step import encode_text
 
-        os.makedirs(self.folder, exist_ok=True)
         pooled_wanted = base.family in ("sdxl", "flux", "sd3")
         states, pools = [], []
         for caption in captions:
@@ -107,8 +117,9 @@ class TextCache:
                 if isinstance(got, str) and self.note is not None:
                     self.note(f"text cache entry {file} is unusable ({got}); encoded again")
             if isinstance(got, str):
-                with torch.no_grad():
-                    s, p = encode_text(base, [caption], device, clip_skip)
+                where = next(getattr(base.text_encoders[0], "module", base.text_encoders[0]).parameters()).device
+                with torch.no_grad():  # where the encoders are (on the CPU once the cache is built)
+                    s, p = encode_text(base, [caption], where, clip_skip)
                 tensors = {"states": s[0].detach().cpu().contiguous()}
                 if p is not None:
                     tensors["pooled"] = p[0].detach().cpu().contiguous()

@@ -16,7 +16,7 @@ pytest.importorskip("accelerate")
 import torch  # noqa: E402
 
 import modelkit  # noqa: E402
-from modelkit.errors import ConfigError, TrainingError  # noqa: E402
+from modelkit.errors import ConfigError, ModelkitError, TrainingError  # noqa: E402
 from modelkit.train import train  # noqa: E402
 from modelkit.train.config import Config, build_config, resolved  # noqa: E402
 
@@ -192,7 +192,11 @@ def test_text_cache_equals_no_cache_and_rebuilds_a_corrupt_entry(tiny_model: dic
     a, b = modelkit.load(uncached.output), modelkit.load(cached.output)
     assert all(torch.equal(a[k], b[k]) for k in a)
     files = sorted(glob.glob(str(tmp_path / "b" / ".modelkit-text" / "*.safetensors")))
-    assert files and any("2 encoded" in n for n in cached.notes)
+    from modelkit.train import data
+
+    captions = {i.caption for i in data.scan(_config(tiny_model, tmp_path).dataset).items}
+    # every caption is encoded before step 1 (2 steps see only 2 of the 3 images)
+    assert len(files) == len(captions) == 3 and any("3 encoded" in n for n in cached.notes), cached.notes
     with modelkit.open_model(files[0]) as mf:
         assert mf.metadata["modelkit.layout"] == "modelkit-text/1" and set(mf) == {"states"}
     Path(files[0]).write_bytes(b"\x00" * 40)
@@ -216,14 +220,14 @@ def test_validation_loss_is_the_same_in_two_runs_and_logged(tiny_model: dict[str
              "output.tensorboard=true")
     one = train(_config(tiny_model, tmp_path / "a", "lora", *extra))
     two = train(_config(tiny_model, tmp_path / "b", "lora", *extra))
-    assert [s for s, _ in one.validation] == [1, 2] and one.images == 2  # one of three images held out
+    assert [s for s, _ in one.validation] == [0, 1, 2] and one.images == 2  # one of three images held out
     assert one.validation == two.validation
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     acc = EventAccumulator(str(tmp_path / "a" / "logs"))
     acc.Reload()
     logged = [(e.step, e.value) for e in acc.Scalars("validation/loss")]
-    assert [s for s, _ in logged] == [1, 2]
+    assert [s for s, _ in logged] == [0, 1, 2]
     assert [v for _, v in logged] == pytest.approx([v for _, v in one.validation], rel=1e-6)
 
 
@@ -239,7 +243,7 @@ def test_validation_is_deterministic_and_changes_no_weights(tiny_model: dict[str
     one = train(_config(tiny_model, tmp_path / "a", "lora", *extra))
     two = train(_config(tiny_model, tmp_path / "b", "lora", *extra))
     plain = train(_config(tiny_model, tmp_path / "c", "lora", "output.save_state=false"))
-    assert one.validation == two.validation and len(one.validation) == 2
+    assert one.validation == two.validation and [s for s, _ in one.validation] == [0, 1, 2]
     assert one.losses == plain.losses  # validation takes nothing from the training's random streams
     a, c = modelkit.load(one.output), modelkit.load(plain.output)
     assert all(torch.equal(a[k], c[k]) for k in a)
@@ -254,7 +258,7 @@ def test_wandb_offline_logs_the_run(tiny_model: dict[str, str], tmp_path: Path, 
                            "dataset.validation_split=0.34", "train.validation_every=2"))
     runs = glob.glob(str(tmp_path / "**" / "offline-run-*" / "*.wandb"), recursive=True)
     assert result.steps == 2 and len(runs) == 1 and os.path.getsize(runs[0]) > 0
-    assert len(result.validation) == 1
+    assert [s for s, _ in result.validation] == [0, 2]
 
 
 def test_missing_wandb_is_one_line_and_the_extras_list_the_packages(tiny_model: dict[str, str], tmp_path: Path,
@@ -330,3 +334,86 @@ def test_the_human_result_names_the_ema_file_and_the_validation_loss(tmp_path: P
     out = capsys.readouterr().out
     assert "wrote o-ema.safetensors (EMA of the trained weights)" in out
     assert "validation loss 0.2500 at step 4 (first 0.5000 at step 2)" in out
+
+
+def test_validation_compares_across_training_seeds(tiny_model: dict[str, str], tmp_path: Path) -> None:
+    """The held-out split and the validation noise come from train.validation_seed, so two runs with other
+    training seeds start from the same validation value (the untrained model, step 0) on the same images."""
+    extra = ("dataset.validation_split=0.34", "train.validation_every=2", "output.save_state=false")
+    a = train(_config(tiny_model, tmp_path / "a", "lora", *extra, "train.seed=3"))
+    b = train(_config(tiny_model, tmp_path / "b", "lora", *extra, "train.seed=4"))
+    c = train(_config(tiny_model, tmp_path / "c", "lora", *extra, "train.seed=4", "train.validation_seed=9"))
+    assert a.validation[0] == b.validation[0] and a.validation[0][0] == 0
+    assert a.losses != b.losses and c.validation[0] != b.validation[0]
+    with pytest.raises(ConfigError, match="train.validation_every"):  # a split that no validation uses
+        _config(tiny_model, tmp_path, "lora", "dataset.validation_split=0.34")
+
+
+def test_validation_folder_errors_name_its_key(tiny_model: dict[str, str], tmp_path: Path) -> None:
+    with pytest.raises(ModelkitError) as info:
+        train(_config(tiny_model, tmp_path / "o", "lora", f"dataset.validation_path={tmp_path / 'nope'}",
+                      "train.validation_every=1"))
+    assert "dataset.validation_path" in str(info.value) and "key dataset.path" not in str(info.value)
+
+
+def test_ema_warms_up(tiny_model: dict[str, str], tmp_path: Path) -> None:
+    """decay min(ema_decay, (1 + t) / (10 + t)): after a few steps the average has moved most of the way to
+    the weights (without the warm-up it would still be almost its starting values: zero for lora_up)."""
+    from modelkit.train.ema import EMA
+
+    ema = EMA({}, 0.999)
+    assert [round(ema.decay_at(t), 6) for t in (0, 1, 10, 10_000)] == [0.1, round(2 / 11, 6), round(11 / 20, 6), 0.999]
+    assert EMA({}, 0.999, warmup=False).decay_at(0) == 0.999
+    extra = ("train.max_steps=3", "train.ema=true", "output.save_state=false")
+    warm = train(_config(tiny_model, tmp_path / "a", "lora", *extra))
+    cold = train(_config(tiny_model, tmp_path / "b", "lora", *extra, "train.ema_warmup=false"))
+    main, w, c = (modelkit.load(p) for p in (warm.output, warm.ema_saved[-1], cold.ema_saved[-1]))
+    ups = [k for k in main if k.endswith("lora_up.weight")]
+    far = sum(float((main[k] - c[k]).abs().sum()) for k in ups)
+    near = sum(float((main[k] - w[k]).abs().sum()) for k in ups)
+    assert near < 0.5 * far
+
+
+def test_text_cache_is_built_before_training_and_refuses_changing_captions(tiny_model: dict[str, str], tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every caption is in the cache before step 1 and the text encoders leave the training device; options
+    that make a new caption at each step are refused; an unusable cache folder is one line before loading."""
+    from modelkit.errors import OutputWriteError
+    from modelkit.train import loop
+
+    moved: list[str] = []
+    real = loop._build_text_cache
+
+    def spy(cfg: Any, cache: Any, base: Any, *a: Any) -> None:
+        real(cfg, cache, base, *a)
+        moved.extend(str(next(te.parameters()).device) for te in base.text_encoders)
+        moved.append(str(len(glob.glob(os.path.join(cache.folder, "*.safetensors")))))
+
+    monkeypatch.setattr(loop, "_build_text_cache", spy)
+    train(_config(tiny_model, tmp_path / "a", "lora", "output.save_state=false", "dataset.cache_text=true",
+                  "train.max_steps=1"))
+    assert moved == ["cpu", "3"]
+    for opt in ("dataset.shuffle_tags=true", "dataset.tag_dropout=0.2"):
+        with pytest.raises(ConfigError, match="dataset.cache_text"):
+            _config(tiny_model, tmp_path, "lora", "dataset.cache_text=true", opt)
+    (tmp_path / "afile").write_bytes(b"x")
+    with pytest.raises(OutputWriteError, match="dataset.text_cache_dir") as info:
+        train(_config(tiny_model, tmp_path / "b", "lora", "dataset.cache_text=true",
+                      f"dataset.text_cache_dir={tmp_path / 'afile'}"))
+    assert "\n" not in str(info.value) and not (tmp_path / "b" / "lora.safetensors").exists()
+
+
+def test_a_wandb_that_cannot_start_is_one_line_before_the_base_loads(tiny_model: dict[str, str], tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    wandb = pytest.importorskip("wandb")
+    from modelkit.train import base as base_mod
+
+    def no_key(**_: Any) -> None:
+        raise wandb.errors.UsageError("No API key configured. Use `wandb login` to log in.")
+
+    monkeypatch.setattr(wandb, "init", no_key)
+    monkeypatch.setattr(base_mod, "load_base", lambda *a, **k: pytest.fail("the base was loaded"))
+    with pytest.raises(ConfigError) as info:
+        train(_config(tiny_model, tmp_path, "lora", "output.wandb=true"))
+    assert "No API key configured" in str(info.value) and "wandb login" in str(info.value)
+    assert "\n" not in str(info.value)
