@@ -112,7 +112,9 @@ def load(path: str | os.PathLike[str], device: str = "cpu", dtype: Any = None,
         keys: load only these tensors (for example one component).
         dequantize: return each scaled fp8 weight (ComfyUI's ``comfy_quant`` or ``scaled_fp8``
             layout) as ``weight.float() * scale`` (float32, or ``dtype``), without its scale and
-            marker tensors; by default the file's tensors are returned as stored.
+            marker tensors, and each quantized GGUF tensor (Q8_0, Q4_K ...) as its values in its
+            logical shape (float32, or ``dtype``; the ``[gguf]`` extra); by default the file's tensors
+            are returned as stored (a quantized GGUF tensor as its packed ``uint8`` blocks).
 
     Returns:
         ``{name: torch.Tensor}`` in file order.
@@ -143,6 +145,12 @@ def _dequantize(mf: ModelFile, out: dict[str, Any], dtype: Any) -> dict[str, Any
     markers dropped."""
     from .ops import fp8
 
+    if mf.container == "gguf":
+        from .ops.gguf_ops import dequantized_torch
+
+        values = {name: dequantized_torch(mf, name) for name in out}
+        return {name: t if values[name] is None else values[name].to(
+            device=t.device, dtype=dtype if dtype is not None else values[name].dtype) for name, t in out.items()}
     found = fp8.scaled_weights(mf.tensors, mf.metadata)
     if not found:
         return out

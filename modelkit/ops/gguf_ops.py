@@ -206,6 +206,36 @@ def plan_to_gguf(mf: ModelFile, base: str | None, quant: str) -> tuple[list[Gguf
     return out, kv, len(mf) - len(names)
 
 
+def refuse_quantized(mf: ModelFile, path: str, what: str) -> None:
+    """A GGUF file with quantized tensors is refused in one line by a command that reads float weights (its
+    quantized tensors are packed blocks, not values).
+
+    Raises:
+        UsageError: naming the quant types and how to dequantize the file first.
+    """
+    types = (mf.info.get("gguf") or {}).get("types") or {}
+    if mf.container == "gguf" and types:
+        kinds = ", ".join(sorted(set(types.values())))
+        raise UsageError(path, f"is a GGUF file with {len(types)} quantized tensors ({kinds}); {what} reads "
+                               "float weights", "Dequantize it first: modelkit convert FILE.gguf -o FILE.safetensors")
+
+
+def dequantized_torch(mf: ModelFile, name: str) -> Any:
+    """Tensor ``name`` of a GGUF file as float32 torch values (dequantized by gguf when quantized)."""
+    import numpy as np
+    import torch
+
+    info = mf.info.get("gguf") or {}
+    qtype = (info.get("types") or {}).get(name)
+    if qtype is None:
+        return None
+    gguf = _gguf()
+    ref = mf[name]
+    raw = np.frombuffer(bytes(ref.read_raw()), np.uint8).reshape(ref.shape)
+    vals = gguf.dequantize(raw, gguf.GGMLQuantizationType[qtype]).astype(np.float32)
+    return torch.from_numpy(np.ascontiguousarray(vals.reshape(tuple(info["shapes"][name]))))
+
+
 def plan_from_gguf(mf: ModelFile, dtype: DType) -> list[OutTensor]:
     """Every tensor of a GGUF file as an ``OutTensor`` of ``dtype`` (quantized ones dequantized by gguf)."""
     import numpy as np
@@ -286,6 +316,7 @@ def to_gguf(src: str | os.PathLike[str], out: str | os.PathLike[str], *, quant: 
     check_output(target, force=force, inputs=[s])
     with open_model(s, ignore_scan=ignore_scan) as mf:
         refuse_scaled(mf.tensors, mf.metadata, s, "convert --to gguf")
+        refuse_quantized(mf, s, "convert --to gguf")
         tensors, kv, left = plan_to_gguf(mf, base or detect(mf).base, q)
         head, _ = gguf_header(tensors, kv)
         size = len(head) + sum(-(-t.nbytes // DEFAULT_ALIGNMENT) * DEFAULT_ALIGNMENT for t in tensors)

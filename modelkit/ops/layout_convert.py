@@ -36,6 +36,7 @@ from . import metadata as md
 from . import modelspec as ms
 from .convert import Progress
 from .fp8 import refuse_scaled
+from .gguf_ops import refuse_quantized
 from .result import result_dict
 
 DIRECTIONS = ("single", "diffusers")
@@ -221,12 +222,20 @@ def _single_part(s: str, part: str | None, ignore_scan: bool) -> ModelFile:
     mf = open_model(s, ignore_scan=ignore_scan)
     try:
         refuse_scaled(mf.tensors, mf.metadata, s, "convert --to single")
+        refuse_quantized(mf, s, "convert --to single")
         found = dit.single_family(list(mf))
         if found is not None:
             from .layout_dit import single_part
 
             return single_part(mf, s, found[0], part)
+        if part == "transformer":  # a Flux/SD3 transformer in diffusers keys: its original (BFL/ComfyUI) keys
+            from .layout_dit import diffusers_transformer
+
+            if diffusers_transformer(mf, s) is not None:
+                mf.metadata = dict(mf.metadata)
+                return mf
         family = lp.family_of(mf)
+        _sd_part(s, part, family)
         parts = [p for p in lp.parts_of(family or "sd1") if p.folder == lp.PARTS[part]]
         if not parts or family is None and part != "vae":
             raise FormatError(s, f"holds no {part} of a Stable Diffusion checkpoint")
@@ -320,6 +329,7 @@ def _to_diffusers(s: str, target: str, part: str | None, configs: str | os.PathL
         from .layout_dit import diffusers_transformer, to_diffusers
 
         refuse_scaled(mf.tensors, mf.metadata, s, "convert --to diffusers")
+        refuse_quantized(mf, s, "convert --to diffusers")
 
         found = dit.single_family(list(mf)) or diffusers_transformer(mf, s)
         if found is not None:
@@ -335,6 +345,7 @@ def _to_diffusers(s: str, target: str, part: str | None, configs: str | os.PathL
         cfgs, pred = _pick_configs(s, family or "sd1", configs, prediction, mf)
         parts = lp.parts_of(family or "sd1")
         if part is not None:
+            _sd_part(s, part, family)
             parts = [p for p in parts if p.folder == lp.PARTS[part]]
             if not parts:
                 raise UsageError(s, f"is an {family} model, which has no {part}")
@@ -494,3 +505,12 @@ def _publish_folder(target: str, files: list[_File], force: bool, progress: Prog
 
 
 __all__ = ["DIRECTIONS", "LayoutResult", "convert_layout"]
+
+
+def _sd_part(s: str, part: str | None, family: str | None) -> None:
+    """A ``--part`` of Flux/SD3 (transformer, clip_l, clip_g, t5xxl) asked of a file that is not one is refused
+    in one line: an SD file's parts are unet, vae, te and te2."""
+    if part is not None and part not in lp.PARTS:
+        what = f"an {family.upper()} model" if family else "not a Flux or SD3 file (nor a diffusers-keys transformer of one)"
+        raise UsageError(s, f"--part {part} is a part of Flux and SD3 files; this is {what}",
+                         "Use --part " + "|".join(lp.PARTS) + " for SD files")

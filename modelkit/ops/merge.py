@@ -45,6 +45,7 @@ from . import modelspec as ms
 from .convert import Progress, check_scan, default_output
 from .fp8 import QUANT_METADATA
 from .fp8_merge import Requant, Scaled, dequantized
+from .gguf_ops import refuse_quantized
 from .result import result_dict
 from .streaming import (
     CHUNK,
@@ -361,6 +362,7 @@ def merge_models(
     try:
         for p in inputs:
             mfs.append(open_model(p))
+            refuse_quantized(mfs[-1], p, "merge models")
         res = _merge(mfs, paths, vae_path, target, t0, mode, alpha, block_weights, tuple(components), cast,
                      compute.torch(), compute.name, warnings, force=force, dry_run=dry_run, jobs=jobs, progress=progress,
                      allow_overflow=allow_overflow, dtype=dtype)

@@ -46,6 +46,7 @@ from .convert import (
     meta_changes,
     write_plan,
 )
+from .gguf_ops import refuse_quantized
 from .result import result_dict
 
 EMA_MODES = ("keep", "drop", "only")
@@ -347,6 +348,7 @@ def prune(
     with early_hash(s, dry_run) as hasher:
         verdict, warnings = check_scan(s, ignore_scan)
         with open_input(s, allow_hidden_pickles=ignore_scan) as mf:
+            refuse_quantized(mf, s, "prune")
             plan, st = plan_prune(mf, ema=ema, dtype=dtype, part=part, fp8=fp8)
             header, meta, stats, cars = write_plan(s, target, plan, force=force, dry_run=dry_run,
                                                    progress=progress, hasher=hasher,

@@ -324,6 +324,10 @@ def diff(a: str | os.PathLike[str], b: str | os.PathLike[str], values: bool = Tr
     """
     entries: list[TensorDiff] = []
     with open_model(a) as ma, open_model(b) as mb:
+        from .gguf_ops import refuse_quantized
+
+        for mf, p in ((ma, os.fspath(a)), (mb, os.fspath(b))):  # packed blocks are no values to compare
+            refuse_quantized(mf, p, "diff (use `modelkit verify SOURCE FILE.gguf` to check a quantization)")
         sa, sb = fp8.scaled_weights(ma.tensors, ma.metadata), fp8.scaled_weights(mb.tensors, mb.metadata)
         for name in list(ma) + [k for k in mb if k not in ma]:
             ra, rb = ma.get(name), mb.get(name)

@@ -177,3 +177,42 @@ def test_verify_checks_both_directions_of_a_gguf_conversion(tmp_path: Path) -> N
     bad.write_bytes(bytes(data))
     r = modelkit.verify(src, bad)
     assert not r.ok and [m.name for m in r.mismatches] == ["double_blocks.0.img_attn.qkv.weight"]
+
+
+def test_quantized_gguf_is_refused_where_float_weights_are_read_and_dequantized_by_load(tmp_path: Path) -> None:
+    """A quantized tensor is packed blocks, not values: every command that reads float weights refuses such a
+    GGUF in one line (it wrote the blocks under the weight's name); ``load(dequantize=True)`` gives the values in
+    their logical shape, what gguf's dequantizer gives."""
+    torch = pytest.importorskip("torch")
+    from click.testing import CliRunner
+
+    from modelkit.cli.main import cli
+
+    src = tmp_path / "flux.safetensors"
+    tiny_flux(src, np.float32)
+    g = tmp_path / "flux.gguf"
+    to_gguf(src, g, quant="Q8_0", base="flux")
+    lora = tmp_path / "l.safetensors"
+    save_safetensors({"lora_unet_double_blocks_0_img_attn_proj.lora_down.weight": np.ones((4, 64), np.float32),
+                      "lora_unet_double_blocks_0_img_attn_proj.lora_up.weight": np.ones((64, 4), np.float32)},
+                     str(lora))
+    runs = {"prune": ["prune", str(g), "-o", "{o}.safetensors"],
+            "merge models": ["merge", "models", str(g), str(src), "-o", "{o}.safetensors"],
+            "merge lora": ["merge", "lora", str(g), str(lora), "-o", "{o}.safetensors"],
+            "lora extract": ["lora", "extract", str(src), str(g), "-o", "{o}.safetensors"],
+            "convert --to diffusers": ["convert", str(g), "--to", "diffusers", "-o", "{o}"],
+            "convert --to gguf": ["convert", str(g), "--to", "gguf", "-o", "{o}.gguf"],
+            "diff": ["diff", str(src), str(g)]}
+    for what, args in runs.items():
+        r = CliRunner().invoke(cli, [a.format(o=tmp_path / "out") for a in args])
+        lines = [x for x in r.stderr.splitlines() if x.strip()]
+        assert r.exit_code == 2 and len(lines) == 1, (what, r.output)
+        assert "GGUF file with 4 quantized tensors (Q8_0)" in lines[0] and what.split(" ")[0] in lines[0], lines[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["flux.gguf", "flux.safetensors", "l.safetensors"]
+    raw, values = modelkit.load(g), modelkit.load(g, dequantize=True)
+    reader = {t.name: t for t in gguf.GGUFReader(str(g)).tensors}
+    name = "double_blocks.0.img_attn.proj.weight"
+    assert raw[name].dtype == torch.uint8 and values[name].dtype == torch.float32 and values[name].shape == (64, 64)
+    want = gguf.dequantize(reader[name].data, reader[name].tensor_type).astype(np.float32).reshape(64, 64)
+    assert np.array_equal(values[name].numpy(), want)
+    assert modelkit.load(g, dequantize=True, dtype="float16")[name].dtype == torch.float16

@@ -562,3 +562,28 @@ def test_remote_input_is_refused(tmp_path: Path) -> None:
         _one_line_error(r, "http://host/x.ckpt: a remote file is read by scan, inspect, detect and hash, and "
                            "downloaded by convert and prune; this command takes local inputs")
     assert os.listdir(tmp_path) == []
+
+
+def test_dit_parts_on_other_files_are_one_line_and_diffusers_keys_transformers_go_to_original_keys(
+        tinies: dict[str, Tiny], tmp_path: Path) -> None:
+    """``--part transformer|clip_l|clip_g|t5xxl`` asked of an SD file is refused in one line (it was a KeyError);
+    a diffusers-keys Flux/SD3 transformer file ``--to single --part transformer`` becomes the original-keys
+    transformer file, the bytes ``--part transformer`` takes out of the single file."""
+    from tests.train import tiny
+
+    sd1 = tiny.write_checkpoint(str(tmp_path / "sd1.safetensors"))
+    for to in ("diffusers", "single"):
+        for part in ("transformer", "clip_l", "t5xxl"):
+            out = tmp_path / (f"x-{part}.safetensors" if to == "single" else f"x-{part}")
+            r = _run("convert", sd1, "--to", to, "--part", part, "-o", str(out))
+            _one_line_error(r, f"--part {part} is a part of Flux and SD3 files")
+    for family, t in tinies.items():
+        tr = t.folder / "transformer" / "diffusion_pytorch_model.safetensors"
+        want, got = tmp_path / f"{family}-want.safetensors", tmp_path / f"{family}-got.safetensors"
+        assert _run("convert", t.file, "--to", "single", "--part", "transformer", "-o", str(want)).exit_code == 0
+        r = _run("convert", str(tr), "--to", "single", "--part", "transformer", "-o", str(got))
+        assert r.exit_code == 0, (family, r.output)
+        a, b = _load(want), _load(got)
+        assert set(a) == set(b) and all(same_bits(a[k], b[k]) for k in a), family
+        r = _run("convert", str(tr), "--to", "single", "--part", "clip_l", "-o", str(tmp_path / "c.safetensors"))
+        _one_line_error(r, "--part clip_l")

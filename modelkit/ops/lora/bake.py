@@ -32,6 +32,7 @@ from .. import modelspec as ms
 from ..convert import Progress, check_scan, default_output
 from ..fp8 import QUANT_METADATA
 from ..fp8_merge import Requant, Scaled, dequantized
+from ..gguf_ops import refuse_quantized
 from ..result import result_dict
 from ..streaming import (
     CHUNK,
@@ -386,6 +387,7 @@ def merge_lora(
         warnings += check_scan(p, ignore_scan)[1]
     loaded = [(load_lora(p), r) for p, r in specs]
     with open_model(src) as mf:
+        refuse_quantized(mf, src, "merge lora")
         scaled = Scaled(mf.tensors, mf.metadata)
         det = detect_modelfile(mf)
         if det.kind != "checkpoint":

@@ -34,6 +34,7 @@ from .. import metadata as md
 from .. import modelspec as ms
 from ..convert import Progress, check_scan, default_output
 from ..fp8 import refuse_scaled
+from ..gguf_ops import refuse_quantized
 from ..result import result_dict
 from ..streaming import COMPUTE_DTYPES, OUTPUT_DTYPES, float_dtype, overflow_count, tensor_bytes, write_output
 from . import dit, dit_tools
@@ -181,6 +182,7 @@ def extract_lora(
     with open_input(b) as mb, open_input(t) as mt:
         for mf, path in ((mb, b), (mt, t)):
             refuse_scaled(mf.tensors, mf.metadata, path, "lora extract")
+            refuse_quantized(mf, path, "lora extract")
         det = detect_modelfile(mb)
         if det.kind != "checkpoint":
             raise UsageError(b, f"is not a checkpoint (detected as {det.kind})")
