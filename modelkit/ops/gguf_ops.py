@@ -46,7 +46,14 @@ ARCH = {"flux": "flux", "sd3": "sd3", "sdxl": "sdxl", "sd1": "sd1", "sd2": "sd1"
 UNET_PREFIX = "model.diffusion_model."
 #: Name parts ComfyUI-GGUF's converter keeps at full precision (with ``.weight``).
 KEEP = ("time_embedding.", "add_embedding.", "time_in.", "txt_in.", "vector_in.", "img_in.", "guidance_in.",
-        "final_layer.", "time_embed.", "label_emb.", "input_blocks.0.", "out.2.")
+        "final_layer.", "time_embed.", "label_emb.", "input_blocks.0.", "out.2.",
+        # SD3 (ComfyUI-GGUF's lcpp_sd3 patch keeps these)
+        "context_embedder.", "t_embedder.", "y_embedder.", "x_embedder.")
+#: Tensors kept at full precision whatever their suffix (SD3's positional embedding).
+KEEP_ANY = ("pos_embed",)
+#: Key starts of diffusers' own layouts, which ComfyUI-GGUF does not load (its converter bans them).
+DIFFUSERS_KEYS = ("down_blocks.", "up_blocks.", "mid_block.", "transformer_blocks.", "single_transformer_blocks.",
+                  "conv_in.", "time_embedding.linear")
 _CODES = {name: code for code, (name, _b, _s) in GGML_TYPES.items()}
 #: llama.cpp's ``general.file_type`` for the file's main quant type (a K-quant as its "_S" file
 #: type, the one mostly of that type: Q3_K_S, Q4_K_S, Q5_K_S).
@@ -162,9 +169,11 @@ def dequantized_bytes(ref: TensorRef, qtype: str, shape: tuple[int, ...], dtype:
 
 def choose_qtype(name: str, ref: TensorRef, quant: str) -> str:
     """The ggml type one tensor gets (see the module notes)."""
-    full = "F16" if ref.dtype.name == "float16" else "F32"
+    full = {"float16": "F16", "bfloat16": "BF16"}.get(ref.dtype.name, "F32")  # as ComfyUI-GGUF keeps them
     if quant in ("F32", "F16", "BF16"):
         return quant
+    if any(k in name for k in KEEP_ANY):
+        return full
     shape = ref.shape
     if len(shape) < 2 or len(shape) > 4:
         return full
@@ -317,7 +326,17 @@ def to_gguf(src: str | os.PathLike[str], out: str | os.PathLike[str], *, quant: 
     with open_model(s, ignore_scan=ignore_scan) as mf:
         refuse_scaled(mf.tensors, mf.metadata, s, "convert --to gguf")
         refuse_quantized(mf, s, "convert --to gguf")
-        tensors, kv, left = plan_to_gguf(mf, base or detect(mf).base, q)
+        det = detect(mf)
+        if det.kind not in ("checkpoint", "unknown"):  # unknown: a bare denoiser detection cannot place (--base)
+            raise UsageError(s, f"is a {det.kind}, not a checkpoint or a UNet/transformer; GGUF holds a denoiser",
+                             "Convert the checkpoint (or its UNet/transformer file) instead")
+        from .layout_dit import diffusers_transformer
+
+        diffusers_transformer(mf, s)  # a Flux/SD3 transformer in diffusers keys: in its original keys
+        if any(n.startswith(DIFFUSERS_KEYS) for n in mf):
+            raise UsageError(s, "holds a UNet/transformer in diffusers' keys, which ComfyUI-GGUF does not load",
+                             "Convert the diffusers folder --to single first, then that file --to gguf")
+        tensors, kv, left = plan_to_gguf(mf, base or det.base, q)
         head, _ = gguf_header(tensors, kv)
         size = len(head) + sum(-(-t.nbytes // DEFAULT_ALIGNMENT) * DEFAULT_ALIGNMENT for t in tensors)
         if not dry_run:

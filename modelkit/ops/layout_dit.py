@@ -238,6 +238,8 @@ def diffusers_transformer(mf: ModelFile, s: str) -> tuple[str, str] | None:
     family = fam.family_of(mf)
     if family is None or any(k.startswith(("model.diffusion_model.", "text_encoders.")) for k in mf):
         return None
+    if not any(k.startswith(("transformer_blocks.", "single_transformer_blocks.")) for k in mf):
+        return None  # original keys (a transformer-only file as ComfyUI saves it)
     try:
         refs, left = dit.to_original(dict(mf.tensors), family, s)
     except ValueError as exc:

@@ -216,3 +216,30 @@ def test_quantized_gguf_is_refused_where_float_weights_are_read_and_dequantized_
     want = gguf.dequantize(reader[name].data, reader[name].tensor_type).astype(np.float32).reshape(64, 64)
     assert np.array_equal(values[name].numpy(), want)
     assert modelkit.load(g, dequantize=True, dtype="float16")[name].dtype == torch.float16
+
+
+def test_to_gguf_refuses_what_is_not_a_denoiser_in_comfyuis_keys(tmp_path: Path) -> None:
+    """A LoRA is no denoiser; a UNet in diffusers' keys is one ComfyUI-GGUF does not load: one line each, and a
+    bf16 tensor kept at full precision stays BF16 (not F32)."""
+    from click.testing import CliRunner
+
+    from modelkit.cli.main import cli
+
+    lora = tmp_path / "l.safetensors"
+    save_safetensors({"lora_unet_double_blocks_0_img_attn_proj.lora_down.weight": np.ones((4, 64), np.float16),
+                      "lora_unet_double_blocks_0_img_attn_proj.lora_up.weight": np.ones((64, 4), np.float16)},
+                     str(lora))
+    unet = tmp_path / "u.safetensors"
+    save_safetensors({"conv_in.weight": np.ones((32, 4, 3, 3), np.float16),
+                      "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight": np.ones((32, 768), np.float16),
+                      "mid_block.resnets.0.conv1.weight": np.ones((32, 32, 3, 3), np.float16)}, str(unet))
+    for src, base, needle in ((lora, "flux", "is a lora, not a checkpoint"), (unet, "sd1", "diffusers' keys")):
+        r = CliRunner().invoke(cli, ["convert", str(src), "--to", "gguf", "--base", base, "-o", str(tmp_path / "o.gguf")])
+        lines = [x for x in r.stderr.splitlines() if x.strip()]
+        assert r.exit_code == 2 and len(lines) == 1 and needle in lines[0], r.output
+    assert not (tmp_path / "o.gguf").exists()
+    from modelkit.ops.gguf_ops import choose_qtype
+
+    with modelkit.open_model(lora) as mf:
+        ref = mf["lora_unet_double_blocks_0_img_attn_proj.lora_down.weight"]
+        assert choose_qtype("img_in.weight", ref, "Q8_0") == "F16"

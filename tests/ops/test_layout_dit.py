@@ -587,3 +587,28 @@ def test_dit_parts_on_other_files_are_one_line_and_diffusers_keys_transformers_g
         assert set(a) == set(b) and all(same_bits(a[k], b[k]) for k in a), family
         r = _run("convert", str(tr), "--to", "single", "--part", "clip_l", "-o", str(tmp_path / "c.safetensors"))
         _one_line_error(r, "--part clip_l")
+
+
+def test_to_gguf_takes_original_keys_keeps_sd3_embedders_and_refuses_what_comfyui_gguf_cannot_load(
+        tinies: dict[str, Tiny], tmp_path: Path) -> None:
+    """A diffusers-keys Flux/SD3 transformer goes to GGUF in its original keys (the same file as from the single
+    file's transformer); SD3's embedders and positional embedding stay at full precision, as ComfyUI-GGUF's
+    lcpp_sd3 patch keeps them; a LoRA, a VAE or a diffusers-keys SD UNet is refused in one line."""
+    gguf = pytest.importorskip("gguf")
+    for family, t in tinies.items():
+        single_tr = tmp_path / f"{family}-tr.safetensors"
+        assert _run("convert", t.file, "--to", "single", "--part", "transformer", "-o", str(single_tr)).exit_code == 0
+        outs = []
+        for i, src in enumerate((single_tr, t.folder / "transformer" / "diffusion_pytorch_model.safetensors")):
+            out = tmp_path / f"{family}-{i}.gguf"
+            r = _run("convert", str(src), "--to", "gguf", "--quant", "Q8_0", "--base", family, "-o", str(out))
+            assert r.exit_code == 0, (family, r.output)
+            outs.append({x.name: (x.tensor_type.name, bytes(x.data)) for x in gguf.GGUFReader(str(out)).tensors})
+        assert outs[0] == outs[1], family
+        if family == "sd3":
+            kept = {n: q for n, (q, _b) in outs[0].items()
+                    if n.startswith(("context_embedder.", "t_embedder.", "x_embedder.", "pos_embed"))}
+            assert kept and all(q in ("F32", "F16", "BF16") for q in kept.values()), kept
+    vae = t.folder / "vae" / "diffusion_pytorch_model.safetensors"
+    r = _run("convert", str(vae), "--to", "gguf", "-o", str(tmp_path / "v.gguf"))
+    _one_line_error(r, "is a vae, not a checkpoint")
