@@ -5,7 +5,9 @@
 checkpoints ComfyUI publishes and loads: biases, norm weights and scales (1-D), embeddings
 (names holding ``embed``), norms (``norm``), and the input/output layers of a Flux/SD3-style
 transformer (``img_in``, ``txt_in``, ``time_in``, ``vector_in``, ``guidance_in``, ``final_layer``),
-whose few parameters carry most of the error when rounded. With ``scaled``, only 2-D weights
+whose few parameters carry most of the error when rounded. A transformer in diffusers' keys gets the
+same choice under its names (``proj_out``/``norm_out`` kept, the ``norm1.linear`` modulation layers
+cast like BFL's ``img_mod.lin``). With ``scaled``, only 2-D weights
 (linear layers) are cast: ComfyUI applies a per-tensor scale to linear layers only.
 
 **Out of range.** e4m3fn holds +-448, e5m2 +-57344. A value beyond (past the rounding boundary:
@@ -53,7 +55,9 @@ LEGACY_SCALE = ".scale_weight"
 LEGACY_INPUT = ".scale_input"
 QUANT_METADATA = "_quantization_metadata"
 #: name parts of tensors that stay in their precision
-KEEP = ("embed", "norm", "img_in", "txt_in", "time_in", "vector_in", "guidance_in", "final_layer")
+KEEP = ("embed", "norm", "img_in", "txt_in", "time_in", "vector_in", "guidance_in", "final_layer",
+        # the same layers in diffusers' Flux/SD3 keys (final_layer.adaLN_modulation; the embedders hold "embed")
+        "norm_out")
 #: elements converted at a time (bounds the temporaries)
 CHUNK = 1 << 20
 
@@ -87,6 +91,10 @@ def casts_to_fp8(name: str, shape: tuple[int, ...], scaled: bool) -> bool:
     if not name.endswith(".weight") or len(shape) < 2 or (scaled and len(shape) != 2):
         return False
     low = name.lower()
+    if low == "proj_out.weight":  # a diffusers-keys Flux/SD3 transformer's final_layer.linear (not a UNet's proj_out)
+        return False
+    if low.endswith(".linear.weight") and ".norm" in low and "norm_out" not in low:
+        return True  # diffusers' norm1.linear / norm.linear: the modulation layers BFL's keys call img_mod.lin
     return not any(part in low for part in KEEP)
 
 

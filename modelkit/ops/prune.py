@@ -154,7 +154,17 @@ def plan_prune(mf: ModelFile, *, ema: str = "drop", dtype: str | None = None, pa
     _fix_position_ids(st)
     if target is not None and target.itemsize == 1:
         mode = fp8_ops.check_mode(fp8, target)
+        scaled_in = fp8_ops.scaled_weights(mf.tensors, mf.metadata)
+        if scaled_in:  # another fp8 cast would keep the old scales and markers beside the new codes
+            raise UsageError(mf.path, f"holds {len(scaled_in)} scaled fp8 weights; casting a scaled file to fp8 "
+                                      "again is not done in one step",
+                             "Upcast it first (prune FILE --dtype bf16 -o x.safetensors), then prune x to fp8")
         st.casts = fp8_ops.plan(st.out, target, mode)
+        already = sum(1 for t in st.out.values() if t.ref is not None and t.ref.dtype == target
+                      and fp8_ops.casts_to_fp8(t.name, t.shape, mode == "scaled"))
+        if not st.casts and already and mode != "refuse":
+            st.warnings.append(f"{already} weight matrices are {target.name} already: --fp8 {mode} applies to "
+                               "casts from 16- and 32-bit weights, so they are written as they are")
         if st.casts:
             how = {"refuse": "", "clamp": ", saturated to its range", "scaled": ", each with a float32 scale "
                    "(ComfyUI comfy_quant layout)"}[mode]

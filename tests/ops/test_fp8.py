@@ -264,3 +264,21 @@ def test_scaled_fast_paths_equal_the_float_reference(tmp_path: Path, monkeypatch
                 ref_bits = _bits((torch.from_numpy(np.asarray(ref.read("numpy"))).view(dt).float() / float(scale))
                                  .clamp(-FMAX[fmt], FMAX[fmt]).to(getattr(torch, fmt)))
                 assert np.array_equal(fast, ref_bits), (name, fmt)
+
+
+def test_a_scaled_file_is_not_cast_to_fp8_again_and_fp8_options_on_fp8_weights_warn(tmp_path: Path) -> None:
+    """Casting a scaled file to (another) fp8 would leave its old scales and markers beside new codes: refused
+    in one line, nothing written. --fp8 clamp|scaled on weights that are fp8 already says it does nothing."""
+    from modelkit.errors import UsageError as Usage
+
+    src, _sd = _model(tmp_path)
+    scaled = tmp_path / "scaled.safetensors"
+    modelkit.prune(src, scaled, dtype="fp8_e4m3fn", fp8="scaled")
+    for dtype in ("fp8_e5m2", "fp8_e4m3fn"):
+        with pytest.raises(Usage, match="scaled fp8 weights; casting a scaled file to fp8 again"):
+            modelkit.prune(scaled, tmp_path / "again.safetensors", dtype=dtype)
+    assert not (tmp_path / "again.safetensors").exists()
+    plain = tmp_path / "plain.safetensors"
+    modelkit.prune(src, plain, dtype="fp8_e4m3fn", fp8="clamp")
+    r = modelkit.prune(plain, tmp_path / "p2.safetensors", dtype="fp8_e4m3fn", fp8="scaled")
+    assert r.casts == 0 and any("float8_e4m3fn already: --fp8 scaled" in w for w in r.warnings), r.warnings

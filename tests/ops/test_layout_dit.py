@@ -612,3 +612,22 @@ def test_to_gguf_takes_original_keys_keeps_sd3_embedders_and_refuses_what_comfyu
     vae = t.folder / "vae" / "diffusion_pytorch_model.safetensors"
     r = _run("convert", str(vae), "--to", "gguf", "-o", str(tmp_path / "v.gguf"))
     _one_line_error(r, "is a vae, not a checkpoint")
+
+
+def test_fp8_casts_the_same_layers_in_either_key_layout(tinies: dict[str, Tiny], tmp_path: Path) -> None:
+    """prune --dtype fp8_e4m3fn of a transformer in original keys and of the same one in diffusers' keys casts
+    the same weights (the modulation layers both ways; the final layer and the embedders neither way)."""
+    for family, t in tinies.items():
+        single_tr = tmp_path / f"{family}-tr.safetensors"
+        assert _run("convert", t.file, "--to", "single", "--part", "transformer", "-o", str(single_tr)).exit_code == 0
+        diff_tr = t.folder / "transformer" / "diffusion_pytorch_model.safetensors"
+        sizes = []
+        for i, src in enumerate((single_tr, diff_tr)):
+            out = tmp_path / f"{family}-fp8-{i}.safetensors"
+            assert _run("prune", str(src), "--dtype", "fp8_e4m3fn", "--fp8", "clamp", "-o", str(out)).exit_code == 0
+            got = _load(out)
+            sizes.append(sum(v.numel() for v in got.values() if v.dtype == torch.float8_e4m3fn))
+            kept = [k for k, v in got.items() if v.dim() == 2 and v.dtype != torch.float8_e4m3fn]
+            assert kept and all(any(w in k for w in ("in", "embed", "final_layer", "proj_out", "norm_out", "t_embedder"))
+                                for k in kept), (family, i, kept)
+        assert sizes[0] == sizes[1] > 0, (family, sizes)
