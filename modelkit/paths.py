@@ -256,7 +256,7 @@ def require_safetensors_name(target: str | os.PathLike[str]) -> str:
     safetensors bytes to ``torch.load``)."""
     t = os.fspath(target)
     if not t.lower().endswith(".safetensors"):
-        raise UsageError(t, "is not a .safetensors name, and modelkit writes only safetensors",
+        raise UsageError(t, "is not a .safetensors name, and modelkit writes safetensors (GGUF only with --to gguf)",
                          "Name the output *.safetensors")
     return t
 

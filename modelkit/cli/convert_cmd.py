@@ -68,7 +68,7 @@ def convert_cmd(paths: tuple[str, ...], out: str | None, out_dir: str | None, fo
     structure in the metadata, checkpoints lose their state_dict wrapper. A file the scan calls
     unsafe is refused. Sidecars (.preview.png, .json, .civitai.info, .txt) are copied along.
     With --to single a diffusers folder becomes one LDM file (the keys A1111 and ComfyUI load);
-    with --to diffusers an SD1/SD2/SDXL file becomes a diffusers folder; with --to gguf a
+    with --to diffusers an SD1/SD2/SDXL/SD3/Flux file becomes a diffusers folder; with --to gguf a
     denoiser becomes a GGUF file (--quant). A .gguf input is dequantized (--dtype).
     Exit status: 0 ok, 1 a file was refused as unsafe, 2 a file could not be converted.
     """

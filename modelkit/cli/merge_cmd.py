@@ -141,7 +141,8 @@ def _render_lora(out: Output, r: Any) -> None:
 @click.option("-o", "--output", "out", type=click.Path(), help="Output .safetensors (default A.merged.safetensors).")
 @click.option("--alpha", type=float, default=0.5, show_default=True,
               help="Weight of B (weighted sum) or of B - C (add difference).")
-@click.option("--block-weights", metavar="W,...", help="Per-block weights: IN00..,M00,OUT00.. (25 for SD1), BASE first optional.")
+@click.option("--block-weights", metavar="W,...", help="Per-block weights: IN00..,M00,OUT00.. (25 for SD1, 19 for SDXL), D00..,S00.. for Flux, "
+                   "J00.. for SD3; BASE first optional.")
 @click.option("--components", default="unet,te,vae", show_default=True, help="Which of unet, te, vae to merge (the rest: A's).")
 @click.option("--vae", "vae", type=click.Path(), help="Bake this VAE into the output.")
 @click.option("--compute-dtype", type=click.Choice(COMPUTE_DTYPES), default="fp32", show_default=True)
