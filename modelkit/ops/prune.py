@@ -263,8 +263,9 @@ def _part(path: str, st: _State, part: str) -> None:
     other = [n for n in st.out if not n.startswith(prefixes)]
     st.remove(other, "other parts")
     if not st.out:
-        raise FormatError(path, f"has no {part} tensors (none start with {' or '.join(prefixes)})",
-                          "Check that this is a full checkpoint")
+        where = f" (none start with {' or '.join(prefixes)})" if prefixes else ""
+        raise FormatError(path, f"has no {part} tensors{where}: --part takes one component out of a full checkpoint",
+                          "Pass the full checkpoint, or prune this file without --part")
     if strip:
         st.out = {n[len(strip):]: OutTensor(n[len(strip):], t.dtype, t.shape, t.ref, t.data) for n, t in st.out.items()}
         st.changes.append(f"kept only the {part}, without its {strip} prefix")
