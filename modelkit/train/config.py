@@ -581,8 +581,8 @@ def check(config: Config, source: str | None = None) -> None:
     if c.optimizer.lr is not None and c.optimizer.lr <= 0:
         raise _bad(source, "optimizer.lr", f"must be positive, got {c.optimizer.lr}")
     for key, rate in (("optimizer.unet_lr", c.optimizer.unet_lr), ("optimizer.text_encoder_lr", c.optimizer.text_encoder_lr)):
-        if rate is not None and rate <= 0:
-            raise _bad(source, key, f"must be positive, got {rate}")
+        if rate is not None and rate < 0:  # 0 freezes that group
+            raise _bad(source, key, f"must be 0 (frozen) or positive, got {rate}")
     for i, beta in enumerate(c.optimizer.betas or ()):
         if not 0.0 <= beta < 1.0:
             raise _bad(source, f"optimizer.betas[{i}]", f"must be in [0, 1), got {beta}")

@@ -464,3 +464,27 @@ def test_a_kohya_layout_that_cannot_be_written_is_refused_before_step_1(bases: d
     res = train(_config(bases, "flux", tmp_path / "d", "train.max_steps=1", "network.layout=diffusers"))
     assert {k.rsplit(".", 2)[0] for k in load_file(res.output)} == {"transformer.transformer_blocks.0.attn.to_q",
                                                                     "transformer.transformer_blocks.0.attn.to_k"}
+
+
+def test_diffusers_reads_the_default_kohya_layout_with_a_fused_linear1_at_real_widths(tmp_path: Path) -> None:
+    """The default Flux output names kohya's fused modules (``lora_unet_single_blocks_N_linear1``, ``..._qkv``).
+    diffusers' kohya converter splits ``linear1`` by the real Flux widths (3072 x 3 + 12288), which the tiny
+    training models lack; at real widths (one module, file only) the split it makes is exactly the rows of
+    ``up`` for q, k, v and proj_mlp, with the same ``down`` and scale."""
+    from diffusers import FluxPipeline
+
+    g = torch.Generator().manual_seed(0)
+    rank, h, mlp = 4, 3072, 12288
+    name = "lora_unet_single_blocks_0_linear1"
+    down, up = torch.randn(rank, h, generator=g), torch.randn(3 * h + mlp, rank, generator=g)
+    path = tmp_path / "flux-kohya.safetensors"
+    save_file({f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up, f"{name}.alpha": torch.tensor(2.0)},
+              str(path))
+    sd = FluxPipeline.lora_state_dict(str(path))
+    sd = sd[0] if isinstance(sd, tuple) else sd
+    delta = (up @ down) * (2.0 / rank)
+    rows = {"attn.to_q": (0, h), "attn.to_k": (h, 2 * h), "attn.to_v": (2 * h, 3 * h), "proj_mlp": (3 * h, 3 * h + mlp)}
+    for part, (a, b) in rows.items():
+        key = f"transformer.single_transformer_blocks.0.{part}"
+        got = sd[f"{key}.lora_B.weight"].float() @ sd[f"{key}.lora_A.weight"].float()
+        torch.testing.assert_close(got, delta[a:b], rtol=1e-5, atol=1e-6, msg=part)

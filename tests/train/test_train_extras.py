@@ -417,3 +417,12 @@ def test_a_wandb_that_cannot_start_is_one_line_before_the_base_loads(tiny_model:
         train(_config(tiny_model, tmp_path, "lora", "output.wandb=true"))
     assert "No API key configured" in str(info.value) and "wandb login" in str(info.value)
     assert "\n" not in str(info.value)
+
+
+def test_a_component_rate_of_0_freezes_it(tiny_model: dict[str, str], tmp_path: Path) -> None:
+    """optimizer.unet_lr = 0 is accepted (a negative rate is not) and leaves the UNet's LoRA as it started."""
+    r = train(_config(tiny_model, tmp_path, "lora", "optimizer.unet_lr=0", "output.save_state=false"))
+    ups = {k: v for k, v in modelkit.load(r.output).items() if k.startswith("lora_unet") and k.endswith("lora_up.weight")}
+    assert ups and all(not v.any() for v in ups.values())  # LoRA up starts at zero and never moved
+    with pytest.raises(ConfigError, match="optimizer.unet_lr"):
+        _config(tiny_model, tmp_path, "lora", "optimizer.unet_lr=-1")
