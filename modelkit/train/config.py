@@ -583,6 +583,13 @@ def check(config: Config, source: str | None = None) -> None:
     for key, rate in (("optimizer.unet_lr", c.optimizer.unet_lr), ("optimizer.text_encoder_lr", c.optimizer.text_encoder_lr)):
         if rate is not None and rate < 0:  # 0 freezes that group
             raise _bad(source, key, f"must be 0 (frozen) or positive, got {rate}")
+    from .optim import OPTIMIZERS
+
+    spec = OPTIMIZERS[c.optimizer.name]
+    for key, value, has in (("optimizer.betas", c.optimizer.betas, spec.betas is not None),
+                            ("optimizer.eps", c.optimizer.eps, spec.eps is not None)):
+        if value is not None and not has:  # it would be ignored without a word
+            raise _bad(source, key, f"{c.optimizer.name} has no such setting; remove it")
     for i, beta in enumerate(c.optimizer.betas or ()):
         if not 0.0 <= beta < 1.0:
             raise _bad(source, f"optimizer.betas[{i}]", f"must be in [0, 1), got {beta}")

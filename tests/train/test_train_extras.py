@@ -426,3 +426,40 @@ def test_a_component_rate_of_0_freezes_it(tiny_model: dict[str, str], tmp_path: 
     assert ups and all(not v.any() for v in ups.values())  # LoRA up starts at zero and never moved
     with pytest.raises(ConfigError, match="optimizer.unet_lr"):
         _config(tiny_model, tmp_path, "lora", "optimizer.unet_lr=-1")
+
+
+def test_settings_an_optimizer_does_not_have_are_refused(tiny_model: dict[str, str], tmp_path: Path) -> None:
+    for name, key in (("adafactor", "optimizer.betas=[0.9, 0.99]"), ("lion", "optimizer.eps=1e-6"),
+                      ("adafactor", "optimizer.eps=1e-6")):
+        with pytest.raises(ConfigError, match=f"{key.split('=')[0]}: {name} has no such setting"):
+            _config(tiny_model, tmp_path, "lora", f"optimizer.name={name}", key)
+    _config(tiny_model, tmp_path, "lora", "optimizer.name=lion", "optimizer.betas=[0.9, 0.98]")  # Lion has betas
+
+
+def test_built_optimizers_carry_their_documented_defaults_and_the_rate_precedence(tiny_model: dict[str, str],
+                                                                                tmp_path: Path) -> None:
+    """The optimizer objects themselves (not just the config): documented betas, eps, weight decay and lr, and
+    optimizer.unet_lr before network.unet_lr before optimizer.lr."""
+    import importlib.util
+
+    from modelkit.train.optim import OPTIMIZERS, component_lr, make_optimizer
+
+    def built(*overrides: str) -> Any:
+        cfg = resolved(_config(tiny_model, tmp_path, "lora", *overrides))
+        return make_optimizer(cfg, [{"params": [torch.nn.Parameter(torch.zeros(2))], "component": "unet"}])
+
+    want = {"adamw": {"betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 1e-2},
+            "lion": {"betas": (0.9, 0.99), "weight_decay": 0.0},
+            "prodigy": {"lr": 1.0, "weight_decay": 0.0}}
+    for name, fields in want.items():
+        if importlib.util.find_spec(OPTIMIZERS[name].module) is None:
+            continue
+        group = built(f"optimizer.name={name}", *(["optimizer.lr=none"] if name == "prodigy" else [])).param_groups[0]
+        for k, v in fields.items():
+            assert group[k] == pytest.approx(v) if not isinstance(v, tuple) else tuple(group[k]) == v, (name, k, group[k])
+    cfg = resolved(_config(tiny_model, tmp_path, "lora", "optimizer.lr=1e-3", "network.unet_lr=2e-3"))
+    assert component_lr(cfg, "unet") == 2e-3 and component_lr(cfg, "text_encoder") == 1e-3
+    cfg = resolved(_config(tiny_model, tmp_path, "lora", "optimizer.lr=1e-3", "network.unet_lr=2e-3",
+                           "optimizer.unet_lr=3e-3"))
+    assert component_lr(cfg, "unet") == 3e-3
+    assert built("optimizer.lr=1e-3", "optimizer.unet_lr=3e-3").param_groups[0]["lr"] == 3e-3
