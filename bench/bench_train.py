@@ -20,8 +20,8 @@ over those same steps (reset at the end of the warm-up), so the one-off VAE enco
 
 Without CUDA, or with ``--tiny``, the same comparison runs on the tiny test model at 64 px on the
 CPU in fp32: it checks that the script works; its figures say nothing about the target. The tiny
-mode then runs each issue-19 training feature once, and a Flux.1 LoRA once on a tiny Flux-dev
-diffusers folder (``fixtures/dit_train.py``).
+mode then runs each issue-19 training feature once, and a Flux.1 and an SD3 LoRA once on tiny
+diffusers folders (``fixtures/dit_train.py``).
 
 Usage: ``python bench/bench_train.py [--tiny] [--steps 30] [--warmup 5] [--precision bf16|fp16] [--out bench/out]``
 """
@@ -339,38 +339,40 @@ def main() -> None:
     if tiny and not args.no_features:
         with tempfile.TemporaryDirectory(prefix="bench-train-features-") as work:
             run_features(base, images, work)
-            run_flux(work)
+            for family in ("flux", "sd3"):
+                run_flux(work, family=family)
 
 
-def run_flux(work: str, steps: int = 10) -> None:
-    """Tiny CPU mode: a Flux LoRA once, on the tiny Flux folder of ``fixtures/dit_train.py`` (32 px,
+def run_flux(work: str, steps: int = 10, family: str = "flux") -> None:
+    """Tiny CPU mode: a Flux (or SD3) LoRA once, on the tiny folder of ``fixtures/dit_train.py`` (32 px,
     kohya layout); prints ok with the loss and steps/s, or FAILED."""
     from fixtures import dit_train
     from modelkit.errors import ModelkitError
     from modelkit.train.config import build_config
     from modelkit.train.loop import train
 
-    print(f"\nFlux.1 LoRA, once (tiny Flux-dev folder, 32 px, {steps} steps, CPU):")
-    base = dit_train.write_folder("flux", os.path.join(work, "flux-base"))
-    images = dit_train.write_images(os.path.join(work, "flux-images"), count=4)
+    label = {"flux": "Flux.1 LoRA, once (tiny Flux-dev folder", "sd3": "SD3 LoRA, once (tiny SD3 folder"}[family]
+    print(f"\n{label}, 32 px, {steps} steps, CPU):")
+    base = dit_train.write_folder(family, os.path.join(work, f"{family}-base"))
+    images = dit_train.write_images(os.path.join(work, f"{family}-images"), count=4)
     cfg = build_config("lora", {
         "model": {"path": base},
         "dataset": {"path": images, "resolution": 32, "bucketing": False, "min_bucket": 32, "max_bucket": 32,
                     "min_image_size": 16},
         "network": {"dim": 4, "alpha": 4.0}, "optimizer": {"lr": 1e-3}, "flow": {"t5_max_length": 8},
         "train": {"max_steps": steps, "device": "cpu", "seed": 0, "threads": 1},
-        "output": {"dir": os.path.join(work, "flux-out"), "save_state": False, "force": True},
+        "output": {"dir": os.path.join(work, f"{family}-out"), "save_state": False, "force": True},
     }, ())
     clock = Clock(1, False)
     started = time.perf_counter()
     try:
         result = train(cfg, progress=clock)
     except ModelkitError as exc:
-        print(f"  FAILED   flux lora: {exc}")
+        print(f"  FAILED   {family} lora: {exc}")
         return
     rate, _peak = clock.result()
-    print(f"  ok       flux lora: loss {result.losses[0]:.4f} -> {result.loss:.4f}, {rate:.1f} steps/s after 1 warm-up "
-          f"step, {os.path.basename(result.output)} ({time.perf_counter() - started:.1f} s)")
+    print(f"  ok       {family} lora: loss {result.losses[0]:.4f} -> {result.loss:.4f}, {rate:.1f} steps/s after 1 "
+          f"warm-up step, {os.path.basename(result.output)} ({time.perf_counter() - started:.1f} s)")
 
 
 if __name__ == "__main__":
