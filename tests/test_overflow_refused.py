@@ -158,3 +158,15 @@ def test_lora_extract_overflow_is_refused(tmp_path: Path) -> None:
     assert "overflow to inf" in r.stderr and not out.exists()
     r = _run("lora", "extract", str(base), str(tuned), "-o", str(out), "--rank", "2", "--allow-overflow")
     assert r.exit_code == 0, r.output
+
+
+def test_the_overflow_warning_says_what_happened_in_each_dtype() -> None:
+    """Written anyway (allow_overflow): float16 values became inf; float8_e4m3fn has no inf, torch saturates."""
+    from modelkit.dtypes import BY_NAME
+    from modelkit.formats.safetensors_write import OutTensor
+    from modelkit.ops.streaming import overflow_warning
+
+    half = [OutTensor("a", BY_NAME["float16"], (2,), data=b"\0" * 4)]
+    e4 = [OutTensor("a", BY_NAME["float8_e4m3fn"], (2,), data=b"\0" * 2)]
+    assert overflow_warning({"a": 3}, half) == "3 values in 1 tensors overflowed to inf: a (3)"
+    assert "saturated to +-448" in overflow_warning({"a": 3}, e4)

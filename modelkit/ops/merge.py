@@ -57,6 +57,7 @@ from .streaming import (
     default_jobs,
     float_dtype,
     overflow_count,
+    overflow_warning,
     tensor_bytes,
     write_output,
 )
@@ -504,8 +505,7 @@ def _merge(mfs: list[ModelFile], paths: list[str], vae_path: str | None, target:
                                            late={"modelkit.merge": hashed} if hashers else None)
     overflow = {**(stats.overflow if stats else {}), **mixer.overflow}
     if overflow:
-        warnings.append(f"{sum(overflow.values()):,} values in {len(overflow)} tensors overflowed to inf: "
-                        + ", ".join(f"{k} ({v:,})" for k, v in list(overflow.items())[:3]))
+        warnings.append(overflow_warning(overflow, tensors))
     return MergeModelsResult(
         sources=tuple(paths), output=target, status="dry-run" if dry_run else "written", mode=mode, alpha=alpha,
         block_weights={"BASE": base_w, **weights} if weights else {}, components=components, vae=vae_path,

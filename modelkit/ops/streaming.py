@@ -256,6 +256,16 @@ def tensor_bytes(t: Any) -> Any:
     return t.contiguous().reshape(-1).view(torch.uint8).numpy()
 
 
+def overflow_warning(overflow: Mapping[str, int], tensors: Sequence[OutTensor]) -> str:
+    """The warning for values that did not fit their output dtype (``allow_overflow``): they became inf, or
+    for float8_e4m3fn (which has no inf) torch saturated them to +-448."""
+    dts = {t.name: t.dtype.name for t in tensors}
+    saturated = all(dts.get(k) == "float8_e4m3fn" for k in overflow)
+    what = "were saturated to +-448 (float8_e4m3fn)" if saturated else "overflowed to inf"
+    return (f"{sum(overflow.values()):,} values in {len(overflow)} tensors {what}: "
+            + ", ".join(f"{k} ({v:,})" for k, v in list(overflow.items())[:3]))
+
+
 def write_output(
     target: str, tensors: list[OutTensor], metadata: Mapping[str, str], *, source: str, inputs: Sequence[str],
     force: bool, dry_run: bool, progress: Progress | None = None, ahead: Ahead | None = None,

@@ -586,9 +586,9 @@ def check(config: Config, source: str | None = None) -> None:
     from .optim import OPTIMIZERS
 
     spec = OPTIMIZERS[c.optimizer.name]
-    for key, value, has in (("optimizer.betas", c.optimizer.betas, spec.betas is not None),
-                            ("optimizer.eps", c.optimizer.eps, spec.eps is not None)):
-        if value is not None and not has:  # it would be ignored without a word
+    for key, given, has in (("optimizer.betas", c.optimizer.betas is not None, spec.betas is not None),
+                            ("optimizer.eps", c.optimizer.eps is not None, spec.eps is not None)):
+        if given and not has:  # it would be ignored without a word
             raise _bad(source, key, f"{c.optimizer.name} has no such setting; remove it")
     for i, beta in enumerate(c.optimizer.betas or ()):
         if not 0.0 <= beta < 1.0:

@@ -44,6 +44,7 @@ from ..streaming import (
     float_dtype,
     narrow_in_place,
     overflow_count,
+    overflow_warning,
     plain_ref,
     read_into,
     tensor_bytes,
@@ -451,8 +452,7 @@ def merge_lora(
                                            dtype=dtype)
     overflow = {**(stats.overflow if stats else {}), **baker.overflow}
     if overflow:
-        warnings.append(f"{sum(overflow.values()):,} values in {len(overflow)} tensors overflowed to inf: "
-                        + ", ".join(f"{k} ({v:,})" for k, v in list(overflow.items())[:3]))
+        warnings.append(overflow_warning(overflow, tensors))
     return MergeLoraResult(
         source=src, output=target, status="dry-run" if dry_run else "written", base=det.base, loras=tuple(plan.uses),
         unet_ratio=unet_ratio, te_ratio=te_ratio, compute_dtype=compute.name, dtype=dtype, tensors=len(tensors),
