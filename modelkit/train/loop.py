@@ -289,14 +289,14 @@ def _train(config: Config, progress: Progress | None, on_skip: Callable[[data.Sk
         if wandb_run is not None:
             wandb_run.close()
         raise
-    if held and cfg.train.validation_every and step == 0:  # where the curve starts: the untrained model
-        value = validation.validation_loss(cfg, base, unet, method, held, device, weight_dtype, accelerator.autocast,
-                                           text_cache)
-        validated.append((0, value))
-        for sink in (board, wandb_run):
-            if sink is not None:
-                sink.scalar("validation/loss", value, 0)
     try:
+        if held and cfg.train.validation_every and step == 0:  # where the curve starts: the untrained model
+            value = validation.validation_loss(cfg, base, unet, method, held, device, weight_dtype,
+                                               accelerator.autocast, text_cache)
+            validated.append((0, value))
+            for sink in (board, wandb_run):
+                if sink is not None:
+                    sink.scalar("validation/loss", value, 0)
         while step < total:
             epoch, index = divmod(micro, per_epoch)
             if epoch not in epoch_batches:

@@ -463,3 +463,28 @@ def test_built_optimizers_carry_their_documented_defaults_and_the_rate_precedenc
                            "optimizer.unet_lr=3e-3"))
     assert component_lr(cfg, "unet") == 3e-3
     assert built("optimizer.lr=1e-3", "optimizer.unet_lr=3e-3").param_groups[0]["lr"] == 3e-3
+
+
+def test_the_log_sinks_are_closed_when_the_first_validation_fails(tiny_model: dict[str, str], tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("wandb")
+    from modelkit.train import loop, validation
+
+    closed: list[bool] = []
+
+    class Sink:
+        def __init__(self, *a: Any) -> None:
+            pass
+
+        def close(self) -> None:
+            closed.append(True)
+
+    def broken(*a: Any, **k: Any) -> float:
+        raise TrainingError(None, "a held-out image went missing")
+
+    monkeypatch.setattr(loop, "WandB", Sink)
+    monkeypatch.setattr(validation, "validation_loss", broken)
+    with pytest.raises(TrainingError, match="went missing"):
+        train(_config(tiny_model, tmp_path, "lora", "output.wandb=true", "dataset.validation_split=0.34",
+                      "train.validation_every=1"))
+    assert closed == [True]
