@@ -27,7 +27,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from ...errors import FormatError, UsageError
+from ...errors import UsageError
 from .. import families as fam
 from . import dit, dit_ref
 from . import math as lmath
@@ -224,18 +224,11 @@ def extract(mb: Any, mt: Any, tuned: str, rank: int, compute: Any, cast: Any, mi
         else:
             parts = [(f"{d}.weight", (a, b, da, db)) for a, b, d, da, db, _rows in fam.segments(split, dpaths, shape)]
         diff = torch.empty(shape, dtype=compute)
+        from .extract import weight_diff
+
         for key, where in parts:
-            ref_b, ref_t = mb[key], mt.get(key)
-            if ref_t is None or tuple(ref_t.shape) != tuple(ref_b.shape):
-                got = "missing" if ref_t is None else f"{list(ref_t.shape)}"
-                raise UsageError(tuned, f"{key} is {got} but the base's is {list(ref_b.shape)}",
-                                 "Extract from two checkpoints of the same base model")
-            w_t, w_b = ref_t.read("torch").to(compute), ref_b.read("torch").to(compute)
-            for p, w in ((tuned, w_t), (mb.path, w_b)):
-                if not bool(torch.isfinite(w).all()):
-                    raise FormatError(p, f"tensor {key!r} holds NaN or inf values, so no LoRA can be taken from it",
-                                      "The checkpoint is damaged; use a good copy")
-            d = w_t.sub_(w_b)
+            d = weight_diff(mb, mt, key, tuned, compute)
+            ref_b = mb[key]
             if where is None:
                 diff.copy_(d)
             else:

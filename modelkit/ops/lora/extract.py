@@ -244,7 +244,6 @@ def _module(name: str, up: Any, down: Any, cast: Any, overflow: dict[str, int]) 
 def _extract(km: KeyMap, mb: Any, mt: Any, tuned: str, rank: int, conv_rank: int | None, compute: Any, cast: Any,
              min_diff: float, progress: Callable[[str, int], None] | None, overflow: dict[str, int]
              ) -> tuple[list[OutTensor], int]:
-    import torch
 
     by_key: dict[str, list[tuple[Target, int]]] = {}
     for tg in km.targets:
@@ -254,18 +253,7 @@ def _extract(km: KeyMap, mb: Any, mt: Any, tuned: str, rank: int, conv_rank: int
     tensors: list[OutTensor] = []
     skipped = 0
     for key, group in by_key.items():
-        ref_b, ref_t = mb[key], mt.get(key)
-        if ref_t is None or tuple(ref_t.shape) != tuple(ref_b.shape):
-            got = "missing" if ref_t is None else f"{list(ref_t.shape)}"
-            raise UsageError(tuned, f"{key} is {got} but the base's is {list(ref_b.shape)}",
-                             "Extract from two checkpoints of the same base model")
-        tuned_w, base_w = ref_t.read("torch").to(compute), ref_b.read("torch").to(compute)
-        for path, w in ((tuned, tuned_w), (mb.path, base_w)):
-            if not bool(torch.isfinite(w).all()):
-                raise FormatError(path, f"tensor {key!r} holds NaN or inf values, so no LoRA can be taken from it",
-                                  "The checkpoint is damaged (or was saved after a diverged training run); "
-                                  "use a good copy")
-        diff = tuned_w - base_w
+        diff = weight_diff(mb, mt, key, tuned, compute)
         for tg, r in group:
             d = diff if tg.rows is None else diff[tg.rows[0]:tg.rows[1]]
             if float(d.abs().max()) <= min_diff:
@@ -274,5 +262,28 @@ def _extract(km: KeyMap, mb: Any, mt: Any, tuned: str, rank: int, conv_rank: int
             up, down = svd_factors(d, tg.shape, r)
             tensors += _module(km.name_for(tg, "kohya"), up, down, cast, overflow)
         if progress is not None:
-            progress(key, ref_b.nbytes)
+            progress(key, mb[key].nbytes)
     return tensors, skipped
+
+
+def weight_diff(mb: Any, mt: Any, key: str, tuned: str, compute: Any) -> Any:
+    """``tuned[key] - base[key]`` in ``compute``, once both are checked: the same shape, finite values.
+
+    Raises:
+        UsageError: the tuned model lacks the tensor or has another shape.
+        FormatError: either holds NaN or inf.
+    """
+    import torch
+
+    ref_b, ref_t = mb[key], mt.get(key)
+    if ref_t is None or tuple(ref_t.shape) != tuple(ref_b.shape):
+        got = "missing" if ref_t is None else f"{list(ref_t.shape)}"
+        raise UsageError(tuned, f"{key} is {got} but the base's is {list(ref_b.shape)}",
+                         "Extract from two checkpoints of the same base model")
+    tuned_w, base_w = ref_t.read("torch").to(compute), ref_b.read("torch").to(compute)
+    for path, w in ((tuned, tuned_w), (mb.path, base_w)):
+        if not bool(torch.isfinite(w).all()):
+            raise FormatError(path, f"tensor {key!r} holds NaN or inf values, so no LoRA can be taken from it",
+                              "The checkpoint is damaged (or was saved after a diverged training run); "
+                              "use a good copy")
+    return tuned_w.sub_(base_w)
