@@ -161,13 +161,9 @@ def to_diffusers(refs: Mapping[str, TensorRef], family: str, label: str) -> tupl
             for dpath, got in pieces.items():
                 name = dpath + suffix
                 out[name] = _joined([r for _, r in sorted(got, key=lambda x: x[0])], name, label)
-    for dtemplate, otemplate in NORMS[family]:
-        pat = _pattern(otemplate)
-        for k, ref in refs.items():
-            m = pat.match(k)
-            if m is not None:
-                out[dtemplate.format(i=m.group(1)) if m.groups() else dtemplate] = ref
-                used.append(k)
+    for k, name in _norms(refs, family, to_diffusers=True):
+        out[name] = refs[k]
+        used.append(k)
     return out, used, problems
 
 
@@ -199,14 +195,23 @@ def to_original(refs: Mapping[str, TensorRef], family: str, label: str) -> tuple
             parts = [_rows(refs[dpath + suffix], da, db, path + suffix) for _a, _b, dpath, da, db, _n in segs]
             used.update(d + suffix for d in dpaths)
             out[path + suffix] = _joined(parts, path + suffix, label)
+    for k, name in _norms(refs, family, to_diffusers=False):
+        out[name] = refs[k]
+        used.add(k)
+    return out, sorted(set(refs) - used)
+
+
+def _norms(refs: Mapping[str, TensorRef], family: str, to_diffusers: bool) -> list[tuple[str, str]]:
+    """``(key, its name in the other layout)`` for each tensor of ``refs`` that ``NORMS`` maps."""
+    out = []
     for dtemplate, otemplate in NORMS[family]:
-        pat = _pattern(dtemplate)
-        for k, ref in refs.items():
+        src, dst = (otemplate, dtemplate) if to_diffusers else (dtemplate, otemplate)
+        pat = _pattern(src)
+        for k in refs:
             m = pat.match(k)
             if m is not None:
-                out[otemplate.format(i=m.group(1)) if m.groups() else otemplate] = ref
-                used.add(k)
-    return out, sorted(set(refs) - used)
+                out.append((k, dst.format(i=m.group(1)) if m.groups() else dst))
+    return out
 
 
 def _check_parts(refs: Mapping[str, TensorRef], segs: Sequence[fam.Segment], suffix: str, name: str) -> None:
