@@ -189,7 +189,7 @@ class RemoteSource(Source):
                 e = s + len(data)
                 if s <= pos < e:
                     n = min(e, end) - pos
-                    view[pos - offset : pos - offset + n] = data[pos - s : pos - s + n]
+                    view[pos - offset : pos - offset + n] = memoryview(data)[pos - s : pos - s + n]
                     pos += n
                 elif s > pos:
                     return False
@@ -212,6 +212,8 @@ class RemoteSource(Source):
                 k = min(cfg.BIG_STEP, n - pos)
                 view[pos : pos + k] = self._backend.fetch(self, offset + pos, offset + pos + k)
                 pos += k
+            return
+        if self._copy_out(view, offset):  # the usual case once the scan's spans are prefetched
             return
         for gap in self._gaps(offset, offset + n):
             s, e = self._widen(gap)

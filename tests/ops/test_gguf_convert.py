@@ -92,11 +92,10 @@ def test_round_trip_dequantizes_to_ggufs_values(tmp_path: Path) -> None:
 
 
 def test_sd1_checkpoint_to_gguf_keeps_only_the_unet(tmp_path: Path) -> None:
-    src = ROOT / "fixtures" / "demo" / "sd15-tiny.ckpt"
-    if not src.exists():
-        from fixtures.demo import main
+    from fixtures.demo import main
 
-        main(str(ROOT / "fixtures" / "demo"))
+    main(str(tmp_path / "demo"))  # built here, not in the checkout's fixtures/demo/
+    src = tmp_path / "demo" / "sd15-tiny.ckpt"
     out = tmp_path / "unet.gguf"
     r = to_gguf(src, out, quant="Q8_0")  # detection says sd1
     assert r.arch == "sd1" and r.quantized > 0 and r.left_out > 0

@@ -79,7 +79,10 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     save_zip(big, str(root / "big.ckpt"))
     save_safetensors(big, str(root / "big.safetensors"), {"format": "pt"})
     paths += [str(root / "big.ckpt"), str(root / "big.safetensors")]
-    for demo in sorted((ROOT / "fixtures" / "demo").glob("*")):
+    from fixtures.demo import main as build_demo  # built here: a clean clone has no fixtures/demo/
+
+    build_demo(str(root / "demo"))
+    for demo in sorted((root / "demo").glob("*")):
         if demo.is_file() and not demo.name.startswith("."):
             paths.append(str(demo))
     return {f"/f{i}/{os.path.basename(p)}": p for i, p in enumerate(paths)}
