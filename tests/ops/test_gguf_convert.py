@@ -17,7 +17,6 @@ from modelkit.dtypes import BY_NAME
 from modelkit.errors import OutputExistsError, UsageError
 from modelkit.ops.gguf_ops import choose_qtype, from_gguf, to_gguf
 
-ROOT = Path(__file__).resolve().parents[2]
 #: What ComfyUI-GGUF's loader accepts as an image model's general.architecture.
 COMFY_IMG_ARCH = {"flux", "sd1", "sdxl", "sd3", "aura", "hidream", "cosmos", "ltxv", "hyvid", "wan", "lumina2"}
 
