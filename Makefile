@@ -26,7 +26,10 @@ demo: setup
 	$(BIN)/modelkit inspect fixtures/demo/sd15-tiny.ckpt
 	@test ! -e fixtures/demo/PWNED-by-hostile.ckpt && echo "== no payload ran"
 
+# Bytecode first, as pip writes it at install: the suite starts hundreds of modelkit processes, and
+# where PYTHONDONTWRITEBYTECODE is set, an editable checkout would compile its sources in each.
 test: setup
+	$(BIN)/python -m compileall -q modelkit fixtures > /dev/null
 	$(BIN)/python -m pytest -q
 
 # The core install (pip install modelkit: no torch, no extras) in a venv of its own: the suite
@@ -42,6 +45,7 @@ $(CORE_VENV)/bin/pytest: pyproject.toml
 setup-core: $(CORE_VENV)/bin/pytest
 
 test-core: setup-core
+	$(CORE_VENV)/bin/python -m compileall -q modelkit fixtures > /dev/null
 	$(CORE_VENV)/bin/python -m pytest -q -p no:cacheprovider
 	MODELKIT_PORTABLE=1 $(CORE_VENV)/bin/python -m pytest -q -p no:cacheprovider
 
