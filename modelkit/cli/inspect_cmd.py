@@ -133,6 +133,8 @@ def _block(out: Output, r: InspectResult) -> None:
         out.result("  keys")
         for t in r.tensors:
             view = "" if t.contiguous else "  (view)"
+            if t.packed_shape is not None:
+                view += f"  (stored as uint8 {list(t.packed_shape)})"
             out.result(f"    {t.name:<{width}}  {t.dtype:<9} {list(t.shape)}{view}")
 
 

@@ -30,12 +30,18 @@ class TensorInfo:
     byte_range: tuple[int, int]
     contiguous: bool
     storage: str | None
+    #: A GGUF quantized tensor's stored shape (rows, packed bytes per row, uint8); ``dtype`` and
+    #: ``shape`` are then its quant type (``Q8_0``) and logical shape. None for every other tensor.
+    packed_shape: tuple[int, ...] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "name": self.name, "dtype": self.dtype, "shape": list(self.shape),
             "byte_range": list(self.byte_range), "contiguous": self.contiguous, "storage": self.storage,
         }
+        if self.packed_shape is not None:
+            out["packed_shape"] = list(self.packed_shape)
+        return out
 
 
 @dataclass(frozen=True)
@@ -108,7 +114,10 @@ def describe(mf: ModelFile, keys: bool = False, hashes: bool = False) -> Inspect
             break
     tensors = None
     if keys:
+        types, shapes = mf._quantized()
         tensors = tuple(
+            TensorInfo(t.name, types[t.name], tuple(shapes[t.name]), t.byte_range, t.is_contiguous, t.storage_key,
+                       t.shape) if t.name in types and t.name in shapes else
             TensorInfo(t.name, t.dtype.name, t.shape, t.byte_range, t.is_contiguous, t.storage_key)
             for t in mf.tensors.values()
         )

@@ -3,7 +3,10 @@ GGUF in (dequantized to a float dtype), atomic and streaming like every output."
 
 from __future__ import annotations
 
+import math
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import gguf
@@ -104,6 +107,25 @@ def test_sd1_checkpoint_to_gguf_keeps_only_the_unet(tmp_path: Path) -> None:
     assert {t.name: tuple(int(v) for v in reversed(t.shape)) for t in reader.tensors} == unet
     assert modelkit.scan.scan_file(out).verdict == "safe"
     assert modelkit.inspect(out).container == "gguf"
+    # --keys: a quantized tensor is listed by its quant type and logical shape (as the dtype table
+    # counts it), with the packed uint8 shape it is stored in beside
+    listed = {t.name: t for t in modelkit.inspect(out, keys=True).tensors or ()}
+    by_gguf = {t.name: t for t in reader.tensors}
+    assert set(listed) == set(unet)
+    for name, t in listed.items():
+        assert t.shape == unet[name], name
+        assert t.dtype == by_gguf[name].tensor_type.name.replace("F16", "float16").replace("F32", "float32"), name
+        if t.dtype == "Q8_0":
+            assert t.packed_shape == (math.prod(unet[name][:-1]), unet[name][-1] // 32 * 34), name
+            assert t.to_dict()["packed_shape"] == list(t.packed_shape)
+        else:
+            assert t.packed_shape is None and "packed_shape" not in t.to_dict()
+    assert any(t.dtype == "Q8_0" for t in listed.values())
+    text = subprocess.run([sys.executable, "-m", "modelkit", "inspect", "--keys", str(out)], capture_output=True,
+                          text=True, check=True).stdout
+    q8 = next(n for n, t in listed.items() if t.dtype == "Q8_0")
+    line = next(ln for ln in text.splitlines() if ln.strip().startswith(q8 + " "))
+    assert "Q8_0" in line and str(list(unet[q8])) in line and f"stored as uint8 {list(listed[q8].packed_shape)}" in line
 
 
 def test_refusals_write_nothing(tmp_path: Path) -> None:
