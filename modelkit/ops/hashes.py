@@ -137,6 +137,7 @@ def hash_file(path: str | os.PathLike[str], algos: tuple[str, ...] = DEFAULT_ALG
 def _hash_remote(url: str, algos: tuple[str, ...], progress: Callable[[int], None] | None) -> HashResult:
     """A remote file's hashes: AutoV1 alone from its 64 KiB window (a range request), anything
     else from one stream of the whole file, without a temporary copy."""
+    from ..remote import hub_sha_mismatch
     from ..remote.http import open_stream
     from ..remote.source import RemoteSource
 
@@ -150,6 +151,10 @@ def _hash_remote(url: str, algos: tuple[str, ...], progress: Callable[[int], Non
         return HashResult(url, src.size, {"autov1": hashlib.sha256(window).hexdigest()[:8]} if algos else {})
     with open_stream(url) as reader:
         out = _hash_stream(url, reader, reader.size, algos, progress)
+    claim = reader.pins.get("sha256")
+    got = out.get("sha256") or out.get("autov2")
+    if claim and got and not claim.startswith(got):  # AutoV2 is the SHA-256's first 10 digits
+        raise hub_sha_mismatch(url, claim, out.get("sha256") or got + "...")
     return HashResult(url, reader.size, out)
 
 

@@ -83,6 +83,12 @@ def max_download() -> int:
         raise UsageError(None, f"MODELKIT_REMOTE_MAX_DOWNLOAD must be a number of bytes, not {raw!r}") from None
 
 
+def hub_sha_mismatch(label: str, claim: str, got: str) -> RemoteError:
+    """The error for bytes that do not hash to the SHA-256 the Hub gives for the file."""
+    return RemoteError(label, f"the Hub gives the file's SHA-256 as {claim}, but the bytes it sent hash to {got}",
+                       "Do not use this download; try again later")
+
+
 # -- hf:// paths ------------------------------------------------------------------------------------
 
 

@@ -10,16 +10,20 @@ from typing import TYPE_CHECKING, Any
 
 from .. import remote as cfg
 from ..errors import InputNotFoundError, MissingExtraError, ModelkitError, RemoteError, TruncatedFileError, UsageError
-from . import _CONTENT_RANGE, _INSTALL, _hf_endpoint, _hub, _why, parse_hf
+from . import _CONTENT_RANGE, _INSTALL, HfPath, _hf_endpoint, _hub, _why, parse_hf
 
 if TYPE_CHECKING:
     from .source import RemoteSource
 
 
+_COMMIT = re.compile(r"[0-9a-f]{40}")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
 class Http:
     """Ranged GETs through huggingface_hub's client (retries, back-off, redirects)."""
 
-    def __init__(self, url: str, label: str, headers: dict[str, str]):
+    def __init__(self, url: str, label: str, headers: dict[str, str], hf: HfPath | None = None):
         self.url = url
         self.label = label
         self.headers = headers
@@ -27,6 +31,29 @@ class Http:
         self.size = -1
         #: whether the server answers several ranges in one request (None: not tried yet)
         self.multirange: bool | None = None
+        self.hf = hf
+        #: what names the bytes read: ``etag``; for ``hf://``, the ``commit`` the revision resolved
+        #: to and the ``sha256`` the Hub gives for the file (LFS files); None where not said
+        self.pins: dict[str, str | None] = {"etag": None, "commit": None, "sha256": None}
+
+    def _pin(self, resp: Any) -> None:
+        """Note what the first answer says the file is. For ``hf://``, the later requests go to the
+        commit the revision resolved to, so a branch that moves mid-scan cannot mix two files."""
+        if self.validator is not None:
+            self.pins["etag"] = self.validator[1]
+        if self.hf is None:
+            return
+        for h in [r.headers for r in getattr(resp, "history", None) or ()] + [resp.headers]:
+            commit = (h.get("x-repo-commit") or "").strip().lower()
+            if _COMMIT.fullmatch(commit) and self.pins["commit"] is None:
+                self.pins["commit"] = commit
+            sha = (h.get("x-linked-etag") or "").strip().removeprefix("W/").strip('"').lower()
+            if _SHA256.fullmatch(sha) and self.pins["sha256"] is None:
+                self.pins["sha256"] = sha
+        commit = self.pins["commit"]
+        if commit is not None and self.hf.revision != commit:
+            assert self.hf.path is not None
+            self.url = _hub().hf_hub_url(self.hf.repo, self.hf.path, revision=commit, endpoint=_hf_endpoint())
 
     def _check(self, resp: Any) -> None:
         code = int(resp.status_code)
@@ -110,6 +137,7 @@ class Http:
         self._check(resp)
         if first:
             self.validator = self._validator(resp)
+            self._pin(resp)
         else:
             self._same_file(resp)
         length = resp.headers.get("content-length")
@@ -202,6 +230,7 @@ class Fsspec:
                                     "Install the fsspec backend for its scheme (s3fs, gcsfs, adlfs ...)") from None
         self.validator: Any = None
         self.size = -1
+        self.pins: dict[str, str | None] = {"etag": None, "commit": None, "sha256": None}
 
     def _info(self) -> dict[str, Any]:
         try:
@@ -218,6 +247,8 @@ class Fsspec:
             raise RemoteError(self.label, "is a folder, not a file", "Give a file URL")
         self.size = int(info.get("size") or 0)
         self.validator = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified")
+        if isinstance(info.get("ETag") or info.get("etag"), str):
+            self.pins["etag"] = info.get("ETag") or info.get("etag")
         if self.size == 0:
             raise TruncatedFileError(self.label, "the file is empty (0 bytes)")
         return self.fetch(src, 0, min(cfg.HEAD_BYTES, self.size))
@@ -325,7 +356,7 @@ def backend_for(url: str) -> Http | Fsspec:
         hub = _hub()
         target = hub.hf_hub_url(hp.repo, hp.path, revision=hp.revision, endpoint=_hf_endpoint())
         headers = dict(hub.utils.build_hf_headers(library_name="modelkit", library_version=_version()))
-        return Http(target, url, headers)
+        return Http(target, url, headers, hp)
     return Fsspec(url)
 
 
@@ -349,6 +380,8 @@ class StreamReader:
         self.size = size
         self.read_so_far = 0
         self.label = label
+        #: what the server says the file is (``Http.pins``); the Hub's ``sha256`` is checked by ``hash``
+        self.pins: dict[str, str | None] = {}
 
     def readinto(self, buf: bytearray | memoryview) -> int:
         view = memoryview(buf).cast("B")
@@ -403,4 +436,8 @@ def open_stream(url: str) -> Iterator[StreamReader]:
         length = resp.headers.get("content-length")
         if not (length and length.isdigit()):
             raise RemoteError(url, "the server does not say how long the file is (no Content-Length)")
-        yield StreamReader(resp.iter_bytes(cfg.BIG_STEP), int(length), url)
+        backend.validator = backend._validator(resp)
+        backend._pin(resp)
+        reader = StreamReader(resp.iter_bytes(cfg.BIG_STEP), int(length), url)
+        reader.pins = dict(backend.pins)
+        yield reader

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+import hashlib
 import os
 import tempfile
 import threading
@@ -12,7 +13,7 @@ from typing import Any
 from .. import remote as cfg
 from ..errors import RemoteError, TruncatedFileError
 from ..model import Source
-from . import Transfer, max_download
+from . import Transfer, hub_sha_mismatch, max_download
 from .http import backend_for
 
 
@@ -55,6 +56,11 @@ class RemoteSource(Source):
             self._put(0, head)
         self.head = self.pread(min(cfg.HEAD_BYTES, self.size), 0) if self.size > 0 else b""
 
+    @property
+    def pins(self) -> dict[str, str | None]:
+        """What names the bytes read (``etag``; for ``hf://``, ``commit`` and ``sha256``)."""
+        return dict(self._backend.pins)
+
     # -- whole-file mode
     def whole_from(self, chunks: Iterable[bytes], expect: int | None, why: str | None, counted: bool = False) -> None:
         """Copy a whole body into an anonymous temporary file and read from it from now on."""
@@ -65,8 +71,12 @@ class RemoteSource(Source):
                               "Download it and scan the local copy, or raise MODELKIT_REMOTE_MAX_DOWNLOAD")
         tmp = self._spool_file(expect) if self._spool else tempfile.TemporaryFile()  # noqa: SIM115 - closed by close()
         got = 0
+        claim = self._backend.pins.get("sha256") or ""
+        digest = hashlib.sha256() if claim else None  # the Hub's SHA-256 of the file, checked when read whole
         try:
             for c in chunks:
+                if digest is not None:
+                    digest.update(c)
                 got += len(c)
                 if got > cap or (expect is not None and got > expect):
                     raise RemoteError(self.path, f"the server sent more than {expect if expect is not None else cap} "
@@ -86,6 +96,9 @@ class RemoteSource(Source):
         if got == 0:
             tmp.close()
             raise TruncatedFileError(self.path, "the file is empty (0 bytes)")
+        if digest is not None and digest.hexdigest() != claim:
+            tmp.close()
+            raise hub_sha_mismatch(self.path, claim, digest.hexdigest())
         with self._lock:
             self._tmp = tmp
             self.fd = tmp.fileno()

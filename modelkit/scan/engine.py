@@ -210,10 +210,10 @@ def scan_file(path: str | os.PathLike[str], allow: Iterable[str] = (), require_s
         if source is not None:
             from ..formats.sniff import sniff_bytes
 
-            remote = {"requests": 0, "bytes": 0, "whole_file": False, "notes": [], "size": None}
+            remote = _remote_info()
             src, container = source, sniff_bytes(source.pread(min(512, source.size), 0), source.size)
         elif is_remote(p):
-            remote = {"requests": 0, "bytes": 0, "whole_file": False, "notes": [], "size": None}
+            remote = _remote_info()
             src, container = _open_remote(p, remote)
         else:
             container = sniff(p, wrappers=True, unknown_ok=True)
@@ -225,6 +225,7 @@ def scan_file(path: str | os.PathLike[str], allow: Iterable[str] = (), require_s
         finally:
             if remote is not None:
                 remote.update(src.transfer.to_dict(), size=src.size)  # type: ignore[attr-defined]
+                remote.update(getattr(src, "pins", {}))
                 remote["notes"] = list(src.notes)  # type: ignore[attr-defined]
             if source is None:
                 src.close()
@@ -242,6 +243,13 @@ def scan_file(path: str | os.PathLike[str], allow: Iterable[str] = (), require_s
                       remote)
 
 
+def _remote_info() -> dict[str, Any]:
+    """A remote result's ``remote`` entry before anything is read: what it cost and what names the
+    bytes read (``etag``; for ``hf://``, the ``commit`` and the Hub's ``sha256``)."""
+    return {"requests": 0, "bytes": 0, "whole_file": False, "notes": [], "size": None, "etag": None,
+            "commit": None, "sha256": None}
+
+
 def _open_remote(url: str, remote: dict[str, Any]) -> tuple[Source, str]:
     """A remote file opened for ranged reads, and its container (sniffed from its first bytes).
     Containers that are read whole (anything but zip, safetensors and GGUF) are downloaded first."""
@@ -254,7 +262,7 @@ def _open_remote(url: str, remote: dict[str, Any]) -> tuple[Source, str]:
         if container not in ("zip", "safetensors", "gguf"):
             src.materialize()
     except BaseException:
-        remote.update(src.transfer.to_dict(), size=src.size, notes=list(src.notes))
+        remote.update(src.transfer.to_dict(), size=src.size, notes=list(src.notes), **src.pins)
         src.close()
         raise
     return src, container

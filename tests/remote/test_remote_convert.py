@@ -142,6 +142,25 @@ def test_a_download_that_goes_wrong_fails_closed_and_leaves_nothing(srv: Loopbac
     assert _left(tmp_path) == []
 
 
+def test_a_hub_download_that_misses_the_hubs_sha256_fails_closed(srv: Loopback, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Hub gives an LFS file's SHA-256 (X-Linked-Etag): a download that hashes otherwise is refused
+    before anything is converted, and leaves nothing; the true SHA-256 passes (the 302 to the CDN too)."""
+    monkeypatch.setenv("HF_ENDPOINT", srv.url)
+    for mode in ("", "redirect"):
+        srv.set_mode(mode)
+        srv.hub_sha256["unet/sd15-tiny.ckpt"] = "f" * 64
+        try:
+            with pytest.raises(RemoteError, match="the Hub gives the file's SHA-256 as f{64}, but the bytes"):
+                modelkit.convert("hf://org/repo/unet/sd15-tiny.ckpt", tmp_path / "o.safetensors")
+        finally:
+            srv.hub_sha256.clear()
+        assert _left(tmp_path) == [], mode
+        modelkit.convert("hf://org/repo/unet/sd15-tiny.ckpt", tmp_path / "o.safetensors")
+        assert _left(tmp_path) == ["o.safetensors"], mode
+        (tmp_path / "o.safetensors").unlink()
+
+
 def test_a_corrupt_remote_file_is_named_by_its_url(srv: Loopback, tmp_path: Path) -> None:
     url = srv.url + "/models/cut.ckpt"
     with pytest.raises(ModelkitError) as ei:

@@ -6,6 +6,7 @@ The server (``fixtures/http_server.py``) binds 127.0.0.1; nothing here reaches t
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -393,3 +394,74 @@ def test_an_unreachable_server_is_one_error_line_not_a_traceback() -> None:
     r = CliRunner().invoke(cli, ["scan", "http://127.0.0.1:9/x.ckpt"])
     assert r.exit_code == 2 and r.exception is None or isinstance(r.exception, SystemExit), r.output
     assert "MK-R001" in r.output and "Traceback" not in r.output and "fetched 0 B in 0 requests" in r.output
+
+
+def _sha256(path: str) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def hub(srv: Loopback, monkeypatch: pytest.MonkeyPatch) -> Iterator[Loopback]:
+    """The server as the Hub, with the repos, commits and SHA-256 claims a test sets taken away after."""
+    monkeypatch.setenv("HF_ENDPOINT", srv.url)
+    yield srv
+    for name in [n for n in srv.hf if n.startswith("pin/")]:
+        del srv.hf[name]
+    srv.commits.clear()
+    srv.hub_sha256.clear()
+
+
+def test_an_hf_scan_names_the_commit_and_sha256_and_reads_only_that_commit(hub: Loopback,
+                                                                           files: dict[str, str]) -> None:
+    """The first answer's X-Repo-Commit pins the rest of the scan to that commit (a branch that moves
+    mid-scan cannot mix two files), and the result says what a download must match."""
+    big = files[next(k for k in files if k.endswith("/big.ckpt"))]
+    commit = "ab" * 20
+    hub.hf["pin/repo"] = {"big.ckpt": big}
+    hub.commits["pin/repo"] = commit
+    for mode in ("", "redirect"):  # the Hub's 302 to its CDN carries the commit and the LFS SHA-256
+        hub.set_mode(mode)
+        hub.reset_counts()
+        r = scan_file("hf://pin/repo@main/big.ckpt")
+        assert r.verdict == "safe" and r.remote is not None, mode
+        assert (r.remote["commit"], r.remote["sha256"]) == (commit, _sha256(big)), mode
+        assert r.remote["etag"], mode
+        asked = [p for p in hub.paths if not p.startswith("/cdn/")]
+        assert asked[0] == "/pin/repo/resolve/main/big.ckpt", mode
+        assert len(asked) > 1 and set(asked[1:]) == {f"/pin/repo/resolve/{commit}/big.ckpt"}, mode
+    hub.set_mode("")
+    plain = scan_file(hub.url + next(k for k in files if k.endswith("/big.ckpt")))
+    assert plain.remote is not None and plain.remote["etag"]
+    assert plain.remote["commit"] is None and plain.remote["sha256"] is None  # only the Hub says these
+    shown = _cli("scan", "hf://pin/repo/big.ckpt")
+    assert shown.returncode == 0, shown.stderr
+    assert f"read at commit {commit}; the Hub's sha256 {_sha256(big)}" in shown.stdout
+    as_json = json.loads(_cli("scan", "--json", "hf://pin/repo/big.ckpt").stdout)["files"][0]["remote"]
+    assert (as_json["commit"], as_json["sha256"]) == (commit, _sha256(big))
+
+
+def test_bytes_that_miss_the_hubs_sha256_fail_closed(hub: Loopback, files: dict[str, str]) -> None:
+    """Where the whole file is read (hash; a file scanned whole), its bytes must hash to the SHA-256
+    the Hub gives: a CDN that sends other bytes is an error, never a result."""
+    from modelkit.errors import RemoteError
+    from modelkit.ops.hashes import hash_file
+
+    legacy = files[next(k for k in files if k.endswith("/legacy.pt"))]  # not a zip: scanned whole
+    st = files[next(k for k in files if k.endswith("/big.safetensors"))]
+    hub.hf["pin/sums"] = {"legacy.pt": legacy, "m.safetensors": st}
+    assert scan_file("hf://pin/sums/legacy.pt").verdict == scan_file(legacy).verdict
+    assert hash_file("hf://pin/sums/m.safetensors", ("sha256", "autov2")).hashes["sha256"] == _sha256(st)
+    hub.hub_sha256.update({"legacy.pt": "0" * 64, "m.safetensors": "1" * 64})
+    for mode in ("", "redirect"):
+        hub.set_mode(mode)
+        r = scan_file("hf://pin/sums/legacy.pt")
+        assert r.verdict == "error" and r.findings[0].rule == "MK-R001", mode
+        assert f"the Hub gives the file's SHA-256 as {'0' * 64}" in r.findings[0].message, mode
+        for algos in (("sha256",), ("autov2",), ("sha256", "autov1", "crc32")):
+            with pytest.raises(RemoteError, match="SHA-256 as 1111"):
+                hash_file("hf://pin/sums/m.safetensors", algos)
+    hub.set_mode("")
+    cli = _cli("hash", "hf://pin/sums/m.safetensors")
+    assert cli.returncode == 2 and "Traceback" not in cli.stderr
+    assert "hf://pin/sums/m.safetensors" in cli.stderr and "SHA-256" in cli.stderr
+    assert hash_file("hf://pin/sums/m.safetensors", ("autov1",)).hashes  # a 64 KiB window cannot be checked
