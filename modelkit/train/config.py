@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import stat
 import types
 import typing
@@ -187,6 +188,10 @@ class OptimizerConfig:
         weight_decay, betas, eps: unset: the optimizer's documented defaults.
         unet_lr, text_encoder_lr: the rate of the UNet's / text encoders' parameter groups; unset:
             ``lr`` (LoRA: ``network.unet_lr``/``text_encoder_lr`` first).
+        args: more keyword arguments of the optimizer's constructor (``[optimizer.args]``, what
+            kohya's ``optimizer_args`` gives: Prodigy's ``d_coef``, Adafactor's flags ...): plain
+            values or arrays of them, checked against the constructor's parameters before
+            anything loads; ``lr``, ``betas``, ``eps`` and ``weight_decay`` have their own keys.
     """
 
     name: str = field(default="adamw", metadata=_choice("adamw", "adamw8bit", "prodigy", "lion", "lion8bit",
@@ -198,6 +203,7 @@ class OptimizerConfig:
     max_grad_norm: float = 1.0
     unet_lr: float | None = None
     text_encoder_lr: float | None = None
+    args: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -384,6 +390,8 @@ PATH_KEYS = {("model", "path"), ("model", "configs"), ("model", "tokenizer"), ("
 
 
 def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
     return list(value) if isinstance(value, tuple) else value
 
 
@@ -423,6 +431,13 @@ def build_config(method: str, data: Mapping[str, Any], overrides: Iterable[str] 
         section, _, name = key.partition(".")
         if section not in SECTIONS:
             raise ConfigError(None, f"--set {key}: unknown section {section!r}", f"Known sections: {', '.join(SECTIONS)}")
+        table, _, sub = name.partition(".")
+        if sub:  # --set optimizer.args.d_coef=2: one key of a table-valued key
+            was = tables.setdefault(section, {}).get(table, ({}, "--set"))[0]
+            if not isinstance(was, Mapping):
+                raise ConfigError(None, f"--set {key}: {section}.{table} is not a table")
+            tables[section][table] = ({**was, sub: value}, "--set")
+            continue
         tables.setdefault(section, {})[name] = (value, "--set")
     built = {}
     for section, cls in SECTIONS.items():
@@ -500,6 +515,8 @@ def _coerce(key: str, value: Any, hint: Any, where: str | None) -> Any:
         if len(value) != len(parts):
             raise ConfigError(where, f"key {key}: expected {len(parts)} values, got {len(value)}")
         return tuple(_coerce(key, v, a, where) for v, a in zip(value, parts))
+    if origin is dict:
+        return _coerce_table(key, value, where)
     if hint is bool:
         if isinstance(value, bool):
             return value
@@ -525,6 +542,32 @@ def _coerce(key: str, value: Any, hint: Any, where: str | None) -> Any:
             return value
         raise ConfigError(where, f"key {key}: expected a string, got {_tname(value)}")
     raise ConfigError(where, f"key {key}: unsupported type {hint!r}")  # pragma: no cover
+
+
+def _coerce_table(key: str, value: Any, where: str | None) -> dict[str, Any]:
+    """A table of keyword arguments: names that are identifiers, values that are booleans, finite
+    numbers, strings or arrays of those (arrays become tuples)."""
+    if not isinstance(value, Mapping):
+        raise ConfigError(where, f"key {key}: expected a table [{key}], got {_tname(value)}")
+    out: dict[str, Any] = {}
+    for name, v in value.items():
+        if not (isinstance(name, str) and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name)):
+            raise ConfigError(where, f"key {key}.{name}: not an argument name")
+        out[name] = _argument(f"{key}.{name}", v, where)
+    return out
+
+
+def _argument(key: str, value: Any, where: str | None, inner: bool = False) -> Any:
+    if isinstance(value, (list, tuple)) and not inner:
+        return tuple(_argument(key, v, where, inner=True) for v in value)
+    if isinstance(value, bool) or isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(where, f"key {key}: expected a finite number, got {value!r}")
+        return value
+    raise ConfigError(where, f"key {key}: expected a boolean, a number, a string or an array of them, "
+                             f"got {_tname(value)}")
 
 
 def _bad(source: str | None, key: str, problem: str) -> ConfigError:

@@ -21,7 +21,7 @@ from .config import Config, resolved
 from .ema import EMA, ema_path
 from .export import common_metadata
 from .logs import TensorBoard, WandB, log_dir, require_tensorboard, require_wandb
-from .optim import OPTIMIZERS, make_optimizer, make_scheduler, require_optimizer
+from .optim import OPTIMIZERS, check_optimizer, make_optimizer, make_scheduler
 from .sample import sample_images, sample_paths
 from .state import Counters, load_extra, load_state, save_state
 from .step import compute_loss, load_batch
@@ -107,6 +107,12 @@ def _accelerator(config: Config) -> Any:
 _DB_FREE = ("class_path", "num_class_images", "class_steps", "class_guidance_scale", "class_negative_prompt")
 
 
+def _ss_optimizer(o: Any) -> str:
+    """``ss_optimizer`` as kohya writes it: the class, and its extra arguments in brackets."""
+    args = ",".join(f"{k}={v}" for k, v in o.args.items())
+    return OPTIMIZERS[o.name].kohya + (f"({args})" if args else "")
+
+
 def _fingerprint(config: Config) -> dict[str, Any]:
     """Settings a resume must keep (the rest may change, e.g. max_steps or the save cadence)."""
     c = config
@@ -185,7 +191,7 @@ def _train(config: Config, progress: Progress | None, on_skip: Callable[[data.Sk
     oc = cfg.output
     if oc.tensorboard:
         require_tensorboard()
-    require_optimizer(cfg.optimizer.name)
+    check_optimizer(cfg)  # the package, and optimizer.args against its constructor
     if oc.wandb:
         require_wandb()
     os.makedirs(oc.dir, exist_ok=True)
@@ -536,7 +542,7 @@ def _metadata(cfg: Config, base: Any, ds: data.Dataset, adapter: str) -> dict[st
     meta.update({
         "ss_session_id": str(random.Random(t.seed).randint(0, 2**31)), "ss_output_name": cfg.output.name,
         "ss_training_comment": "modelkit train", "ss_sd_model_name": os.path.basename(cfg.model.path.rstrip("/")),
-        "ss_learning_rate": repr(o.lr), "ss_optimizer": OPTIMIZERS[o.name].kohya, "ss_lr_scheduler": cfg.scheduler.name, "ss_lr_warmup_steps": str(cfg.scheduler.warmup_steps),
+        "ss_learning_rate": repr(o.lr), "ss_optimizer": _ss_optimizer(o), "ss_lr_scheduler": cfg.scheduler.name, "ss_lr_warmup_steps": str(cfg.scheduler.warmup_steps),
         "ss_max_train_steps": str(t.max_steps), "ss_num_epochs": str(t.epochs), "ss_batch_size_per_device": str(t.batch_size),
         "ss_gradient_accumulation_steps": str(t.grad_accum), "ss_mixed_precision": t.mixed_precision,
         "ss_gradient_checkpointing": str(t.gradient_checkpointing), "ss_seed": str(t.seed),

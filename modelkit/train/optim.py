@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,6 +81,85 @@ def require_optimizer(name: str) -> None:
                           f"Run: pip install {spec.pip}, or use adamw")
 
 
+def _own_key(name: str, arg: str) -> str | None:
+    """Why constructor argument ``arg`` of optimizer ``name`` is not an ``optimizer.args`` key (it has
+    a key of its own, or modelkit gives it); None where it may be one."""
+    spec = OPTIMIZERS[name]
+    if arg == "params":
+        return "modelkit gives the parameters"
+    if arg in ("lr", "weight_decay") or (arg == "betas" and spec.betas is not None) or \
+            (arg == "eps" and spec.eps is not None):
+        return f"set it with optimizer.{arg}"
+    if name == "adafactor" and arg == "relative_step":
+        return "Adafactor's relative step is on exactly when no optimizer.lr is given: set or unset optimizer.lr"
+    return None
+
+
+def optimizer_class(name: str) -> Any:
+    """The class of optimizer ``name`` (its package imported now)."""
+    import torch
+
+    if name == "adamw":
+        return torch.optim.AdamW
+    if name in ("adamw8bit", "lion8bit"):
+        bnb_optim: Any = importlib.import_module("bitsandbytes.optim")
+        return bnb_optim.Lion8bit if name == "lion8bit" else bnb_optim.AdamW8bit
+    if name == "prodigy":
+        return importlib.import_module("prodigyopt").Prodigy
+    if name == "lion":
+        return importlib.import_module("lion_pytorch").Lion
+    return importlib.import_module("transformers.optimization").Adafactor
+
+
+def check_optimizer(config: Any) -> None:
+    """Before anything loads: the optimizer's package is installed and every ``optimizer.args`` key
+    is a parameter of its constructor that has no key of its own.
+
+    Raises:
+        ConfigError: one line naming the key.
+    """
+    oc = config.optimizer
+    require_optimizer(oc.name)
+    if not oc.args:
+        return
+    cls = optimizer_class(oc.name)
+    params = inspect.signature(cls.__init__).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    named = [n for n, p in params.items() if n not in ("self", "params") and p.kind in
+             (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
+    for key, value in oc.args.items():
+        why = _own_key(oc.name, key)
+        if why is not None:
+            raise ConfigError(None, f"key optimizer.args.{key}: {why}")
+        if key not in named and not takes_any:
+            raise ConfigError(None, f"key optimizer.args.{key}: {cls.__name__} takes no argument {key!r}",
+                              f"It takes: {', '.join(n for n in named if _own_key(oc.name, n) is None)}")
+        default = params[key].default if key in params else None
+        kind = _kind(default)
+        if kind is not None and _kind(value) != kind and not (kind == "a number" and _kind(value) == "an integer"):
+            raise ConfigError(None, f"key optimizer.args.{key}: {cls.__name__} expects {kind} (its default is "
+                                    f"{default!r}), got {value!r}")
+    import torch
+
+    probe = [{"params": [torch.nn.Parameter(torch.zeros(1))]}]
+    make_optimizer(config, probe)  # the optimizer's own checks of the values, on one dummy parameter
+
+
+def _kind(value: Any) -> str | None:
+    """What sort of value a default is (None: anything goes)."""
+    if isinstance(value, bool):
+        return "true or false"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, (tuple, list)):
+        return "an array"
+    return None
+
+
 def relative_step(config: Any) -> bool:
     """Adafactor without any learning rate: it sets its own (relative step), and no LR schedule applies."""
     oc = config.optimizer
@@ -107,10 +187,8 @@ def make_optimizer(config: Any, groups: list[dict[str, Any]]) -> Any:
     (``component_lr``); other groups keep their ``lr``.
 
     Raises:
-        ConfigError: the optimizer's package is not installed.
+        ConfigError: the optimizer's package is not installed, or it refuses ``optimizer.args``.
     """
-    import torch
-
     oc = config.optimizer
     name = oc.name
     require_optimizer(name)
@@ -125,31 +203,24 @@ def make_optimizer(config: Any, groups: list[dict[str, Any]]) -> Any:
     betas: Any = tuple(oc.betas) if oc.betas is not None else spec.betas
     eps: Any = oc.eps if oc.eps is not None else spec.eps
     wd = oc.weight_decay if oc.weight_decay is not None else spec.weight_decay
-    if name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=wd)
-    if name in ("adamw8bit", "lion8bit"):
-        bnb_optim: Any = importlib.import_module("bitsandbytes.optim")
-        if name == "lion8bit":
-            return bnb_optim.Lion8bit(groups, lr=lr, betas=betas, weight_decay=wd)
-        return bnb_optim.AdamW8bit(groups, lr=lr, betas=betas, eps=eps, weight_decay=wd)
-    if name == "prodigy":
-        from prodigyopt import Prodigy
-
-        if len({g["lr"] for g in groups} - {0.0}) > 1:
-            raise ConfigError(None, "key optimizer.unet_lr: Prodigy takes one learning rate for every parameter "
-                              "group (or 0 for a frozen one)", "Give the UNet and text encoders the same rate")
-
-        return Prodigy(groups, lr=lr, betas=betas, eps=eps, weight_decay=wd)
-    if name == "lion":
-        from lion_pytorch import Lion
-
-        return Lion(groups, lr=lr, betas=betas, weight_decay=wd)
-    from transformers.optimization import Adafactor
-
-    if rel:  # the documented LR-free setting
-        return Adafactor(groups, lr=None, relative_step=True, scale_parameter=True, warmup_init=False,
-                         weight_decay=wd)
-    return Adafactor(groups, lr=lr, relative_step=False, scale_parameter=False, warmup_init=False, weight_decay=wd)
+    if name == "prodigy" and len({g["lr"] for g in groups} - {0.0}) > 1:
+        raise ConfigError(None, "key optimizer.unet_lr: Prodigy takes one learning rate for every parameter "
+                          "group (or 0 for a frozen one)", "Give the UNet and text encoders the same rate")
+    kwargs: dict[str, Any] = {"lr": lr, "weight_decay": wd}
+    if spec.betas is not None:
+        kwargs["betas"] = betas
+    if spec.eps is not None:
+        kwargs["eps"] = eps
+    if name == "adafactor":  # the documented LR-free setting, or a fixed lr without relative step or scaling
+        kwargs.update(lr=None if rel else lr, relative_step=rel, scale_parameter=rel, warmup_init=False)
+    kwargs.update(oc.args)  # [optimizer.args]: checked by check_optimizer; they win over modelkit's choices
+    cls = optimizer_class(name)
+    if not oc.args:
+        return cls(groups, **kwargs)
+    try:
+        return cls(groups, **kwargs)
+    except (ValueError, TypeError) as exc:  # the optimizer's own check of the values given
+        raise ConfigError(None, f"key optimizer.args: {cls.__name__} refuses the arguments ({exc})") from None
 
 
 def make_scheduler(config: Any, optimizer: Any, total: int) -> Any:
@@ -166,5 +237,5 @@ def make_scheduler(config: Any, optimizer: Any, total: int) -> Any:
                          num_cycles=sc.cycles, power=sc.power)
 
 
-__all__ = ["OPTIMIZERS", "OptimizerSpec", "component_lr", "make_optimizer", "make_scheduler", "relative_step",
-           "require_optimizer"]
+__all__ = ["OPTIMIZERS", "OptimizerSpec", "check_optimizer", "component_lr", "make_optimizer", "make_scheduler",
+           "optimizer_class", "relative_step", "require_optimizer"]

@@ -40,6 +40,7 @@ _NOTES = {
     "optimizer.eps": "unset: the optimizer's default",
     "optimizer.unet_lr": "default: lr",
     "optimizer.text_encoder_lr": "default: lr",
+    "optimizer.args": "more constructor arguments, as kohya's optimizer_args: prodigy {d_coef = 2.0}",
     "dataset.masked_loss": "weigh the loss by NAME.mask.png or the image's alpha",
     "dataset.cache_text": "cache the frozen text encoders' outputs on disk",
     "dataset.text_cache_dir": "default: <output.dir>/.modelkit-text",

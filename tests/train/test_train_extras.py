@@ -165,6 +165,62 @@ def test_missing_optimizer_package_is_one_line_with_the_pip_command(tiny_model: 
         _config(tiny_model, tmp_path, "lora", "optimizer.name=adafactor", "optimizer.lr=none", "scheduler.name=cosine")
 
 
+def test_optimizer_args_reach_the_constructor_and_are_checked_first(tiny_model: dict[str, str], tmp_path: Path) -> None:
+    """[optimizer.args] (kohya's optimizer_args): from the file or --set, into the built optimizer,
+    round-tripped by --print-config, written into ss_optimizer; a key the constructor lacks, one
+    with a key of its own, or a value the optimizer refuses is one line, before anything loads."""
+    from modelkit.train.optim import OPTIMIZERS, check_optimizer, make_optimizer
+    from modelkit.train.tomlio import render_toml, toml_module
+
+    params = [{"params": [torch.nn.Parameter(torch.ones(3))], "component": "unet"}]
+    cases = {"adamw": ({"amsgrad": True, "maximize": False}, "amsgrad", True),
+             "prodigy": ({"d_coef": 2.0, "use_bias_correction": True, "safeguard_warmup": True}, "d_coef", 2.0),
+             "lion": ({"decoupled_weight_decay": True}, "decoupled_wd", True),  # kept on the optimizer
+             "adafactor": ({"clip_threshold": 0.5, "eps": [1e-30, 2e-3], "scale_parameter": False}, "eps",
+                           (1e-30, 2e-3))}
+    built = []
+    for name, (args, key, want) in cases.items():
+        try:
+            __import__(OPTIMIZERS[name].module)
+        except ImportError:
+            continue
+        lr = ("optimizer.lr=none",) if OPTIMIZERS[name].lr_free else ()
+        c = resolved(build_config("lora", {**_config(tiny_model, tmp_path).to_dict(), "method": "lora",
+                                           "optimizer": {"name": name, "args": args}}, lr))
+        check_optimizer(c)
+        opt = make_optimizer(c, [dict(g) for g in params])
+        assert (opt.param_groups[0][key] if key in opt.param_groups[0] else getattr(opt, key)) == want, name
+        again = build_config("lora", toml_module().loads(render_toml(c)), ())
+        assert again.optimizer.args == c.optimizer.args, name  # --print-config gives it back
+        built.append(name)
+    assert {"adamw", "adafactor"} <= set(built)
+    c = resolved(_config(tiny_model, tmp_path, "lora", "optimizer.args.amsgrad=true", "optimizer.args.foreach=false"))
+    assert c.optimizer.args == {"amsgrad": True, "foreach": False}
+    assert make_optimizer(c, [dict(g) for g in params]).param_groups[0]["amsgrad"] is True
+    from modelkit.train.loop import _ss_optimizer
+
+    assert _ss_optimizer(c.optimizer) == "torch.optim.AdamW(amsgrad=True,foreach=False)"
+    assert _ss_optimizer(resolved(_config(tiny_model, tmp_path)).optimizer) == "torch.optim.AdamW"
+    for bad, match in ((("optimizer.args.d_coef=2",), "AdamW takes no argument 'd_coef'"),
+                       (("optimizer.args.lr=0.1",), "set it with optimizer.lr"),
+                       (("optimizer.args.betas=[0.9, 0.9]",), "set it with optimizer.betas"),
+                       (("optimizer.name=adafactor", "optimizer.args.relative_step=true"), "relative step"),
+                       (("optimizer.args.amsgrad=\"yes\"",), "AdamW expects true or false"),
+                       (("optimizer.name=prodigy", "optimizer.lr=none", "optimizer.args.d_coef=true"),
+                        "Prodigy expects a number"),
+                       (("optimizer.name=adafactor", "optimizer.args.warmup_init=true"),  # with an lr: no relative step
+                        "Adafactor refuses the arguments")):
+        with pytest.raises(ConfigError, match=match) as info:
+            train(_config(tiny_model, tmp_path / "bad", "lora", *bad))
+        assert "\n" not in str(info.value)
+        assert not (tmp_path / "bad").exists() or not any((tmp_path / "bad").iterdir())  # nothing loaded or written
+    for bad, match in ((("optimizer.args=3",), "expected a table"),
+                       (("optimizer.args.x={a = 1}",), "expected a boolean, a number"),
+                       (("optimizer.lr.x=1",), "optimizer.lr is not a table")):
+        with pytest.raises(ConfigError, match=match):
+            _config(tiny_model, tmp_path, "lora", *bad)
+
+
 # --- 3. EMA ----------------------------------------------------------------------------------------
 
 def test_ema_output_and_resume_are_bit_exact(tiny_model: dict[str, str], tmp_path: Path) -> None:
