@@ -101,6 +101,33 @@ def load_extra(folder: str, prefix: str) -> dict[str, Any]:
     return tensors
 
 
+#: Fingerprint entries added after states were first written, and the value a state written before
+#: then had in effect (an older EMA state trained without the warm-up).
+_BEFORE = {"ema_warmup": False}
+#: Fingerprint entries named as the config keys a user sets.
+_KEYS = {"ema": "train.ema_decay", "ema_warmup": "train.ema_warmup", "seed": "train.seed",
+         "batch_size": "train.batch_size", "grad_accum": "train.grad_accum", "optimizer": "optimizer.name"}
+
+
+def fingerprint_changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """Each setting that differs between a state's fingerprint and this run's, as
+    ``KEY (the state: A, this run: B)`` with the config key (``train.seed``, ``network.dim``)."""
+    if "ema" in saved:
+        saved = {**_BEFORE, **saved}
+    out = []
+    for key in sorted(now):
+        was, new = saved.get(key), now[key]
+        if was == new:
+            continue
+        if isinstance(was, dict) and isinstance(new, dict):
+            out += [f"{key}.{k} (the state: {was.get(k)!r}, this run: {new.get(k)!r})"
+                    for k in sorted(set(was) | set(new)) if was.get(k) != new.get(k)]
+        else:
+            out.append(f"{_KEYS.get(key, key)} (the state: {'none' if was is None else repr(was)}, this run: "
+                       f"{'none' if new is None else repr(new)})")
+    return out
+
+
 def load_state(folder: str, params: dict[str, Any], optimizer: Any, scheduler: Any, scaler: Any,
                fingerprint: dict[str, Any]) -> Counters:
     """Restore parameters, optimizer, scheduler and scaler in place from a state folder.
@@ -129,9 +156,9 @@ def load_state(folder: str, params: dict[str, Any], optimizer: Any, scheduler: A
         meta = json.load(f)
     if meta.get("format") != FORMAT:
         raise TrainingError(folder, f"is a state of format {meta.get('format')!r}, not {FORMAT}")
-    changed = sorted(k for k in fingerprint if meta.get("fingerprint", {}).get(k) != fingerprint[k])
+    changed = fingerprint_changes(meta.get("fingerprint", {}), fingerprint)
     if changed:
-        raise TrainingError(folder, f"was saved with other settings for {', '.join(changed)}",
+        raise TrainingError(folder, f"was saved with other settings: {'; '.join(changed)}",
                             "Resume with the settings the state was saved with")
     tensors = load(os.path.join(folder, STATE_TENSORS))
     names = {k[len("param."):] for k in tensors if k.startswith("param.")}

@@ -235,8 +235,34 @@ def test_ema_output_and_resume_are_bit_exact(tiny_model: dict[str, str], tmp_pat
     resumed = train(_config(tiny_model, tmp_path / "b", "lora", *extra, f"output.resume={state}"))
     again = modelkit.load(resumed.ema_saved[-1])
     assert all(torch.equal(ema[k], again[k]) for k in ema)
-    with pytest.raises(TrainingError, match="ema"):  # a state without EMA, or with another decay
+    with pytest.raises(TrainingError, match=r"train.ema_decay \(the state: 0.5, this run: 0.9\)"):
         train(_config(tiny_model, tmp_path / "c", "lora", *extra[:2], "train.ema_decay=0.9", f"output.resume={state}"))
+    # a state saved before train.ema_warmup existed trained without the warm-up: it resumes with
+    # ema_warmup=false, and the default (on) is refused naming the key and both values
+    import json
+
+    from modelkit.train.state import STATE_JSON
+
+    meta_path = Path(state) / STATE_JSON
+    meta = json.loads(meta_path.read_text())
+    del meta["fingerprint"]["ema_warmup"]
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(TrainingError, match=r"train.ema_warmup \(the state: False, this run: True\)"):
+        train(_config(tiny_model, tmp_path / "d", "lora", *extra, f"output.resume={state}"))
+    old = train(_config(tiny_model, tmp_path / "e", "lora", *extra, "train.ema_warmup=false", f"output.resume={state}"))
+    assert old.steps == 4
+
+
+def test_a_refused_resume_names_each_changed_setting() -> None:
+    from modelkit.train.state import fingerprint_changes
+
+    saved = {"method": "lora", "network": {"dim": 4, "alpha": 2.0}, "seed": 3, "optimizer": "adamw"}
+    now = {"method": "lora", "network": {"dim": 8, "alpha": 2.0}, "seed": 4, "optimizer": "adamw",
+           "ema": 0.999, "ema_warmup": True}
+    assert fingerprint_changes(saved, now) == [
+        "train.ema_decay (the state: none, this run: 0.999)", "train.ema_warmup (the state: none, this run: True)",
+        "network.dim (the state: 4, this run: 8)", "train.seed (the state: 3, this run: 4)"]
+    assert fingerprint_changes({**saved, "ema": 0.999}, {**saved, "ema": 0.999, "ema_warmup": False}) == []
 
 
 # --- 4. text-encoder cache -------------------------------------------------------------------------
