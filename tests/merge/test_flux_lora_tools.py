@@ -310,6 +310,66 @@ def test_original_style_lora_to_diffusers_loads_and_equals_the_bake(tmp_path: Pa
         assert any(not torch.equal(v, clips[n][k]) for k, v in fused.items())  # the LoRA reached it
 
 
+@pytest.mark.parametrize("style", ["flux-kohya", "sd3-kohya"])
+def test_original_style_lora_to_peft_folders_loads_with_peft_as_the_bake(tmp_path: Path, models, style: str) -> None:
+    """--to peft for Flux/SD3: a transformer/ adapter in diffusers' module names (the fused qkv and
+    linear1 split into their parts) and one per CLIP encoder, each loaded by PeftModel.from_pretrained
+    into the bare model, give the outputs and weights of the LoRA baked into the checkpoint."""
+    import json
+
+    import peft
+
+    family = style.split("-")[0]
+    sd = models[family]
+    clips = dict(zip(("clip_l", "clip_g"), (_text_sd(c) for c in _clips(family))))
+    full = {**dl.to_original(sd, family, P),
+            **{f"text_encoders.{n}.transformer.{k}": v for n, c in clips.items() for k, v in c.items()}}
+    ckpt = _save(tmp_path / "full.safetensors", full)
+    lora = _original_lora(tmp_path, style, dl.to_original(sd, family))
+    flat = load_file(str(lora))
+    for i, (name, enc, w) in enumerate(TEXT[:len(clips)]):
+        m = _module(tuple(clips[enc][w + ".weight"].shape), 2, seed=30 + i, alpha=1.0)
+        flat.update({f"{name}.lora_down.weight": m["down"], f"{name}.lora_up.weight": m["up"], f"{name}.alpha": m["alpha"]})
+    _save(lora, flat)
+    out = tmp_path / "adapters"
+    res = convert_lora(lora, out, to="peft", checkpoint=ckpt)
+    parts = ["transformer", "text_encoder", *(["text_encoder_2"] if family == "sd3" else [])]
+    assert sorted(p.name for p in out.iterdir()) == sorted(parts) and res.status == "written"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["adapters", "full.safetensors", lora.name])  # no temp
+    modelkit.merge_lora(ckpt, [str(lora)], tmp_path / "baked.safetensors")
+    baked = load_file(str(tmp_path / "baked.safetensors"))
+    want = dl.tiny(family)
+    want.load_state_dict(dl.to_diffusers(baked, family, P))
+    handler = _Caught()
+    loggers = [logging.getLogger(n) for n in ("diffusers", "peft", "transformers")]
+    for lg in loggers:
+        lg.addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+            warnings.simplefilter("always")
+            cfg = json.loads((out / "transformer" / "adapter_config.json").read_text())
+            assert cfg["peft_type"] == "LORA" and all(t.startswith(("transformer_blocks.", "single_transformer_blocks.",
+                                                                    "norm_out.")) for t in cfg["target_modules"])
+            pm = peft.PeftModel.from_pretrained(dl.tiny(family), str(out / "transformer"))
+            torch.testing.assert_close(_run(family, pm), _run(family, want), rtol=1e-5, atol=1e-5)
+            assert float((_run(family, want) - _run(family, dl.tiny(family))).abs().max()) > 1e-4  # the LoRA acts
+            merged = pm.merge_and_unload().state_dict()
+            for k, v in want.state_dict().items():
+                torch.testing.assert_close(merged[k], v, rtol=1e-5, atol=1e-6, msg=k)
+            for (n, _c), fresh, folder in zip(clips.items(), _clips(family), parts[1:]):
+                enc = peft.PeftModel.from_pretrained(fresh, str(out / folder)).merge_and_unload()
+                for k, v in _text_sd(enc).items():
+                    torch.testing.assert_close(v, baked[f"text_encoders.{n}.transformer.{k}"], rtol=1e-5, atol=1e-6,
+                                               msg=k)
+    finally:
+        for lg in loggers:
+            lg.removeHandler(handler)
+    # the one warning allowed, as in test_lora_convert_loaders: PEFT 0.21 reads transformers 5's old
+    # is_gradient_checkpointing name on any text model it wraps, whatever the adapter
+    assert not handler.seen + [str(w.message) for w in caught
+                               if not str(w.message).startswith("`is_gradient_checkpointing` is deprecated")]
+
+
 #: Diffusers modules (kohya's ``lora_transformer_`` names, with alphas): (path, rank, alpha).
 DIFFUSERS = {
     "flux": [("transformer_blocks.0.attn.to_q", 2, 1.0), ("transformer_blocks.0.attn.to_k", 4, 2.0),

@@ -7,9 +7,10 @@
   header under ``lora_adapter_metadata`` (``unet.r``, ``unet.lora_alpha``, ``unet.rank_pattern``
   ...), which diffusers turns into each component's ``LoraConfig``; the factors are written as
   they are, so the applied change is kohya's ``alpha / rank * up @ down`` with no rounding.
-* ``peft``: a folder, one PEFT adapter per component (``unet/``, ``text_encoder/``,
-  ``text_encoder_2/``), each ``adapter_config.json`` (``peft_type`` LORA, ``r``, ``lora_alpha``,
-  ``rank_pattern``/``alpha_pattern`` where modules differ, ``target_modules``) and
+* ``peft``: a folder, one PEFT adapter per component (``unet/`` or, for Flux and SD3,
+  ``transformer/``; ``text_encoder/``, ``text_encoder_2/``), each ``adapter_config.json``
+  (``peft_type`` LORA, ``r``, ``lora_alpha``, ``rank_pattern``/``alpha_pattern`` where modules
+  differ, ``target_modules``) and
   ``adapter_model.safetensors`` (``base_model.model.<module>.lora_A.weight``), for
   ``PeftModel.from_pretrained(model, folder/unet)``. The module names are the installed libraries'
   (``LOADER_COMPONENTS``). The folder is built beside its target and renamed into place.
@@ -60,9 +61,15 @@ TEXT_ROOT = "text_model."
 SHORT_TOWERS = ("cond_stage_model.model.",)
 
 
+#: Families whose first text encoder is ``CLIPTextModelWithProjection`` in diffusers' pipeline
+#: (SD3's CLIP-L, as its CLIP-G), so its modules keep ``text_model.`` as SDXL's second encoder does.
+PROJECTED_TE1 = frozenset({"sd3"})
+
+
 @dataclass(frozen=True)
 class Adapted:
-    """One module ready for a loader: its component, names, factors, rank and alpha."""
+    """One module ready for a loader: its component, names, factors, rank and alpha, and the root of
+    its text tower's module names in the installed transformers (None for the denoiser)."""
 
     component: str
     path: str
@@ -70,6 +77,7 @@ class Adapted:
     up: Any
     rank: int
     alpha: float
+    root: str | None = None
 
 
 def adapted(src: str, km: KeyMap, pairs: Sequence[tuple[Target, Module]],
@@ -112,7 +120,10 @@ def adapted(src: str, km: KeyMap, pairs: Sequence[tuple[Target, Module]],
         down = down.reshape(r, *shape[1:])
         up = up.reshape(shape[0], r, *([1] * (len(shape) - 2)))
         alpha = mod.alpha if mod.alpha is not None and mod.scalar is None else mod.scale() * r
-        out.append(Adapted(t.component, t.path, down, up, r, float(alpha)))
+        root = LOADER_COMPONENTS[t.component][2]
+        if root is not None and t.component in ("te", "te1") and km.base in PROJECTED_TE1:
+            root = TEXT_ROOT
+        out.append(Adapted(t.component, t.path, down, up, r, float(alpha), root))
     return out, dropped
 
 
@@ -129,7 +140,7 @@ def module_name(a: Adapted, style: str) -> str:
     """The module's name in the diffusers file (with ``text_model.``), in the diffusers config
     (text modules without it: PEFT matches a name as a suffix, so it fits both transformers
     layouts), or in a PEFT folder (``peft``: exactly as the installed libraries name it)."""
-    root = LOADER_COMPONENTS[a.component][2]
+    root = a.root
     if root is None or style == "file":
         return a.path
     bare = a.path.removeprefix(TEXT_ROOT)
@@ -206,8 +217,9 @@ def check_folder(target: str, force: bool, inputs: Sequence[str]) -> str:
 
 
 def write_peft_folder(target: str, items: Sequence[Adapted], metadata: dict[str, str], *, source: str,
-                      force: bool, dry_run: bool) -> tuple[int, int, dict[str, str]]:
-    """Write one PEFT adapter folder per component under ``target``, all at once or not at all.
+                      force: bool, dry_run: bool, denoiser: str = "unet") -> tuple[int, int, dict[str, str]]:
+    """Write one PEFT adapter folder per component under ``target``, all at once or not at all (the
+    denoiser's folder is ``denoiser``: ``unet``, or ``transformer`` for Flux and SD3).
 
     The folders are built in a temp sibling of ``target`` (``.NAME.TOKEN.modelkit-tmp``), which is
     then renamed onto it; with ``force`` an existing ``target`` folder is moved aside first and
@@ -222,7 +234,7 @@ def write_peft_folder(target: str, items: Sequence[Adapted], metadata: dict[str,
     """
     from ...tempfiles import writer_token
 
-    groups = by_component(items)
+    groups = by_component(items, denoiser)
     if dry_run:  # laid out, not written: the sizes are the real ones
         heads = [write_output(os.path.join(target, folder, "adapter_model.safetensors"), peft_tensors(g), metadata,
                               source=source, inputs=[source], force=False, dry_run=True)[0]

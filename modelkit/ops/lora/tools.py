@@ -290,9 +290,6 @@ def convert_lora(
     km = _keymap(lf, base, checkpoint, ignore_scan, warnings, diffusers=to != "kohya")
     tensors = []
     dit = km.base in dit_tools.DIT
-    if dit and folder:
-        raise UsageError(s, f"PEFT adapter folders are made for SD 1/2/XL; a {km.base} LoRA converts --to diffusers "
-                            "(the file FluxPipeline/StableDiffusion3Pipeline.load_lora_weights applies) or --to kohya")
     pairs = dit_tools.fused(s, km, lf, allow_unmatched, warnings) if dit else _targets(km, lf, allow_unmatched, warnings)
     if to == "diffusers" or folder:
         if dit:
@@ -348,15 +345,17 @@ def _for_loaders(s: str, target: str, lf: LoraFile, km: KeyMap, pairs: list[tupl
         warnings.append(f"{s}: {len(dropped)} modules on the last layer of the SD 2 text encoder left out "
                         f"(e.g. {dropped[0]}): diffusers' text encoder stops one layer short, and SD 2 never "
                         "uses that layer's output")
-    parts = sorted(peft_out.by_component(items))
+    parts = sorted(peft_out.by_component(items, "transformer" if km.base in dit_tools.DIT else "unet"))
     changes = [f"{lf.detection.details.get('key_style')} -> {to} {'folders' if folder else 'file'} "
                f"({len(items)} modules: {', '.join(parts)})"]
     meta = _convert_meta(s, lf, km, changes, to, implementation=ms.IMPL_DIFFUSERS)
     stats = None
+    denoiser = "transformer" if km.base in dit_tools.DIT else "unet"
     if folder:
-        count, size, meta = peft_out.write_peft_folder(target, items, meta, source=s, force=force, dry_run=dry_run)
+        count, size, meta = peft_out.write_peft_folder(target, items, meta, source=s, force=force, dry_run=dry_run,
+                                                       denoiser=denoiser)
     else:
-        tensors, extra = peft_out.diffusers_tensors(items, "transformer" if km.base in dit_tools.DIT else "unet")
+        tensors, extra = peft_out.diffusers_tensors(items, denoiser)
         header, meta, stats = write_output(target, tensors, md.combine(meta, extra), source=s, inputs=[s],
                                            force=force, dry_run=dry_run)
         count, size = len(tensors), header.size
