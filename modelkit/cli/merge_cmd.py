@@ -143,7 +143,8 @@ def _render_lora(out: Output, r: Any) -> None:
               help="Weight of B (weighted sum) or of B - C (add difference).")
 @click.option("--block-weights", metavar="W,...", help="Per-block weights: IN00..,M00,OUT00.. (25 for SD1, 19 for SDXL), D00..,S00.. for Flux, "
                    "J00.. for SD3; BASE first optional.")
-@click.option("--components", default="unet,te,vae", show_default=True, help="Which of unet, te, vae to merge (the rest: A's).")
+@click.option("--components", default="unet,te,vae", show_default=True, help="Which of unet, te, vae to merge (the rest: A's); a Flux/SD3 file also takes "
+              "transformer, clip_l, clip_g, t5xxl.")
 @click.option("--vae", "vae", type=click.Path(), help="Bake this VAE into the output.")
 @click.option("--compute-dtype", type=click.Choice(COMPUTE_DTYPES), default="fp32", show_default=True)
 @click.option("--dtype", type=click.Choice(OUTPUT_DTYPES), help="Cast float tensors of the output (default: as A).")

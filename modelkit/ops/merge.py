@@ -179,6 +179,18 @@ def parse_block_weights(weights: str | Sequence[float] | None, names: Sequence[s
                            f"OUT00..{names[-1]}) or {n + 1} with BASE first, not {len(values)}")
 
 
+#: ``--components`` names that pick one part of a Flux/SD3 file (``te`` takes all its text encoders).
+DIT_PARTS = ("transformer", "clip_l", "clip_g", "t5xxl")
+
+
+def selected(key: str, family: str | None, components: Sequence[str]) -> bool:
+    """Whether ``--components`` merges ``key``: by its component (``unet``/``te``/``vae``) or, in a
+    Flux/SD3 file, by its part (``transformer``, ``clip_l``, ``clip_g``, ``t5xxl``) too."""
+    if family is not None and families.component_of(key, family) in components:
+        return True
+    return component_of(key, family) in components
+
+
 def component_of(key: str, family: str | None = None) -> str | None:
     """``unet``, ``te`` or ``vae`` (a Flux/SD3 file: transformer, text encoders, VAE), or None."""
     if family is not None:
@@ -306,7 +318,8 @@ def merge_models(
         alpha: the weight of B (weighted sum) or of ``B - C`` (add difference).
         mode: ``weighted-sum`` or ``add-difference`` (default: add difference when ``c`` is given).
         block_weights: per-block weights (a comma-separated string or numbers; see the module doc).
-        components: which of ``unet``, ``te``, ``vae`` are merged; the rest are A's.
+        components: which of ``unet``, ``te``, ``vae`` are merged (a Flux/SD3 file also takes its
+            parts by name: ``transformer``, ``clip_l``, ``clip_g``, ``t5xxl``); the rest are A's.
         vae: a VAE file baked in place of A's VAE.
         dtype: cast float tensors of the output (``fp16``, ``bf16``, ``fp32``); default A's dtypes.
         compute_dtype: ``fp32`` (default) or ``fp64``.
@@ -334,9 +347,10 @@ def merge_models(
         raise UsageError(None, f"mode must be one of {', '.join(MODES)}, not {mode!r}")
     if (mode == "add-difference") != (c is not None):
         raise UsageError(None, "add difference takes three models (A B C), weighted sum two (A B)")
-    bad = [x for x in components if x not in COMPONENTS]
+    bad = [x for x in components if x not in COMPONENTS and x not in DIT_PARTS]
     if bad or not components:
-        raise UsageError(None, f"components must be among {', '.join(COMPONENTS)}, not {', '.join(bad) or 'none'}")
+        raise UsageError(None, f"components must be among {', '.join((*COMPONENTS, *DIT_PARTS))}, not "
+                               f"{', '.join(bad) or 'none'}")
     if not math.isfinite(alpha):
         raise UsageError(None, f"--alpha must be a finite number, not {alpha}")
     compute = float_dtype(compute_dtype, COMPUTE_DTYPES, "--compute-dtype")
@@ -383,6 +397,10 @@ def _merge(mfs: list[ModelFile], paths: list[str], vae_path: str | None, target:
     names = block_names(list(ma))
     family = families.family_of(ma)
     base_w, weights = parse_block_weights(block_weights, names, alpha)
+    parts = [x for x in components if x in DIT_PARTS]
+    if parts and family is None:
+        raise UsageError(paths[0], f"--components {', '.join(parts)} names parts of Flux/SD3 files; this "
+                                   "checkpoint's are unet, te and vae")
     _check_shapes(ma, others, paths, components, family)
     vae_refs = _vae_refs(mvae, ma, vae_path) if mvae is not None and vae_path else {}
     mixer = _Mixer(compute, mode)
@@ -396,7 +414,7 @@ def _merge(mfs: list[ModelFile], paths: list[str], vae_path: str | None, target:
         w = weights.get(block_of(name, names) or "", base_w)
         refs = [ref] + [m.get(name) for m in others]
         factors = [sc.factor(name) for sc in scaled]
-        if component_of(name, family) not in components or not ref.dtype.is_float or w == 0.0:
+        if not selected(name, family, components) or not ref.dtype.is_float or w == 0.0:
             return "a", w, refs, factors
         if any(r is None or not r.dtype.is_float or (r.name in sc.drop) for r, sc in zip(refs[1:], scaled[1:])):
             return "missing", w, refs, factors
@@ -522,7 +540,7 @@ def _title(mf: ModelFile, path: str) -> str:
 
 def _check_shapes(ma: ModelFile, others: list[ModelFile], paths: list[str], components: tuple[str, ...],
                   family: str | None = None) -> None:
-    mergeable = [k for k, r in ma.items() if component_of(k, family) in components and r.dtype.is_float]
+    mergeable = [k for k, r in ma.items() if selected(k, family, components) and r.dtype.is_float]
     if not mergeable:
         kind = detect_modelfile(ma).kind
         raise UsageError(paths[0], f"has no {'/'.join(components)} weights of an LDM checkpoint to merge (detected as "
@@ -533,7 +551,8 @@ def _check_shapes(ma: ModelFile, others: list[ModelFile], paths: list[str], comp
             raise UsageError(path, f"shares none of the {len(mergeable)} {'/'.join(components)} weights of "
                                    f"{paths[0]} (detected as {kind})",
                              "Merge checkpoints of the same layout; bake a LoRA in with `modelkit merge lora`")
-        bad = [k for k, r in ma.items() if component_of(k, family) in components and k in mf and tuple(mf[k].shape) != tuple(r.shape)]
+        bad = [k for k, r in ma.items() if selected(k, family, components) and k in mf
+               and tuple(mf[k].shape) != tuple(r.shape)]
         if bad:
             da, db = detect_modelfile(ma).base, detect_modelfile(mf).base
             k = bad[0]

@@ -353,6 +353,19 @@ def test_a_flux_single_file_takes_text_encoder_modules_and_merges_by_component(t
     for k, v in full.items():
         moved = k.startswith("text_encoders.") and v.is_floating_point()
         assert torch.equal(te_only[k], v + 1 if moved else v), k
+    # one part of a Flux/SD3 file by its own name: CLIP-L alone (T5 stays A's), or with the transformer
+    for parts, prefixes in ((["clip_l"], ("text_encoders.clip_l.",)),
+                            (["transformer", "t5xxl"], (P, "text_encoders.t5xxl."))):
+        modelkit.merge_models(src, other, out=tmp_path / f"{parts[0]}.safetensors", alpha=1.0, components=parts)
+        got = load_file(str(tmp_path / f"{parts[0]}.safetensors"))
+        for k, v in full.items():
+            assert torch.equal(got[k], v + 1 if k.startswith(prefixes) and v.is_floating_point() else v), (parts, k)
+    ml.checkpoint(str(tmp_path / "sd-a.safetensors"), {"model.diffusion_model.x.weight": ((4, 4), "float16")})
+    with pytest.raises(UsageError, match="names parts of Flux/SD3 files; this checkpoint's are unet, te and vae"):
+        modelkit.merge_models(tmp_path / "sd-a.safetensors", tmp_path / "sd-a.safetensors", out=tmp_path / "x.safetensors",
+                              components=["clip_l"])
+    with pytest.raises(UsageError, match="components must be among unet, te, vae, transformer, clip_l"):
+        modelkit.merge_models(src, other, out=tmp_path / "x.safetensors", components=["clip"])
     vae = tmp_path / "ae.safetensors"  # a Flux VAE file as ComfyUI loads it: no prefix
     save_file({"decoder.conv_in.weight": torch.full((4, 16, 3, 3), 2.0, dtype=torch.bfloat16)}, str(vae))
     res = modelkit.merge_models(src, other, out=tmp_path / "vae.safetensors", alpha=0.0, vae=vae)
