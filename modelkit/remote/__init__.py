@@ -92,32 +92,72 @@ def hub_sha_mismatch(label: str, claim: str, got: str) -> RemoteError:
 # -- hf:// paths ------------------------------------------------------------------------------------
 
 
+#: ``hf://`` prefixes of repositories that are not models (as huggingface_hub's ``HfFileSystem`` writes them).
+REPO_TYPES = {"datasets": "dataset", "spaces": "space"}
+
+
 @dataclass(frozen=True)
 class HfPath:
-    """``hf://ORG/REPO[@REV][/PATH]``: a file, or with no path every model file of the repo."""
+    """``hf://[datasets/|spaces/]ORG/REPO[@REV][/PATH]``: a file, or with no path every model file of
+    the repo (``repo_type``: ``model``, ``dataset`` or ``space``)."""
 
     repo: str
     revision: str | None
     path: str | None
+    repo_type: str = "model"
 
     def url(self) -> str:
-        return f"hf://{self.repo}{'@' + self.revision if self.revision else ''}{'/' + self.path if self.path else ''}"
+        kind = next((k + "/" for k, v in REPO_TYPES.items() if v == self.repo_type), "")
+        return (f"hf://{kind}{self.repo}{'@' + self.revision if self.revision else ''}"
+                f"{'/' + self.path if self.path else ''}")
 
 
 def parse_hf(url: str) -> HfPath:
-    """Split an ``hf://`` path; ``@refs/pr/N`` revisions are kept whole.
+    """Split an ``hf://`` path; ``@refs/pr/N`` revisions are kept whole; ``hf://datasets/...`` and
+    ``hf://spaces/...`` name a dataset's or a Space's repository.
 
     Raises:
         UsageError: not ``hf://ORG/REPO...``.
     """
     rest = url[len("hf://"):] if url.lower().startswith("hf://") else ""
+    repo_type = "model"
+    kind, _, after = rest.partition("/")
+    if kind in REPO_TYPES and after.count("/") >= 1:
+        repo_type, rest = REPO_TYPES[kind], after
     m = re.match(r"^([^/@\s]+)/([^/@\s]+)(?:@(refs/pr/\d+|[^/\s]+))?(?:/(.+))?$", rest)
     if not m:
-        raise UsageError(url, "is not an hf:// path: write hf://ORG/REPO[@REVISION][/PATH]")
-    path = m.group(4)
+        raise UsageError(url, "is not an hf:// path: write hf://ORG/REPO[@REVISION][/PATH] "
+                              "(hf://datasets/ORG/REPO... for a dataset)")
+    return HfPath(f"{m.group(1)}/{m.group(2)}", m.group(3), _repo_path(url, m.group(4)), repo_type)
+
+
+def _repo_path(url: str, path: str | None) -> str | None:
     if path is not None and (path.startswith("/") or ".." in path.split("/")):
         raise UsageError(url, "the path inside the repository is not a plain relative path")
-    return HfPath(f"{m.group(1)}/{m.group(2)}", m.group(3), path or None)
+    return path or None
+
+
+def hub_page(url: str) -> HfPath | None:
+    """A Hub web address of a file (``https://huggingface.co/ORG/REPO/blob/REV/PATH``, what a
+    browser shows, or ``.../resolve/REV/PATH``; datasets and Spaces too) as the file it names, so it
+    is read like ``hf://`` (the file, not the web page; the token and the commit as for ``hf://``).
+    None for any other URL, and for hosts other than the Hub's (``HF_ENDPOINT``)."""
+    from urllib.parse import unquote, urlsplit
+
+    u, hub = urlsplit(url), urlsplit(_hf_endpoint())
+    if u.scheme.lower() not in ("http", "https") or (u.scheme.lower(), u.netloc.lower()) != \
+            (hub.scheme.lower(), hub.netloc.lower()):
+        return None  # a query (?download=true) changes nothing the Hub sends
+    base = hub.path.rstrip("/")
+    if not u.path.startswith(base + "/"):
+        return None
+    m = re.match(r"^/(?:(datasets|spaces)/)?([^/]+/[^/]+)/(?:blob|resolve)/([^/]+)/(.+)$", u.path[len(base):])
+    if not m:
+        return None
+    path = unquote(m.group(4))
+    if path.startswith("/") or ".." in path.split("/"):
+        return None
+    return HfPath(m.group(2), unquote(m.group(3)), path, REPO_TYPES.get(m.group(1) or "", "model"))
 
 
 def _hf_endpoint() -> str:
@@ -141,14 +181,14 @@ def expand(paths: Iterable[str], extensions: Sequence[str]) -> Iterator[str]:
             continue
         for name in _list_repo(hp, p):
             if name.lower().endswith(tuple(extensions)):
-                yield HfPath(hp.repo, hp.revision, name).url()
+                yield HfPath(hp.repo, hp.revision, name, hp.repo_type).url()
 
 
 def _list_repo(hp: HfPath, label: str) -> list[str]:
     hub = _hub()
     try:
         api = hub.HfApi(endpoint=_hf_endpoint())
-        return sorted(api.list_repo_files(hp.repo, revision=hp.revision))
+        return sorted(api.list_repo_files(hp.repo, revision=hp.revision, repo_type=hp.repo_type))
     except Exception as exc:  # noqa: BLE001 - the hub client's errors are many; each becomes one line
         raise RemoteError(label, f"cannot list the repository ({_why(exc)})") from None
 

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import remote as cfg
 from ..errors import InputNotFoundError, MissingExtraError, ModelkitError, RemoteError, TruncatedFileError, UsageError
-from . import _CONTENT_RANGE, _INSTALL, HfPath, _hf_endpoint, _hub, _why, parse_hf
+from . import _CONTENT_RANGE, _INSTALL, HfPath, _hf_endpoint, _hub, _why, hub_page, parse_hf
 
 if TYPE_CHECKING:
     from .source import RemoteSource
@@ -53,7 +53,8 @@ class Http:
         commit = self.pins["commit"]
         if commit is not None and self.hf.revision != commit:
             assert self.hf.path is not None
-            self.url = _hub().hf_hub_url(self.hf.repo, self.hf.path, revision=commit, endpoint=_hf_endpoint())
+            self.url = _hub().hf_hub_url(self.hf.repo, self.hf.path, revision=commit, repo_type=self.hf.repo_type,
+                                         endpoint=_hf_endpoint())
 
     def _check(self, resp: Any) -> None:
         code = int(resp.status_code)
@@ -346,15 +347,17 @@ def _read_capped(chunks: Iterable[bytes], limit: int, label: str) -> bytes:
 
 def backend_for(url: str) -> Http | Fsspec:
     scheme = url.split("://", 1)[0].lower()
-    if scheme in ("http", "https"):
+    page = hub_page(url) if scheme in ("http", "https") else None
+    if scheme in ("http", "https") and page is None:
         return Http(url, url, {"User-Agent": _user_agent()})
-    if scheme == "hf":
-        hp = parse_hf(url)
+    if scheme == "hf" or page is not None:
+        hp = page or parse_hf(url)
         if hp.path is None:
             raise UsageError(url, "names a repository, not a file", "Add the file's path, or scan the repository "
                                                                      "(scan expands it to its model files)")
         hub = _hub()
-        target = hub.hf_hub_url(hp.repo, hp.path, revision=hp.revision, endpoint=_hf_endpoint())
+        target = hub.hf_hub_url(hp.repo, hp.path, revision=hp.revision, repo_type=hp.repo_type,
+                                endpoint=_hf_endpoint())
         headers = dict(hub.utils.build_hf_headers(library_name="modelkit", library_version=_version()))
         return Http(target, url, headers, hp)
     return Fsspec(url)

@@ -405,7 +405,7 @@ def hub(srv: Loopback, monkeypatch: pytest.MonkeyPatch) -> Iterator[Loopback]:
     """The server as the Hub, with the repos, commits and SHA-256 claims a test sets taken away after."""
     monkeypatch.setenv("HF_ENDPOINT", srv.url)
     yield srv
-    for name in [n for n in srv.hf if n.startswith("pin/")]:
+    for name in [n for n in srv.hf if n.startswith(("pin/", "datasets/pin/"))]:
         del srv.hf[name]
     srv.commits.clear()
     srv.hub_sha256.clear()
@@ -465,3 +465,31 @@ def test_bytes_that_miss_the_hubs_sha256_fail_closed(hub: Loopback, files: dict[
     assert cli.returncode == 2 and "Traceback" not in cli.stderr
     assert "hf://pin/sums/m.safetensors" in cli.stderr and "SHA-256" in cli.stderr
     assert hash_file("hf://pin/sums/m.safetensors", ("autov1",)).hashes  # a 64 KiB window cannot be checked
+
+
+def test_dataset_repos_and_hub_web_addresses_read_the_file(hub: Loopback, files: dict[str, str]) -> None:
+    """hf://datasets/... (HfFileSystem's syntax) and a file's Hub web address, as a browser shows it
+    (/blob/, which serves an HTML page) or as a download link (/resolve/...?download=true), are read
+    as the file they name: the local verdict, the commit and SHA-256, the token sent to the Hub."""
+    hostile = files[next(k for k in files if k.endswith("/zip_data_pkl.ckpt"))]
+    big = files[next(k for k in files if k.endswith("/big.ckpt"))]
+    hub.hf["datasets/pin/data"] = {"weights/bad.ckpt": hostile, "weights/big.ckpt": big, "notes.txt": big}
+    hub.hf["pin/model"] = {"sub dir/big.ckpt": big}
+    want_bad, want_big = _comparable(scan_file(hostile)), _comparable(scan_file(big))
+    assert _comparable(scan_file("hf://datasets/pin/data/weights/bad.ckpt")) == want_bad
+    assert list(remote.expand(["hf://datasets/pin/data@v2"], (".ckpt",))) == [
+        "hf://datasets/pin/data@v2/weights/bad.ckpt", "hf://datasets/pin/data@v2/weights/big.ckpt"]
+    assert remote.parse_hf("hf://datasets/pin/data") == remote.HfPath("pin/data", None, None, "dataset")
+    assert remote.parse_hf("hf://datasets/x") == remote.HfPath("datasets/x", None, None)  # a model repo named so
+    for url, want in ((f"{hub.url}/datasets/pin/data/blob/main/weights/bad.ckpt", want_bad),
+                      (f"{hub.url}/pin/model/blob/main/sub%20dir/big.ckpt", want_big),
+                      (f"{hub.url}/pin/model/resolve/main/sub%20dir/big.ckpt?download=true", want_big)):
+        r = scan_file(url)
+        assert _comparable(r) == want, url
+        assert r.remote is not None and r.remote["commit"] == hub.commit(
+            "datasets/pin/data" if "/datasets/" in url else "pin/model"), url
+    page = f"{hub.url}/pin/model/blob/main/sub%20dir/big.ckpt"
+    assert remote.hub_page(page) == remote.HfPath("pin/model", "main", "sub dir/big.ckpt")
+    for other in (page.replace("127.0.0.1", "localhost"), f"{hub.url}/pin/model/tree/main/x.ckpt",
+                  f"{hub.url}/pin/model/blob/main/../x.ckpt", "hf://pin/model/x.ckpt"):
+        assert remote.hub_page(other) is None, other  # another host (no token goes there), or not a file
