@@ -12,7 +12,10 @@ Over loopback the peers' whole-file download is as fast as a download can be. ``
 the server sends at most) and ``--rtt MS`` (a wait before each answer) model a real link instead; each
 request then costs modelkit a round trip, as it would.
 
-Usage: ``python bench/bench_remote.py [--out bench/out] [--runs 3] [--rate 100] [--rtt 20]``
+``--hub N`` adds a hub-scale row: N URLs of the file in one ``modelkit scan --manifest -j 8``, the
+time per file beside each peer's time for one file.
+
+Usage: ``python bench/bench_remote.py [--out bench/out] [--runs 3] [--rate 100] [--rtt 20] [--hub 20]``
 (peers: ``pip install picklescan fickling``; both run as their own command lines.)
 """
 
@@ -59,6 +62,8 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--rate", type=float, default=0.0, help="MB/s the server sends at most (0: loopback speed)")
     ap.add_argument("--rtt", type=float, default=0.0, help="ms the server waits before each answer")
+    ap.add_argument("--hub", type=int, default=0, metavar="N",
+                    help="also scan N URLs of the file in one `modelkit scan --manifest -j 8` (hub scale): per-file time")
     args = ap.parse_args()
     big = os.path.join(args.out, "sd15-full-fp16.ckpt")
     if not os.path.exists(big):
@@ -71,7 +76,7 @@ def main() -> None:
     bindir = os.path.dirname(sys.executable)
     hf_cache = tempfile.mkdtemp(prefix="mk-remote-bench-hf-")
     pycache = tempfile.mkdtemp(prefix="mk-remote-bench-pyc-")
-    with serve({"/sd15.ckpt": big}) as srv:
+    with serve({"/sd15.ckpt": big, **{f"/hub/{i}/sd15.ckpt": big for i in range(args.hub)}}) as srv:
         srv.hf["bench/sd15"] = {"sd15.ckpt": big}
         srv.rate, srv.delay = int(args.rate * 1e6), args.rtt / 1000
         # bytecode is written and read (in a fresh prefix), as an installed package's is, even where
@@ -110,6 +115,18 @@ def main() -> None:
             for peer in ("picklescan --url", "fickling --hf"):
                 if peer in rows:
                     print(f"  {rows[peer][0] / mk_t:.1f}x faster than {peer} (target >= 20x)")
+        if args.hub:
+            with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
+                f.write("".join(f"{srv.url}/hub/{i}/sd15.ckpt\n" for i in range(args.hub)))
+            cmd = [os.path.join(bindir, "modelkit"), "scan", "-q", "--manifest", f.name, "-j", "8"]
+            dt, sent, reqs, last = _measure(srv, cmd, env, args.runs)
+            os.unlink(f.name)
+            per = dt / args.hub
+            print(f"hub scale: {args.hub} URLs in one `modelkit scan --manifest -j 8`: {dt:.2f} s, {per:.3f} s a file, "
+                  f"{sent / args.hub / 1e6:.2f} MB and {reqs / args.hub:.0f} requests a file ({last})")
+            for peer in ("picklescan --url", "fickling --hf"):
+                if peer in rows:
+                    print(f"  {rows[peer][0] / per:.1f}x {peer}'s time for one file (it downloads each whole)")
     shutil.rmtree(hf_cache, ignore_errors=True)
     shutil.rmtree(pycache, ignore_errors=True)
 
