@@ -560,6 +560,9 @@ def _coerce_table(key: str, value: Any, where: str | None) -> dict[str, Any]:
 def _argument(key: str, value: Any, where: str | None, inner: bool = False) -> Any:
     if isinstance(value, (list, tuple)) and not inner:
         return tuple(_argument(key, v, where, inner=True) for v in value)
+    if isinstance(value, str) and value in ("True", "False", "None"):  # Python's spelling: a string to TOML
+        raise ConfigError(where, f"key {key}: {value!r} is a string here; write {value.lower()}"
+                          if value != "None" else f"key {key}: leave it out to keep the optimizer's default")
     if isinstance(value, bool) or isinstance(value, str):
         return value
     if isinstance(value, (int, float)):

@@ -121,7 +121,9 @@ def _fingerprint(config: Config) -> dict[str, Any]:
     return {"method": c.method, "network": network, "ti": d["ti"], "hypernetwork": d["hypernetwork"],
             "dreambooth": {k: v for k, v in d["dreambooth"].items() if k not in _DB_FREE}, "seed": c.train.seed,
             "batch_size": c.train.batch_size, "grad_accum": c.train.grad_accum, "optimizer": c.optimizer.name,
-            **({"ema": c.train.ema_decay, "ema_warmup": c.train.ema_warmup} if c.train.ema else {})}
+            **({"ema": c.train.ema_decay, "ema_warmup": c.train.ema_warmup} if c.train.ema else {}),
+            # the state's param_groups bring back the arguments it was saved with: a change would be lost
+            "optimizer_args": d["optimizer"]["args"]}
 
 
 def _threads(cfg: Config, device: Any) -> int:

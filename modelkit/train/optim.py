@@ -90,6 +90,8 @@ def _own_key(name: str, arg: str) -> str | None:
     if arg in ("lr", "weight_decay") or (arg == "betas" and spec.betas is not None) or \
             (arg == "eps" and spec.eps is not None):
         return f"set it with optimizer.{arg}"
+    if arg == "args" and name.endswith("8bit"):
+        return "bitsandbytes' own settings object; give its fields as optimizer.args keys"
     if name == "adafactor" and arg == "relative_step":
         return "Adafactor's relative step is on exactly when no optimizer.lr is given: set or unset optimizer.lr"
     return None
@@ -139,10 +141,31 @@ def check_optimizer(config: Any) -> None:
         if kind is not None and _kind(value) != kind and not (kind == "a number" and _kind(value) == "an integer"):
             raise ConfigError(None, f"key optimizer.args.{key}: {cls.__name__} expects {kind} (its default is "
                                     f"{default!r}), got {value!r}")
+    _probe(config, cls)
+
+
+def _probe(config: Any, cls: Any) -> None:
+    """Build the optimizer over one dummy parameter on the training device and take one step, so that
+    values it refuses (when built or at its first step) stop the run before anything loads."""
     import torch
 
-    probe = [{"params": [torch.nn.Parameter(torch.zeros(1))]}]
-    make_optimizer(config, probe)  # the optimizer's own checks of the values, on one dummy parameter
+    tc = config.train
+    mps = getattr(torch.backends, "mps", None)
+    device = "cpu" if tc.device == "cpu" else "cuda" if torch.cuda.is_available() else \
+        "mps" if mps is not None and mps.is_available() else "cpu"
+    p = torch.nn.Parameter(torch.zeros(8, 8, device=device))  # a matrix: Adafactor factors its state
+    try:
+        opt = make_optimizer(config, [{"params": [p]}])
+        p.grad = torch.full_like(p, 1e-3)
+        opt.step()
+    except ConfigError:
+        raise
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:  # noqa: BLE001 - SystemExit too: lion-pytorch exits when triton is missing
+        why = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        raise ConfigError(None, f"key optimizer.args: {cls.__name__} refuses them ({why})",
+                          "Fix or remove the optimizer.args the message names") from None
 
 
 def _kind(value: Any) -> str | None:
@@ -214,13 +237,7 @@ def make_optimizer(config: Any, groups: list[dict[str, Any]]) -> Any:
     if name == "adafactor":  # the documented LR-free setting, or a fixed lr without relative step or scaling
         kwargs.update(lr=None if rel else lr, relative_step=rel, scale_parameter=rel, warmup_init=False)
     kwargs.update(oc.args)  # [optimizer.args]: checked by check_optimizer; they win over modelkit's choices
-    cls = optimizer_class(name)
-    if not oc.args:
-        return cls(groups, **kwargs)
-    try:
-        return cls(groups, **kwargs)
-    except (ValueError, TypeError) as exc:  # the optimizer's own check of the values given
-        raise ConfigError(None, f"key optimizer.args: {cls.__name__} refuses the arguments ({exc})") from None
+    return optimizer_class(name)(groups, **kwargs)
 
 
 def make_scheduler(config: Any, optimizer: Any, total: int) -> Any:

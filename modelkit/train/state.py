@@ -102,25 +102,26 @@ def load_extra(folder: str, prefix: str) -> dict[str, Any]:
 
 
 #: Fingerprint entries added after states were first written, and the value a state written before
-#: then had in effect (an older EMA state trained without the warm-up).
-_BEFORE = {"ema_warmup": False}
+#: then had in effect: no optimizer arguments; an older EMA state trained without the warm-up.
+_BEFORE: dict[str, Any] = {"optimizer_args": {}}
+_BEFORE_EMA: dict[str, Any] = {"ema_warmup": False}
 #: Fingerprint entries named as the config keys a user sets.
 _KEYS = {"ema": "train.ema_decay", "ema_warmup": "train.ema_warmup", "seed": "train.seed",
-         "batch_size": "train.batch_size", "grad_accum": "train.grad_accum", "optimizer": "optimizer.name"}
+         "batch_size": "train.batch_size", "grad_accum": "train.grad_accum", "optimizer": "optimizer.name",
+         "optimizer_args": "optimizer.args"}
 
 
 def fingerprint_changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
     """Each setting that differs between a state's fingerprint and this run's, as
     ``KEY (the state: A, this run: B)`` with the config key (``train.seed``, ``network.dim``)."""
-    if "ema" in saved:
-        saved = {**_BEFORE, **saved}
+    saved = {**_BEFORE, **(_BEFORE_EMA if "ema" in saved else {}), **saved}
     out = []
     for key in sorted(now):
         was, new = saved.get(key), now[key]
         if was == new:
             continue
         if isinstance(was, dict) and isinstance(new, dict):
-            out += [f"{key}.{k} (the state: {was.get(k)!r}, this run: {new.get(k)!r})"
+            out += [f"{_KEYS.get(key, key)}.{k} (the state: {was.get(k)!r}, this run: {new.get(k)!r})"
                     for k in sorted(set(was) | set(new)) if was.get(k) != new.get(k)]
         else:
             out.append(f"{_KEYS.get(key, key)} (the state: {'none' if was is None else repr(was)}, this run: "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -201,6 +202,16 @@ def test_optimizer_args_reach_the_constructor_and_are_checked_first(tiny_model: 
 
     assert _ss_optimizer(c.optimizer) == "torch.optim.AdamW(amsgrad=True,foreach=False)"
     assert _ss_optimizer(resolved(_config(tiny_model, tmp_path)).optimizer) == "torch.optim.AdamW"
+    # a resume keeps the arguments the state was saved with (its param_groups bring them back): a change is refused
+    first = train(_config(tiny_model, tmp_path / "a", "lora", "optimizer.args.amsgrad=true", "output.save_every_steps=1"))
+    assert first.steps == 2
+    state = str(tmp_path / "a" / "lora-step000001-state")
+    with pytest.raises(TrainingError, match=r"optimizer.args.amsgrad \(the state: True, this run: False\)"):
+        train(_config(tiny_model, tmp_path / "b", "lora", "optimizer.args.amsgrad=false", f"output.resume={state}"))
+    with pytest.raises(TrainingError, match=r"optimizer.args.amsgrad \(the state: True, this run: None\)"):
+        train(_config(tiny_model, tmp_path / "c", "lora", f"output.resume={state}"))
+    assert train(_config(tiny_model, tmp_path / "d", "lora", "optimizer.args.amsgrad=true",
+                         f"output.resume={state}")).steps == 2
     for bad, match in ((("optimizer.args.d_coef=2",), "AdamW takes no argument 'd_coef'"),
                        (("optimizer.args.lr=0.1",), "set it with optimizer.lr"),
                        (("optimizer.args.betas=[0.9, 0.9]",), "set it with optimizer.betas"),
@@ -209,11 +220,23 @@ def test_optimizer_args_reach_the_constructor_and_are_checked_first(tiny_model: 
                        (("optimizer.name=prodigy", "optimizer.lr=none", "optimizer.args.d_coef=true"),
                         "Prodigy expects a number"),
                        (("optimizer.name=adafactor", "optimizer.args.warmup_init=true"),  # with an lr: no relative step
-                        "Adafactor refuses the arguments")):
+                        r"Adafactor refuses them \(ValueError"),
+                       (("optimizer.name=prodigy", "optimizer.lr=none", "optimizer.args.slice_p=0"),  # fails at a step
+                        "Prodigy refuses them"),
+                       (("optimizer.name=adafactor", "optimizer.lr=none", "optimizer.args.eps=[1e-30]"),  # eps[1]
+                        r"Adafactor refuses them \(IndexError"),
+                       (("optimizer.args.fused=False",), "'False' is a string here; write false")):
         with pytest.raises(ConfigError, match=match) as info:
             train(_config(tiny_model, tmp_path / "bad", "lora", *bad))
         assert "\n" not in str(info.value)
         assert not (tmp_path / "bad").exists() or not any((tmp_path / "bad").iterdir())  # nothing loaded or written
+    try:
+        import lion_pytorch  # noqa: F401
+        import triton  # noqa: F401
+    except ImportError:  # lion-pytorch exits the process when use_triton is asked without triton
+        if "lion_pytorch" in sys.modules:
+            with pytest.raises(ConfigError, match=r"Lion refuses them \(SystemExit"):
+                train(_config(tiny_model, tmp_path / "bad", "lora", "optimizer.name=lion", "optimizer.args.use_triton=true"))
     for bad, match in ((("optimizer.args=3",), "expected a table"),
                        (("optimizer.args.x={a = 1}",), "expected a boolean, a number"),
                        (("optimizer.lr.x=1",), "optimizer.lr is not a table")):
@@ -263,6 +286,7 @@ def test_a_refused_resume_names_each_changed_setting() -> None:
         "train.ema_decay (the state: none, this run: 0.999)", "train.ema_warmup (the state: none, this run: True)",
         "network.dim (the state: 4, this run: 8)", "train.seed (the state: 3, this run: 4)"]
     assert fingerprint_changes({**saved, "ema": 0.999}, {**saved, "ema": 0.999, "ema_warmup": False}) == []
+    assert fingerprint_changes(saved, {**saved, "optimizer_args": {}}) == []  # a state from before optimizer.args
 
 
 # --- 4. text-encoder cache -------------------------------------------------------------------------
