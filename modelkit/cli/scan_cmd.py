@@ -105,7 +105,10 @@ def scan_cmd(paths: tuple[str, ...], json_mode: bool, sarif_path: str | None, al
             of = f" of {human_bytes(size)}" if isinstance(size, int) and size >= 0 else ""
             out.line(f"  fetched {human_bytes(int(r.remote['bytes']))}{of} in {count(int(r.remote['requests']), 'request')}")
             pinned = [f"read at commit {r.remote['commit']}"] if r.remote.get("commit") else []
-            pinned += [f"the Hub's sha256 {r.remote['sha256']}"] if r.remote.get("sha256") else []
+            if r.remote.get("sha256"):  # checked only where the whole file was read
+                pinned.append(f"the Hub's sha256 {r.remote['sha256']} "
+                              + ("(the bytes match it)" if r.remote.get("sha256_checked") else
+                                 "(not checked: a scan reads ranges; check a download against it)"))
             if pinned:  # what a download must match to be the file scanned
                 out.line(f"  {'; '.join(pinned)}")
         if explain and r.verdict == "unsafe":

@@ -150,12 +150,12 @@ def _hash_remote(url: str, algos: tuple[str, ...], progress: Callable[[int], Non
             src.close()
         return HashResult(url, src.size, {"autov1": hashlib.sha256(window).hexdigest()[:8]} if algos else {})
     with open_stream(url) as reader:
-        out = _hash_stream(url, reader, reader.size, algos, progress)
-    claim = reader.pins.get("sha256")
-    got = out.get("sha256") or out.get("autov2")
-    if claim and got and not claim.startswith(got):  # AutoV2 is the SHA-256's first 10 digits
-        raise hub_sha_mismatch(url, claim, out.get("sha256") or got + "...")
-    return HashResult(url, reader.size, out)
+        claim = reader.pins.get("sha256")  # the Hub's: the stream is checked against it, whatever is asked
+        extra = ("sha256",) if claim and "sha256" not in algos else ()
+        out = _hash_stream(url, reader, reader.size, (*algos, *extra), progress)
+    if claim and out["sha256"] != claim:
+        raise hub_sha_mismatch(url, claim, out["sha256"])
+    return HashResult(url, reader.size, {k: v for k, v in out.items() if not (extra and k == "sha256")})
 
 
 def _hash_open(p: str, f: Any, before: os.stat_result, algos: tuple[str, ...],

@@ -31,6 +31,7 @@ import threading
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 from ..errors import MissingExtraError, RemoteError, UsageError
 
@@ -92,6 +93,8 @@ def hub_sha_mismatch(label: str, claim: str, got: str) -> RemoteError:
 # -- hf:// paths ------------------------------------------------------------------------------------
 
 
+#: Revisions with slashes in them (a pull request's, a dataset's parquet conversion), kept whole.
+_SPECIAL_REFS = r"refs/(?:pr/\d+|convert/[\w-]+)"
 #: ``hf://`` prefixes of repositories that are not models (as huggingface_hub's ``HfFileSystem`` writes them).
 REPO_TYPES = {"datasets": "dataset", "spaces": "space"}
 
@@ -124,11 +127,12 @@ def parse_hf(url: str) -> HfPath:
     kind, _, after = rest.partition("/")
     if kind in REPO_TYPES and after.count("/") >= 1:
         repo_type, rest = REPO_TYPES[kind], after
-    m = re.match(r"^([^/@\s]+)/([^/@\s]+)(?:@(refs/pr/\d+|[^/\s]+))?(?:/(.+))?$", rest)
+    m = re.match(r"^([^/@\s]+)/([^/@\s]+)(?:@(" + _SPECIAL_REFS + r"|[^/\s]+))?(?:/(.+))?$", rest)
     if not m:
         raise UsageError(url, "is not an hf:// path: write hf://ORG/REPO[@REVISION][/PATH] "
                               "(hf://datasets/ORG/REPO... for a dataset)")
-    return HfPath(f"{m.group(1)}/{m.group(2)}", m.group(3), _repo_path(url, m.group(4)), repo_type)
+    rev = unquote(m.group(3)) if m.group(3) else None  # @refs%2Fpr%2F3 as HfFileSystem writes it
+    return HfPath(f"{m.group(1)}/{m.group(2)}", rev, _repo_path(url, m.group(4)), repo_type)
 
 
 def _repo_path(url: str, path: str | None) -> str | None:
@@ -142,16 +146,18 @@ def hub_page(url: str) -> HfPath | None:
     browser shows, or ``.../resolve/REV/PATH``; datasets and Spaces too) as the file it names, so it
     is read like ``hf://`` (the file, not the web page; the token and the commit as for ``hf://``).
     None for any other URL, and for hosts other than the Hub's (``HF_ENDPOINT``)."""
-    from urllib.parse import unquote, urlsplit
-
-    u, hub = urlsplit(url), urlsplit(_hf_endpoint())
+    try:
+        u, hub = urlsplit(url), urlsplit(_hf_endpoint())
+    except ValueError:  # not a URL at all ('https://[::1/x'): the request says so, in one line
+        return None
     if u.scheme.lower() not in ("http", "https") or (u.scheme.lower(), u.netloc.lower()) != \
             (hub.scheme.lower(), hub.netloc.lower()):
         return None  # a query (?download=true) changes nothing the Hub sends
     base = hub.path.rstrip("/")
     if not u.path.startswith(base + "/"):
         return None
-    m = re.match(r"^/(?:(datasets|spaces)/)?([^/]+/[^/]+)/(?:blob|resolve)/([^/]+)/(.+)$", u.path[len(base):])
+    m = re.match(r"^/(?:(datasets|spaces)/)?([^/]+/[^/]+)/(?:blob|resolve)/(" + _SPECIAL_REFS + r"|[^/]+)/(.+)$",
+                 u.path[len(base):])
     if not m:
         return None
     path = unquote(m.group(4))

@@ -39,7 +39,7 @@ class Http:
     def _pin(self, resp: Any) -> None:
         """Note what the first answer says the file is. For ``hf://``, the later requests go to the
         commit the revision resolved to, so a branch that moves mid-scan cannot mix two files."""
-        if self.validator is not None:
+        if self.validator is not None and self.validator[0] == "etag":
             self.pins["etag"] = self.validator[1]
         if self.hf is None:
             return
@@ -63,7 +63,7 @@ class Http:
         reason = getattr(resp, "reason_phrase", "") or ""
         remedy = None
         if code in (401, 403):
-            remedy = "Set HF_TOKEN to a token that can read it" if self.label.lower().startswith("hf://") else \
+            remedy = "Set HF_TOKEN to a token that can read it" if self.hf is not None else \
                 "The server refuses access; check the URL"
         elif code == 404:
             remedy = "Check the URL (and the revision)"

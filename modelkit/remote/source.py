@@ -49,6 +49,7 @@ class RemoteSource(Source):
         self._starts: list[int] = []
         self._spans: dict[int, bytes] = {}
         self._cached = 0
+        self._sha_checked = False
         self._backend = backend_for(url)
         head = self._backend.open(self)
         if self.fd < 0:
@@ -57,9 +58,10 @@ class RemoteSource(Source):
         self.head = self.pread(min(cfg.HEAD_BYTES, self.size), 0) if self.size > 0 else b""
 
     @property
-    def pins(self) -> dict[str, str | None]:
-        """What names the bytes read (``etag``; for ``hf://``, ``commit`` and ``sha256``)."""
-        return dict(self._backend.pins)
+    def pins(self) -> dict[str, str | bool | None]:
+        """What names the bytes read (``etag``; for ``hf://``, ``commit`` and the Hub's ``sha256``), and
+        whether the bytes were checked against that ``sha256`` (only a file read whole can be)."""
+        return {**self._backend.pins, "sha256_checked": self._sha_checked}
 
     # -- whole-file mode
     def whole_from(self, chunks: Iterable[bytes], expect: int | None, why: str | None, counted: bool = False) -> None:
@@ -99,6 +101,7 @@ class RemoteSource(Source):
         if digest is not None and digest.hexdigest() != claim:
             tmp.close()
             raise hub_sha_mismatch(self.path, claim, digest.hexdigest())
+        self._sha_checked = digest is not None
         with self._lock:
             self._tmp = tmp
             self.fd = tmp.fileno()

@@ -230,7 +230,8 @@ def scan_file(path: str | os.PathLike[str], allow: Iterable[str] = (), require_s
             if source is None:
                 src.close()
     except RemoteError as exc:
-        ctx.add(R.REMOTE_ERROR, exc.problem)
+        specific = exc.remedy and exc.remedy != RemoteError.default_remedy  # what to do: Set HF_TOKEN, Check the URL
+        ctx.add(R.REMOTE_ERROR, f"{exc.problem}. {exc.remedy}" if specific else exc.problem)
     except ModelkitError as exc:
         ctx.add(R.NOT_MODEL if container is None else R.HEADER_ERROR, exc.problem)
     except Exception as exc:  # noqa: BLE001 - a scanner crash must not let a file through
@@ -245,9 +246,10 @@ def scan_file(path: str | os.PathLike[str], allow: Iterable[str] = (), require_s
 
 def _remote_info() -> dict[str, Any]:
     """A remote result's ``remote`` entry before anything is read: what it cost and what names the
-    bytes read (``etag``; for ``hf://``, the ``commit`` and the Hub's ``sha256``)."""
+    bytes read (``etag``; for ``hf://``, the ``commit`` and the Hub's ``sha256``, and whether the bytes were
+    checked against it: only a file read whole can be)."""
     return {"requests": 0, "bytes": 0, "whole_file": False, "notes": [], "size": None, "etag": None,
-            "commit": None, "sha256": None}
+            "commit": None, "sha256": None, "sha256_checked": False}
 
 
 def _open_remote(url: str, remote: dict[str, Any]) -> tuple[Source, str]:

@@ -561,6 +561,9 @@ def test_what_does_not_match_is_refused_in_one_line(tmp_path: Path, models) -> N
                            "lora_unet_single_blocks_0_linear2": ml.module("lora", (3072, 15360), rank=1)})
     with pytest.raises(UsageError, match="adapt the T5 text encoder .* FluxPipeline.load_lora_weights does not apply"):
         convert_lora(t5, tmp_path / "c.safetensors", to="diffusers")
+    with pytest.raises(UsageError, match="adapt the T5 text encoder .* for which modelkit writes no PEFT adapter"):
+        convert_lora(t5, tmp_path / "t5-peft", to="peft")
+    assert not (tmp_path / "t5-peft").exists()
     r = CliRunner().invoke(cli, ["lora", "convert", str(lora), "-o", str(tmp_path / "c.safetensors"), "--to",
                                  "diffusers", "--checkpoint", str(so)])
     assert r.exit_code == 2 and r.stderr.count("\n") == 1 and "this LoRA is for Flux" in r.stderr, r.output

@@ -435,7 +435,7 @@ def test_an_hf_scan_names_the_commit_and_sha256_and_reads_only_that_commit(hub: 
     assert plain.remote["commit"] is None and plain.remote["sha256"] is None  # only the Hub says these
     shown = _cli("scan", "hf://pin/repo/big.ckpt")
     assert shown.returncode == 0, shown.stderr
-    assert f"read at commit {commit}; the Hub's sha256 {_sha256(big)}" in shown.stdout
+    assert f"read at commit {commit}; the Hub's sha256 {_sha256(big)} (not checked: a scan reads ranges" in shown.stdout
     as_json = json.loads(_cli("scan", "--json", "hf://pin/repo/big.ckpt").stdout)["files"][0]["remote"]
     assert (as_json["commit"], as_json["sha256"]) == (commit, _sha256(big))
 
@@ -451,14 +451,19 @@ def test_bytes_that_miss_the_hubs_sha256_fail_closed(hub: Loopback, files: dict[
     hub.hf["pin/sums"] = {"legacy.pt": legacy, "m.safetensors": st}
     assert scan_file("hf://pin/sums/legacy.pt").verdict == scan_file(legacy).verdict
     assert hash_file("hf://pin/sums/m.safetensors", ("sha256", "autov2")).hashes["sha256"] == _sha256(st)
+    whole = scan_file("hf://pin/sums/legacy.pt")
+    assert whole.remote is not None and whole.remote["sha256_checked"] is True  # read whole: checked
+    ranged = scan_file("hf://pin/sums/m.safetensors")
+    assert ranged.remote is not None and ranged.remote["sha256"] == _sha256(st)
+    assert ranged.remote["sha256_checked"] is False  # ranges: the Hub's claim, reported as such
     hub.hub_sha256.update({"legacy.pt": "0" * 64, "m.safetensors": "1" * 64})
     for mode in ("", "redirect"):
         hub.set_mode(mode)
         r = scan_file("hf://pin/sums/legacy.pt")
         assert r.verdict == "error" and r.findings[0].rule == "MK-R001", mode
         assert f"the Hub gives the file's SHA-256 as {'0' * 64}" in r.findings[0].message, mode
-        for algos in (("sha256",), ("autov2",), ("sha256", "autov1", "crc32")):
-            with pytest.raises(RemoteError, match="SHA-256 as 1111"):
+        for algos in (("sha256",), ("autov2",), ("sha256", "autov1", "crc32"), ("crc32",), ("autov3",)):
+            with pytest.raises(RemoteError, match="SHA-256 as 1111"):  # any whole read is checked
                 hash_file("hf://pin/sums/m.safetensors", algos)
     hub.set_mode("")
     cli = _cli("hash", "hf://pin/sums/m.safetensors")
@@ -493,3 +498,46 @@ def test_dataset_repos_and_hub_web_addresses_read_the_file(hub: Loopback, files:
     for other in (page.replace("127.0.0.1", "localhost"), f"{hub.url}/pin/model/tree/main/x.ckpt",
                   f"{hub.url}/pin/model/blob/main/../x.ckpt", "hf://pin/model/x.ckpt"):
         assert remote.hub_page(other) is None, other  # another host (no token goes there), or not a file
+
+
+def test_hub_addresses_edge_cases(hub: Loopback, files: dict[str, str]) -> None:
+    """Revisions with slashes (refs/pr/N, refs/convert/parquet), as written or URL-encoded; a URL that
+    does not parse is one line, not a traceback; a date is not an ETag; a Hub page answered 401 asks
+    for HF_TOKEN."""
+    from modelkit.errors import RemoteError
+    from modelkit.ops.hashes import hash_file
+
+    big = files[next(k for k in files if k.endswith("/big.ckpt"))]
+    for url, want in (("hf://o/r@refs/pr/3/x.ckpt", remote.HfPath("o/r", "refs/pr/3", "x.ckpt")),
+                      ("hf://o/r@refs%2Fpr%2F3/x.ckpt", remote.HfPath("o/r", "refs/pr/3", "x.ckpt")),
+                      ("hf://datasets/o/r@refs/convert/parquet/d/x.ckpt",
+                       remote.HfPath("o/r", "refs/convert/parquet", "d/x.ckpt", "dataset"))):
+        assert remote.parse_hf(url) == want, url
+    assert remote.hub_page(f"{hub.url}/o/r/blob/refs/pr/3/m.ckpt") == remote.HfPath("o/r", "refs/pr/3", "m.ckpt")
+    assert remote.hub_page(f"{hub.url}/o/r/blob/refs%2Fpr%2F3/m.ckpt") == remote.HfPath("o/r", "refs/pr/3", "m.ckpt")
+    hub.hf["pin/pr"] = {"m.ckpt": big}
+    assert scan_file("hf://pin/pr@refs/pr/3/m.ckpt").verdict == "safe"
+    assert any("/resolve/refs%2Fpr%2F3/m.ckpt" in p for p in hub.paths)
+    for bad in ("https://[::1/x.safetensors", "http://exa mple.org/x.ckpt"):
+        r = scan_file(bad)
+        assert r.verdict == "error" and r.findings[0].rule == "MK-R001", bad
+        with pytest.raises(RemoteError):
+            hash_file(bad, ("sha256",))
+        cli = _cli("hash", bad)
+        assert cli.returncode == 2 and "Traceback" not in cli.stderr and cli.stderr.count("\n") == 1, cli.stderr
+    hub.set_mode("status:401:99")
+    r = scan_file(f"{hub.url}/pin/pr/blob/main/m.ckpt")
+    assert r.verdict == "error" and "HF_TOKEN" in r.findings[0].message
+    r = scan_file(hub.url + next(k for k in files if k.endswith("/big.ckpt")))
+    assert "HF_TOKEN" not in r.findings[0].message  # not the Hub: no token to set
+    hub.set_mode("")
+
+
+def test_a_date_is_not_an_etag(monkeypatch: pytest.MonkeyPatch) -> None:
+    class Resp:
+        headers = {"last-modified": "Wed, 01 Jan 2025 00:00:00 GMT"}
+
+    h = rhttp.Http("http://x/m.ckpt", "http://x/m.ckpt", {})
+    h.validator = h._validator(Resp())
+    h._pin(Resp())
+    assert h.validator == ("last-modified", "Wed, 01 Jan 2025 00:00:00 GMT") and h.pins["etag"] is None

@@ -186,13 +186,15 @@ def fused(src: str, km: KeyMap, lf: LoraFile, allow_unmatched: bool, warnings: l
     return [combine(src, km, key, pieces) for key, pieces in placed.items()]
 
 
-def refuse_t5(src: str, pairs: Sequence[tuple[Target, Module]], family: str | None) -> None:
-    """diffusers' Flux and SD3 loaders apply no T5 module: such a LoRA is refused for ``--to diffusers``."""
+def refuse_t5(src: str, pairs: Sequence[tuple[Target, Module]], family: str | None, to: str = "diffusers") -> None:
+    """diffusers' Flux and SD3 loaders apply no T5 module: such a LoRA is refused for ``--to diffusers``,
+    and for ``--to peft`` (whose folders are the diffusers pipeline's components: modelkit writes none for T5)."""
     t5 = [m.name for t, m in pairs if t.component == "t5"]
     if t5:
         pipe = "FluxPipeline" if family == "flux" else "StableDiffusion3Pipeline"
-        raise UsageError(src, f"{len(t5)} modules adapt the T5 text encoder (e.g. {t5[0]}), which {pipe}."
-                              "load_lora_weights does not apply",
+        where = f"which {pipe}.load_lora_weights does not apply" if to == "diffusers" else \
+            "for which modelkit writes no PEFT adapter (it writes the transformer's and the CLIP encoders')"
+        raise UsageError(src, f"{len(t5)} modules adapt the T5 text encoder (e.g. {t5[0]}), {where}",
                          "Keep the kohya file (ComfyUI applies it), or bake it with `modelkit merge lora`")
 
 

@@ -293,7 +293,7 @@ def convert_lora(
     pairs = dit_tools.fused(s, km, lf, allow_unmatched, warnings) if dit else _targets(km, lf, allow_unmatched, warnings)
     if to == "diffusers" or folder:
         if dit:
-            dit_tools.refuse_t5(s, pairs, km.base)
+            dit_tools.refuse_t5(s, pairs, km.base, to)
         return _for_loaders(s, target, lf, km, pairs, to, folder, force, dry_run, warnings, t0)
     for t, mod in pairs:
         if mod.algo != "lora" or mod.dora or (to != "kohya" and "mid" in mod.parts):
