@@ -171,7 +171,8 @@ def _hf_endpoint() -> str:
 
 
 def expand(paths: Iterable[str], extensions: Sequence[str]) -> Iterator[str]:
-    """Each remote path as given, except ``hf://ORG/REPO[@REV]``: its model files, one path each.
+    """Each remote path as given, except ``hf://ORG/REPO[@REV]``: its model files, one path each, at
+    the commit the revision is at (``hf://ORG/REPO@COMMIT/PATH``).
 
     Raises:
         MissingExtraError: huggingface_hub is not installed.
@@ -185,16 +186,21 @@ def expand(paths: Iterable[str], extensions: Sequence[str]) -> Iterator[str]:
         if hp.path is not None:
             yield p
             continue
-        for name in _list_repo(hp, p):
+        commit, names = _list_repo(hp, p)
+        for name in names:
             if name.lower().endswith(tuple(extensions)):
-                yield HfPath(hp.repo, hp.revision, name, hp.repo_type).url()
+                yield HfPath(hp.repo, commit, name, hp.repo_type).url()
 
 
-def _list_repo(hp: HfPath, label: str) -> list[str]:
+def _list_repo(hp: HfPath, label: str) -> tuple[str | None, list[str]]:
+    """The commit the revision is at, and the repository's files at that commit: every file of a
+    repository scan is then read at the one commit, whatever is pushed meanwhile (each path names it)."""
     hub = _hub()
     try:
         api = hub.HfApi(endpoint=_hf_endpoint())
-        return sorted(api.list_repo_files(hp.repo, revision=hp.revision, repo_type=hp.repo_type))
+        sha = getattr(api.repo_info(hp.repo, revision=hp.revision, repo_type=hp.repo_type), "sha", None)
+        commit = sha if isinstance(sha, str) and re.fullmatch(r"[0-9a-f]{40}", sha) else hp.revision
+        return commit, sorted(api.list_repo_files(hp.repo, revision=commit, repo_type=hp.repo_type))
     except Exception as exc:  # noqa: BLE001 - the hub client's errors are many; each becomes one line
         raise RemoteError(label, f"cannot list the repository ({_why(exc)})") from None
 

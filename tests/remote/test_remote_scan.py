@@ -189,8 +189,12 @@ def test_hf_paths_through_the_endpoint(srv: Loopback, files: dict[str, str], mon
     assert scan_file("hf://org/models@main/bad.ckpt").verdict == "unsafe"
     missing = scan_file("hf://org/models/nope.ckpt")
     assert missing.verdict == "error" and "HTTP 404" in missing.findings[0].message
+    srv.reset_counts()
     listed = list(remote.expand(["hf://org/models@v1"], (".ckpt", ".safetensors")))
-    assert listed == ["hf://org/models@v1/bad.ckpt", "hf://org/models@v1/unet/big.safetensors"]
+    at = srv.commit("org/models")  # a repository is listed, and its files read, at the commit v1 is at
+    assert listed == [f"hf://org/models@{at}/bad.ckpt", f"hf://org/models@{at}/unet/big.safetensors"]
+    assert srv.listed == [("org/models", at)]
+    assert [scan_file(u).verdict for u in listed] == ["unsafe", "safe"]
 
 
 def test_hf_token_is_sent_to_the_hub_only(srv: Loopback, files: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
@@ -482,8 +486,9 @@ def test_dataset_repos_and_hub_web_addresses_read_the_file(hub: Loopback, files:
     hub.hf["pin/model"] = {"sub dir/big.ckpt": big}
     want_bad, want_big = _comparable(scan_file(hostile)), _comparable(scan_file(big))
     assert _comparable(scan_file("hf://datasets/pin/data/weights/bad.ckpt")) == want_bad
+    at = hub.commit("datasets/pin/data")
     assert list(remote.expand(["hf://datasets/pin/data@v2"], (".ckpt",))) == [
-        "hf://datasets/pin/data@v2/weights/bad.ckpt", "hf://datasets/pin/data@v2/weights/big.ckpt"]
+        f"hf://datasets/pin/data@{at}/weights/bad.ckpt", f"hf://datasets/pin/data@{at}/weights/big.ckpt"]
     assert remote.parse_hf("hf://datasets/pin/data") == remote.HfPath("pin/data", None, None, "dataset")
     assert remote.parse_hf("hf://datasets/x") == remote.HfPath("datasets/x", None, None)  # a model repo named so
     for url, want in ((f"{hub.url}/datasets/pin/data/blob/main/weights/bad.ckpt", want_bad),
