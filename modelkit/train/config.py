@@ -433,10 +433,11 @@ def build_config(method: str, data: Mapping[str, Any], overrides: Iterable[str] 
             raise ConfigError(None, f"--set {key}: unknown section {section!r}", f"Known sections: {', '.join(SECTIONS)}")
         table, _, sub = name.partition(".")
         if sub:  # --set optimizer.args.d_coef=2: one key of a table-valued key
-            was = tables.setdefault(section, {}).get(table, ({}, "--set"))[0]
+            was, where = tables.setdefault(section, {}).get(table, ({}, "--set"))
             if not isinstance(was, Mapping):
                 raise ConfigError(None, f"--set {key}: {section}.{table} is not a table")
-            tables[section][table] = ({**was, sub: value}, "--set")
+            _coerce_table(f"{section}.{table}", {sub: value}, "--set")  # its own mistakes are --set's
+            tables[section][table] = ({**was, sub: value}, where)  # the file's keys stay the file's
             continue
         tables.setdefault(section, {})[name] = (value, "--set")
     built = {}

@@ -86,6 +86,25 @@ def test_a_bad_key_is_one_line_naming_it(overrides: list[str], key: str) -> None
     assert key in str(info.value) and "\n" not in str(info.value)
 
 
+def test_optimizer_args_from_a_file_and_set_merge_and_each_mistake_names_its_source(tmp_path: Path) -> None:
+    p = _write(tmp_path, '[model]\npath = "m.safetensors"\n[dataset]\npath = "d"\n'
+                         '[optimizer]\nname = "prodigy"\n[optimizer.args]\nd_coef = 2.0\nsafeguard_warmup = true\n')
+    c = load_config(p, "lora", ["optimizer.args.d_coef=0.5", "optimizer.args.betas3=[1, 2]"])
+    assert c.optimizer.args == {"d_coef": 0.5, "safeguard_warmup": True, "betas3": (1, 2)}
+    assert "args = {d_coef = 0.5, safeguard_warmup = true, betas3 = [1, 2]}" in render_toml(c)
+    with pytest.raises(ConfigError) as info:  # a mistake in --set is --set's
+        load_config(p, "lora", ["optimizer.args.x={a = 1}"])
+    assert str(info.value).startswith("--set: key optimizer.args.x")
+    bad = _write(tmp_path, '[model]\npath = "m"\n[dataset]\npath = "d"\n[optimizer.args]\nx = {a = 1}\n')
+    with pytest.raises(ConfigError) as info:  # and one in the file is the file's, --set or not
+        load_config(bad, "lora", ["optimizer.args.y=1"])
+    assert str(info.value).startswith(f"{bad}: key optimizer.args.x")
+    for text, why in (("optimizer.args.k=True", "write true"), ("optimizer.args.k=None", "leave it out"),
+                      ("optimizer.args.1k=2", "not an argument name")):
+        with pytest.raises(ConfigError, match=why):
+            build_config("lora", BASIC, [text])
+
+
 def test_unknown_section_missing_path_and_method_mismatch(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"unknown section \[optimiser\]"):
         build_config("lora", {**BASIC, "optimiser": {"lr": 1.0}})
