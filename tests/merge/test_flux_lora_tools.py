@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -207,6 +209,25 @@ class _Caught(logging.Handler):
         self.seen.append(f"{record.name}: {record.getMessage()}")
 
 
+@contextmanager
+def _noise() -> Iterator[list[str]]:
+    """Every WARNING+ record of diffusers, PEFT and transformers (their loggers do not propagate) and
+    every Python warning in the block, in the list yielded (filled when the block ends)."""
+    handler = _Caught()
+    loggers = [logging.getLogger(n) for n in ("diffusers", "peft", "transformers")]
+    for lg in loggers:
+        lg.addHandler(handler)
+    seen: list[str] = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield seen
+    finally:
+        for lg in loggers:
+            lg.removeHandler(handler)
+    seen += handler.seen + [str(w.message) for w in caught]
+
+
 def _clips(family: str) -> list[Any]:
     """The tiny CLIP text encoders of a pipeline (Flux: CLIP-L; SD3: CLIP-L and CLIP-G, with projections)."""
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
@@ -246,19 +267,9 @@ def _load_in_diffusers(family: str, path: Path, text: bool = True) -> tuple[torc
     else:
         pipe = StableDiffusion3Pipeline(transformer=model, scheduler=None, vae=None, text_encoder=clips[0], tokenizer=None,
                                         text_encoder_2=clips[1], tokenizer_2=None, text_encoder_3=None, tokenizer_3=None)
-    handler = _Caught()
-    loggers = [logging.getLogger(n) for n in ("diffusers", "peft", "transformers")]
-    for lg in loggers:
-        lg.addHandler(handler)
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            pipe.load_lora_weights(str(path))
-            pipe.fuse_lora(lora_scale=1.0, components=["transformer", *(["text_encoder", "text_encoder_2"][:len(clips)])])
-    finally:
-        for lg in loggers:
-            lg.removeHandler(handler)
-    noise = handler.seen + [str(w.message) for w in caught]
+    with _noise() as noise:
+        pipe.load_lora_weights(str(path))
+        pipe.fuse_lora(lora_scale=1.0, components=["transformer", *(["text_encoder", "text_encoder_2"][:len(clips)])])
     if not text:
         noise = [m for m in noise if "No LoRA keys associated to CLIPTextModel" not in m]
     assert not noise, noise
@@ -270,8 +281,11 @@ TEXT = [("lora_te1_text_model_encoder_layers_0_self_attn_q_proj", "clip_l", "tex
         ("lora_te2_text_model_encoder_layers_1_self_attn_v_proj", "clip_g", "text_model.encoder.layers.1.self_attn.v_proj")]
 
 
-@pytest.mark.parametrize("style", list(ORIGINAL))
-def test_original_style_lora_to_diffusers_loads_and_equals_the_bake(tmp_path: Path, models, style: str) -> None:
+def _with_text(tmp_path: Path, models, style: str) -> tuple[str, dict[str, dict[str, torch.Tensor]],
+                                                             dict[str, torch.Tensor], Path, Path, dict[str, torch.Tensor]]:
+    """A single file of ``style``'s family with its CLIP encoders, and an original-style LoRA with a
+    module on each encoder: (family, encoder tensors by name, the file's tensors, the file, the LoRA,
+    the LoRA's tensors)."""
     family = style.split("-")[0]
     sd = models[family]
     clips = dict(zip(("clip_l", "clip_g"), (_text_sd(c) for c in _clips(family))))
@@ -284,6 +298,12 @@ def test_original_style_lora_to_diffusers_loads_and_equals_the_bake(tmp_path: Pa
         m = _module(tuple(clips[enc][w + ".weight"].shape), 2, seed=30 + i, alpha=1.0)
         flat.update({f"{name}.lora_down.weight": m["down"], f"{name}.lora_up.weight": m["up"], f"{name}.alpha": m["alpha"]})
     _save(lora, flat)
+    return family, clips, full, ckpt, lora, flat
+
+
+@pytest.mark.parametrize("style", list(ORIGINAL))
+def test_original_style_lora_to_diffusers_loads_and_equals_the_bake(tmp_path: Path, models, style: str) -> None:
+    family, clips, full, ckpt, lora, flat = _with_text(tmp_path, models, style)
     out = tmp_path / "conv.safetensors"
     res = convert_lora(lora, out, to="diffusers", checkpoint=ckpt)
     keys = load_file(str(out))
@@ -319,18 +339,7 @@ def test_original_style_lora_to_peft_folders_loads_with_peft_as_the_bake(tmp_pat
 
     import peft
 
-    family = style.split("-")[0]
-    sd = models[family]
-    clips = dict(zip(("clip_l", "clip_g"), (_text_sd(c) for c in _clips(family))))
-    full = {**dl.to_original(sd, family, P),
-            **{f"text_encoders.{n}.transformer.{k}": v for n, c in clips.items() for k, v in c.items()}}
-    ckpt = _save(tmp_path / "full.safetensors", full)
-    lora = _original_lora(tmp_path, style, dl.to_original(sd, family))
-    flat = load_file(str(lora))
-    for i, (name, enc, w) in enumerate(TEXT[:len(clips)]):
-        m = _module(tuple(clips[enc][w + ".weight"].shape), 2, seed=30 + i, alpha=1.0)
-        flat.update({f"{name}.lora_down.weight": m["down"], f"{name}.lora_up.weight": m["up"], f"{name}.alpha": m["alpha"]})
-    _save(lora, flat)
+    family, clips, _full, ckpt, lora, _flat = _with_text(tmp_path, models, style)
     out = tmp_path / "adapters"
     res = convert_lora(lora, out, to="peft", checkpoint=ckpt)
     parts = ["transformer", "text_encoder", *(["text_encoder_2"] if family == "sd3" else [])]
@@ -340,34 +349,24 @@ def test_original_style_lora_to_peft_folders_loads_with_peft_as_the_bake(tmp_pat
     baked = load_file(str(tmp_path / "baked.safetensors"))
     want = dl.tiny(family)
     want.load_state_dict(dl.to_diffusers(baked, family, P))
-    handler = _Caught()
-    loggers = [logging.getLogger(n) for n in ("diffusers", "peft", "transformers")]
-    for lg in loggers:
-        lg.addHandler(handler)
-    try:
-        with warnings.catch_warnings(record=True) as caught, torch.no_grad():
-            warnings.simplefilter("always")
-            cfg = json.loads((out / "transformer" / "adapter_config.json").read_text())
-            assert cfg["peft_type"] == "LORA" and all(t.startswith(("transformer_blocks.", "single_transformer_blocks.",
-                                                                    "norm_out.")) for t in cfg["target_modules"])
-            pm = peft.PeftModel.from_pretrained(dl.tiny(family), str(out / "transformer"))
-            torch.testing.assert_close(_run(family, pm), _run(family, want), rtol=1e-5, atol=1e-5)
-            assert float((_run(family, want) - _run(family, dl.tiny(family))).abs().max()) > 1e-4  # the LoRA acts
-            merged = pm.merge_and_unload().state_dict()
-            for k, v in want.state_dict().items():
-                torch.testing.assert_close(merged[k], v, rtol=1e-5, atol=1e-6, msg=k)
-            for (n, _c), fresh, folder in zip(clips.items(), _clips(family), parts[1:]):
-                enc = peft.PeftModel.from_pretrained(fresh, str(out / folder)).merge_and_unload()
-                for k, v in _text_sd(enc).items():
-                    torch.testing.assert_close(v, baked[f"text_encoders.{n}.transformer.{k}"], rtol=1e-5, atol=1e-6,
-                                               msg=k)
-    finally:
-        for lg in loggers:
-            lg.removeHandler(handler)
+    with _noise() as noise, torch.no_grad():
+        cfg = json.loads((out / "transformer" / "adapter_config.json").read_text())
+        assert cfg["peft_type"] == "LORA" and all(t.startswith(("transformer_blocks.", "single_transformer_blocks.",
+                                                                "norm_out.")) for t in cfg["target_modules"])
+        pm = peft.PeftModel.from_pretrained(dl.tiny(family), str(out / "transformer"))
+        torch.testing.assert_close(_run(family, pm), _run(family, want), rtol=1e-5, atol=1e-5)
+        assert float((_run(family, want) - _run(family, dl.tiny(family))).abs().max()) > 1e-4  # the LoRA acts
+        merged = pm.merge_and_unload().state_dict()
+        for k, v in want.state_dict().items():
+            torch.testing.assert_close(merged[k], v, rtol=1e-5, atol=1e-6, msg=k)
+        for (n, _c), fresh, folder in zip(clips.items(), _clips(family), parts[1:]):
+            enc = peft.PeftModel.from_pretrained(fresh, str(out / folder)).merge_and_unload()
+            for k, v in _text_sd(enc).items():
+                torch.testing.assert_close(v, baked[f"text_encoders.{n}.transformer.{k}"], rtol=1e-5, atol=1e-6,
+                                           msg=k)
     # the one warning allowed, as in test_lora_convert_loaders: PEFT 0.21 reads transformers 5's old
     # is_gradient_checkpointing name on any text model it wraps, whatever the adapter
-    assert not handler.seen + [str(w.message) for w in caught
-                               if not str(w.message).startswith("`is_gradient_checkpointing` is deprecated")]
+    assert not [m for m in noise if not m.startswith("`is_gradient_checkpointing` is deprecated")]
 
 
 #: Diffusers modules (kohya's ``lora_transformer_`` names, with alphas): (path, rank, alpha).
