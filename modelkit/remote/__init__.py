@@ -93,6 +93,11 @@ def hub_sha_mismatch(label: str, claim: str, got: str) -> RemoteError:
 # -- hf:// paths ------------------------------------------------------------------------------------
 
 
+#: A commit id, as the Hub gives it (``X-Repo-Commit``, a repository's ``sha``).
+COMMIT = re.compile(r"[0-9a-f]{40}")
+#: What names the bytes a remote read got, before anything is said: the server's ETag; for the Hub,
+#: the commit and the file's SHA-256 (``Http.pins``).
+NO_PINS: dict[str, str | None] = {"etag": None, "commit": None, "sha256": None}
 #: Revisions with slashes in them (a pull request's, a dataset's parquet conversion), kept whole.
 _SPECIAL_REFS = r"refs/(?:pr/\d+|convert/[\w-]+)"
 #: ``hf://`` prefixes of repositories that are not models (as huggingface_hub's ``HfFileSystem`` writes them).
@@ -136,9 +141,14 @@ def parse_hf(url: str) -> HfPath:
 
 
 def _repo_path(url: str, path: str | None) -> str | None:
-    if path is not None and (path.startswith("/") or ".." in path.split("/")):
+    if path is not None and not _plain(path):
         raise UsageError(url, "the path inside the repository is not a plain relative path")
     return path or None
+
+
+def _plain(path: str) -> bool:
+    """A relative path inside a repository that stays inside it."""
+    return not path.startswith("/") and ".." not in path.split("/")
 
 
 def hub_page(url: str) -> HfPath | None:
@@ -161,7 +171,7 @@ def hub_page(url: str) -> HfPath | None:
     if not m:
         return None
     path = unquote(m.group(4))
-    if path.startswith("/") or ".." in path.split("/"):
+    if not _plain(path):
         return None
     return HfPath(m.group(2), unquote(m.group(3)), path, REPO_TYPES.get(m.group(1) or "", "model"))
 
@@ -199,7 +209,7 @@ def _list_repo(hp: HfPath, label: str) -> tuple[str | None, list[str]]:
     try:
         api = hub.HfApi(endpoint=_hf_endpoint())
         sha = getattr(api.repo_info(hp.repo, revision=hp.revision, repo_type=hp.repo_type), "sha", None)
-        commit = sha if isinstance(sha, str) and re.fullmatch(r"[0-9a-f]{40}", sha) else hp.revision
+        commit = sha if isinstance(sha, str) and COMMIT.fullmatch(sha) else hp.revision
         return commit, sorted(api.list_repo_files(hp.repo, revision=commit, repo_type=hp.repo_type))
     except Exception as exc:  # noqa: BLE001 - the hub client's errors are many; each becomes one line
         raise RemoteError(label, f"cannot list the repository ({_why(exc)})") from None

@@ -10,13 +10,12 @@ from typing import TYPE_CHECKING, Any
 
 from .. import remote as cfg
 from ..errors import InputNotFoundError, MissingExtraError, ModelkitError, RemoteError, TruncatedFileError, UsageError
-from . import _CONTENT_RANGE, _INSTALL, HfPath, _hf_endpoint, _hub, _why, hub_page, parse_hf
+from . import _CONTENT_RANGE, _INSTALL, COMMIT, NO_PINS, HfPath, _hf_endpoint, _hub, _why, hub_page, parse_hf
 
 if TYPE_CHECKING:
     from .source import RemoteSource
 
 
-_COMMIT = re.compile(r"[0-9a-f]{40}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -34,7 +33,7 @@ class Http:
         self.hf = hf
         #: what names the bytes read: ``etag``; for ``hf://``, the ``commit`` the revision resolved
         #: to and the ``sha256`` the Hub gives for the file (LFS files); None where not said
-        self.pins: dict[str, str | None] = {"etag": None, "commit": None, "sha256": None}
+        self.pins = dict(NO_PINS)
 
     def _pin(self, resp: Any) -> None:
         """Note what the first answer says the file is. For ``hf://``, the later requests go to the
@@ -45,7 +44,7 @@ class Http:
             return
         for h in [r.headers for r in getattr(resp, "history", None) or ()] + [resp.headers]:
             commit = (h.get("x-repo-commit") or "").strip().lower()
-            if _COMMIT.fullmatch(commit) and self.pins["commit"] is None:
+            if COMMIT.fullmatch(commit) and self.pins["commit"] is None:
                 self.pins["commit"] = commit
             sha = (h.get("x-linked-etag") or "").strip().removeprefix("W/").strip('"').lower()
             if _SHA256.fullmatch(sha) and self.pins["sha256"] is None:
@@ -231,7 +230,7 @@ class Fsspec:
                                     "Install the fsspec backend for its scheme (s3fs, gcsfs, adlfs ...)") from None
         self.validator: Any = None
         self.size = -1
-        self.pins: dict[str, str | None] = {"etag": None, "commit": None, "sha256": None}
+        self.pins = dict(NO_PINS)
 
     def _info(self) -> dict[str, Any]:
         try:
@@ -247,9 +246,10 @@ class Fsspec:
         if info.get("type") == "directory":
             raise RemoteError(self.label, "is a folder, not a file", "Give a file URL")
         self.size = int(info.get("size") or 0)
-        self.validator = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified")
-        if isinstance(info.get("ETag") or info.get("etag"), str):
-            self.pins["etag"] = info.get("ETag") or info.get("etag")
+        etag = info.get("ETag") or info.get("etag")
+        self.validator = etag or info.get("mtime") or info.get("LastModified")
+        if isinstance(etag, str):
+            self.pins["etag"] = etag
         if self.size == 0:
             raise TruncatedFileError(self.label, "the file is empty (0 bytes)")
         return self.fetch(src, 0, min(cfg.HEAD_BYTES, self.size))

@@ -27,7 +27,7 @@ from ..formats.probe import Probe, probe, probe_chain, tail, unsafe_collector
 from ..formats.sniff import sniff, sniff_bytes
 from ..formats.unpickler import ALLOWED, collect, make_policy
 from ..model import MemorySource, Source
-from ..remote import is_remote
+from ..remote import NO_PINS, is_remote
 from . import rules as R
 from .report import FileReport, Finding, ScanReport, combine
 
@@ -248,8 +248,8 @@ def _remote_info() -> dict[str, Any]:
     """A remote result's ``remote`` entry before anything is read: what it cost and what names the
     bytes read (``etag``; for ``hf://``, the ``commit`` and the Hub's ``sha256``, and whether the bytes were
     checked against it: only a file read whole can be)."""
-    return {"requests": 0, "bytes": 0, "whole_file": False, "notes": [], "size": None, "etag": None,
-            "commit": None, "sha256": None, "sha256_checked": False}
+    return {"requests": 0, "bytes": 0, "whole_file": False, "notes": [], "size": None, **NO_PINS,
+            "sha256_checked": False}
 
 
 def _open_remote(url: str, remote: dict[str, Any]) -> tuple[Source, str]:
