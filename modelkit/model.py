@@ -250,19 +250,19 @@ class ModelFile(Mapping[str, TensorRef]):
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _quantized(self) -> tuple[dict[str, str], dict[str, list[int]]]:
+    def quantized(self) -> tuple[dict[str, str], dict[str, list[int]]]:
         """A GGUF file's quant type and logical shape per quantized tensor (empty for other files)."""
         g = self.info.get("gguf") or {}
         return g.get("types", {}), g.get("shapes", {})
 
     @property
     def parameter_count(self) -> int:
-        _types, shapes = self._quantized()
+        _types, shapes = self.quantized()
         return sum(math.prod(shapes[n]) if n in shapes else t.numel for n, t in self.tensors.items())
 
     def bytes_by_dtype(self) -> dict[str, int]:
         """Bytes per element type (a GGUF quant type, such as ``Q8_0``, counts as its own type)."""
-        types, _shapes = self._quantized()
+        types, _shapes = self.quantized()
         out: dict[str, int] = {}
         for n, t in self.tensors.items():
             key = types.get(n, t.dtype.name)

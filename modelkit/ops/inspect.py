@@ -114,7 +114,7 @@ def describe(mf: ModelFile, keys: bool = False, hashes: bool = False) -> Inspect
             break
     tensors = None
     if keys:
-        types, shapes = mf._quantized()
+        types, shapes = mf.quantized()
         tensors = tuple(
             TensorInfo(t.name, types[t.name], tuple(shapes[t.name]), t.byte_range, t.is_contiguous, t.storage_key,
                        t.shape) if t.name in types and t.name in shapes else

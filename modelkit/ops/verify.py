@@ -184,8 +184,8 @@ def _gguf_problem(src: ModelFile, sname: str, out: ModelFile, name: str) -> str 
     package's dequantizer gives, cast to the output's dtype. Plain tensors compare as usual."""
     from . import gguf_ops
 
-    s_types, s_shapes = src._quantized()
-    o_types, o_shapes = out._quantized()
+    s_types, s_shapes = src.quantized()
+    o_types, o_shapes = out.quantized()
     sref, ref = src[sname], out[name]
     s_shape = tuple(s_shapes.get(sname, sref.shape))
     o_shape = tuple(o_shapes.get(name, ref.shape))

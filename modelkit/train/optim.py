@@ -158,9 +158,7 @@ def _probe(config: Any, cls: Any) -> None:
         opt = make_optimizer(config, [{"params": [p]}])
         p.grad = torch.full_like(p, 1e-3)
         opt.step()
-    except ConfigError:
-        raise
-    except KeyboardInterrupt:
+    except (ConfigError, KeyboardInterrupt):
         raise
     except BaseException as exc:  # noqa: BLE001 - SystemExit too: lion-pytorch exits when triton is missing
         why = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__

@@ -345,12 +345,12 @@ def _for_loaders(s: str, target: str, lf: LoraFile, km: KeyMap, pairs: list[tupl
         warnings.append(f"{s}: {len(dropped)} modules on the last layer of the SD 2 text encoder left out "
                         f"(e.g. {dropped[0]}): diffusers' text encoder stops one layer short, and SD 2 never "
                         "uses that layer's output")
-    parts = sorted(peft_out.by_component(items, "transformer" if km.base in dit_tools.DIT else "unet"))
+    denoiser = "transformer" if km.base in dit_tools.DIT else "unet"
+    parts = sorted(peft_out.by_component(items, denoiser))
     changes = [f"{lf.detection.details.get('key_style')} -> {to} {'folders' if folder else 'file'} "
                f"({len(items)} modules: {', '.join(parts)})"]
     meta = _convert_meta(s, lf, km, changes, to, implementation=ms.IMPL_DIFFUSERS)
     stats = None
-    denoiser = "transformer" if km.base in dit_tools.DIT else "unet"
     if folder:
         count, size, meta = peft_out.write_peft_folder(target, items, meta, source=s, force=force, dry_run=dry_run,
                                                        denoiser=denoiser)
